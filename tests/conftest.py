@@ -1,0 +1,32 @@
+"""Shared fixtures: one synthetic set and one shard folder per test session (tiny sizes)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A synthetic EmoSet-layout dataset: 400 images of 32 px, seed 0."""
+    from uniemo.data.synthetic import generate_synthetic_set
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic_set(root, images=400, size=32, seed=0, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_root, tmp_path_factory):
+    """``synth_root`` written as shards of 25 samples (about 12 train, 2 val, 3 test shards)."""
+    from uniemo.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(source="emoset", root=synth_root, out=out, shard_size=25, workers=1, progress=False)
+    return out

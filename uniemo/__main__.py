@@ -1,0 +1,5 @@
+import sys
+
+from uniemo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The ``uniemo`` console script: subcommand → a small main function.
+
+Each command group registers its own parser (``register(subparsers)``) and sets ``func`` to a function of the
+parsed arguments that returns an exit code. User errors (:class:`uniemo.errors.UserError`) print one line and
+exit 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from uniemo import __version__
+from uniemo.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from uniemo.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+def _register_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="show or check configs")
+    csub = p.add_subparsers(dest="config_cmd", required=True, metavar="{show}")
+    show = csub.add_parser("show", help="print the resolved config (defaults < YAML < overrides)")
+    show.add_argument("--config", default=None, help="YAML config file")
+    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.steps=10")
+    show.set_defaults(func=_config_show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from uniemo.data import cli as data_cli
+
+    parser = _Parser(
+        prog="uniemo",
+        description="Distributed training of UniEmo: emotion understanding + emotion-conditioned generation.",
+    )
+    parser.add_argument("--version", action="version", version=f"uniemo {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    _register_config(sub)
+    data_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--debug` may stand anywhere on the line, not only before the subcommand.
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.debug = debug
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"uniemo: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("uniemo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

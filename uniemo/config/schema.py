@@ -1,0 +1,309 @@
+"""The one typed config tree of uniemo.
+
+Every field has a default and a comment. YAML files only override defaults; dotted ``key=value`` overrides on
+the command line come last (see :mod:`uniemo.config.loader`). Cross-field checks live in ``validate`` methods
+and raise :class:`uniemo.errors.ConfigError` naming the full key path.
+
+Ownership: each section is one dataclass. Later issues extend their own section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from uniemo.errors import ConfigError
+
+EMOTIONS: tuple[str, ...] = (
+    "amusement",
+    "awe",
+    "contentment",
+    "excitement",
+    "anger",
+    "disgust",
+    "fear",
+    "sadness",
+)
+"""The 8 Mikels emotions in EmoSet's index order (METHOD.md §1, D1). Used everywhere."""
+
+NUM_EMOTIONS = len(EMOTIONS)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run directory name; the run lives in ``<output_dir>/<name>/``."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    seed: int = 0
+    """Global seed (data order, initialisation, sampling)."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in synthetic emotion set, generated and sharded into ``data.cache_dir`` on first use."""
+
+    images: int = 800
+    """Number of images over all splits."""
+    size: int = 64
+    """Image side in pixels."""
+    seed: int = 0
+    """Seed of the synthetic set (same seed, same images)."""
+    shard_size: int = 100
+    """Samples per shard when the synthetic set is sharded for a run."""
+
+
+@dataclass
+class SourceConfig:
+    """One source of training shards, mixed with the others by weight."""
+
+    name: str = "real"
+    """Name of the source (``real``, ``synthetic``, ...), as recorded in each sample's ``json.source``."""
+    path: str = ""
+    """Folder holding ``manifest.json`` and the shards (or a sub-folder per round)."""
+    weight: float = 1.0
+    """Relative sampling weight of this source in training streams."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """Folder with ``manifest.json`` of the real shards. Empty: use the synthetic set (``data.synthetic``)."""
+    cache_dir: str = ".cache/uniemo"
+    """Where the synthetic set and its shards are generated on first use."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    extra_sources: list[SourceConfig] = field(default_factory=list)
+    """Further training sources (for example feedback shards), mixed with ``real`` by weight."""
+    image_size: int = 64
+    """Side of the understanding model's input images."""
+    generator_image_size: int = 64
+    """Side of the images given to the VAE in stage 2 (``pixel_values``)."""
+    normalization: Literal["imagenet", "clip", "symmetric"] = "imagenet"
+    """Normalisation of the understanding input: ImageNet mean/std (METHOD §2.6), CLIP's, or [-1, 1]."""
+    train_augment: bool = True
+    """Random resized crop and horizontal flip on training images (METHOD §2.6)."""
+    batch_size: int = 16
+    """Micro-batch per rank."""
+    num_workers: int = 2
+    """Data-loader worker processes per rank (0: load in the main process)."""
+    shuffle_buffer: int = 256
+    """Samples held in the shuffle buffer of training streams."""
+    min_attribute_count: int = 5
+    """An attribute enters the attribute base and Phi when seen at least this often (METHOD D6, m)."""
+    phi_beta: float = 1.0
+    """Additive smoothing of Phi (METHOD D6, beta)."""
+
+    def validate(self) -> None:
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.image_size", self.image_size)
+        _positive("data.generator_image_size", self.generator_image_size)
+        _non_negative("data.num_workers", self.num_workers)
+        _positive("data.synthetic.images", self.synthetic.images)
+        _positive("data.synthetic.shard_size", self.synthetic.shard_size)
+        if self.synthetic.size < 16:
+            raise ConfigError(f"data.synthetic.size must be at least 16 px, got {self.synthetic.size}")
+        for i, src in enumerate(self.extra_sources):
+            if src.weight <= 0:
+                raise ConfigError(f"data.extra_sources[{i}].weight must be > 0, got {src.weight}")
+
+
+@dataclass
+class UnderstandingConfig:
+    """The understanding ViT with expert queries (METHOD §2, D2, D4)."""
+
+    preset: str = "tiny"
+    """Backbone preset: ``vit-l14`` (CLIP ViT-L/14 at 224 px), ``vit-b16``, ``small``, ``tiny``."""
+    clip_path: str = ""
+    """transformers-format CLIP folder (``CLIPModel.save_pretrained``) to load; empty: random init."""
+    image_size: int | None = None
+    """Overrides the preset's image size."""
+    patch_size: int | None = None
+    """Overrides the preset's patch size."""
+    width: int | None = None
+    """Overrides the preset's width."""
+    depth: int | None = None
+    """Overrides the preset's depth."""
+    heads: int | None = None
+    """Overrides the preset's attention heads."""
+    num_scene_queries: int | None = None
+    """Scene expert queries (METHOD §1: 32); None: the preset's."""
+    num_object_queries: int | None = None
+    """Object expert queries (METHOD §1: 32); None: the preset's."""
+    scene_layer: int | None = None
+    """L1: scene read-out after this block; None: depth // 3 (D2)."""
+    object_layer: int | None = None
+    """L2: object read-out after this block; None: 2 * depth // 3 (D2)."""
+    use_scene_queries: bool = True
+    """Ablation switch (D13): scene queries on/off."""
+    use_object_queries: bool = True
+    """Ablation switch (D13): object queries on/off."""
+    freeze_query_projections: bool = False
+    """True reproduces the official frozen random contrastive projections (METHOD §2.5, D4)."""
+    head_dropout: float = 0.5
+    """Dropout of the emotion head (METHOD §2.3)."""
+
+
+@dataclass
+class GeneratorConfig:
+    """Stable Diffusion parts (METHOD §3.1, D3, D8)."""
+
+    preset: str = "tiny"
+    """Used when ``path`` is empty: ``tiny`` builds a small random UNet/VAE/text encoder."""
+    path: str = ""
+    """diffusers-format folder (``StableDiffusionPipeline.save_pretrained`` layout); empty: random preset."""
+    train_unet: bool = False
+    """Fine-tune the UNet (D8); frozen by default as in the official run."""
+    sampler: Literal["unipc", "ddim"] = "unipc"
+    """Sampler used at generation time (D10)."""
+    sampling_steps: int = 50
+    """Denoising steps at generation time (D10; small presets use fewer)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale with the empty prompt (D10)."""
+
+
+@dataclass
+class ConditionerConfig:
+    """Mappers, alpha and fusion (METHOD §3.4-3.6, D5, D6)."""
+
+    num_layers: int = 2
+    """Linear layers per mapper (METHOD §3.1: 2)."""
+    hidden: int | None = None
+    """Hidden width of the mappers; None: the understanding width."""
+    relu: bool = True
+    layer_norm: bool = False
+    dropout: float = 0.0
+    fixed_alpha: bool = False
+    """Ablation switch (D13): alpha_s = alpha_o = 1."""
+
+
+@dataclass
+class ModelConfig:
+    understanding: UnderstandingConfig = field(default_factory=UnderstandingConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (METHOD §2.4, §3.3, §3.6, §3.8, D7)."""
+
+    scene_weight: float = 0.05
+    """lambda1 (stage 1 InfoNCE scene) and the stage-2 scene CE weight."""
+    object_weight: float = 0.05
+    """lambda2 (stage 1 InfoNCE object) and the stage-2 object BCE weight."""
+    emotion_weight: float = 0.9
+    """lambda3: emotion CE weight."""
+    understanding_weight: float = 0.5
+    """gamma1: weight of L_U' in the joint loss."""
+    diffusion_weight: float = 1.0
+    """gamma3: weight of the diffusion loss."""
+    condition_ce_weight: float = 1e-3
+    condition_triplet_weight: float = 1e-6
+    condition_margin: float = 0.5
+    condition_negative: Literal["condition", "understanding"] = "condition"
+    """Hard negative from the condition logits (D7 default) or the understanding logits (official)."""
+    condition_loss: bool = True
+    """Ablation switch (D13): condition loss on/off."""
+    implicit_feedback: bool = True
+    """Ablation switch (D13): False stops the diffusion gradient at c."""
+
+
+@dataclass
+class TrainingConfig:
+    stage: Literal[1, 2] = 1
+    """1: understanding (METHOD §2); 2: joint understanding + generation (METHOD §3)."""
+    steps: int = 100
+    """Optimizer steps."""
+    lr_backbone: float = 8e-6
+    lr_queries: float = 5e-4
+    lr_head: float = 1e-4
+    lr_mappers: float = 1e-3
+    weight_decay_backbone: float = 1e-3
+    weight_decay: float = 1e-2
+    losses: LossConfig = field(default_factory=LossConfig)
+    init_from: str = ""
+    """Stage 2: checkpoint or run directory of stage 1; empty: the latest stage-1 run."""
+
+    def validate(self) -> None:
+        _positive("training.steps", self.steps)
+
+
+@dataclass
+class DistributedConfig:
+    num_workers: int = 2
+    """Ray Train workers (ranks)."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    ray_address: str = ""
+    """Empty: an embedded local Ray started and stopped by the command; else the cluster to join."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+
+    def validate(self) -> None:
+        _positive("distributed.num_workers", self.num_workers)
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class FeedbackConfig:
+    """Explicit feedback (METHOD §5); every constant of the filter is a field."""
+
+    rounds: int = 1
+    candidates_per_emotion: int = 16
+    """N."""
+    tau: float = 0.6
+    delta: float = 0.95
+    keep: int | None = None
+    """K; None: N // 4."""
+    attribute_cap: float = 0.25
+    """r."""
+    synthetic_fraction: float = 0.25
+    """rho."""
+    mode: Literal["sequential", "async"] = "sequential"
+
+
+@dataclass
+class EvaluationConfig:
+    images_per_emotion: int = 8
+    """M: generated images per emotion for generation metrics."""
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "uniemo"
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """Log every this many steps."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks of every section that has them."""
+        for section in (self.data, self.training, self.distributed):
+            section.validate()
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value}")

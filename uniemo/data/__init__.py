@@ -1,0 +1,1 @@
+"""Data tools: readers, the synthetic emotion set, shards, attribute table, the streaming loader."""

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Anything the user can fix (a config typo, a missing folder, bad data with ``--on-error fail``) raises a
+:class:`UserError`. The CLI prints its message as one line and exits with code 2; every other exception is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error the user can fix. The message names the problem and what to do."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """Invalid configuration: unknown key, wrong type, or inconsistent values."""
+
+
+class DataError(UserError):
+    """Invalid or missing data: a missing folder, a malformed record, too few shards."""
