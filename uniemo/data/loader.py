@@ -1,0 +1,755 @@
+"""The streaming loader: shard folders -> batches of the ``data/FORMAT.md`` contract, per rank.
+
+The stream is one visible list of stages (STYLE.md 11; read :meth:`ShardStream.__iter__`):
+
+    manifest -> shard list -> split by node -> split by worker -> tar samples -> (mix, shuffle) -> decode
+    -> transforms -> batches
+
+built on ``webdataset`` (``DataPipeline``, ``tarfile_to_samples``, ``shuffle``) inside torch ``DataLoader``
+workers. Two kinds of stream:
+
+**Evaluation** (``training=False``). The split's shards, in manifest order, are dealt out
+``shards[rank::world_size]`` and then ``[worker::num_workers]``; each worker reads its shards once, in order,
+and batches them, keeping its last partial batch. Every sample of the split is therefore seen exactly once
+across ranks and workers. Ranks may yield different numbers of batches. Fewer shards than
+``world_size * num_workers`` is a :class:`DataError` (some worker would get nothing).
+
+**Training** (``training=True``). Each (rank, worker) draws shards with replacement, weighted by their sample
+counts, from a generator seeded by ``(seed, epoch, rank, worker, source)``; sources (``real``, feedback
+rounds, ...) are mixed sample by sample by weight; a seeded shuffle buffer mixes shards. An epoch is
+``batches_per_epoch = floor(train_samples / (world_size * batch_size))`` batches on **every** rank, where
+``train_samples`` is the number of train samples over all sources listed in the manifests when the epoch
+starts (new feedback rounds join at the next epoch). Worker ``w`` of a rank yields batches ``w, w+W, ...`` of
+the epoch, which is the order in which ``DataLoader`` returns them.
+
+**Skipped samples.** A shard that cannot be opened (``missing_shard``) or read to its end (``corrupt_shard``,
+e.g. a truncated tar) and a sample that is incomplete (``incomplete_sample``), has a bad label or JSON
+(``bad_metadata``) or an image that does not decode (``undecodable_image``) are skipped and counted by reason,
+never fatal; only a training source whose shard reads give no sample many times in a row is a
+:class:`DataError` (instead of an endless loop). Workers send their counts inside the batches (``_stats``,
+removed before the batch is yielded; a worker with counts left and no batch sends a stats-only marker), so
+:meth:`ShardLoader.stats` in the main process sees every worker's.
+
+**Position.** :meth:`ShardLoader.state_dict` holds the epoch, the batches delivered in it and, per worker, how
+many raw samples its stream has consumed (``_cursor``, also carried in batches). Every random choice of a
+worker - shard draws, mixing, shuffle, and each sample's augmentation (seeded by its position in the worker's
+stream) - depends only on ``(seed, epoch, rank, worker)``; so :meth:`ShardLoader.load_state_dict` replays the
+epoch's raw stream, drops the consumed samples **without decoding them**, and re-assigns logical workers so the
+round-robin continues where it stopped. Guarantee: with the same shard manifests, ``world_size``,
+``batch_size``, ``num_workers`` and ``seed``, the batches after a restore equal the uninterrupted stream's,
+at any batch, mid-epoch included. If any of these differ, the restore keeps the epoch counter and
+``samples_consumed`` and starts the next epoch (a warning says so). Leaving a training iteration early
+(``break``) and iterating again also continues at the next batch. Evaluation streams always start afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from uniemo.config.schema import NUM_EMOTIONS
+from uniemo.data.attributes import AttributeTable
+from uniemo.data.shards import manifest_folders, read_manifest
+from uniemo.data.transforms import SampleTransform, build_sample_transform
+from uniemo.errors import ConfigError, DataError
+
+STATE_VERSION = 1
+_PRIVATE_KEYS = ("_stats", "_worker", "_cursor", "_marker")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A named set of shard folders mixed into training streams with ``weight``.
+
+    Each folder holds a ``manifest.json``, or sub-folders that do (one per feedback round); they are listed
+    again at every epoch start.
+    """
+
+    name: str
+    folders: tuple[Path, ...]
+    weight: float = 1.0
+
+    @classmethod
+    def of(cls, name: str, folders: str | Path | Sequence[str | Path], weight: float = 1.0) -> Source:
+        if isinstance(folders, (str, Path)):
+            folders = [folders]
+        return cls(name, tuple(Path(f) for f in folders), float(weight))
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    url: str
+    samples: int
+
+
+@dataclass
+class EpochPlan:
+    """What the workers of one rank do in one pass; built in the main process at each ``iter()``."""
+
+    epoch: int
+    shards: list[list[ShardRef]]
+    """Per source (evaluation: one), the split's shards of every folder, manifest order."""
+    weights: list[float]
+    names: list[str]
+    offset: int = 0
+    """Logical worker of DataLoader worker 0: ``batches already delivered this epoch % num_workers``."""
+    batches: list[int] | None = None
+    """Training: batches each DataLoader worker yields (``None``: evaluation, read shards to the end)."""
+    cursors: list[int] = field(default_factory=list)
+    """Per logical worker: raw samples its stream already consumed (dropped undecoded on restore)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Manifest -> shard lists
+# ---------------------------------------------------------------------------------------------------------
+def list_split_shards(folders: Sequence[Path], split: str, *, required: bool) -> list[ShardRef]:
+    """The shards of ``split`` listed in the manifests under ``folders`` (each folder or its round sub-folders)."""
+    refs: list[ShardRef] = []
+    for folder in folders:
+        found = manifest_folders(folder)
+        if not found and required:
+            read_manifest(folder)  # raises the DataError that names the folder
+        for sub in found:
+            for entry in read_manifest(sub)["shards"]:
+                if entry["split"] == split:
+                    refs.append(ShardRef(str(sub / entry["name"]), int(entry["samples"])))
+    return refs
+
+
+def _seed(*parts: Any) -> int:
+    """A 64-bit seed from a tuple of parts, stable across processes and Python runs."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The per-worker stream
+# ---------------------------------------------------------------------------------------------------------
+class _WorkerState:
+    """Counters of one worker's pass: skipped samples by reason, and corrupt-shard bookkeeping per source."""
+
+    def __init__(self, num_sources: int):
+        self.skips: Counter = Counter()
+        self.reported: Counter = Counter()
+        self.current_read = [0] * num_sources
+        self.failed_reads: set[tuple[int, int]] = set()
+        self.empty_reads = [0] * num_sources
+
+    def tar_error(self, source: int, exn: Exception) -> bool:
+        """webdataset handler: count a shard that cannot be opened or read (once per read), keep going."""
+        read = (source, self.current_read[source])
+        if read not in self.failed_reads:
+            self.failed_reads.add(read)
+            self.skips["missing_shard" if isinstance(exn, FileNotFoundError) else "corrupt_shard"] += 1
+        return True
+
+    def delta(self) -> dict[str, int]:
+        """Counts since the last call (sent with the next batch)."""
+        out = {k: v - self.reported[k] for k, v in self.skips.items() if v != self.reported[k]}
+        self.reported = Counter(self.skips)
+        return out
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One rank's stream of collated batches; ``DataLoader`` runs ``__iter__`` in each worker."""
+
+    def __init__(
+        self,
+        plan: EpochPlan,
+        *,
+        split: str,
+        training: bool,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        transform: SampleTransform,
+        attributes: AttributeTable,
+    ):
+        super().__init__()
+        self.plan = plan
+        self.split = split
+        self.training = training
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.transform = transform
+        self.attributes = attributes
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (physical + self.plan.offset) % num_workers  # logical worker: continues a restored epoch
+        state = _WorkerState(len(self.plan.shards))
+        key = (self.seed, self.plan.epoch, self.rank, worker)
+
+        # manifest -> shard list -> split by node -> split by worker -> tar samples, per source
+        per_source = [
+            wds.DataPipeline(
+                partial(self._shard_urls, i, worker, num_workers, state, key),
+                wds.tarfile_to_samples(handler=partial(state.tar_error, i)),
+            )
+            for i in range(len(self.plan.shards))
+        ]
+        # mix sources by weight -> (training) shuffle across shards, before decoding: the buffer holds bytes
+        stages: list[Callable] = [partial(self._mix, per_source, state, key)]
+        if self.training:
+            shuffle_rng = random.Random(_seed("shuffle", *key))
+            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=shuffle_rng))
+        # number samples (drop those a restored position already consumed) -> decode + transforms -> batches
+        skip = self.plan.cursors[worker] if self.plan.cursors else 0
+        stages += [
+            partial(_number, skip=skip),
+            partial(self._decode_transform, state, key),
+            partial(self._batch, state, worker, physical),
+        ]
+        return iter(wds.DataPipeline(*stages))
+
+    # -- stages -----------------------------------------------------------------------------------------
+    def _shard_urls(
+        self, source: int, worker: int, num_workers: int, state: _WorkerState, key: tuple
+    ) -> Iterator[dict[str, str]]:
+        """Evaluation: this (rank, worker)'s slice of the split, once. Training: weighted draws, forever."""
+        shards = self.plan.shards[source]
+        if not self.training:
+            by_node = shards[self.rank :: self.world_size]  # split by node
+            by_worker = by_node[worker::num_workers]  # split by worker
+            for ref in by_worker:
+                state.current_read[source] += 1
+                yield {"url": ref.url}
+            return
+        rng = random.Random(_seed("shards", *key, source))
+        urls = [r.url for r in shards]
+        weights = [r.samples for r in shards]
+        patience = max(64, 4 * len(urls))
+        while True:
+            if state.empty_reads[source] > patience:
+                raise DataError(
+                    f"source {self.plan.names[source]!r}: {patience} shard reads in a row gave no sample (every "
+                    f"shard corrupt?); check the folder with `uniemo data inspect`"
+                )
+            state.current_read[source] += 1
+            state.empty_reads[source] += 1
+            yield {"url": rng.choices(urls, weights)[0]}
+
+    def _mix(self, per_source: list, state: _WorkerState, key: tuple) -> Iterator[dict[str, Any]]:
+        """Tag samples with their source; training with several sources draws a source per sample by weight."""
+        iters = [iter(p) for p in per_source]
+        if len(iters) == 1:
+            for sample in iters[0]:
+                state.empty_reads[0] = 0
+                sample["__source__"] = 0
+                yield sample
+            return
+        rng = random.Random(_seed("mix", *key))
+        choices = list(range(len(iters)))
+        while True:
+            i = rng.choices(choices, self.plan.weights)[0]
+            sample = next(iters[i])  # training sources are endless
+            state.empty_reads[i] = 0
+            sample["__source__"] = i
+            yield sample
+
+    def _decode_transform(self, state: _WorkerState, key: tuple, src: Iterator) -> Iterator[dict[str, Any]]:
+        fixed = None if self.transform.is_random else random.Random(0)  # deterministic transforms: no seeding
+        for index, sample in src:
+            item = self._decode(sample, fixed or random.Random(_seed("sample", *key, index)))
+            if isinstance(item, str):
+                state.skips[item] += 1
+                yield index, None
+            else:
+                yield index, item
+
+    def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | str:
+        """One raw sample -> the per-sample fields of the batch contract, or the reason it is skipped."""
+        ext = "jpg" if "jpg" in sample else "png" if "png" in sample else None
+        if ext is None or "cls" not in sample or "json" not in sample:
+            return "incomplete_sample"
+        try:
+            label = int(sample["cls"])
+            meta = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError):
+            return "bad_metadata"
+        if not 0 <= label < NUM_EMOTIONS or not isinstance(meta, dict):
+            return "bad_metadata"
+        try:
+            image = Image.open(io.BytesIO(sample[ext]))
+            image.load()
+        except Exception:  # PIL raises many types for bad bytes; any of them means "skip this sample"
+            return "undecodable_image"
+        objects = meta.get("objects") or []
+        if not isinstance(objects, list):
+            objects = []
+        table = self.attributes
+        item = self.transform(image, rng)
+        item.update(
+            label=label,
+            scene_idx=table.scene_index(meta.get("scene")),
+            # METHOD §2.3: the object text (and index) is the LAST object of the annotation.
+            object_idx=table.object_index(objects[-1]) if objects else -1,
+            object_ids=[i for i in (table.object_index(o) for o in objects) if i >= 0],
+            key=sample["__key__"],
+            source=self.plan.names[sample["__source__"]],
+        )
+        return item
+
+    def _batch(
+        self, state: _WorkerState, worker: int, physical: int, src: Iterator
+    ) -> Iterator[dict[str, Any]]:
+        quota = None if self.plan.batches is None else self.plan.batches[physical]
+        if quota == 0:
+            return
+        items: list[dict[str, Any]] = []
+        produced = 0
+        cursor = 0
+        for index, item in src:
+            cursor = index + 1
+            if item is None:
+                continue
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield self._finish(collate(items, len(self.attributes.objects)), state, worker, cursor)
+                items = []
+                produced += 1
+                if quota is not None and produced >= quota:
+                    break
+        else:
+            if items:  # evaluation keeps the last partial batch
+                yield self._finish(collate(items, len(self.attributes.objects)), state, worker, cursor)
+                return
+        leftover = state.delta()
+        if leftover:
+            yield {"_marker": True, "_stats": leftover, "_worker": worker, "_cursor": cursor}
+
+    @staticmethod
+    def _finish(batch: dict[str, Any], state: _WorkerState, worker: int, cursor: int) -> dict[str, Any]:
+        batch["_stats"] = state.delta()
+        batch["_worker"] = worker
+        batch["_cursor"] = cursor
+        return batch
+
+
+def _number(src: Iterator[dict[str, Any]], skip: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Pair each raw sample with its position in the worker's stream; drop the first ``skip`` undecoded."""
+    for index, sample in enumerate(src):
+        if index >= skip:
+            yield index, sample
+
+
+def collate(items: list[dict[str, Any]], num_objects: int) -> dict[str, Any]:
+    """Per-sample fields -> the batch contract of ``data/FORMAT.md``."""
+    # default_collate stacks straight into shared memory inside a worker, saving a copy of the largest
+    # tensors on their way to the main process.
+    stack = torch.utils.data.default_collate
+    batch: dict[str, Any] = {"image": stack([it["image"] for it in items])}
+    if "pixel_values" in items[0]:
+        batch["pixel_values"] = stack([it["pixel_values"] for it in items])
+    batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.int64)
+    batch["scene_idx"] = torch.tensor([it["scene_idx"] for it in items], dtype=torch.int64)
+    batch["object_idx"] = torch.tensor([it["object_idx"] for it in items], dtype=torch.int64)
+    multi_hot_BO = torch.zeros(len(items), num_objects, dtype=torch.float32)
+    for b, it in enumerate(items):
+        if it["object_ids"]:
+            multi_hot_BO[b, it["object_ids"]] = 1.0
+    batch["objects_multi_hot"] = multi_hot_BO
+    batch["key"] = [it["key"] for it in items]
+    batch["source"] = [it["source"] for it in items]
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loader object of one rank
+# ---------------------------------------------------------------------------------------------------------
+class ShardLoader:
+    """Iterates one epoch (training) or one full pass (evaluation) of batches per ``iter()``.
+
+    Training epochs advance automatically at the end of each pass; :meth:`batches` is the endless form.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        split: str,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        num_workers: int,
+        transform: SampleTransform,
+        training: bool,
+        attributes: AttributeTable,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle_buffer: int = 256,
+        multiprocessing_context: Any = None,
+        pin_memory: bool = False,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"loader workers must be >= 0, got {num_workers}")
+        if not sources:
+            raise ConfigError("a loader needs at least one source")
+        if not training and len(sources) > 1:
+            raise ConfigError("evaluation streams read one source (the given shard folder), not a mix")
+        for s in sources:
+            if s.weight <= 0:
+                raise ConfigError(f"source {s.name!r}: weight must be > 0, got {s.weight}")
+        self.sources = list(sources)
+        self.split = split
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.transform = transform
+        self.training = training
+        self.attributes = attributes
+        self.seed = seed
+        self.epoch = epoch
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.multiprocessing_context = multiprocessing_context
+        self.pin_memory = pin_memory
+        self.samples_consumed = 0
+        self._batches_in_epoch = 0
+        self._cursors = [0] * max(1, num_workers)
+        self._skipped: Counter = Counter()
+        self._by_source: Counter = Counter()
+        self._batches_total = 0
+        self._warned_empty: set[str] = set()
+        self._shards, self._digest = self._list_shards()  # checks shard counts now, not at the first batch
+
+    # -- manifest -> shard lists ------------------------------------------------------------------------
+    def _list_shards(self) -> tuple[list[list[ShardRef]], str]:
+        shards = []
+        for i, s in enumerate(self.sources):
+            refs = list_split_shards(s.folders, self.split, required=(i == 0))
+            if i == 0 and not any(r.samples for r in refs):
+                raise DataError(
+                    f"source {s.name!r} ({', '.join(map(str, s.folders))}) has no {self.split} samples; "
+                    f"check it with `uniemo data inspect`"
+                )
+            if i > 0 and not any(r.samples for r in refs) and s.name not in self._warned_empty:
+                self._warned_empty.add(s.name)  # e.g. a feedback source before its first round
+                warnings.warn(
+                    f"source {s.name!r} has no {self.split} shards yet; it joins when its manifest lists some",
+                    stacklevel=3,
+                )
+            shards.append(refs)
+        if not self.training:
+            slots = self.world_size * max(1, self.num_workers)
+            if len(shards[0]) < slots:
+                raise DataError(
+                    f"the {self.split} split of {', '.join(map(str, self.sources[0].folders))} has "
+                    f"{len(shards[0])} shard(s), fewer than ranks x loader workers = {self.world_size} x "
+                    f"{max(1, self.num_workers)} = {slots}; every worker needs a shard. Write smaller shards "
+                    f"(`uniemo data shards --shard-size N`) or use fewer workers (data.num_workers)"
+                )
+        digest = hashlib.sha256(
+            json.dumps(
+                [
+                    [s.name, s.weight, [[r.url, r.samples] for r in refs]]
+                    for s, refs in zip(self.sources, shards, strict=True)
+                ]
+            ).encode()
+        ).hexdigest()
+        return shards, digest
+
+    @property
+    def train_samples(self) -> int:
+        """Samples of the split over all sources (the epoch length of training streams)."""
+        return sum(r.samples for refs in self._shards for r in refs)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Training: ``floor(train_samples / (world_size * batch_size))``, the same on every rank."""
+        return self.train_samples // (self.world_size * self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Evaluation: samples this rank reads (all ranks together: the split)."""
+        return sum(r.samples for r in self._shards[0][self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        """Training: batches per epoch. Evaluation: this rank's batches when no sample is corrupt."""
+        if self.training:
+            return self.batches_per_epoch
+        mine = self._shards[0][self.rank :: self.world_size]
+        w = max(1, self.num_workers)
+        return sum(math.ceil(sum(r.samples for r in mine[k::w]) / self.batch_size) for k in range(w))
+
+    # -- iteration ----------------------------------------------------------------------------------------
+    def _epoch_plan(self) -> EpochPlan:
+        w = max(1, self.num_workers)
+        active = [i for i, refs in enumerate(self._shards) if any(r.samples for r in refs)]
+        plan = EpochPlan(
+            epoch=self.epoch,
+            shards=[self._shards[i] for i in active],
+            weights=[self.sources[i].weight for i in active],
+            names=[self.sources[i].name for i in active],
+        )
+        if self.training:
+            bpe = self.batches_per_epoch
+            if bpe < 1:
+                raise DataError(
+                    f"{self.train_samples} {self.split} samples are fewer than world_size x batch_size = "
+                    f"{self.world_size} x {self.batch_size}: no full batch per rank; lower data.batch_size"
+                )
+            done = self._batches_in_epoch
+            plan.offset = done % w
+            plan.batches = [len(range(j, bpe - done, w)) for j in range(w)]
+            plan.cursors = list(self._cursors)
+        return plan
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.training and self._batches_in_epoch == 0:
+            self._shards, self._digest = self._list_shards()  # new feedback rounds join at epoch starts
+        plan = self._epoch_plan()
+        stream = ShardStream(
+            plan,
+            split=self.split,
+            training=self.training,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            transform=self.transform,
+            attributes=self.attributes,
+        )
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,  # batches are made in the workers
+            num_workers=self.num_workers,
+            multiprocessing_context=self.multiprocessing_context if self.num_workers else None,
+            pin_memory=self.pin_memory,
+        )
+        epoch_batches = self.batches_per_epoch
+        try:
+            yield from self._deliver(loader, epoch_batches)
+        except DataError as exc:  # raised in a worker: DataLoader wraps it in a traceback; keep one line
+            raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from exc
+
+    def _deliver(self, loader: torch.utils.data.DataLoader, epoch_batches: int) -> Iterator[dict[str, Any]]:
+        """Strip the worker bookkeeping from each batch into the loader's counters and position."""
+        for batch in loader:
+            self._skipped.update(batch.pop("_stats"))
+            worker, cursor = batch.pop("_worker"), batch.pop("_cursor")
+            if batch.pop("_marker", False):
+                continue
+            if self.training:
+                self._cursors[worker] = cursor
+                self._batches_in_epoch += 1
+                self.samples_consumed += len(batch["key"])
+                if self._batches_in_epoch == epoch_batches:
+                    # The epoch's last batch: the position is already "start of the next epoch".
+                    self.set_epoch(self.epoch + 1)
+            self._batches_total += 1
+            self._by_source.update(batch["source"])
+            yield batch
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Training: an endless stream, epoch after epoch. Evaluation: one pass."""
+        if not self.training:
+            yield from self
+            return
+        while True:
+            yield from self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` at its first batch."""
+        self.epoch = epoch
+        self._batches_in_epoch = 0
+        self._cursors = [0] * max(1, self.num_workers)
+
+    # -- observability and position ---------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Skipped samples by reason (all workers), samples and batches delivered, samples per source."""
+        return {
+            "skipped": {"total": sum(self._skipped.values()), "by_reason": dict(self._skipped)},
+            "batches": self._batches_total,
+            "samples": sum(self._by_source.values()),
+            "by_source": dict(self._by_source),
+            "epoch": self.epoch,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position, for checkpoints (plain JSON-able data)."""
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "samples_consumed": self.samples_consumed,
+            "batches_in_epoch": self._batches_in_epoch,
+            "worker_cursors": list(self._cursors),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "shards_sha256": self._digest,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: exactly when the layout matches, else from the next epoch."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(
+                f"loader position of version {state.get('version')!r} is not readable (expected {STATE_VERSION})"
+            )
+        self.seed = int(state["seed"])
+        self.samples_consumed = int(state["samples_consumed"])
+        self.set_epoch(int(state["epoch"]))
+        if not self.training or state["batches_in_epoch"] == 0:
+            return
+        self._shards, self._digest = self._list_shards()
+        same = {
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "shards_sha256": self._digest,
+        }
+        changed = [k for k, v in same.items() if state.get(k) != v]
+        if changed:
+            warnings.warn(
+                f"loader position saved with other {', '.join(changed)}: cannot replay epoch {state['epoch']} "
+                f"exactly; continuing at the start of epoch {state['epoch'] + 1}",
+                stacklevel=2,
+            )
+            self.set_epoch(int(state["epoch"]) + 1)
+            return
+        self._batches_in_epoch = int(state["batches_in_epoch"])
+        self._cursors = [int(c) for c in state["worker_cursors"]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------------------
+def build_loader(
+    shards: str | Path | Sequence[Source],
+    split: str,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_workers: int,
+    transform: SampleTransform,
+    training: bool,
+    attributes: AttributeTable | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    position: dict[str, Any] | None = None,
+    shuffle_buffer: int = 256,
+    multiprocessing_context: Any = None,
+    pin_memory: bool = False,
+) -> ShardLoader:
+    """The stream of one rank: a shard folder (or weighted :class:`Source` list) -> batches (``data/FORMAT.md``).
+
+    ``shards`` is one folder (the source ``real``) or a list of sources whose first is the real data; the
+    attribute table defaults to that folder's ``attributes.json``. ``position`` is a
+    :meth:`ShardLoader.state_dict` to continue from. See the module docstring for the guarantees.
+    """
+    if isinstance(shards, (str, Path)):
+        sources = [Source.of("real", shards)]
+    else:
+        sources = list(shards)
+    if attributes is None:
+        attributes = AttributeTable.load(_attribute_folder(sources[0]))
+    loader = ShardLoader(
+        sources,
+        split,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        transform=transform,
+        training=training,
+        attributes=attributes,
+        seed=seed,
+        epoch=epoch,
+        shuffle_buffer=shuffle_buffer,
+        multiprocessing_context=multiprocessing_context,
+        pin_memory=pin_memory,
+    )
+    if position is not None:
+        loader.load_state_dict(position)
+    return loader
+
+
+def build_loader_from_config(
+    data_cfg: Any,
+    split: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    stage: int = 1,
+    training: bool | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    position: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+) -> ShardLoader:
+    """A rank's loader from ``DataConfig``: the real (or synthetic) shards, plus ``data.extra_sources`` in training.
+
+    ``training`` defaults to ``split == "train"``; stage 2 adds ``pixel_values``. The attribute table is the
+    real folder's, re-based with ``data.min_attribute_count`` and ``data.phi_beta``.
+    """
+    from uniemo.data.shards import ensure_synthetic_shards
+
+    folder = ensure_synthetic_shards(data_cfg)
+    training = (split == "train") if training is None else training
+    sources = [Source.of("real", folder)]
+    if training:
+        for i, s in enumerate(data_cfg.extra_sources):
+            if not s.path:
+                raise ConfigError(
+                    f"data.extra_sources[{i}].path is empty; give the folder of source {s.name!r}"
+                )
+            sources.append(Source.of(s.name, s.path, s.weight))
+    attributes = AttributeTable.load(folder).rebased(data_cfg.min_attribute_count, data_cfg.phi_beta)
+    return build_loader(
+        sources,
+        split,
+        rank=rank,
+        world_size=world_size,
+        batch_size=data_cfg.batch_size if batch_size is None else batch_size,
+        num_workers=data_cfg.num_workers if num_workers is None else num_workers,
+        transform=build_sample_transform(data_cfg, stage=stage, training=training),
+        training=training,
+        attributes=attributes,
+        seed=seed,
+        epoch=epoch,
+        position=position,
+        shuffle_buffer=data_cfg.shuffle_buffer,
+    )
+
+
+def load_attribute_table(data_cfg: Any) -> AttributeTable:
+    """The attribute table of the run's real shards (making the synthetic set on first use), re-based per config."""
+    from uniemo.data.shards import ensure_synthetic_shards
+
+    folder = ensure_synthetic_shards(data_cfg)
+    return AttributeTable.load(folder).rebased(data_cfg.min_attribute_count, data_cfg.phi_beta)
+
+
+def _attribute_folder(source: Source) -> Path:
+    for folder in source.folders:
+        for sub in manifest_folders(folder):
+            if (sub / "attributes.json").is_file():
+                return sub
+    return source.folders[0]

@@ -1,0 +1,646 @@
+"""Shard writer and manifest (``data/FORMAT.md``).
+
+Records from a reader become plain WebDataset tars ``{split}-{NNNNNN}.tar`` plus ``attributes.json`` and, last,
+``manifest.json``. What is unusual here:
+
+- **Deterministic plan.** All records are read first (metadata only) and cut into shards up-front: shard
+  ``i`` of a split always holds the same records, whatever ``workers`` is. Tar headers carry a fixed mtime and
+  owner, so the same input gives byte-identical shards (same sha256).
+- **Atomic shards, resumable runs.** A shard is written to a hidden temporary file and renamed when complete;
+  a sidecar in ``.progress/`` then records its plan digest and sha256. A re-run keeps each shard whose
+  sidecar matches (re-hashing the tar), removes temporary files and rewrites the rest; the manifest is
+  written last, so the result equals an uninterrupted run's. A killed run never leaves a half shard under a
+  shard name, and a shard folder is usable by readers only once its manifest exists.
+- The feedback pool reuses :func:`write_sample_shard` and :func:`update_manifest` (both atomic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uniemo.config.schema import NUM_EMOTIONS
+from uniemo.data.attributes import ATTRIBUTES_FILE, AttributeTable, write_json_atomic
+from uniemo.data.images import load_image_bytes
+from uniemo.data.records import SPLITS, Record, RecordProblem, SkipLog
+from uniemo.errors import ConfigError, DataError
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+PROGRESS_DIR = ".progress"
+LOCK_FILE = ".lock"
+SHARD_NAME = re.compile(r"^(train|val|test)-(\d{6})\.tar$")
+READERS = ("emoset", "folder")
+
+# Fixed tar header fields so that equal inputs give byte-identical shards (resumed == uninterrupted run).
+_TAR_MTIME = 0
+_TAR_OWNER = "uniemo"
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Samples and single shards (also used by the feedback pool)
+# ---------------------------------------------------------------------------------------------------------
+def sample_key(source: str, record_id: str) -> str:
+    """``<source>_<original id>`` with every character outside ``[A-Za-z0-9_-]`` replaced by ``_``.
+
+    WebDataset splits a member name at its first dot into key and extension, so keys must hold no dot
+    (and no slash, which would read as a folder).
+    """
+    return _KEY_UNSAFE.sub("_", f"{source}_{record_id}")
+
+
+def sample_metadata(record: Record) -> dict[str, Any]:
+    """The ``json`` member of a sample written from a reader record (``data/FORMAT.md``)."""
+    return {
+        "emotion": record.emotion,
+        "scene": record.scene,
+        "objects": list(record.objects),
+        "brightness": record.brightness,
+        "colorfulness": record.colorfulness,
+        "source": record.source,
+        "id": record.id,
+    }
+
+
+def write_sample_shard(
+    samples: Iterable[dict[str, Any]], path: str | Path, *, split: str = "train", source: str | None = None
+) -> dict[str, Any]:
+    """Write ``samples`` as one tar at ``path``, atomically, and return its manifest entry.
+
+    Each sample is a dict with ``__key__``, one of ``jpg``/``png`` (bytes), ``cls`` (int or digits) and
+    ``json`` (a dict or encoded bytes); further members (bytes or str) are kept. ``samples`` may be a
+    generator: it is consumed while writing. The tar goes to a hidden temporary file beside ``path`` that is
+    fsynced and renamed onto ``path`` only when complete, so a reader (or a crash) never sees a partial shard.
+    ``source`` defaults to the ``json.source`` of the first sample. The entry is
+    ``{name, split, source, samples, bytes, sha256, emotion_counts}``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    emotion_counts = [0] * NUM_EMOTIONS
+    n = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for sample in samples:
+                    members = _encode_sample(sample)
+                    label = int(members["cls"])
+                    if not 0 <= label < NUM_EMOTIONS:
+                        raise DataError(
+                            f"sample {sample['__key__']}: cls {label} is not an emotion index 0-7"
+                        )
+                    if source is None:
+                        source = str(json.loads(members["json"]).get("source", ""))
+                    emotion_counts[label] += 1
+                    n += 1
+                    for ext in sorted(members):
+                        _add_member(tar, f"{sample['__key__']}.{ext}", members[ext])
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        size, digest = file_digest(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {
+        "name": path.name,
+        "split": split,
+        "source": source or "",
+        "samples": n,
+        "bytes": size,
+        "sha256": digest,
+        "emotion_counts": emotion_counts,
+    }
+
+
+def _encode_sample(sample: dict[str, Any]) -> dict[str, bytes]:
+    key = sample.get("__key__")
+    if not isinstance(key, str) or not key or _KEY_UNSAFE.search(key):
+        raise DataError(f"sample key {key!r} must be a non-empty string of letters, digits, '_' and '-'")
+    members: dict[str, bytes] = {}
+    for ext, value in sample.items():
+        if ext.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            value = json.dumps(value, ensure_ascii=False, sort_keys=False).encode("utf-8")
+        elif isinstance(value, int):
+            value = str(value).encode("ascii")
+        elif isinstance(value, str):
+            value = value.encode("utf-8")
+        members[ext] = bytes(value)
+    if ("jpg" in members) == ("png" in members):
+        raise DataError(f"sample {key}: needs exactly one image member, jpg or png")
+    for ext in ("cls", "json"):
+        if ext not in members:
+            raise DataError(f"sample {key}: missing member {ext!r}")
+    return members
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = _TAR_MTIME
+    info.mode = 0o444
+    info.uname = info.gname = _TAR_OWNER
+    tar.addfile(info, io.BytesIO(data))
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """``(size in bytes, sha256 hex)`` of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Manifests
+# ---------------------------------------------------------------------------------------------------------
+def compute_totals(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per split: number of shards, samples and samples per emotion."""
+    totals: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        t = totals.setdefault(e["split"], {"shards": 0, "samples": 0, "emotion_counts": [0] * NUM_EMOTIONS})
+        t["shards"] += 1
+        t["samples"] += e["samples"]
+        for k, c in enumerate(e.get("emotion_counts", [0] * NUM_EMOTIONS)):
+            t["emotion_counts"][k] += c
+    order = {s: i for i, s in enumerate(SPLITS)}
+    return {s: totals[s] for s in sorted(totals, key=lambda s: (order.get(s, len(order)), s))}
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Load and check ``<folder>/manifest.json``; :class:`DataError` naming the folder when absent or malformed."""
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} not found: {folder} is not a (complete) shard folder; write it with `uniemo data shards`"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable manifest ({e}); rewrite the shard folder") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        raise DataError(f"{path}: not a uniemo manifest of format {FORMAT_VERSION}; rewrite the shard folder")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+        isinstance(e, dict) and {"name", "split", "samples"} <= e.keys() for e in shards
+    ):
+        raise DataError(f"{path}: malformed shard list; rewrite the shard folder")
+    return manifest
+
+
+def manifest_folders(folder: str | Path) -> list[Path]:
+    """The shard folders under ``folder``: itself when it holds a manifest, else its sub-folders that do.
+
+    A feedback source keeps one sub-folder per round (``round-0/``, ``round-1/``, ...), each with its own
+    manifest; listing them at each epoch start is how trainers pick up new rounds. Sorted by name.
+    """
+    folder = Path(folder)
+    if (folder / MANIFEST_FILE).is_file():
+        return [folder]
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / MANIFEST_FILE).is_file())
+
+
+def update_manifest(
+    folder: str | Path, new_entries: Iterable[dict[str, Any]], **fields: Any
+) -> dict[str, Any]:
+    """Add (or replace, by name) shard entries in ``<folder>/manifest.json`` and rewrite it atomically.
+
+    Creates the manifest when absent. Entries come from :func:`write_sample_shard`; each named shard must
+    exist. Concurrent updaters are serialised by a lock file, and the manifest is replaced by rename, so a
+    reader sees either the old or the new list. Extra top-level ``fields`` (e.g. ``round=3``) are stored.
+    """
+    from filelock import FileLock
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    new_entries = list(new_entries)
+    for e in new_entries:
+        if not (folder / e["name"]).is_file():
+            raise DataError(
+                f"shard {folder / e['name']} does not exist; write it before listing it in the manifest"
+            )
+    with FileLock(str(folder / ".manifest.lock")):
+        if (folder / MANIFEST_FILE).exists():
+            manifest = read_manifest(folder)
+        else:
+            manifest = {"format": FORMAT_VERSION, "shards": [], "totals": {}, "skipped": SkipLog().as_dict()}
+        by_name = {e["name"]: e for e in manifest["shards"]}
+        for e in new_entries:
+            by_name[e["name"]] = dict(e)
+        manifest["shards"] = sorted(by_name.values(), key=lambda e: e["name"])
+        manifest["totals"] = compute_totals(manifest["shards"])
+        manifest.update(fields)
+        write_json_atomic(folder / MANIFEST_FILE, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The writer of a whole dataset
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class ShardJob:
+    """One shard to write: its name and its records, fixed before any writing starts."""
+
+    name: str
+    split: str
+    records: list[Record]
+    digest: str
+    """sha256 over the shard's keys, labels, metadata and image paths: a changed plan redoes the shard."""
+
+
+def plan_shards(records: list[Record], shard_size: int, shuffle_seed: int | None = 0) -> list[ShardJob]:
+    """Cut records into shards per split (train, val, test order), shuffled per split unless the seed is None."""
+    jobs: list[ShardJob] = []
+    for split in SPLITS:
+        rows = [r for r in records if r.split == split]
+        if shuffle_seed is not None:
+            random.Random(f"uniemo-shards:{shuffle_seed}:{split}").shuffle(rows)
+        for i in range(0, len(rows), shard_size):
+            chunk = rows[i : i + shard_size]
+            h = hashlib.sha256()
+            for r in chunk:
+                h.update(
+                    json.dumps(
+                        [sample_key(r.source, r.id), r.label, sample_metadata(r), str(r.image_path)]
+                    ).encode()
+                )
+                h.update(b"\n")
+            jobs.append(ShardJob(f"{split}-{i // shard_size:06d}.tar", split, chunk, h.hexdigest()))
+    return jobs
+
+
+def write_shards(
+    source: str,
+    root: str | Path,
+    out: str | Path,
+    shard_size: int = 1000,
+    workers: int = 1,
+    on_error: str = "skip",
+    progress: bool = True,
+    folder_seed: int = 0,
+    *,
+    shuffle_seed: int | None = 0,
+    min_attribute_count: int = 5,
+    phi_beta: float = 1.0,
+) -> dict[str, Any]:
+    """Shard a dataset read by the ``source`` reader (``emoset`` or ``folder``) from ``root`` into ``out``.
+
+    Writes ``{split}-{NNNNNN}.tar`` (``shard_size`` records each, in ``workers`` processes, each writing
+    whole shards), ``attributes.json`` from the train samples, and last ``manifest.json``; returns the
+    manifest. Records that a reader rejects, or whose image does not decode, are skipped and counted by
+    reason (``on_error="skip"``) or stop the run with a :class:`DataError` naming the problem (``"fail"``).
+
+    ``shuffle_seed`` shuffles each split before cutting (None keeps the reader's order): readers list
+    records emotion by emotion, and a shard of one emotion would fill the training shuffle buffer with one
+    class. ``min_attribute_count`` and ``phi_beta`` are ``m`` and ``beta`` of METHOD D6 for attributes.json.
+
+    Re-running the same call resumes: finished shards are kept (their sha256 is checked), partial
+    temporary files are removed, the rest is written; the result is identical to an uninterrupted run.
+    ``out`` holding shards of another source, root or shard size, or other files, is an error.
+    """
+    if source not in READERS:
+        raise ConfigError(f"unknown shard source {source!r}; expected one of {', '.join(READERS)}")
+    if on_error not in ("skip", "fail"):
+        raise ConfigError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    if shard_size < 1:
+        raise ConfigError(f"shard size must be >= 1, got {shard_size}")
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    root = Path(root).resolve()
+    out = Path(out)
+    origin = {"reader": source, "root": str(root), "shard_size": shard_size, "shuffle_seed": shuffle_seed}
+    if source == "folder":
+        origin["folder_seed"] = folder_seed
+
+    if not root.is_dir():
+        raise DataError(f"--root {root} does not exist or is not a folder; give the dataset folder to shard")
+    _check_out_folder(out, origin)
+    out.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise DataError(
+            f"another process is writing shards into {out}; wait for it or use another --out"
+        ) from None
+    try:
+        return _write_shards_locked(
+            origin, root, out, workers, on_error, progress, folder_seed, min_attribute_count, phi_beta
+        )
+    finally:
+        lock.release()  # the lock file stays: unlinking it could let two later writers lock different inodes
+
+
+def _write_shards_locked(
+    origin: dict,
+    root: Path,
+    out: Path,
+    workers: int,
+    on_error: str,
+    progress: bool,
+    folder_seed: int,
+    min_attribute_count: int,
+    phi_beta: float,
+) -> dict[str, Any]:
+    reader_log = SkipLog()
+    records = list(_read_records(origin["reader"], root, on_error, reader_log, folder_seed))
+    records = _drop_duplicate_keys(records, on_error, reader_log)
+    if not records:
+        raise DataError(
+            f"no usable records under {root} ({reader_log.total} skipped); check the folder layout"
+        )
+    jobs = plan_shards(records, origin["shard_size"], origin["shuffle_seed"])
+    plan_digest = hashlib.sha256("".join(j.name + j.digest for j in jobs).encode()).hexdigest()
+
+    existing = out / MANIFEST_FILE
+    if existing.exists():
+        manifest = read_manifest(out)
+        if manifest.get("plan_sha256") != plan_digest:
+            raise DataError(
+                f"the records under {root} changed since {out} was written; write the new shards into an "
+                f"empty --out folder, or delete {out}"
+            )
+        if (out / ATTRIBUTES_FILE).is_file() and all(
+            _shard_matches(out / e["name"], e) for e in manifest["shards"]
+        ):
+            return manifest  # complete already: re-running the same command is a no-op
+        # A listed shard is missing or changed: rewrite the folder (no sidecars left, so every shard).
+        existing.unlink()
+
+    # Remove leftovers of a killed run: temporary files never become shards.
+    for p in out.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[ShardJob] = []
+    for job in jobs:
+        sidecar = _load_sidecar(out, job)
+        if sidecar is not None:
+            results[job.name] = sidecar
+        else:
+            todo.append(job)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(records), unit="img", desc=f"shards -> {out}", disable=not progress)
+    bar.update(sum(len(j.records) for j in jobs if j.name in results))
+    try:
+        for job, result in _run_jobs(todo, out, on_error, workers):
+            if "error" in result:
+                reason, message = result["error"]
+                raise RecordProblem(reason, f"{message}; fix or remove it, or use --on-error skip")
+            results[job.name] = result
+            bar.update(len(job.records))
+    finally:
+        bar.close()
+
+    # Remove stale shard files a previous plan may have left (e.g. fewer shards now).
+    planned = {j.name for j in jobs}
+    for p in out.iterdir():
+        if SHARD_NAME.match(p.name) and p.name not in planned:
+            p.unlink()
+
+    skipped = SkipLog(Counter(reader_log.counts), {k: list(v) for k, v in reader_log.examples.items()})
+    skipped_keys: set[str] = set()
+    for job in jobs:
+        for reason, detail, key in results[job.name]["skipped"]:
+            skipped.add(reason, detail)
+            skipped_keys.add(key)
+    train = [r for r in records if r.split == "train" and sample_key(r.source, r.id) not in skipped_keys]
+    AttributeTable.from_records(train, min_attribute_count, phi_beta).save(out / ATTRIBUTES_FILE)
+
+    entries = [results[j.name]["entry"] for j in jobs]
+    manifest = {
+        "format": FORMAT_VERSION,
+        **origin,
+        "plan_sha256": plan_digest,
+        "shards": entries,
+        "totals": compute_totals(entries),
+        "skipped": skipped.as_dict(),
+    }
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+    return manifest
+
+
+def _read_records(reader: str, root: Path, on_error: str, log: SkipLog, folder_seed: int) -> Iterator[Record]:
+    if reader == "emoset":
+        from uniemo.data.emoset import read_emoset
+
+        return read_emoset(root, on_error=on_error, skiplog=log)
+    from uniemo.data.folders import read_folder
+
+    return read_folder(root, seed=folder_seed, on_error=on_error, skiplog=log)
+
+
+def _drop_duplicate_keys(records: list[Record], on_error: str, log: SkipLog) -> list[Record]:
+    """Two ids can map to one key after sanitising (``a.b`` and ``a_b``); the second is a problem."""
+    seen: dict[str, str] = {}
+    kept = []
+    for r in records:
+        key = sample_key(r.source, r.id)
+        if key in seen:
+            problem = RecordProblem(
+                "duplicate_key", f"record {r.id!r} and {seen[key]!r} both give sample key {key!r}"
+            )
+            if on_error == "fail":
+                raise problem
+            log.add(problem.reason, str(problem))
+            continue
+        seen[key] = r.id
+        kept.append(r)
+    return kept
+
+
+def _check_out_folder(out: Path, origin: dict) -> None:
+    """Refuse an ``out`` that holds shards of another origin or files that are not ours."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder")
+    if not out.is_dir():
+        return
+    if (out / MANIFEST_FILE).exists():
+        manifest = read_manifest(out)
+        theirs = {k: manifest.get(k) for k in origin}
+        if theirs != origin:
+            diff = ", ".join(
+                f"{k}={theirs[k]!r} (now {origin[k]!r})" for k in origin if theirs[k] != origin[k]
+            )
+            raise DataError(
+                f"{out} already holds shards written with {diff}; use an empty --out folder or delete {out}"
+            )
+        return
+    ours = {ATTRIBUTES_FILE, PROGRESS_DIR, LOCK_FILE, ".manifest.lock"}
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if not (
+            SHARD_NAME.match(p.name) or p.name in ours or (p.name.startswith(".") and p.name.endswith(".tmp"))
+        )
+    )
+    if foreign:
+        raise DataError(
+            f"--out {out} is not empty and not a shard folder (found {', '.join(foreign[:3])}); use an empty folder"
+        )
+
+
+def _shard_matches(path: Path, entry: dict[str, Any]) -> bool:
+    if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+        return False
+    return file_digest(path)[1] == entry.get("sha256")
+
+
+def _sidecar_path(out: Path, name: str) -> Path:
+    return out / PROGRESS_DIR / f"{name}.json"
+
+
+def _save_sidecar(out: Path, name: str, digest: str, entry: dict, skipped: list) -> None:
+    write_json_atomic(_sidecar_path(out, name), {"plan": digest, "entry": entry, "skipped": skipped})
+
+
+def _load_sidecar(out: Path, job: ShardJob) -> dict[str, Any] | None:
+    """The finished shard's result when its sidecar matches the plan and the tar its sha256; else None."""
+    try:
+        sidecar = json.loads(_sidecar_path(out, job.name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(sidecar, dict) or sidecar.get("plan") != job.digest:
+        return None
+    if not _shard_matches(out / job.name, sidecar.get("entry", {})):
+        return None
+    return sidecar
+
+
+def _run_jobs(
+    jobs: list[ShardJob], out: Path, on_error: str, workers: int
+) -> Iterator[tuple[ShardJob, dict[str, Any]]]:
+    """Yield ``(job, result)`` as shards finish, in this process (``workers == 1``) or a process pool."""
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            result = write_job(job, out, on_error)
+            yield job, result
+            if "error" in result:
+                return
+        return
+    # spawn: the parent may hold threads (torch, a progress bar); a forked child could deadlock on their locks.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+        pending = {pool.submit(write_job, job, out, on_error): job for job in jobs}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    job = pending.pop(fut)
+                    yield job, fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def write_job(job: ShardJob, out: Path, on_error: str) -> dict[str, Any]:
+    """Write one planned shard and its sidecar. Runs in a worker process; returns plain data.
+
+    A :class:`RecordProblem` with ``on_error="fail"`` comes back as ``{"error": (reason, message)}``
+    (exceptions with custom constructors do not survive pickling between processes).
+    """
+    skipped: list[tuple[str, str, str]] = []
+
+    def samples() -> Iterator[dict[str, Any]]:
+        for r in job.records:
+            key = sample_key(r.source, r.id)
+            try:
+                data, ext = load_image_bytes(r.image_path)
+            except RecordProblem as problem:
+                if on_error == "fail":
+                    raise
+                skipped.append((problem.reason, f"{r.id}: {problem}", key))
+                continue
+            yield {"__key__": key, ext: data, "cls": r.label, "json": sample_metadata(r)}
+
+    try:
+        entry = write_sample_shard(samples(), out / job.name, split=job.split, source=_job_source(job))
+    except RecordProblem as problem:
+        return {"error": (problem.reason, str(problem))}
+    _save_sidecar(out, job.name, job.digest, entry, skipped)
+    return {"plan": job.digest, "entry": entry, "skipped": skipped}
+
+
+def _job_source(job: ShardJob) -> str:
+    return job.records[0].source if job.records else ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The synthetic set on first use
+# ---------------------------------------------------------------------------------------------------------
+def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
+    """The shard folder a run reads: ``data.shards`` when set, else the synthetic set, made on first use.
+
+    With ``data.shards`` set, the folder must hold ``manifest.json`` (:class:`DataError` otherwise). Else the
+    synthetic set of ``data.synthetic`` is generated into ``<cache_dir>/synthetic-<images>-<size>-<seed>/raw``
+    and sharded into ``.../shards-<shard_size>`` under a file lock, so concurrent processes (several ranks)
+    generate it once; a later call finds it complete and returns at once.
+    """
+    if data_cfg.shards:
+        folder = Path(data_cfg.shards).expanduser()
+        if not (folder / MANIFEST_FILE).is_file():
+            raise DataError(
+                f"data.shards={data_cfg.shards!r} holds no {MANIFEST_FILE}; write it with `uniemo data shards "
+                f"--out {data_cfg.shards} ...`, or set data.shards='' to use the synthetic set"
+            )
+        return folder
+    syn = data_cfg.synthetic
+    base = Path(data_cfg.cache_dir).expanduser() / f"synthetic-{syn.images}-{syn.size}-{syn.seed}"
+    shards = base / f"shards-{syn.shard_size}"
+    if (shards / MANIFEST_FILE).is_file():
+        return shards
+    from filelock import FileLock
+
+    base.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(base) + ".lock"):
+        if (shards / MANIFEST_FILE).is_file():  # another process finished while we waited
+            return shards
+        raw, done = base / "raw", base / "raw.done"
+        if not done.is_file():
+            from uniemo.data.synthetic import generate_synthetic_set
+
+            shutil.rmtree(raw, ignore_errors=True)  # a partial set of a killed run
+            generate_synthetic_set(
+                raw, images=syn.images, size=syn.size, seed=syn.seed, workers=1, progress=progress
+            )
+            done.write_text("complete\n")
+        write_shards(
+            source="emoset",
+            root=raw,
+            out=shards,
+            shard_size=syn.shard_size,
+            workers=1,
+            progress=progress,
+            min_attribute_count=data_cfg.min_attribute_count,
+            phi_beta=data_cfg.phi_beta,
+        )
+    return shards

@@ -1,0 +1,522 @@
+"""The project's synthetic emotion set, written in the exact EmoSet-118K layout (METHOD.md §8.1).
+
+Every test and the CPU demo train on it, so it has to behave like a small real dataset:
+
+- each of the 8 emotions (METHOD.md §1) has its own palette (hue, saturation, brightness), its favourite
+  scenes (background patterns) and objects (1-3 drawn shapes);
+- those cues OVERLAP: palettes are jittered and one image in ~six takes the palette of another emotion, and
+  every scene and object can occur with every emotion. A small CNN learns the task well but not perfectly;
+- attributes carry emotion information UNEVENLY: a few scenes/objects are tied to one emotion (``rainy_street``
+  to sadness, ``Heart`` to contentment), others are spread over all eight (``checkered_floor``, ``Circle``), so
+  the correlation table Phi of METHOD.md D6 has both sharp and flat rows.
+
+Generation is deterministic for a seed: image ``i`` draws from a generator seeded by ``(seed, i)``, so the
+bytes do not depend on ``workers`` or chunking. ``brightness`` and ``colorfulness`` are measured on the drawn
+image (mean HSV value and saturation) and rounded to EmoSet's 0.1 bins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from uniemo.config.schema import EMOTIONS
+from uniemo.data.folders import split_counts
+from uniemo.data.records import SPLITS
+from uniemo.errors import ConfigError
+
+SPLIT_RATIOS: tuple[float, float, float] = (0.75, 0.10, 0.15)
+"""Train/val/test share of every emotion (stratified)."""
+
+SCENES: tuple[str, ...] = (
+    "striped_wall",
+    "checkered_floor",
+    "polka_dot_room",
+    "ocean_waves",
+    "sky_gradient",
+    "office_grid",
+    "ripple_pond",
+    "foggy_field",
+    "brick_wall",
+    "rainy_street",
+    "starry_night",
+    "sunburst_plaza",
+    "mossy_ground",
+)
+"""Scene names (EmoSet style: lowercase with underscores); each is a background pattern."""
+
+OBJECTS: tuple[str, ...] = (
+    "Circle",
+    "Square",
+    "Triangle",
+    "Star",
+    "Heart",
+    "Cross",
+    "Diamond",
+    "Ring",
+    "Crescent",
+    "Hexagon",
+    "Arrow",
+    "Lightning bolt",
+)
+"""Object names (EmoSet style: capitalised with spaces); each is a drawn shape."""
+
+JPEG_QUALITY = 90
+
+# Palette per emotion: hue centre and spread (degrees), saturation and value centres (0-1). Neighbouring
+# emotions share hues on purpose (anger/excitement red, awe/sadness blue, fear/sadness dark) so that colour
+# alone does not decide the class.
+_PALETTES: dict[str, tuple[float, float, float, float]] = {
+    "amusement": (52.0, 12.0, 0.80, 0.92),
+    "awe": (228.0, 15.0, 0.65, 0.75),
+    "contentment": (115.0, 18.0, 0.50, 0.80),
+    "excitement": (22.0, 10.0, 0.92, 0.95),
+    "anger": (0.0, 10.0, 0.85, 0.55),
+    "disgust": (75.0, 12.0, 0.60, 0.45),
+    "fear": (280.0, 20.0, 0.50, 0.30),
+    "sadness": (205.0, 15.0, 0.25, 0.50),
+}
+_OFF_PALETTE_P = 0.06
+"""Chance that an image takes another emotion's palette (label noise in the colour cue)."""
+_HUE_JITTER = 1.0
+_SV_JITTER = 0.07
+
+# Emotion-conditional weights. Rows: scenes / objects; columns: EMOTIONS order (amu, awe, con, exc, ang, dis,
+# fea, sad). _BASE_WEIGHT is added to every entry so any attribute can occur with any emotion.
+_BASE_WEIGHT = 0.35
+_SCENE_WEIGHTS: dict[str, tuple[float, ...]] = {
+    "striped_wall": (1, 0, 0, 3, 2, 0, 0, 0),
+    "checkered_floor": (1, 1, 1, 1, 1, 1, 1, 1),
+    "polka_dot_room": (4, 0, 1, 1, 0, 0, 0, 0),
+    "ocean_waves": (0, 3, 3, 0, 0, 0, 0, 1),
+    "sky_gradient": (0, 2, 2, 0, 0, 0, 0, 1),
+    "office_grid": (1, 1, 1, 1, 1, 1, 1, 1),
+    "ripple_pond": (0, 0, 2, 0, 0, 2, 0, 1),
+    "foggy_field": (0, 0, 0, 0, 0, 1, 3, 3),
+    "brick_wall": (0, 0, 0, 0, 4, 2, 0, 0),
+    "rainy_street": (0, 0, 0, 0, 0, 0, 1, 9),
+    "starry_night": (0, 9, 0, 0, 0, 0, 2, 0),
+    "sunburst_plaza": (4, 0, 0, 3, 0, 0, 0, 0),
+    "mossy_ground": (0, 0, 0, 0, 0, 4, 1, 0),
+}
+_OBJECT_WEIGHTS: dict[str, tuple[float, ...]] = {
+    "Circle": (1, 1, 1, 1, 1, 1, 1, 1),
+    "Square": (1, 1, 1, 1, 1, 1, 1, 1),
+    "Triangle": (0, 1, 0, 0, 2, 0, 2, 0),
+    "Star": (2, 3, 0, 2, 0, 0, 0, 0),
+    "Heart": (3, 0, 4, 0, 0, 0, 0, 0),
+    "Cross": (0, 0, 0, 0, 1, 2, 3, 0),
+    "Diamond": (1, 2, 0, 1, 0, 0, 0, 0),
+    "Ring": (1, 1, 1, 1, 1, 1, 1, 1),
+    "Crescent": (0, 2, 0, 0, 0, 0, 2, 3),
+    "Hexagon": (0, 0, 1, 0, 0, 3, 0, 0),
+    "Arrow": (0, 0, 0, 3, 2, 0, 0, 0),
+    "Lightning bolt": (0, 0, 0, 3, 4, 0, 0, 0),
+}
+
+
+def _conditional(table: dict[str, tuple[float, ...]]) -> np.ndarray:
+    """P(attribute | emotion) as an [E, A] array from a weight table."""
+    w = np.array([table[name] for name in table], dtype=np.float64).T + _BASE_WEIGHT
+    return w / w.sum(axis=1, keepdims=True)
+
+
+_P_SCENE = _conditional(_SCENE_WEIGHTS)
+_P_OBJECT = _conditional(_OBJECT_WEIGHTS)
+
+
+def generate_synthetic_set(
+    out_dir: str | Path,
+    images: int = 800,
+    size: int = 64,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Draw ``images`` labelled images of ``size`` px into ``out_dir`` in the EmoSet-118K layout.
+
+    Writes ``image/<emo>/<emo>_<id>.jpg``, ``annotation/<emo>/<emo>_<id>.json``, the official 4-item split
+    files ``train.json``/``val.json``/``test.json`` and ``info.json`` (written last: a folder with
+    ``info.json`` is complete). Emotions are balanced (``images // 8`` each, the remainder going to the first
+    emotions in EmoSet order) and split 75/10/15 % per emotion. Same seed, same bytes, whatever ``workers``.
+
+    Returns a summary: ``{"root", "images", "size", "seed", "splits": {split: {emotion: n}}, "totals":
+    {split: n}, "seconds"}``.
+    """
+    if images < len(EMOTIONS):
+        raise ConfigError(
+            f"synthetic images must be at least {len(EMOTIONS)} (one per emotion), got {images}"
+        )
+    if size < 16:
+        raise ConfigError(f"synthetic image size must be at least 16 px, got {size}")
+    if seed < 0:
+        raise ConfigError(f"synthetic seed must be non-negative, got {seed}")
+    workers = max(1, int(workers))
+    start = time.perf_counter()
+    root = Path(out_dir)
+    for emotion in EMOTIONS:
+        (root / "image" / emotion).mkdir(parents=True, exist_ok=True)
+        (root / "annotation" / emotion).mkdir(parents=True, exist_ok=True)
+
+    plan = _plan(images, seed)  # one (global index, emotion, id, split) per image, emotion-major
+    tasks = [
+        (str(root), size, seed, plan[i : i + _chunk(images, workers)])
+        for i in range(0, images, _chunk(images, workers))
+    ]
+    bar = tqdm(total=images, desc="synthetic set", unit="img", disable=not progress)
+    try:
+        if workers == 1:
+            for task in tasks:
+                bar.update(_render_chunk(task))
+        else:
+            # spawn: never fork a parent that may hold threads (torch, tqdm monitor, data loaders)
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(workers, len(tasks))) as pool:
+                for done in pool.imap_unordered(_render_chunk, tasks):
+                    bar.update(done)
+    finally:
+        bar.close()
+
+    summary_splits = {s: {e: 0 for e in EMOTIONS} for s in SPLITS}
+    entries: dict[str, list[list[str]]] = {s: [] for s in SPLITS}
+    for _, emotion, image_id, split in plan:
+        summary_splits[split][emotion] += 1
+        entries[split].append(
+            [emotion, image_id, f"image/{emotion}/{image_id}.jpg", f"annotation/{emotion}/{image_id}.json"]
+        )
+    for split in SPLITS:  # one entry per line: readable, and diffs of two sets stay small
+        _write_text_atomic(
+            root / f"{split}.json", "[\n" + ",\n".join(json.dumps(e) for e in entries[split]) + "\n]\n"
+        )
+    _write_text_atomic(root / "info.json", json.dumps(build_info(), indent=1) + "\n")
+    return {
+        "root": str(root),
+        "images": images,
+        "size": size,
+        "seed": seed,
+        "splits": summary_splits,
+        "totals": {s: len(entries[s]) for s in SPLITS},
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def build_info() -> dict[str, dict[str, dict[str, Any]]]:
+    """EmoSet's ``info.json``: ``{label2idx, idx2label}`` for emotion, brightness, colorfulness, scene, object."""
+    bins = [f"{i / 10:.1f}" for i in range(11)]
+
+    def maps(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return {
+            "label2idx": {label: i for i, label in enumerate(labels)},
+            "idx2label": {str(i): label for i, label in enumerate(labels)},
+        }
+
+    return {
+        "emotion": maps(EMOTIONS),
+        "brightness": maps(bins),
+        "colorfulness": maps(bins),
+        "scene": maps(sorted(SCENES)),
+        "object": maps(sorted(OBJECTS)),
+    }
+
+
+def _plan(images: int, seed: int) -> list[tuple[int, str, str, str]]:
+    plan: list[tuple[int, str, str, str]] = []
+    base, extra = divmod(images, len(EMOTIONS))
+    index = 0
+    for k, emotion in enumerate(EMOTIONS):
+        n = base + (1 if k < extra else 0)
+        n_train, n_val, _ = split_counts(n, SPLIT_RATIOS)
+        # Which images of this emotion go to which split: a seeded permutation, stratified by construction.
+        order = np.random.default_rng([seed, k, 0x5B117]).permutation(n)
+        split_of = np.empty(n, dtype=object)
+        split_of[order[:n_train]] = "train"
+        split_of[order[n_train : n_train + n_val]] = "val"
+        split_of[order[n_train + n_val :]] = "test"
+        for j in range(n):
+            plan.append((index, emotion, f"{emotion}_{j + 1:05d}", str(split_of[j])))
+            index += 1
+    return plan
+
+
+def _chunk(images: int, workers: int) -> int:
+    # several chunks per worker balance the pool; the bytes never depend on the chunking (per-image RNG)
+    return 64 if workers == 1 else max(8, math.ceil(images / (workers * 4)))
+
+
+def _render_chunk(task: tuple[str, int, int, list[tuple[int, str, str, str]]]) -> int:
+    root_s, size, seed, items = task
+    root = Path(root_s)
+    for index, emotion, image_id, _ in items:
+        img, annotation = render_image(seed, index, emotion, size)
+        img.save(root / "image" / emotion / f"{image_id}.jpg", format="JPEG", quality=JPEG_QUALITY)
+        (root / "annotation" / emotion / f"{image_id}.json").write_text(
+            json.dumps(annotation), encoding="utf-8"
+        )
+    return len(items)
+
+
+def render_image(seed: int, index: int, emotion: str, size: int) -> tuple[Image.Image, dict[str, Any]]:
+    """Draw image ``index`` of the set with ``seed`` for ``emotion``; return it with its EmoSet annotation."""
+    rng = np.random.default_rng([seed, index])
+    k = EMOTIONS.index(emotion)
+    palette_emotion = emotion
+    if rng.random() < _OFF_PALETTE_P:
+        palette_emotion = EMOTIONS[(k + 1 + int(rng.integers(len(EMOTIONS) - 1))) % len(EMOTIONS)]
+    colors = _palette_colors(rng, palette_emotion)
+    scene = SCENES[int(rng.choice(len(SCENES), p=_P_SCENE[k]))]
+    n_objects = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.20]))
+    objects = [
+        OBJECTS[int(i)] for i in rng.choice(len(OBJECTS), size=n_objects, replace=False, p=_P_OBJECT[k])
+    ]
+
+    img = _draw_scene(rng, scene, size, colors)
+    draw = ImageDraw.Draw(img)
+    for name in objects:
+        _draw_object(rng, img, draw, name, size, colors)
+
+    hsv = np.asarray(img.convert("HSV"), dtype=np.float32) / 255.0
+    annotation = {
+        "emotion": emotion,
+        "scene": scene,
+        "object": objects,
+        "brightness": _bin(float(hsv[..., 2].mean())),
+        "colorfulness": _bin(float(hsv[..., 1].mean())),
+    }
+    return img, annotation
+
+
+def _bin(x: float) -> float:
+    """EmoSet's 0.1 bins; exact one-decimal floats so ``str(value)`` looks up ``info.json``."""
+    return round(min(max(x, 0.0), 1.0) * 10) / 10
+
+
+# --- colours -----------------------------------------------------------------------------------------------
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    h = (h % 360.0) / 60.0
+    s = min(max(s, 0.0), 1.0)
+    v = min(max(v, 0.0), 1.0)
+    c = v * s
+    x = c * (1 - abs(h % 2 - 1))
+    r, g, b = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][int(h) % 6]
+    m = v - c
+    return (round((r + m) * 255), round((g + m) * 255), round((b + m) * 255))
+
+
+def _palette_colors(rng: np.random.Generator, emotion: str) -> dict[str, tuple[int, int, int]]:
+    """Background pair, accent and outline colours drawn around an emotion's palette."""
+    hue, spread, sat, val = _PALETTES[emotion]
+    h = hue + rng.uniform(-spread, spread) * _HUE_JITTER
+    s = sat + rng.normal(0, _SV_JITTER)
+    v = val + rng.normal(0, _SV_JITTER)
+    bg1 = _hsv_to_rgb(h, s, v)
+    bg2 = _hsv_to_rgb(h + rng.uniform(-20, 20), s * rng.uniform(0.6, 1.0), v * rng.uniform(0.55, 0.85))
+    # The accent stays in the palette family but contrasts in value, so objects are visible on the scene.
+    acc_v = v - 0.35 if v > 0.55 else v + 0.4
+    accent = _hsv_to_rgb(h + rng.uniform(-35, 35), min(1.0, s + 0.15), acc_v)
+    outline = _hsv_to_rgb(h, s, 0.1 if acc_v > 0.5 else 0.95)
+    return {"bg1": bg1, "bg2": bg2, "accent": accent, "outline": outline}
+
+
+# --- scenes ------------------------------------------------------------------------------------------------
+
+
+def _draw_scene(rng: np.random.Generator, scene: str, size: int, colors: dict) -> Image.Image:
+    s = size
+    u = max(1.0, s / 64.0)  # pattern unit: patterns keep their look from 32 to 256 px
+    # Scattered primitives: below 64 px they are at their minimum size, so their number follows the area;
+    # above, they grow with u, so their number stays put and the covered fraction does not change.
+    area = (s / 64.0) ** 2 / u**2
+    bg1, bg2 = colors["bg1"], colors["bg2"]
+    img = Image.new("RGB", (s, s), bg1)
+    d = ImageDraw.Draw(img)
+    if scene == "striped_wall":
+        period = max(2, int(rng.integers(6, 13) * u))
+        for y in range(int(rng.integers(period)) - period, s, period):
+            d.rectangle([0, y, s, y + period // 2 - 1], fill=bg2)
+    elif scene == "checkered_floor":
+        cell = max(2, int(rng.integers(6, 13) * u))
+        for y in range(0, s, cell):
+            for x in range(0, s, cell):
+                if (x // cell + y // cell) % 2:
+                    d.rectangle([x, y, x + cell - 1, y + cell - 1], fill=bg2)
+    elif scene == "polka_dot_room":
+        step = max(4, int(rng.integers(9, 15) * u))
+        r = max(1, step // 4)
+        for y in range(step // 2, s + step, step):
+            shift = step // 2 if (y // step) % 2 else 0
+            for x in range(shift, s + step, step):
+                d.ellipse([x - r, y - r, x + r, y + r], fill=bg2)
+    elif scene == "ocean_waves":
+        period = max(3, int(rng.integers(7, 12) * u))
+        amp = rng.uniform(1.5, 3.5) * u
+        freq = rng.uniform(1.5, 3.0) * 2 * math.pi / s
+        phase = rng.uniform(0, 2 * math.pi)
+        xs = np.arange(0, s + 1, max(1, s // 32))
+        for y0 in range(0, s + period, period):
+            pts = [(float(x), y0 + amp * math.sin(freq * x + phase)) for x in xs]
+            d.line(pts, fill=bg2, width=max(1, period // 3))
+    elif scene == "sky_gradient":
+        t = np.linspace(0.0, 1.0, s, dtype=np.float32)[:, None, None]
+        arr = (1 - t) * np.array(bg1, np.float32) + t * np.array(bg2, np.float32)
+        img = Image.fromarray(np.broadcast_to(arr, (s, s, 3)).astype(np.uint8), "RGB")
+    elif scene == "office_grid":
+        cell = max(3, int(rng.integers(7, 12) * u))
+        w = max(1, int(u))
+        for v in range(int(rng.integers(cell)), s, cell):
+            d.line([(v, 0), (v, s)], fill=bg2, width=w)
+            d.line([(0, v), (s, v)], fill=bg2, width=w)
+    elif scene == "ripple_pond":
+        cx, cy = rng.uniform(0.2, 0.8, size=2) * s
+        step = max(2, int(rng.integers(4, 8) * u))
+        for r in range(step, int(1.5 * s), 2 * step):
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=bg2, width=max(1, step // 2))
+    elif scene == "foggy_field":
+        low = rng.random((5, 5)).astype(np.float32)
+        t = np.asarray(
+            Image.fromarray((low * 255).astype(np.uint8)).resize((s, s), Image.BILINEAR), np.float32
+        )
+        t = (t / 255.0)[..., None]
+        arr = (1 - t) * np.array(bg1, np.float32) + t * np.array(bg2, np.float32)
+        img = Image.fromarray(arr.astype(np.uint8), "RGB")
+    elif scene == "brick_wall":
+        bh = max(3, int(rng.integers(6, 10) * u))
+        bw = 2 * bh
+        img = Image.new("RGB", (s, s), bg2)  # mortar
+        d = ImageDraw.Draw(img)
+        for row, y in enumerate(range(0, s, bh)):
+            off = (bw // 2) * (row % 2)
+            for x in range(-off, s, bw):
+                d.rectangle([x + 1, y + 1, x + bw - 1, y + bh - 1], fill=bg1)
+    elif scene == "rainy_street":
+        n = int(rng.integers(18, 30) * area) + 6
+        length = 8 * u
+        for _ in range(n):
+            x, y = rng.uniform(-length, s), rng.uniform(-length, s)
+            d.line([(x, y), (x + length * 0.35, y + length)], fill=bg2, width=max(1, int(u)))
+    elif scene == "starry_night":
+        dark = tuple(int(c * 0.35) for c in bg2)
+        img = Image.new("RGB", (s, s), dark)
+        d = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(15, 30) * area * u) + 4):  # more, smaller stars when large
+            x, y = rng.uniform(0, s, size=2)
+            r = rng.uniform(0.5, 1.5) * u**0.5
+            d.ellipse([x - r, y - r, x + r, y + r], fill=bg1)
+    elif scene == "sunburst_plaza":
+        cx, cy = rng.uniform(0.2, 0.8, size=2) * s
+        rays = int(rng.integers(8, 16))
+        start = rng.uniform(0, 360.0 / rays)
+        for i in range(0, rays, 2):
+            a0 = start + i * 360.0 / rays
+            d.pieslice([cx - 2 * s, cy - 2 * s, cx + 2 * s, cy + 2 * s], a0, a0 + 360.0 / rays, fill=bg2)
+    elif scene == "mossy_ground":
+        for _ in range(int(rng.integers(20, 35) * area) + 6):
+            x, y = rng.uniform(0, s, size=2)
+            rx, ry = rng.uniform(2, 6, size=2) * u
+            mix = rng.uniform(0, 1)
+            c = tuple(int((1 - mix) * a + mix * b) for a, b in zip(bg1, bg2, strict=True))
+            d.ellipse([x - rx, y - ry, x + rx, y + ry], fill=c)
+    else:  # pragma: no cover - SCENES and this function are kept in step
+        raise ValueError(f"no drawing for scene {scene!r}")
+    return img
+
+
+# --- objects -----------------------------------------------------------------------------------------------
+
+
+def _regular(n: int, radii: Sequence[float], rot: float) -> list[tuple[float, float]]:
+    """Unit-centred polygon with ``n * len(radii)`` vertices cycling through ``radii``."""
+    m = n * len(radii)
+    return [
+        (
+            radii[i % len(radii)] * math.cos(rot + 2 * math.pi * i / m),
+            radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / m),
+        )
+        for i in range(m)
+    ]
+
+
+def _unit_shape(name: str) -> list[tuple[float, float]]:
+    """Outline of a polygonal object in a unit box centred on 0 (before rotation and scaling)."""
+    if name == "Square":
+        return [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)]
+    if name == "Triangle":
+        return _regular(3, [1.0], -math.pi / 2)
+    if name == "Star":
+        return _regular(5, [1.0, 0.42], -math.pi / 2)
+    if name == "Heart":
+        pts = []
+        for i in range(24):
+            t = 2 * math.pi * i / 24
+            x = 16 * math.sin(t) ** 3
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((x / 17.0, -y / 17.0))
+        return pts
+    if name == "Cross":
+        a, b = 0.3, 0.95
+        return [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
+    if name == "Diamond":
+        return [(0, -1.0), (0.6, 0), (0, 1.0), (-0.6, 0)]
+    if name == "Hexagon":
+        return _regular(6, [0.95], 0.0)
+    if name == "Arrow":
+        return [(-1.0, -0.25), (0.2, -0.25), (0.2, -0.6), (1.0, 0), (0.2, 0.6), (0.2, 0.25), (-1.0, 0.25)]
+    if name == "Lightning bolt":
+        return [(-0.2, -1.0), (0.45, -1.0), (0.1, -0.2), (0.55, -0.2), (-0.3, 1.0), (-0.05, 0.1), (-0.5, 0.1)]
+    raise ValueError(f"no polygon for object {name!r}")
+
+
+def _draw_object(
+    rng: np.random.Generator, img: Image.Image, draw: ImageDraw.ImageDraw, name: str, size: int, colors: dict
+) -> None:
+    r = rng.uniform(0.12, 0.26) * size
+    cx, cy = rng.uniform(r * 0.8, size - r * 0.8, size=2)
+    rot = rng.uniform(0, 2 * math.pi)
+    width = max(1, round(size / 64))
+    fill, outline = colors["accent"], colors["outline"]
+    if name == "Circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=width)
+    elif name == "Ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, round(r * 0.35)))
+    elif name == "Crescent":
+        # Disk minus an offset disk, through a mask (the background is patterned, so no "erase" colour exists).
+        mask = Image.new("L", img.size, 0)
+        md = ImageDraw.Draw(mask)
+        md.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        ox, oy = 0.45 * r * math.cos(rot), 0.45 * r * math.sin(rot)
+        md.ellipse([cx + ox - 0.85 * r, cy + oy - 0.85 * r, cx + ox + 0.85 * r, cy + oy + 0.85 * r], fill=0)
+        img.paste(fill, (0, 0), mask)
+    else:
+        c, s_ = math.cos(rot), math.sin(rot)
+        pts = [(cx + r * (x * c - y * s_), cy + r * (x * s_ + y * c)) for x, y in _unit_shape(name)]
+        draw.polygon(pts, fill=fill, outline=outline, width=width)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
