@@ -112,7 +112,7 @@ class UnderstandingConfig:
     """The understanding ViT with expert queries (METHOD §2, D2, D4)."""
 
     preset: str = "tiny"
-    """Backbone preset: ``vit-l14`` (CLIP ViT-L/14 at 224 px), ``vit-b16``, ``small``, ``tiny``."""
+    """Backbone preset: ``vit-l14`` (CLIP ViT-L/14, 224 px), ``vit-b16``, ``small``, ``tiny``, ``from_clip`` (clip_path's)."""
     clip_path: str = ""
     """transformers-format CLIP folder (``CLIPModel.save_pretrained``) to load; empty: random init."""
     image_size: int | None = None
@@ -141,6 +141,12 @@ class UnderstandingConfig:
     """True reproduces the official frozen random contrastive projections (METHOD §2.5, D4)."""
     head_dropout: float = 0.5
     """Dropout of the emotion head (METHOD §2.3)."""
+    embed_dim: int | None = None
+    """Projection width = emotion-head hidden width (= the generator's token width, §3.6); None: preset's."""
+    query_init_std: float = 1.0
+    """Std of the expert-query init (METHOD §2.1: N(0,1), the scale of ln_pre outputs)."""
+    train_logit_scales: bool = False
+    """Train the two contrastive logit scales; False reproduces the official frozen scales (METHOD §2.5)."""
 
 
 @dataclass
@@ -159,6 +165,12 @@ class GeneratorConfig:
     """Denoising steps at generation time (D10; small presets use fewer)."""
     guidance_scale: float = 7.5
     """Classifier-free guidance scale with the empty prompt (D10)."""
+    placeholder_token: str = "<emotion>"
+    """Token added to the tokenizer whose input embedding is replaced by the condition c (METHOD §3.6, D5)."""
+    placeholder_init: str = "cat"
+    """Word whose mean token embedding initialises the placeholder row (METHOD §3.1: ``cat``)."""
+    generation_batch_size: int = 8
+    """Images denoised together at generation time (images depend on it only up to float rounding)."""
 
 
 @dataclass
@@ -215,17 +227,74 @@ class TrainingConfig:
     steps: int = 100
     """Optimizer steps."""
     lr_backbone: float = 8e-6
+    """Stage 1: ViT backbone (METHOD §2.5); the backbone is outside the optimiser in stage 2 (§3.1)."""
     lr_queries: float = 5e-4
+    """Expert queries and interactive blocks (METHOD §2.5, §3.1); also the trainable projections (D4)."""
     lr_head: float = 1e-4
+    """Emotion head (stage 1) and the scene/object attribute classifiers (METHOD §2.5, §3.1)."""
     lr_mappers: float = 1e-3
+    """Stage 2: the three mapping networks (METHOD §3.1)."""
+    lr_unet: float = 1e-5
+    """Stage 2 with ``model.generator.train_unet``: the UNet (D8)."""
     weight_decay_backbone: float = 1e-3
+    """Weight decay of the backbone group (METHOD §2.5); 1-D parameters and biases never decay."""
     weight_decay: float = 1e-2
+    """Weight decay of every other group (METHOD §2.5, §3.1); 1-D parameters and biases never decay."""
+    stage2_head_dropout: bool = True
+    """Stage 2: run the frozen emotion head in train mode, dropout active, as the official code (METHOD §3.1);
+    False keeps it in eval mode like the other frozen modules."""
     losses: LossConfig = field(default_factory=LossConfig)
     init_from: str = ""
     """Stage 2: checkpoint or run directory of stage 1; empty: the latest stage-1 run."""
+    epochs: int = 0
+    """When > 0, train this many epochs of the train split instead of ``training.steps`` (steps are derived)."""
+    stop_at_step: int = 0
+    """When > 0, this invocation stops (with a checkpoint) at this step; ``--resume`` continues to the end. The
+    schedule always spans the whole run (time-sliced jobs, e.g. SLURM allocations shorter than the run)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """DeepSpeed precision: bf16/fp16 weights and activations with fp32 master weights; fp16 with a dynamic loss
+    scale."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    global_batch_size: int = 0
+    """Samples per optimizer step over all ranks; 0: derived. Else it must equal data.batch_size x
+    training.gradient_accumulation x distributed.num_workers."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0: no clipping."""
+    lr_schedule: Literal["cosine", "cyclic_cosine", "constant"] = "cosine"
+    """``cosine``: linear warm-up then cosine decay to ``min_lr_ratio`` over the run; ``cyclic_cosine``: the
+    official ``CosineAnnealingLR(T_max=cyclic_period)`` stepped every step, which cycles (METHOD §2.5, §9.11);
+    ``constant``: warm-up then constant."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps of ``cosine`` and ``constant``; None: 5 % of the run's steps."""
+    min_lr_ratio: float = 0.0
+    """Floor of the ``cosine`` schedule as a fraction of each group's learning rate."""
+    cyclic_period: int = 32
+    """T_max of ``cyclic_cosine`` (METHOD §2.5: 32; the learning rate returns every 2 x T_max steps)."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every this many steps (and always at the end); 0: only at the end."""
+    keep_checkpoints: int = 3
+    """Keep the newest this many checkpoints of the run."""
+    eval_every: int = 50
+    """Validate on the full validation split every this many steps (and at the end); 0: never."""
+    resume: Literal["", "latest"] = ""
+    """``latest``: continue the run from ``checkpoints/latest`` (same as ``uniemo train --resume``)."""
 
     def validate(self) -> None:
         _positive("training.steps", self.steps)
+        _non_negative("training.epochs", self.epochs)
+        _non_negative("training.stop_at_step", self.stop_at_step)
+        _positive("training.gradient_accumulation", self.gradient_accumulation)
+        _non_negative("training.global_batch_size", self.global_batch_size)
+        _non_negative("training.grad_clip", self.grad_clip)
+        _non_negative("training.checkpoint_every", self.checkpoint_every)
+        _positive("training.keep_checkpoints", self.keep_checkpoints)
+        _non_negative("training.eval_every", self.eval_every)
+        _positive("training.cyclic_period", self.cyclic_period)
+        if self.warmup_steps is not None:
+            _non_negative("training.warmup_steps", self.warmup_steps)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"training.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -233,14 +302,29 @@ class DistributedConfig:
     num_workers: int = 2
     """Ray Train workers (ranks)."""
     cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker; also its torch/OpenMP thread count (at least 1)."""
     gpus_per_worker: float = 0.0
+    """GPUs per worker; > 0 trains on CUDA with NCCL."""
     ray_address: str = ""
     """Empty: an embedded local Ray started and stopped by the command; else the cluster to join."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; ``auto``: NCCL when workers have GPUs, else gloo."""
+    max_failures: int = 1
+    """Worker-group failures Ray Train recovers from (restart from ``checkpoints/latest``) before giving up."""
+    bind_host: str = "127.0.0.1"
+    """Address the embedded Ray binds its services (and dashboard) to."""
+    dashboard: bool = False
+    """Start the Ray dashboard of the embedded cluster (on ``bind_host``)."""
+    ray_temp_dir: str = ""
+    """Session folder of the embedded Ray; empty: a fresh folder under the system temp dir, removed on success."""
 
     def validate(self) -> None:
         _positive("distributed.num_workers", self.num_workers)
+        _non_negative("distributed.max_failures", self.max_failures)
+        _positive("distributed.cpus_per_worker", self.cpus_per_worker)
+        _non_negative("distributed.gpus_per_worker", self.gpus_per_worker)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
 
@@ -280,6 +364,10 @@ class LoggingConfig:
     every: int = 10
     """Log every this many steps."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+    """Progress bar (loss, samples/s) on rank 0."""
+    sample_images: int = 2
+    """Stage 2: images per emotion in the sample grids made at the end of the run; 0: none."""
 
 
 @dataclass
