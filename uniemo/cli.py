@@ -40,7 +40,6 @@ def _register_config(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from uniemo.data import cli as data_cli
-    from uniemo.training import cli as training_cli
 
     parser = _Parser(
         prog="uniemo",
@@ -51,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     _register_config(sub)
     data_cli.register(sub)
-    training_cli.register(sub)
     return parser
 
 
