@@ -17,7 +17,7 @@ from uniemo.data.loader import build_loader
 from uniemo.data.transforms import build_sample_transform
 from uniemo.errors import ConfigError
 from uniemo.losses import condition_loss, hard_negatives, symmetric_info_nce
-from uniemo.training import (
+from uniemo.training.task import (
     Stage1Task,
     Stage2Task,
     build_param_groups,

@@ -49,8 +49,9 @@ class SyntheticConfig:
     """Image side in pixels."""
     seed: int = 0
     """Seed of the synthetic set (same seed, same images)."""
-    shard_size: int = 100
-    """Samples per shard when the synthetic set is sharded for a run."""
+    shard_size: int = 20
+    """Samples per shard when the synthetic set is sharded for a run (small, so that the val and test splits
+    have at least ranks x loader workers shards: 800 images give 4 val and 6 test shards)."""
 
 
 @dataclass
@@ -334,17 +335,87 @@ class FeedbackConfig:
     """Explicit feedback (METHOD §5); every constant of the filter is a field."""
 
     rounds: int = 1
+    """Feedback rounds; round r generates with the checkpoint trained on rounds < r (METHOD §5)."""
     candidates_per_emotion: int = 16
-    """N."""
+    """N: candidates generated per emotion and round (the per-emotion quota of the pool)."""
     tau: float = 0.6
+    """Fidelity threshold: keep x only when argmax U(x) = k and p_k(x) >= tau (METHOD §5 step 1)."""
     delta: float = 0.95
+    """Near-duplicate threshold: drop x when the f_cls cosine to a kept image of its emotion exceeds it (step 3)."""
     keep: int | None = None
-    """K; None: N // 4."""
+    """K: images kept per emotion and round by score-proportional sampling (step 4); None: N // 4."""
     attribute_cap: float = 0.25
-    """r."""
+    """r: at most ceil(r * K) kept images per retrieved attribute (step 4)."""
     synthetic_fraction: float = 0.25
-    """rho."""
+    """rho: share of synthetic samples in training streams after a round (step 6); source weight rho/(1-rho)."""
     mode: Literal["sequential", "async"] = "sequential"
+    """``sequential``: generate, filter, then train (the paper); ``async``: the pool runs beside a training job."""
+    generator_actors: int = 1
+    """Generator actors (each holds the generator, conditioner and emotion space of the round's checkpoint)."""
+    generator_cpus: float = 1.0
+    """CPUs Ray reserves per generator actor (fractions allowed, e.g. to share cores with trainers)."""
+    generator_gpus: float = 0.0
+    """GPUs per generator actor (fractions allowed: several actors per GPU); > 0 generates on CUDA."""
+    filter_actors: int = 1
+    """Filter actors (each holds the understanding model and the mappers; METHOD §5 steps 1-2)."""
+    filter_cpus: float = 1.0
+    """CPUs Ray reserves per filter actor (fractions allowed)."""
+    filter_gpus: float = 0.0
+    """GPUs per filter actor (fractions allowed); > 0 scores on CUDA."""
+    writer_cpus: float = 0.25
+    """CPUs Ray reserves per shard-writer task."""
+    threads_per_actor: int = 1
+    """torch intra-op threads in each generator and filter actor."""
+    batch_size: int = 4
+    """Candidates per generation task: the unit of work, of back-pressure and of loss when an actor dies."""
+    max_in_flight: int = 0
+    """Generation batches submitted but not yet scored, over the pool (back-pressure); 0: 2 x generator_actors."""
+    sampling_steps: int | None = None
+    """Denoising steps of the candidates; None: model.generator.sampling_steps."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance of the candidates; None: model.generator.guidance_scale."""
+    sampler: Literal["unipc", "ddim"] | None = None
+    """Sampler of the candidates; None: model.generator.sampler."""
+    shard_size: int = 1000
+    """Kept samples per synthetic shard (a round's kept images of all emotions, shuffled, then cut)."""
+    max_restarts: int = 1
+    """Times Ray restarts a dead generator or filter actor (Ray ``max_restarts``)."""
+    max_task_retries: int = 1
+    """Times a task of a dead actor is retried on its restarted actor; 0: its batch is lost (and counted)."""
+
+    def validate(self) -> None:
+        _positive("feedback.rounds", self.rounds)
+        _positive("feedback.candidates_per_emotion", self.candidates_per_emotion)
+        if not 0.0 <= self.tau <= 1.0:
+            raise ConfigError(f"feedback.tau must lie in [0, 1], got {self.tau}")
+        if not -1.0 <= self.delta <= 1.0:
+            raise ConfigError(f"feedback.delta is a cosine similarity in [-1, 1], got {self.delta}")
+        if self.keep is not None:
+            _positive("feedback.keep", self.keep)
+        elif self.candidates_per_emotion < 4:
+            raise ConfigError(
+                f"feedback.keep defaults to candidates_per_emotion // 4 = 0 with candidates_per_emotion="
+                f"{self.candidates_per_emotion}; set feedback.keep or raise candidates_per_emotion"
+            )
+        if not 0.0 < self.attribute_cap <= 1.0:
+            raise ConfigError(f"feedback.attribute_cap (r) must lie in (0, 1], got {self.attribute_cap}")
+        if not 0.0 <= self.synthetic_fraction < 1.0:
+            raise ConfigError(
+                f"feedback.synthetic_fraction (rho) must lie in [0, 1), got {self.synthetic_fraction}"
+            )
+        for key in ("generator_actors", "filter_actors", "threads_per_actor", "batch_size", "shard_size"):
+            _positive(f"feedback.{key}", getattr(self, key))
+        for key in ("generator_cpus", "filter_cpus", "writer_cpus"):
+            _positive(f"feedback.{key}", getattr(self, key))
+        for key in ("generator_gpus", "filter_gpus", "max_in_flight", "max_restarts", "max_task_retries"):
+            _non_negative(f"feedback.{key}", getattr(self, key))
+        if self.sampling_steps is not None:
+            _positive("feedback.sampling_steps", self.sampling_steps)
+
+    @property
+    def keep_per_emotion(self) -> int:
+        """K resolved: ``keep``, or N // 4 (METHOD §5 step 4)."""
+        return self.keep if self.keep is not None else self.candidates_per_emotion // 4
 
 
 @dataclass
@@ -357,6 +428,8 @@ class EvaluationConfig:
 class WandbConfig:
     mode: Literal["online", "offline", "disabled"] = "offline"
     project: str = "uniemo"
+    group: str = ""
+    """wandb group of the run; ``uniemo sweep`` sets it to the sweep's name (empty: no group)."""
 
 
 @dataclass
@@ -383,7 +456,7 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks of every section that has them."""
-        for section in (self.data, self.training, self.distributed):
+        for section in (self.data, self.training, self.distributed, self.feedback):
             section.validate()
 
 

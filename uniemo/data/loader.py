@@ -352,6 +352,10 @@ def _number(src: Iterator[dict[str, Any]], skip: int = 0) -> Iterator[tuple[int,
             yield index, sample
 
 
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
 def collate(items: list[dict[str, Any]], num_objects: int) -> dict[str, Any]:
     """Per-sample fields -> the batch contract of ``data/FORMAT.md``."""
     # default_collate stacks straight into shared memory inside a worker, saving a copy of the largest
@@ -360,9 +364,16 @@ def collate(items: list[dict[str, Any]], num_objects: int) -> dict[str, Any]:
     batch: dict[str, Any] = {"image": stack([it["image"] for it in items])}
     if "pixel_values" in items[0]:
         batch["pixel_values"] = stack([it["pixel_values"] for it in items])
-    batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.int64)
-    batch["scene_idx"] = torch.tensor([it["scene_idx"] for it in items], dtype=torch.int64)
-    batch["object_idx"] = torch.tensor([it["object_idx"] for it in items], dtype=torch.int64)
+    # One storage for the three index rows: a worker ships one shared-memory block instead of three.
+    indices_3B = torch.tensor(
+        [
+            [it["label"] for it in items],
+            [it["scene_idx"] for it in items],
+            [it["object_idx"] for it in items],
+        ],
+        dtype=torch.int64,
+    )
+    batch["label"], batch["scene_idx"], batch["object_idx"] = indices_3B.unbind(0)
     multi_hot_BO = torch.zeros(len(items), num_objects, dtype=torch.float32)
     for b, it in enumerate(items):
         if it["object_ids"]:
@@ -535,6 +546,7 @@ class ShardLoader:
         loader = torch.utils.data.DataLoader(
             stream,
             batch_size=None,  # batches are made in the workers
+            collate_fn=_as_is,  # they are final: skip DataLoader's per-element conversion walk
             num_workers=self.num_workers,
             multiprocessing_context=self.multiprocessing_context if self.num_workers else None,
             pin_memory=self.pin_memory,
@@ -703,6 +715,7 @@ def build_loader_from_config(
     position: dict[str, Any] | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
+    multiprocessing_context: Any = None,
 ) -> ShardLoader:
     """A rank's loader from ``DataConfig``: the real (or synthetic) shards, plus ``data.extra_sources`` in training.
 
@@ -736,6 +749,7 @@ def build_loader_from_config(
         epoch=epoch,
         position=position,
         shuffle_buffer=data_cfg.shuffle_buffer,
+        multiprocessing_context=multiprocessing_context,
     )
 
 

@@ -1,13 +1,4 @@
-"""Training: task modules (model + losses), parameter groups, and (later) the loop, engine and checkpoints."""
+"""Training: task modules (``task``), the DeepSpeed engine, the loop, checkpoints, export and inference.
 
-from __future__ import annotations
-
-from uniemo.training.task import (
-    Stage1Task,
-    Stage2Task,
-    build_param_groups,
-    build_stage1_task,
-    build_stage2_task,
-)
-
-__all__ = ["Stage1Task", "Stage2Task", "build_param_groups", "build_stage1_task", "build_stage2_task"]
+Nothing is imported here, so that ``uniemo --help`` and the data commands do not pay for importing torch.
+"""

@@ -1,0 +1,330 @@
+"""The Ray driver of ``uniemo train``: Ray Train's ``TorchTrainer`` with N workers, each a DeepSpeed rank.
+
+:func:`run_training` (the driver, one per job):
+
+1. :func:`prepare_run` checks on the driver what can be checked before any worker starts, each a one-line
+   :class:`UserError`: batch arithmetic, fresh run vs ``--resume`` (a fresh run never overwrites checkpoints),
+   resume compatibility, the stage-1 weights of stage 2, wandb credentials for ``online``. It makes the
+   synthetic shards once, and writes ``<run_dir>/config.yaml``.
+2. :func:`ray_session` joins Ray: the caller's when ``ray.init`` already ran in this process (tests share one
+   cluster), the cluster at ``distributed.ray_address``, or an embedded local cluster started here with
+   ``address="local"`` and an own temp folder (never a stale cluster a ``ray_current_cluster`` file points to),
+   without dashboard unless asked (then bound to ``distributed.bind_host``, 127.0.0.1); stopped again at the end
+   (only what this driver started). Ray 2.60 itself resolves a loopback node address to the machine's address,
+   and its core gRPC servers listen on the node's interfaces; they are protected by Ray's token authentication,
+   which is on by default.
+3. ``TorchTrainer.fit``: Ray Train makes the process group (gloo on CPU, NCCL on GPU) and runs
+   :func:`train_worker` on every worker; worker environment variables travel in ``worker_runtime_env``. With
+   ``FailureConfig(max_failures=distributed.max_failures)`` a dead worker makes Ray Train restart the whole
+   group, and :func:`uniemo.training.trainer.run_worker` resumes from ``checkpoints/latest``.
+
+Workers write their pid to ``<run_dir>/workers/rank-<r>.pid`` (a test kills one, for real).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from uniemo.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from uniemo.config.schema import Config, DistributedConfig
+
+WORKERS_DIR = "workers"
+
+
+@dataclass
+class RunPlan:
+    """What the driver decided before starting workers."""
+
+    config: Config
+    """The run's config with absolute paths (what the workers get and ``config.yaml`` holds)."""
+    run_dir: Path
+    resume_from: Path | None
+    """The checkpoint a ``--resume`` continues from (None: a fresh run)."""
+    init_from: Path | None
+    """Stage 2: the stage-1 checkpoint the understanding weights come from."""
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path else path
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose file and folder paths are absolute (relative ones are read from this process's
+    working directory). Workers run elsewhere: Ray Train changes their working directory, and on a cluster they
+    run on other machines (which then need the same paths, e.g. a shared file system)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.run.output_dir = _absolute(cfg.run.output_dir)
+    cfg.data.shards = _absolute(cfg.data.shards)
+    cfg.data.cache_dir = _absolute(cfg.data.cache_dir)
+    for source in cfg.data.extra_sources:
+        source.path = _absolute(source.path)
+    cfg.model.understanding.clip_path = _absolute(cfg.model.understanding.clip_path)
+    cfg.model.generator.path = _absolute(cfg.model.generator.path)
+    cfg.training.init_from = _absolute(cfg.training.init_from)
+    return cfg
+
+
+def run_dir_of(cfg: Config) -> Path:
+    """``<run.output_dir>/<run.name>``, absolute (workers may start in another folder)."""
+    return (Path(cfg.run.output_dir).expanduser() / cfg.run.name).resolve()
+
+
+def _check_wandb(cfg: Config) -> None:
+    if cfg.logging.wandb.mode != "online":
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    raise UserError(
+        "logging.wandb.mode=online needs wandb credentials (WANDB_API_KEY or `wandb login`); "
+        "use logging.wandb.mode=offline (sync later with `wandb sync`) or disabled"
+    )
+
+
+def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
+    """Driver-side checks and set-up (module docstring, step 1)."""
+    from uniemo.config import save_resolved
+    from uniemo.data.shards import ensure_synthetic_shards
+    from uniemo.training.checkpoint import (
+        CheckpointError,
+        check_compatible,
+        compat_keys,
+        latest_checkpoint,
+        read_trainer_state,
+    )
+    from uniemo.training.engine import check_batch_arithmetic
+    from uniemo.training.stages import resolve_init_from
+
+    cfg = absolute_paths(cfg)
+    world = cfg.distributed.num_workers
+    check_batch_arithmetic(cfg, world)
+    run_dir = run_dir_of(cfg)
+    resume = resume or cfg.training.resume == "latest"
+    latest = latest_checkpoint(run_dir)
+    if resume and latest is None:
+        raise UserError(f"cannot resume: {run_dir} has no checkpoint yet; run without --resume to start it")
+    if not resume and latest is not None:
+        raise UserError(
+            f"{run_dir} already has checkpoints (latest: {latest.name}); pass --resume to continue that run, "
+            "or choose another run.name"
+        )
+    init_from = None
+    if latest is not None:
+        state = read_trainer_state(latest)
+        check_compatible(state.get("compat", {}), compat_keys(cfg, world), latest)
+        if state.get("init_from"):
+            init_from = Path(state["init_from"])  # the frozen stage-1 weights of this run, not a newer run's
+            if not init_from.is_dir():
+                raise CheckpointError(
+                    f"cannot resume {run_dir}: its stage-1 weights {init_from} are gone; restore that folder"
+                )
+    elif cfg.training.stage == 2:
+        init_from = resolve_init_from(cfg, run_dir)
+    _check_wandb(cfg)
+    ensure_synthetic_shards(cfg.data, progress=True)
+    save_resolved(cfg, run_dir)
+    return RunPlan(config=cfg, run_dir=run_dir, resume_from=latest, init_from=init_from)
+
+
+# -- Ray ------------------------------------------------------------------------------------------------------
+
+# Ray Train's PlacementGroupCleaner polls Ray's state API, which a minimal Ray (ray[train], no dashboard) does
+# not serve: it logs a warning every few seconds for the whole run, or its thread dies with a traceback when
+# another Ray instance runs on the machine. It only acts when the controller dies ungracefully, and our
+# embedded cluster is shut down as a whole anyway.
+_QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+_QUIET_THREADS = ("PlacementGroupCleanerMonitor",)
+
+
+def quiet_ray_internals() -> None:
+    """Ray ``worker_process_setup_hook``: silence Ray-internal noise (see ``_QUIET_LOGGERS``)."""
+    import logging
+    import threading
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    previous = threading.excepthook
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread.name in _QUIET_THREADS:
+            return
+        previous(args)
+
+    threading.excepthook = excepthook
+
+
+def job_runtime_env() -> dict[str, Any]:
+    """The ``runtime_env`` for ``ray.init`` of a uniemo job (also for a caller that starts Ray itself)."""
+    return {"worker_process_setup_hook": f"{__name__}.quiet_ray_internals"}
+
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextmanager
+def ray_session(dist_cfg: DistributedConfig) -> Iterator[str]:
+    """Be connected to Ray inside the block (module docstring, step 2). Yields how: caller/address/embedded."""
+    if not dist_cfg.ray_address and _is_loopback(dist_cfg.bind_host):
+        # Ray resolves a loopback node address to the machine's own address (so other nodes could reach it)
+        # unless its "local-only cluster" switch is off; an embedded one-machine cluster stays on loopback.
+        # Ray reads the switch when it is first imported, so set it before that.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        yield "caller"  # the caller's cluster: theirs to stop
+        return
+    if dist_cfg.ray_address:
+        ray.init(address=dist_cfg.ray_address, log_to_driver=True, runtime_env=job_runtime_env())
+        try:
+            yield "address"
+        finally:
+            ray.shutdown()  # disconnects; the cluster keeps running
+        return
+    own_temp = not dist_cfg.ray_temp_dir
+    # Short path: Ray puts unix sockets in it (107-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="uniemo-ray-") if own_temp else dist_cfg.ray_temp_dir
+    needed = dist_cfg.num_workers * dist_cfg.cpus_per_worker
+    ok = False
+    try:
+        ray.init(
+            address="local",
+            _temp_dir=temp_dir,
+            _node_ip_address=dist_cfg.bind_host,
+            include_dashboard=dist_cfg.dashboard,
+            dashboard_host=dist_cfg.bind_host,
+            num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+            num_gpus=_visible_gpus() if dist_cfg.gpus_per_worker > 0 else 0,
+            log_to_driver=True,
+            logging_level="warning",
+            runtime_env=job_runtime_env(),
+        )
+        yield "embedded"
+        ok = True
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()  # stops the processes this ray.init started, nothing else
+        if own_temp and ok:
+            for _ in range(3):  # a log writer may still be exiting: retry briefly
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                if not os.path.exists(temp_dir):
+                    break
+                time.sleep(0.5)
+        elif own_temp:
+            sys.stderr.write(f"uniemo: Ray's logs of this run are kept in {temp_dir}\n")
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (picklable by reference: a module-level function)."""
+    from uniemo.config.loader import from_dict
+    from uniemo.config.schema import Config
+    from uniemo.distributed.env import read_env
+    from uniemo.training.trainer import run_worker
+
+    run_dir = Path(loop_config["run_dir"])
+    env = read_env()
+    pid_dir = run_dir / WORKERS_DIR
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    pid_file = pid_dir / f"rank-{env.rank}.pid"
+    tmp = pid_file.with_name(f".{pid_file.name}.tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    tmp.replace(pid_file)
+    cfg = from_dict(Config, loop_config["config"])
+    run_worker(cfg, run_dir, init_from=loop_config.get("init_from"))
+
+
+def _user_error_of(exc: BaseException) -> UserError | None:
+    """The UserError a worker raised, if that is what failed the run (it prints as one line)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for failure in failures.values():
+        seen: set[int] = set()
+        while failure is not None and id(failure) not in seen:
+            seen.add(id(failure))
+            if isinstance(failure, UserError):
+                return failure
+            failure = failure.__cause__ or getattr(failure, "cause", None)
+    return None
+
+
+def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """``uniemo train``: plan, start Ray Train with ``distributed.num_workers`` workers, wait, summarise."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from uniemo.distributed.env import backend_for, worker_env_vars
+    from uniemo.logging import read_metrics
+    from uniemo.training.checkpoint import latest_checkpoint
+
+    plan = prepare_run(cfg, resume)
+    cfg = plan.config
+    dist = cfg.distributed
+    resources: dict[str, float] = {"CPU": dist.cpus_per_worker}
+    if dist.gpus_per_worker > 0:
+        resources["GPU"] = dist.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": dataclasses.asdict(cfg),
+            "run_dir": str(plan.run_dir),
+            "init_from": str(plan.init_from) if plan.init_from else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=dist.num_workers, use_gpu=dist.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend=backend_for(dist)),
+        run_config=RunConfig(
+            name="ray-train",
+            storage_path=str(plan.run_dir),
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            worker_runtime_env={"env_vars": worker_env_vars(dist)},
+        ),
+    )
+    with ray_session(dist):
+        try:
+            trainer.fit()
+        except TrainingFailedError as exc:
+            user_error = _user_error_of(exc)
+            if user_error is not None:
+                raise user_error from None
+            raise
+    latest = latest_checkpoint(plan.run_dir)
+    records = read_metrics(plan.run_dir)
+    last = records[-1] if records else {}
+    return {
+        "run_dir": str(plan.run_dir),
+        "step": int(last.get("step", 0)),
+        "loss": last.get("loss"),
+        "checkpoint": str(latest) if latest else None,
+        "resumed_from": str(plan.resume_from) if plan.resume_from else None,
+        "init_from": str(plan.init_from) if plan.init_from else None,
+    }

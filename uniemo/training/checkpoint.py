@@ -1,0 +1,358 @@
+"""Checkpoints of a run: complete, rotated, resumable, and written so a crash never corrupts ``latest`` (STYLE 12).
+
+Layout (ARCHITECTURE.md)::
+
+    runs/<name>/checkpoints/
+      latest                      text file naming the newest complete folder, e.g. "step-000040"
+      step-000040/
+        ds/ ...                   DeepSpeed's checkpoint of every rank (tag "ds"), frozen parameters excluded
+        latest                    DeepSpeed's own tag file ("ds"), so DeepSpeed's zero_to_fp32 works on the folder
+        zero_to_fp32.py           copied by DeepSpeed
+        rng/rank-00000.pt ...     per-rank RNG states (torch, CUDA, Python, NumPy), plain tensors and lists:
+                                  they load with torch.load(weights_only=True)
+        trainer_state.json        step, loader position of every rank, config digest, resume-compatibility keys
+        COMPLETE                  written last, after every rank finished and a barrier
+
+Saving (:meth:`Checkpointer.save`, collective): rank 0 clears a stale folder of the same step; barrier; every
+rank writes its DeepSpeed shard and RNG file; loader positions are gathered to rank 0, which writes
+``trainer_state.json``; barrier; rank 0 writes ``COMPLETE``, then replaces ``latest`` atomically (write a
+temporary file, fsync, ``os.replace``) and deletes all but the newest ``training.keep_checkpoints`` folders.
+A crash at any point before the ``os.replace`` leaves the previous ``latest`` and its folder intact; a folder
+without ``COMPLETE`` never becomes ``latest`` and is removed by the next rotation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from uniemo.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from uniemo.config.schema import Config
+    from uniemo.distributed.env import DistEnv
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+DS_TAG = "ds"
+STATE_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d{6,})$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be used: missing, incomplete, or saved with an incompatible config."""
+
+
+# -- paths ----------------------------------------------------------------------------------------------------
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def step_of(path: str | Path) -> int | None:
+    """The step of a ``step-NNNNNN`` folder name, else None."""
+    match = _STEP_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(step_dir: str | Path) -> bool:
+    return (Path(step_dir) / COMPLETE).is_file()
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder ``checkpoints/latest`` names, or None when the run has no checkpoint yet.
+
+    Raises:
+        CheckpointError: ``latest`` names a folder that is missing or incomplete (the file was edited by hand
+            or the folder deleted; a crash cannot cause this).
+    """
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    folder = root / name
+    if step_of(name) is None or not is_complete(folder):
+        raise CheckpointError(
+            f"{pointer} names {name!r}, which is not a complete checkpoint folder; point it at a folder of "
+            f"{root} that holds {COMPLETE}, or delete it to start the run afresh"
+        )
+    return folder
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A complete step folder from a run directory, its ``checkpoints/`` folder, or a step folder."""
+    path = Path(path).expanduser()
+    if step_of(path) is not None and is_complete(path):
+        return path
+    run_dir = path.parent if path.name == CHECKPOINTS else path
+    found = latest_checkpoint(run_dir) if path.exists() else None
+    if found is None:
+        raise CheckpointError(
+            f"{path} is neither a complete checkpoint folder (step-NNNNNN with {COMPLETE}) nor a run directory "
+            "with checkpoints/latest; give a run that has saved a checkpoint"
+        )
+    return found
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, never a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def publish(run_dir: str | Path, step_dir: Path) -> None:
+    """Mark ``step_dir`` complete and make it ``latest`` (rank 0, after every rank finished writing)."""
+    atomic_write_text(step_dir / COMPLETE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    atomic_write_text(checkpoints_dir(run_dir) / LATEST, step_dir.name + "\n")
+
+
+def rotate(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete step folders, and incomplete folders older than ``latest``.
+
+    The folder ``latest`` names is never deleted. Returns the deleted folders.
+    """
+    root = checkpoints_dir(run_dir)
+    latest = latest_checkpoint(run_dir)
+    latest_step = step_of(latest) if latest is not None else None
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
+    complete = [p for p in folders if is_complete(p)]
+    doomed = complete[: max(0, len(complete) - keep)]
+    if latest_step is not None:
+        doomed += [p for p in folders if not is_complete(p) and step_of(p) < latest_step]
+    deleted = []
+    for folder in doomed:
+        if latest is not None and folder.resolve() == latest.resolve():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        deleted.append(folder)
+    return deleted
+
+
+# -- RNG --------------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors, lists and numbers (``torch.load(weights_only=True)`` reads them)."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [int(version), [int(x) for x in internal], gauss],
+        "numpy": [str(np_name), [int(x) for x in np_keys], int(np_pos), int(np_has_gauss), float(np_cached)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python and NumPy."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# -- compatibility --------------------------------------------------------------------------------------------
+
+
+def config_digest(cfg: Config) -> str:
+    """sha256 of the resolved config (sorted JSON)."""
+    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(f"{prefix}.{k}", v))
+        return out
+    return {prefix: value}
+
+
+# Generation-time settings: they do not shape the trained model, so a resumed run may change them.
+_INFERENCE_ONLY = ("sampler", "sampling_steps", "guidance_scale", "generation_batch_size")
+
+
+def compat_keys(cfg: Config, world_size: int) -> dict[str, Any]:
+    """Config values a checkpoint can only be resumed with unchanged: the stage, the model the stage trains
+    (stage 1: ``model.understanding``; stage 2: all of ``model`` but generation-time settings), the world size,
+    the ZeRO stage and the precision (DeepSpeed's shards and optimiser state depend on them)."""
+    keys: dict[str, Any] = {
+        "training.stage": cfg.training.stage,
+        "distributed.num_workers": world_size,
+        "distributed.zero_stage": cfg.distributed.zero_stage,
+        "training.precision": cfg.training.precision,
+    }
+    model = dataclasses.asdict(cfg.model)
+    if cfg.training.stage == 1:
+        model = {"understanding": model["understanding"]}
+    else:
+        model["generator"] = {k: v for k, v in model["generator"].items() if k not in _INFERENCE_ONLY}
+    keys.update(_flatten("model", model))
+    return keys
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], step_dir: Path) -> None:
+    """Raise a one-line :class:`CheckpointError` naming the first key that changed since ``step_dir`` was saved."""
+    # The run-level keys first (a stage change would otherwise surface as some model key), then the model's.
+    first = [k for k in current if not k.startswith("model.")]
+    for key in first + sorted((set(saved) | set(current)) - set(first)):
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(
+                f"cannot resume from {step_dir}: {key} was {saved.get(key)!r} there and is {current.get(key)!r} "
+                "now; resume with the same value, or start a new run (another run.name)"
+            )
+
+
+# -- save / load -----------------------------------------------------------------------------------------------
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _gather_objects(obj: Any, world_size: int) -> list[Any]:
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class Checkpointer:
+    """Saves and restores the checkpoints of one run on every rank (the calls are collective)."""
+
+    def __init__(self, run_dir: str | Path, env: DistEnv, keep: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.env = env
+        self.keep = keep
+        self.root = checkpoints_dir(run_dir)
+
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        trainer_state: dict[str, Any],
+        loader_state: dict[str, Any],
+    ) -> Path:
+        """Write the checkpoint of ``step`` and publish it as ``latest`` (module docstring for the protocol).
+
+        ``trainer_state`` (the same on every rank) goes into ``trainer_state.json`` with the loader position of
+        every rank (``loader_state`` is this rank's ``ShardLoader.state_dict()``).
+        """
+        folder = self.root / step_dir_name(step)
+        published = latest_checkpoint(self.run_dir)
+        if published is not None and published.name == folder.name:
+            raise RuntimeError(f"step {step} is already the published checkpoint {published}; not overwriting it")
+        if self.env.is_main:
+            if folder.exists():
+                shutil.rmtree(folder)  # a crashed save of this step, or a re-run of it after a restart
+            folder.mkdir(parents=True)
+        _barrier()
+        engine.save_checkpoint(str(folder), tag=DS_TAG, exclude_frozen_parameters=True)
+        rng_dir = folder / "rng"
+        rng_dir.mkdir(exist_ok=True)
+        torch.save(rng_state(), rng_dir / f"rank-{self.env.rank:05d}.pt")
+        positions = _gather_objects(loader_state, self.env.world_size)
+        if self.env.is_main:
+            state = dict(trainer_state, step=step, version=STATE_VERSION, loader_positions=positions,
+                         world_size=self.env.world_size, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            atomic_write_text(folder / TRAINER_STATE, json.dumps(state, indent=1, sort_keys=True) + "\n")
+        _barrier()  # every rank has finished writing
+        if self.env.is_main:
+            publish(self.run_dir, folder)
+            rotate(self.run_dir, self.keep)
+        _barrier()  # nobody reads `latest` (or exits) before it is published
+        return folder
+
+    def load(self, engine: Any, folder: Path, compat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore the engine, this rank's RNG and return ``(trainer_state, this rank's loader position)``.
+
+        Raises:
+            CheckpointError: the config changed incompatibly, or the checkpoint was saved by another world size.
+        """
+        state = read_trainer_state(folder)
+        check_compatible(state.get("compat", {}), compat, folder)
+        positions = state["loader_positions"]
+        if len(positions) != self.env.world_size:
+            raise CheckpointError(
+                f"cannot resume from {folder}: saved by {len(positions)} ranks, this job has "
+                f"{self.env.world_size}; use distributed.num_workers={len(positions)}"
+            )
+        load_path, _ = engine.load_checkpoint(
+            str(folder), tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint under {folder / DS_TAG}; the folder is damaged")
+        rng_file = folder / "rng" / f"rank-{self.env.rank:05d}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=True))
+        return state, positions[self.env.rank]
+
+
+def read_trainer_state(folder: str | Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a complete step folder."""
+    folder = Path(folder)
+    path = folder / TRAINER_STATE
+    if not is_complete(folder) or not path.is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {COMPLETE} or {TRAINER_STATE})")
+    state = json.loads(path.read_text())
+    if state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path} has version {state.get('version')!r}; this uniemo reads {STATE_VERSION}")
+    return state

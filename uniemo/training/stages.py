@@ -1,0 +1,304 @@
+"""What makes stage 1 and stage 2 different: the task, its data, its initialisation, and what happens at the end.
+
+The loop (:mod:`uniemo.training.trainer`) is the same for both stages; :func:`build_stage` hands it a
+:class:`StageParts`:
+
+- **stage 1** (METHOD §2): :func:`uniemo.training.task.build_stage1_task`, the train and validation streams.
+- **stage 2** (METHOD §3): :func:`uniemo.training.task.build_stage2_task` with the understanding model loaded from
+  stage 1 (:func:`resolve_init_from`: ``training.init_from``, else the latest stage-1 run under
+  ``run.output_dir``), through :func:`uniemo.training.export.consolidated_state_dict` of that run's checkpoint.
+  At the end (:func:`finish_stage2`): the emotion space over the whole train split with evaluation transforms,
+  its sufficient statistics summed over all ranks (METHOD §4.1, D9), saved as ``emotion_space.safetensors``;
+  then sample grids per emotion (METHOD §4.2) on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from uniemo.config.schema import EMOTIONS
+from uniemo.errors import ConfigError
+from uniemo.training.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from uniemo.config.schema import Config
+    from uniemo.data.loader import ShardLoader
+    from uniemo.distributed.env import DistEnv
+    from uniemo.training.trainer import Trainer
+
+EMOTION_SPACE_FILE = "emotion_space.safetensors"
+# Stage-1 parameters that may be absent from a stage-1 checkpoint: frozen there (so not saved, see
+# checkpoint.py) and unused in stage 2 (METHOD §3.1: the contrastive heads are not part of the joint loss).
+_STAGE1_OPTIONAL_ROLES = frozenset({"logit_scales", "projections"})
+
+
+@dataclass
+class StageParts:
+    """Everything stage-specific the loop needs."""
+
+    task: nn.Module
+    train_loader: ShardLoader
+    val_loader: ShardLoader | None
+    """Full validation split, evaluation transforms, every sample once over all ranks; None: no validation."""
+    init_from: str | None = None
+    """Stage 2: the stage-1 checkpoint folder the understanding model came from."""
+    initial_understanding: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Stage 2: fp32 CPU copy of the understanding weights before training (the frozen ones never change)."""
+    finish: Callable[[Trainer], None] | None = None
+    """Called on every rank after the final checkpoint."""
+
+
+# -- stage-2 initialisation -----------------------------------------------------------------------------------
+
+
+def _stage_of_run(run_dir: Path) -> int | None:
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return int(data["training"]["stage"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
+def find_latest_stage1_run(output_dir: str | Path, exclude: Path | None = None) -> Path:
+    """The stage-1 run under ``output_dir`` whose latest checkpoint is the newest.
+
+    Raises:
+        ConfigError: when there is none.
+    """
+    root = Path(output_dir)
+    best: tuple[float, Path] | None = None
+    if root.is_dir():
+        for run_dir in root.iterdir():
+            if not run_dir.is_dir() or (exclude is not None and run_dir.resolve() == exclude.resolve()):
+                continue
+            if _stage_of_run(run_dir) != 1:
+                continue
+            try:
+                step_dir = latest_checkpoint(run_dir)
+            except CheckpointError:
+                continue
+            if step_dir is None:
+                continue
+            mtime = (step_dir / "COMPLETE").stat().st_mtime
+            if best is None or mtime > best[0]:
+                best = (mtime, step_dir)
+    if best is None:
+        raise ConfigError(
+            f"stage 2 starts from stage-1 weights, but no stage-1 run with a checkpoint is under {root}/; run "
+            "stage 1 first (e.g. `uniemo train --config configs/tiny_stage1.yaml`) or set training.init_from"
+        )
+    return best[1]
+
+
+def resolve_init_from(cfg: Config, run_dir: Path) -> Path | None:
+    """Stage 2: the complete stage-1 checkpoint folder to start from; stage 1: None."""
+    if cfg.training.stage != 2:
+        return None
+    if cfg.training.init_from:
+        try:
+            return resolve_checkpoint(cfg.training.init_from)
+        except CheckpointError as e:
+            raise ConfigError(f"training.init_from: {e}") from None
+    return find_latest_stage1_run(cfg.run.output_dir, exclude=run_dir)
+
+
+def load_stage1_understanding(understanding: nn.Module, step_dir: str | Path) -> None:
+    """Load the understanding weights of a stage-1 checkpoint folder into ``understanding`` (fp32).
+
+    Only the parameters stage 1 may have kept frozen, and stage 2 does not use, may be missing: the logit scales
+    and the contrastive projections (they keep their initial values).
+    """
+    from uniemo.training.export import consolidated_state_dict
+
+    prefix = "understanding."
+    state = {k[len(prefix) :]: v.float() for k, v in consolidated_state_dict(step_dir).items() if k.startswith(prefix)}
+    if not state:
+        raise ConfigError(f"{step_dir} holds no understanding weights; training.init_from must be a stage-1 run")
+    roles = understanding.parameter_roles()
+    missing, unexpected = understanding.load_state_dict(state, strict=False)
+    missing = [k for k in missing if roles.get(k) not in _STAGE1_OPTIONAL_ROLES]
+    if missing or unexpected:
+        raise ConfigError(
+            f"the stage-1 weights in {step_dir} do not fit model.understanding (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); use the model.understanding settings of that stage-1 run"
+        )
+
+
+# -- building a stage ------------------------------------------------------------------------------------------
+
+
+def _build_task(cfg: Config, attributes: Any, init_from: Path | None) -> nn.Module:
+    from uniemo.training.task import build_stage1_task, build_stage2_task
+
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+    if cfg.training.stage == 1:
+        return build_stage1_task(cfg, attributes)
+    task = build_stage2_task(cfg, attributes)
+    assert init_from is not None, "stage 2 needs a stage-1 checkpoint (resolve_init_from)"
+    load_stage1_understanding(task.understanding, init_from)
+    return task
+
+
+def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts:
+    """Task (same initial weights on every rank) and this rank's train and validation streams.
+
+    Rank 0 builds first (it fills the caches: synthetic shards, attribute text features); the others wait at a
+    barrier and then read them.
+    """
+    from uniemo.data.loader import build_loader_from_config, load_attribute_table
+
+    def build() -> nn.Module:
+        attributes = load_attribute_table(cfg.data)
+        return _build_task(cfg, attributes, init_from)
+
+    task = _rank0_first(env, build)
+    stage = cfg.training.stage
+    train_loader = build_loader_from_config(
+        cfg.data, "train", rank=env.rank, world_size=env.world_size, stage=stage, training=True, seed=cfg.run.seed
+    )
+    val_loader = None
+    if cfg.training.eval_every > 0:
+        val_loader = build_loader_from_config(
+            cfg.data, "val", rank=env.rank, world_size=env.world_size, stage=stage, training=False, seed=cfg.run.seed
+        )
+    initial = {}
+    if stage == 2:  # the frozen weights the final model is rebuilt from (finish_stage2)
+        initial = {k: v.detach().float().cpu().clone() for k, v in task.understanding.state_dict().items()}
+    return StageParts(
+        task=task,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        init_from=str(init_from) if init_from is not None else None,
+        initial_understanding=initial,
+        finish=finish_stage2 if stage == 2 else None,
+    )
+
+
+def _rank0_first(env: DistEnv, fn: Callable[[], Any]) -> Any:
+    distributed = torch.distributed.is_initialized() and env.world_size > 1
+    if env.is_main:
+        result = fn()
+    if distributed:
+        torch.distributed.barrier()
+    if not env.is_main:
+        result = fn()
+    return result
+
+
+# -- end of stage 2 --------------------------------------------------------------------------------------------
+
+
+def final_understanding(cfg: Config, parts: StageParts, trained: dict[str, torch.Tensor], device: torch.device):
+    """A plain fp32 understanding model with the run's final weights: the initial ones overlaid with the trained
+    parameters of ``trained`` (a consolidated checkpoint, task names)."""
+    from uniemo.models.weights import build_understanding
+
+    model = _fresh(lambda: build_understanding(cfg.model.understanding, *_attribute_counts(parts.task)))
+    state = dict(parts.initial_understanding)
+    prefix = "understanding."
+    state.update({k[len(prefix) :]: v.float() for k, v in trained.items() if k.startswith(prefix)})
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+def _attribute_counts(task: nn.Module) -> tuple[int, int]:
+    und = task.understanding
+    scenes = und.scene_classifier.out_features if und.scene_classifier is not None else 0
+    objects = und.object_classifier.out_features if und.object_classifier is not None else 0
+    return scenes, objects
+
+
+def _fresh(build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module without touching the global RNG (its initial values are overwritten anyway)."""
+    with torch.random.fork_rng(devices=[]):
+        return build()
+
+
+def finish_stage2(trainer: Trainer) -> None:
+    """Emotion space over all ranks (METHOD §4.1, D9) and, on rank 0, sample grids per emotion (METHOD §4.2)."""
+    from uniemo.training.emotion_space import (
+        all_reduce_emotion_space,
+        compute_emotion_space,
+        emotion_space_loader,
+    )
+    from uniemo.training.export import consolidated_state_dict
+
+    cfg, env, parts = trainer.cfg, trainer.env, trainer.parts
+    # The exported weights (fp32 masters of the final checkpoint), not the engine's bf16 copies.
+    trained = consolidated_state_dict(trainer.last_checkpoint)
+    understanding = final_understanding(cfg, parts, trained, trainer.device)
+    loader = emotion_space_loader(cfg, rank=env.rank, world_size=env.world_size)
+    space = compute_emotion_space(understanding, loader, trainer.device)
+    all_reduce_emotion_space(space, trainer.reduce_device)  # collective: sufficient statistics summed (D9)
+    # Rank-0 side effects through the logger (a null object elsewhere, STYLE 14).
+    logger = trainer.logger
+    path = logger.save_artifact(EMOTION_SPACE_FILE, space.save)
+    counts = {EMOTIONS[k]: int(n) for k, n in enumerate(space.counts().tolist())}
+    logger.info(f"emotion space over {sum(counts.values())} train images -> {path}")
+    logger.write_json("emotion_space_counts.json", counts)
+    if cfg.logging.sample_images > 0:
+        logger.log_samples(trainer.step, lambda: sample_grids(cfg, parts, trainer, space, understanding, trained))
+    if torch.distributed.is_initialized() and env.world_size > 1:
+        torch.distributed.barrier()
+
+
+def sample_grids(cfg: Config, parts: StageParts, trainer: Trainer, space: Any, understanding: nn.Module,
+                 trained: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``logging.sample_images`` generated images per emotion seen in the space, as uint8 ``[N,H,W,3]`` arrays."""
+    from uniemo.models.conditioner import Conditioner
+    from uniemo.models.generation import generate
+    from uniemo.models.generator import build_generator
+
+    task = parts.task
+    device = trainer.device
+    if cfg.model.generator.train_unet:
+        # The trained UNet lives in the engine (partitioned under ZeRO-3): a fresh fp32 generator + its weights.
+        generator = _fresh(lambda: build_generator(
+            cfg.model.generator, image_size=cfg.data.generator_image_size, seed=cfg.run.seed))
+        prefix = "generator.unet."
+        generator.unet.load_state_dict({k[len(prefix) :]: v for k, v in trained.items() if k.startswith(prefix)})
+        generator.to(device)
+    else:
+        generator = task.generator  # frozen, held outside the engine: plain tensors on this device
+    conditioner = _fresh(lambda: Conditioner(
+        cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim))
+    prefix = "conditioner."
+    conditioner.load_state_dict({k[len(prefix) :]: v.float() for k, v in trained.items() if k.startswith(prefix)})
+    conditioner.to(device).eval()
+    attribute_embeddings = task.attribute_embeddings.to(device, torch.float32)
+    phi = task.phi.to(device, torch.float32)
+    grids = {}
+    n = cfg.logging.sample_images
+    counts = space.counts().tolist()
+    for k, emotion in enumerate(EMOTIONS):
+        if counts[k] == 0:
+            continue
+        # The generator casts to its own dtype at each part (a bf16 training run keeps bf16 frozen parts).
+        result = generate(
+            generator, conditioner, space, attribute_embeddings, phi, emotion, n,
+            seeds=[cfg.run.seed * 1000 + k * 100 + i for i in range(n)],
+            steps=cfg.model.generator.sampling_steps, guidance_scale=cfg.model.generator.guidance_scale,
+            sampler=cfg.model.generator.sampler, batch_size=cfg.model.generator.generation_batch_size,
+        )
+        grids[emotion] = result.images
+    return grids
+
+
+def describe_init(step_dir: Path | None) -> str:
+    """One line about where stage 2 starts, for the log."""
+    if step_dir is None:
+        return "random initialisation"
+    try:
+        step = json.loads((step_dir / "trainer_state.json").read_text()).get("step")
+    except (OSError, ValueError):
+        step = "?"
+    return f"stage-1 weights from {step_dir} (step {step})"

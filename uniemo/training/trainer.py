@@ -1,0 +1,363 @@
+"""The training loop: one loop in named phases (STYLE 7), the same for stage 1 and stage 2.
+
+::
+
+    train()                       restore or seed, then until the stop step:
+      train_step()                  gradient_accumulation x forward_backward(), then optimizer_step()
+        forward_backward(batch)       engine(batch) -> named loss terms; engine.backward(total)
+        optimizer_step()              engine.step(): clip, AdamW, lr schedule (DeepSpeed, at the boundary)
+      maybe_eval()                  every training.eval_every steps and at the end: the full validation split
+      maybe_checkpoint()            every training.checkpoint_every steps and at the stop step
+      maybe_log()                   every logging.every steps, on validation steps and at the stop step
+    finish                          the stage's end hook (stage 2: emotion space, sample grids)
+
+Stage 1 and 2 differ only by the :class:`uniemo.training.stages.StageParts` (task, data, end hook) and config.
+:func:`run_worker` is a rank's whole job, for any launcher (:mod:`uniemo.distributed.env` says which rank this
+is): process group, stage, engine, logger, loop.
+
+Reductions across ranks: logged training terms are the mean over ranks (and over the steps since the last
+log); validation sums loss x samples, correct predictions and samples over every rank, then divides (never a
+mean of per-rank means). Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose
+validation shards ran out keeps joining forwards (on a batch it already has, results discarded) until every
+rank is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from uniemo.training.checkpoint import (
+    Checkpointer,
+    compat_keys,
+    config_digest,
+    latest_checkpoint,
+    seed_everything,
+)
+from uniemo.training.engine import Engine, build_engine, check_batch_arithmetic
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from uniemo.config.schema import Config
+    from uniemo.distributed.env import DistEnv
+    from uniemo.logging import NullRunLogger
+    from uniemo.training.stages import StageParts
+
+
+def _derived_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
+
+
+def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``training.steps``, or ``training.epochs`` of the train split."""
+    if cfg.training.epochs > 0:
+        return max(1, math.ceil(cfg.training.epochs * batches_per_epoch / cfg.training.gradient_accumulation))
+    return cfg.training.steps
+
+
+class Trainer:
+    """The loop of one rank (module docstring). All public phases are called on every rank."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        run_dir: str | Path,
+        engine: Engine,
+        parts: StageParts,
+        total_steps: int,
+        reduce_device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.run_dir = Path(run_dir)
+        self.engine = engine
+        self.parts = parts
+        self.total_steps = total_steps
+        self.stop_step = min(total_steps, cfg.training.stop_at_step) if cfg.training.stop_at_step else total_steps
+        self.device = engine.device
+        self.reduce_device = reduce_device
+        self.global_batch = check_batch_arithmetic(cfg, env.world_size)
+        self.checkpointer = Checkpointer(run_dir, env, cfg.training.keep_checkpoints)
+        self.compat = compat_keys(cfg, env.world_size)
+        self.logger: NullRunLogger | None = None
+        self.step = 0
+        self.samples_seen = 0
+        self.last_checkpoint: Path | None = None
+        self._saved_step = -1
+        self._batches = None
+        self._last_batch: dict[str, Any] | None = None
+        self._loss_keys: list[str] = ["total"]
+        self._step_lrs: dict[str, float] = {}
+        self._window: dict[str, torch.Tensor] = {}
+        self._window_steps = 0
+        self._window_start = time.perf_counter()
+        self._samples_per_s: float | None = None
+
+    # -- start --------------------------------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Continue from ``checkpoints/latest`` when it exists, else seed this rank's RNG. Returns the step.
+
+        The engine (weights, optimiser, schedule), this rank's RNG and loader position come back, so the run
+        continues exactly where the checkpoint was taken (no sample window trained twice).
+        """
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None:
+            # Same model on every rank (seeded before building); per-rank streams for dropout and noise.
+            seed_everything(_derived_seed(self.cfg.run.seed, "train", self.env.rank))
+            return 0
+        state, position = self.checkpointer.load(self.engine.engine, latest, self.compat)
+        self.step = int(state["step"])
+        self.samples_seen = int(state.get("samples_seen", self.step * self.global_batch))
+        self.parts.train_loader.load_state_dict(position)
+        self.last_checkpoint = latest
+        self._saved_step = self.step
+        return self.step
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def train(self, logger: NullRunLogger) -> dict[str, Any]:
+        """Run from the current step to the stop step; returns a small summary."""
+        self.logger = logger
+        self.engine.set_train(True)
+        self._batches = self.parts.train_loader.batches()
+        logger.start_progress(initial=self.step, total=self.stop_step)
+        started_at = self.step
+        self._window_start = time.perf_counter()
+        while self.step < self.stop_step:
+            terms = self.train_step()
+            val = self.maybe_eval()
+            self.maybe_checkpoint()
+            self.maybe_log(terms, val)
+        self.maybe_checkpoint(final=True)
+        logger.end_progress()
+        if self.step >= self.total_steps and self.parts.finish is not None:
+            self.parts.finish(self)
+        return {"step": self.step, "steps_run": self.step - started_at, "total_steps": self.total_steps}
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step: ``gradient_accumulation`` micro-batches, then the update. Returns the mean terms."""
+        accum = self.cfg.training.gradient_accumulation
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            terms = self.forward_backward(self._next_batch())
+            for key, value in terms.items():
+                sums[key] = sums[key] + value if key in sums else value
+            self._loss_keys = sorted(k for k in terms if not k.startswith("metrics/"))
+            if micro < accum - 1:
+                self.engine.engine.step()  # DeepSpeed counts the micro-step; it updates only at the boundary
+        self._step_lrs = self.engine.learning_rates()  # the rates this update uses (the schedule moves after it)
+        self.optimizer_step()
+        self.step += 1
+        self.samples_seen += self.global_batch
+        return {key: value / accum for key, value in sums.items()}
+
+    def _next_batch(self) -> dict[str, Any]:
+        # torch's DataLoader draws a seed from the global RNG whenever it starts an iterator (at the first batch
+        # of every epoch and after a resume). Forking keeps the training RNG (dropout, noise) independent of
+        # when that happens, so a resumed run draws exactly what the uninterrupted one draws.
+        with torch.random.fork_rng(devices=[]):
+            return next(self._batches)
+
+    def forward_backward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Forward through the engine (the task: model + losses), backward of ``total``; detached float terms."""
+        batch = self.engine.prepare_batch(batch)
+        self._last_batch = batch
+        out = self.engine.engine(batch)
+        self.engine.engine.backward(out["total"])
+        return {key: value.detach().float() for key, value in out.items()}
+
+    def optimizer_step(self) -> None:
+        """The update at the accumulation boundary: clipping, AdamW, schedule (inside DeepSpeed)."""
+        self.engine.engine.step()
+
+    # -- validation -----------------------------------------------------------------------------------------------
+    def maybe_eval(self) -> dict[str, float] | None:
+        every = self.cfg.training.eval_every
+        if self.parts.val_loader is None or every <= 0:
+            return None
+        if self.step % every != 0 and self.step != self.total_steps:
+            return None
+        return self.evaluate()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The full validation split, every sample once over all ranks; sums reduced across ranks."""
+        self.engine.set_train(False)
+        zero3 = self.cfg.distributed.zero_stage == 3
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            # Deterministic validation (stage-2 noise and timesteps), without moving the training RNG.
+            torch.manual_seed(_derived_seed(self.cfg.run.seed, "val", self.env.rank))
+            batches = iter(self.parts.val_loader)
+            while True:
+                batch = next(batches, None)
+                if not self._any_rank(batch is not None):
+                    break
+                if batch is None:
+                    if zero3 and self._last_batch is not None:
+                        self.engine.engine(self._last_batch)  # join the collective parameter gathers
+                    continue
+                out = self.engine.engine(self.engine.prepare_batch(batch))
+                n = float(len(batch["label"]))
+                for key, value in out.items():
+                    if not key.startswith("metrics/"):
+                        sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + float(value) * n
+                correct += float(out["metrics/accuracy"]) * n
+                count += n
+        keys = self._loss_keys  # the task's terms: the same on every rank, even one that validated nothing
+        vector = torch.stack([sums.get(k, torch.zeros((), dtype=torch.float64)) for k in keys] + [correct, count])
+        vector = self._all_reduce(vector)
+        total = float(vector[-1])
+        self.engine.set_train(True)
+        result = {"val/accuracy": float(vector[-2]) / max(total, 1.0), "val/samples": int(total)}
+        for key, value in zip(keys, vector[:-2].tolist(), strict=True):
+            name = "val/loss" if key == "total" else f"val/loss/{key}"
+            result[name] = value / max(total, 1.0)
+        return result
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def maybe_checkpoint(self, final: bool = False) -> Path | None:
+        every = self.cfg.training.checkpoint_every
+        due = final or self.step == self.stop_step or (every > 0 and self.step % every == 0)
+        if not due or self.step == self._saved_step:
+            return None
+        state = {
+            "stage": self.cfg.training.stage,
+            "compat": self.compat,
+            "config_digest": config_digest(self.cfg),
+            "samples_seen": self.samples_seen,
+            "total_steps": self.total_steps,
+            "init_from": self.parts.init_from,
+            "epoch": self.parts.train_loader.epoch,
+        }
+        self.last_checkpoint = self.checkpointer.save(
+            self.engine.engine, self.step, state, self.parts.train_loader.state_dict()
+        )
+        self._saved_step = self.step
+        return self.last_checkpoint
+
+    # -- logging ----------------------------------------------------------------------------------------------------
+    def maybe_log(self, terms: dict[str, torch.Tensor], val: dict[str, float] | None) -> dict[str, Any] | None:
+        """Accumulate this step's terms; on a log step reduce them across ranks and write one metrics line."""
+        for key, value in terms.items():
+            self._window[key] = self._window[key] + value if key in self._window else value
+        self._window_steps += 1
+        self.logger.progress(self.step, loss=terms.get("total"), samples_per_s=self._samples_per_s)
+        every = self.cfg.logging.every
+        due = val is not None or self.step == self.stop_step or (every > 0 and self.step % every == 0)
+        if not due:
+            return None
+        keys = sorted(self._window)
+        means = torch.stack([self._window[k].to(torch.float64) for k in keys]) / self._window_steps
+        means = self._all_reduce(means) / self.env.world_size
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        self._samples_per_s = self._window_steps * self.global_batch / elapsed
+        metrics: dict[str, Any] = {}
+        for key, value in zip(keys, means.tolist(), strict=True):
+            if key == "total":
+                metrics["loss"] = value
+            elif key.startswith("metrics/"):
+                metrics[key[len("metrics/") :]] = value
+            else:
+                metrics[f"loss/{key}"] = value
+        metrics.update({f"lr/{name}": lr for name, lr in self._step_lrs.items()})
+        metrics["samples_per_s"] = self._samples_per_s
+        metrics["samples"] = self.samples_seen
+        metrics["epoch"] = self.parts.train_loader.epoch
+        if val is not None:
+            metrics.update(val)
+        self.logger.log(self.step, metrics)
+        self._window = {}
+        self._window_steps = 0
+        self._window_start = time.perf_counter()
+        return metrics
+
+    # -- collectives ------------------------------------------------------------------------------------------------
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not (torch.distributed.is_initialized() and self.env.world_size > 1):
+            return tensor
+        buffer = tensor.to(self.reduce_device)
+        torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+        return buffer.cpu()
+
+    def _any_rank(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+        return bool(self._all_reduce(value).item() > 0)
+
+
+# -- a rank's job ---------------------------------------------------------------------------------------------------
+
+
+def _ensure_process_group(env: DistEnv, backend: str) -> bool:
+    """Join the job's process group; Ray Train (and torchrun with an init) make it before us. Returns whether this
+    function created it (then it also destroys it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if env.world_size == 1 and env.launcher == "single":
+        import socket
+
+        with socket.socket() as s:  # a free port for a one-process group (DeepSpeed needs a group)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size)
+    return True
+
+
+def run_worker(cfg: Config, run_dir: str | Path, init_from: str | None = None) -> dict[str, Any]:
+    """A rank's whole training job: build the stage and the engine, restore or seed, train, finish.
+
+    Resumes from ``<run_dir>/checkpoints/latest`` whenever it exists (the driver refuses to start a fresh run in
+    a directory that has one, so a checkpoint found here is this run's: ``--resume``, or a restart after a
+    failure).
+    """
+    from uniemo.distributed.env import apply_worker_env, backend_for, device_for, export_torch_env, read_env
+    from uniemo.logging import make_run_logger
+    from uniemo.training.stages import build_stage, describe_init
+
+    apply_worker_env(cfg.distributed)
+    env = read_env()
+    export_torch_env(env)
+    device = device_for(env, cfg.distributed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = backend_for(cfg.distributed)
+    created = _ensure_process_group(env, backend)
+    reduce_device = device if backend == "nccl" else torch.device("cpu")
+    run_dir = Path(run_dir)
+    logger = None
+    try:
+        parts = build_stage(cfg, env, Path(init_from) if init_from else None)
+        total = total_steps_for(cfg, parts.train_loader.batches_per_epoch)
+        engine = build_engine(parts.task, cfg, world_size=env.world_size, device=device, total_steps=total)
+        trainer = Trainer(cfg, env, run_dir, engine, parts, total, reduce_device)
+        start = trainer.restore()
+        logger = make_run_logger(cfg, run_dir, env.is_main, resume_step=start)
+        where = f"resumed at step {start}" if start else "from step 0"
+        logger.info(
+            f"stage {cfg.training.stage}: {env.world_size} rank(s), ZeRO-{cfg.distributed.zero_stage}, "
+            f"{cfg.training.precision}, global batch {trainer.global_batch}, {total} steps, {where}; "
+            f"{describe_init(Path(init_from) if init_from else None) if cfg.training.stage == 2 else ''}".rstrip("; ")
+        )
+        summary = trainer.train(logger)
+        if trainer.last_checkpoint is not None:
+            summary["checkpoint"] = str(trainer.last_checkpoint)
+        logger.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # nobody leaves while another rank still writes
+        return summary
+    finally:
+        if logger is not None:
+            logger.close()  # idempotent; after a failure it still flushes metrics and wandb
+        if created and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
