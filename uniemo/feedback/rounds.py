@@ -1,0 +1,548 @@
+"""One feedback round (METHOD §5): generate N candidates per emotion, filter them, write the kept ones as shards.
+
+:func:`run_round` is the whole round against one checkpoint (a :class:`uniemo.feedback.actors.ModelBundle`):
+
+1. Jobs: for each emotion k, N candidates with seeds ``derive_seed(run.seed, "feedback", r, k, i)``, cut into
+   batches of ``feedback.batch_size`` (the per-emotion quota; emotions are queued one after the other, so an
+   emotion's pool completes early and its candidates leave the object store).
+2. The pool (:class:`uniemo.feedback.actors.FeedbackPool`) generates and scores them. When every batch of
+   emotion k has ended (scored, or lost with a dead actor), steps 1-4 run on its scored candidates
+   (:func:`uniemo.feedback.filtering.filter_pool`, seeded by ``(run.seed, r, k)``) and a writer task cuts the kept
+   images out of their batches.
+3. The kept samples of all emotions are shuffled (seeded) and cut into shards of ``feedback.shard_size``
+   (a one-emotion shard would fill a training shuffle buffer with one class), written by writer tasks into a
+   staging folder ``<run_dir>/shards/.staging/round-<r>/`` outside the synthetic source, which gets its
+   ``manifest.json`` (:func:`uniemo.data.shards.update_manifest`) once every shard is complete and is then
+   renamed to ``<run_dir>/shards/synthetic/round-<r>/`` in one atomic step. Readers list the synthetic source's
+   round folders by their manifests (``manifest_folders``), so they see the whole round or nothing; a crash at
+   any point leaves no partial or unlisted shard in the source, only a staging folder that the next attempt of
+   the round removes.
+4. ``<run_dir>/rounds/round-<r>.json`` (also stored in the round's manifest under ``report``) records per
+   emotion: candidates, kept, rejections per filter step, lost in flight, mean p_k, attribute spread; and
+   checks ``candidates = kept + every rejection + lost in flight``.
+
+A round whose folder is complete is not run again: :func:`run_round` returns its report. A file lock
+(``<run_dir>/rounds/.round-<r>.lock``) keeps two processes from running the same round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniemo.config.schema import EMOTIONS, Config, SourceConfig
+from uniemo.data.attributes import write_json_atomic
+from uniemo.data.shards import MANIFEST_FILE, read_manifest, sample_key, update_manifest
+from uniemo.feedback.actors import (
+    FeedbackError,
+    FeedbackPool,
+    GenerationJob,
+    LostBatch,
+    ModelBundle,
+    Observer,
+    ScoredBatch,
+    gather_samples,
+    write_shard,
+)
+from uniemo.feedback.filtering import REJECTIONS, derive_seed, filter_pool
+
+__all__ = [
+    "ROUNDS_DIR",
+    "SYNTHETIC_DIR",
+    "plan_jobs",
+    "ray_connection",
+    "round_dir",
+    "round_report_path",
+    "run_round",
+    "synthetic_source",
+]
+
+SYNTHETIC_DIR = Path("shards") / "synthetic"
+"""The synthetic source of a run, relative to the run folder: one ``round-<r>/`` sub-folder per round."""
+STAGING_DIR = Path("shards") / ".staging"
+"""Where a round's shards are written before the round becomes visible (outside the synthetic source)."""
+ROUNDS_DIR = Path("rounds")
+"""Round reports, relative to the run folder."""
+
+
+def round_dir(run_dir: str | Path, round_index: int) -> Path:
+    """``<run_dir>/shards/synthetic/round-<r>``."""
+    return Path(run_dir) / SYNTHETIC_DIR / f"round-{round_index}"
+
+
+def round_report_path(run_dir: str | Path, round_index: int) -> Path:
+    """``<run_dir>/rounds/round-<r>.json``."""
+    return Path(run_dir) / ROUNDS_DIR / f"round-{round_index}.json"
+
+
+def synthetic_source(cfg: Config, run_dir: str | Path) -> SourceConfig:
+    """The ``data.extra_sources`` entry that mixes the run's synthetic rounds into training (METHOD §5 step 6).
+
+    The real source has weight 1, so a synthetic fraction rho of the samples needs weight rho / (1 - rho).
+    """
+    rho = cfg.feedback.synthetic_fraction
+    if not 0.0 < rho < 1.0:
+        raise FeedbackError(
+            f"feedback.synthetic_fraction is {rho}: mixing synthetic shards needs 0 < rho < 1 (rho = 0 is "
+            "explicit feedback off, METHOD D13)"
+        )
+    return SourceConfig(name="synthetic", path=str(Path(run_dir) / SYNTHETIC_DIR), weight=rho / (1.0 - rho))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray
+# ---------------------------------------------------------------------------------------------------------
+@contextmanager
+def ray_connection(address: str | None, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Iterator[str]:
+    """Be connected to Ray inside the block; yields ``caller``, ``address`` or ``embedded``.
+
+    A Ray already initialised in this process is used as is (and left running). An address joins that cluster
+    (and disconnects after). Otherwise an embedded local Ray is started with at least ``num_cpus`` CPUs (and
+    the visible GPUs when ``num_gpus`` > 0) in a fresh short temporary folder, and stopped after.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield "caller"
+        return
+    if address:
+        ray.init(address=address, logging_level="warning")
+        try:
+            yield "address"
+        finally:
+            ray.shutdown()
+        return
+    temp_dir = tempfile.mkdtemp(prefix="uniemo-fb-")  # short: Ray's unix sockets live in it (107-byte limit)
+    gpus = 0
+    if num_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    try:
+        ray.init(
+            address="local",
+            _temp_dir=temp_dir,
+            include_dashboard=False,
+            num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus)),
+            num_gpus=gpus,
+            logging_level="warning",
+        )
+        yield "embedded"
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def pool_cpus(cfg: Config) -> float:
+    """CPUs the pool reserves: its actors plus one writer task."""
+    fb = cfg.feedback
+    return fb.generator_actors * fb.generator_cpus + fb.filter_actors * fb.filter_cpus + fb.writer_cpus
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------------------------
+def plan_jobs(cfg: Config, round_index: int) -> list[GenerationJob]:
+    """The round's generation jobs: N candidates per emotion in batches, emotion after emotion (deterministic)."""
+    fb, gen = cfg.feedback, cfg.model.generator
+    steps = fb.sampling_steps if fb.sampling_steps is not None else gen.sampling_steps
+    guidance = fb.guidance_scale if fb.guidance_scale is not None else gen.guidance_scale
+    sampler = fb.sampler if fb.sampler is not None else gen.sampler
+    jobs = []
+    for k in range(len(EMOTIONS)):
+        seeds = [
+            derive_seed(cfg.run.seed, "feedback", round_index, k, i) for i in range(fb.candidates_per_emotion)
+        ]
+        for start in range(0, len(seeds), fb.batch_size):
+            jobs.append(
+                GenerationJob(
+                    job_id=len(jobs),
+                    emotion=k,
+                    seeds=tuple(seeds[start : start + fb.batch_size]),
+                    first_index=start,
+                    steps=int(steps),
+                    guidance_scale=float(guidance),
+                    sampler=str(sampler),
+                )
+            )
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-emotion bookkeeping
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class _EmotionPool:
+    emotion: int
+    jobs_left: int
+    scored: list[ScoredBatch] = field(default_factory=list)
+    lost: int = 0
+    report: dict[str, Any] | None = None
+    samples: Any = None
+    """ObjectRef of the kept samples (list of shard-sample dicts), once filtered."""
+    kept: int = 0
+
+
+def _attribute_spread(names: list[str | None]) -> dict[str, Any]:
+    """How the kept images spread over retrieved attributes: distinct, largest share, normalised entropy, counts."""
+    counts: dict[str, int] = {}
+    for name in names:
+        key = name if name is not None else "(none)"
+        counts[key] = counts.get(key, 0) + 1
+    total = sum(counts.values())
+    if total == 0:
+        return {"distinct": 0, "max_share": None, "entropy": None, "counts": {}}
+    shares = np.asarray(list(counts.values()), dtype=np.float64) / total
+    entropy = float(-(shares * np.log(shares)).sum())
+    return {
+        "distinct": len(counts),
+        "max_share": float(shares.max()),
+        # 1: every kept image has its own attribute; 0: all share one.
+        "entropy": entropy / math.log(total) if total > 1 else 0.0,
+        "counts": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _finish_emotion(
+    pool: _EmotionPool, cfg: Config, bundle: ModelBundle, round_index: int, submit_gather: Callable
+) -> None:
+    """Steps 1-4 on the emotion's scored candidates, its report, and a writer task for the kept ones."""
+    fb = cfg.feedback
+    k = pool.emotion
+    batches = sorted(pool.scored, key=lambda b: b.job.first_index)
+    if batches:
+        probs = np.concatenate([b.scores.probs for b in batches])
+        features = np.concatenate([b.scores.features for b in batches])
+        similarity = np.concatenate([b.scores.similarity for b in batches])
+    else:
+        probs = np.zeros((0, len(EMOTIONS)), np.float32)
+        features = np.zeros((0, 1), np.float32)
+        similarity = np.zeros((0, len(bundle.attributes.base_names)), np.float32)
+    keep = fb.keep_per_emotion
+    result = filter_pool(
+        k,
+        probs,
+        features,
+        similarity,
+        tau=fb.tau,
+        delta=fb.delta,
+        keep=keep,
+        cap_fraction=fb.attribute_cap,
+        seed=derive_seed(cfg.run.seed, "feedback-select", round_index, k),
+    )
+    # Pool position -> (batch position, index in batch).
+    where = [(b, i) for b, batch in enumerate(batches) for i in range(len(batch.meta.seeds))]
+    names = list(bundle.attributes.base_names)
+    kinds = list(bundle.attributes.base_kinds)
+    picks = []
+    kept_names: list[str | None] = []
+    for position in result.kept:
+        b, i = where[int(position)]
+        batch = batches[b]
+        attr = int(result.attribute[position])
+        name = names[attr] if 0 <= attr < len(names) else None
+        kept_names.append(name)
+        pool_index = batch.job.first_index + i
+        seed = int(batch.meta.seeds[i])
+        record_id = f"round-{round_index}/{EMOTIONS[k]}/{pool_index:06d}"
+        meta = {
+            "emotion": EMOTIONS[k],
+            # The retrieved attribute is a score, not an annotation: no scene/object label (the attribute
+            # classifiers mask samples without one, so synthetic images teach the emotion only).
+            "scene": None,
+            "objects": [],
+            "brightness": None,
+            "colorfulness": None,
+            "source": "synthetic",
+            "id": record_id,
+            "round": round_index,
+            "checkpoint": batch.meta.checkpoint_id,
+            "seed": seed,
+            "p_k": float(result.p_k[position]),
+            "s": float(result.s[position]),
+            "attribute": name,
+            "attribute_kind": kinds[attr] if 0 <= attr < len(kinds) else None,
+            "sampler": batch.job.sampler,
+            "steps": batch.job.steps,
+            "guidance_scale": batch.job.guidance_scale,
+        }
+        fields = {"__key__": sample_key("synthetic", record_id), "cls": k, "json": meta}
+        picks.append((b, i, fields))
+    pool.kept = len(picks)
+    if picks:
+        pool.samples = submit_gather(picks, [b.images for b in batches])
+    scored = len(where)
+    pool.report = {
+        "candidates": scored + pool.lost,
+        "scored": scored,
+        "kept": len(picks),
+        "rejections": dict(result.rejections),
+        "lost_in_flight": pool.lost,
+        "mean_p_k": _mean(result.p_k[result.kept]) if len(result.kept) else None,
+        "mean_p_k_candidates": _mean(np.nan_to_num(result.p_k)),
+        "mean_s": _mean(result.s[result.kept]) if len(result.kept) else None,
+        "attribute_spread": _attribute_spread(kept_names),
+    }
+    pool.scored = []  # drop the image references: the writer task holds what it needs
+
+
+def _check_counts(report: dict[str, Any]) -> None:
+    """candidates = kept + every rejection + lost in flight, per emotion and in total."""
+    rows = [*report["emotions"].items(), ("total", report["totals"])]
+    for name, row in rows:
+        accounted = row["kept"] + sum(row["rejections"].values()) + row["lost_in_flight"]
+        if accounted != row["candidates"]:
+            raise RuntimeError(
+                f"round {report['round']} {name}: {row['candidates']} candidates but {accounted} accounted for"
+            )
+
+
+def _totals(emotions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    rows = list(emotions.values())
+    kept_p = [r["mean_p_k"] * r["kept"] for r in rows if r["kept"]]
+    kept = sum(r["kept"] for r in rows)
+    return {
+        "candidates": sum(r["candidates"] for r in rows),
+        "scored": sum(r["scored"] for r in rows),
+        "kept": kept,
+        "rejections": {reason: sum(r["rejections"][reason] for r in rows) for reason in REJECTIONS},
+        "lost_in_flight": sum(r["lost_in_flight"] for r in rows),
+        "mean_p_k": sum(kept_p) / kept if kept else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The round
+# ---------------------------------------------------------------------------------------------------------
+def run_round(
+    bundle: ModelBundle,
+    cfg: Config,
+    run_dir: str | Path,
+    round_index: int,
+    ray_address: str | None = None,
+    *,
+    observer: Observer | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run feedback round ``round_index`` with ``bundle``'s checkpoint; returns the round report (module doc).
+
+    ``ray_address``: None or empty uses the Ray this process is connected to, or starts an embedded local one for
+    the round; an address joins that cluster. ``observer`` sees pool events (``submitted`` with the generator
+    actor's pid, ``lost``, ...). ``log`` gets one line per finished emotion (default: stderr).
+
+    Raises:
+        FeedbackError: the bundle cannot generate some emotion, every actor of a kind died, another process runs
+            the same round, or the round folder exists without a manifest (not written by uniemo).
+    """
+    cfg.feedback.validate()
+    if round_index < 0:
+        raise FeedbackError(f"round index must be >= 0, got {round_index}")
+    from filelock import FileLock, Timeout
+
+    run_dir = Path(run_dir)
+    lock_path = run_dir / ROUNDS_DIR / f".round-{round_index}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FeedbackError(
+            f"another process is running feedback round {round_index} of {run_dir}; wait for it to finish"
+        ) from None
+    try:
+        return _run_round_locked(bundle, cfg, run_dir, round_index, ray_address, observer, log)
+    finally:
+        lock.release()  # the lock file stays: unlinking it could let two later rounds lock different inodes
+
+
+def _run_round_locked(
+    bundle: ModelBundle,
+    cfg: Config,
+    run_dir: Path,
+    round_index: int,
+    ray_address: str | None,
+    observer: Observer | None,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    log = log if log is not None else (lambda line: print(f"uniemo feedback: {line}", file=sys.stderr))
+    final = round_dir(run_dir, round_index)
+    report_path = round_report_path(run_dir, round_index)
+    if (final / MANIFEST_FILE).is_file():
+        return _completed_report(final, report_path, log)
+    if final.exists():
+        raise FeedbackError(
+            f"{final} exists but has no {MANIFEST_FILE}: it was not written by a finished round; remove it "
+            "and run the round again"
+        )
+    counts = bundle.emotion_space.counts("cls")
+    missing = [EMOTIONS[k] for k in range(len(EMOTIONS)) if int(counts[k]) < 1]
+    if missing:
+        raise FeedbackError(
+            f"the emotion space of {bundle.checkpoint_id} has no sample of {', '.join(missing)}: the pool cannot "
+            "generate these emotions; compute the emotion space over training data holding every emotion"
+        )
+
+    staging = run_dir / STAGING_DIR / f"round-{round_index}"
+    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted attempt never become a round
+    fb = cfg.feedback
+    jobs = plan_jobs(cfg, round_index)
+    pools = {k: _EmotionPool(k, sum(1 for j in jobs if j.emotion == k)) for k in range(len(EMOTIONS))}
+    started = time.perf_counter()
+    succeeded = False
+    try:
+        with ray_connection(ray_address or None, pool_cpus(cfg), fb.generator_gpus + fb.filter_gpus):
+            import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # Writer tasks run on this (the driver's) node: the staging folder they write is renamed from here.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            writer = {"num_cpus": fb.writer_cpus, "max_retries": 3, "scheduling_strategy": here}
+            gather_task = ray.remote(gather_samples).options(**writer)
+            write_task = ray.remote(write_shard).options(**writer)
+
+            def submit_gather(picks: list, image_refs: list) -> Any:
+                return gather_task.remote(picks, *image_refs)
+
+            with FeedbackPool(bundle, fb, observer) as pool:
+                ready_at = time.perf_counter()
+                for outcome in pool.process(jobs):
+                    state = pools[outcome.job.emotion]
+                    if isinstance(outcome, LostBatch):
+                        state.lost += len(outcome.job.seeds)
+                    else:
+                        assert isinstance(outcome, ScoredBatch)
+                        state.scored.append(outcome)
+                    state.jobs_left -= 1
+                    if state.jobs_left == 0:
+                        _finish_emotion(state, cfg, bundle, round_index, submit_gather)
+                        r = state.report
+                        log(
+                            f"round {round_index} {EMOTIONS[state.emotion]}: {r['candidates']} candidates, "
+                            f"{r['kept']} kept, {r['lost_in_flight']} lost, rejections {r['rejections']}"
+                        )
+                generated_at = time.perf_counter()
+                pool_stats = pool.stats
+            for state in pools.values():
+                if state.report is None:  # every job ends in process(); a gap is a bug
+                    raise RuntimeError(f"emotion {EMOTIONS[state.emotion]} was never finished")
+
+            # Kept samples of all emotions, shuffled, cut into shards, written in parallel by writer tasks.
+            groups = [pools[k].samples for k in range(len(EMOTIONS)) if pools[k].kept]
+            order = [
+                (g, i)
+                for g, k in enumerate(k for k in range(len(EMOTIONS)) if pools[k].kept)
+                for i in range(pools[k].kept)
+            ]
+            random.Random(derive_seed(cfg.run.seed, "feedback-shards", round_index)).shuffle(order)
+            shard_refs = []
+            for start in range(0, len(order), fb.shard_size):
+                name = f"train-{start // fb.shard_size:06d}.tar"
+                shard_refs.append(
+                    write_task.remote(str(staging / name), order[start : start + fb.shard_size], *groups)
+                )
+            try:
+                entries = ray.get(shard_refs)
+            except BaseException:
+                for ref in shard_refs:  # no writer may recreate the staging folder after it is removed
+                    ray.cancel(ref, force=True)
+                raise
+        written_at = time.perf_counter()
+
+        emotions = {EMOTIONS[k]: pools[k].report for k in range(len(EMOTIONS))}
+        report = {
+            "round": round_index,
+            "checkpoint": bundle.checkpoint_id,
+            "filter": {
+                "candidates_per_emotion": fb.candidates_per_emotion,
+                "tau": fb.tau,
+                "delta": fb.delta,
+                "keep": fb.keep_per_emotion,
+                "attribute_cap": fb.attribute_cap,
+                "seed": cfg.run.seed,
+            },
+            "generation": {
+                "steps": jobs[0].steps if jobs else None,
+                "guidance_scale": jobs[0].guidance_scale if jobs else None,
+                "sampler": jobs[0].sampler if jobs else None,
+                "batch_size": fb.batch_size,
+                "generator_actors": fb.generator_actors,
+                "filter_actors": fb.filter_actors,
+            },
+            "emotions": emotions,
+            "totals": _totals(emotions),
+            "shards": [e["name"] for e in entries],
+            "samples": sum(e["samples"] for e in entries),
+            "pool": {
+                "lost_batches": pool_stats.lost_batches,
+                "lost_jobs": list(pool_stats.lost_jobs),
+                "actor_restarts": pool_stats.restarts,
+                "dead_actors": pool_stats.dead_actors,
+                "generation_seconds": round(pool_stats.generation_seconds, 3),
+                "scoring_seconds": round(pool_stats.scoring_seconds, 3),
+            },
+            "seconds": {
+                "start": round(ready_at - started, 3),
+                "generate_and_filter": round(generated_at - ready_at, 3),
+                "write": round(written_at - generated_at, 3),
+                "total": round(written_at - started, 3),
+            },
+        }
+        _check_counts(report)
+        if report["samples"] != report["totals"]["kept"]:
+            raise RuntimeError(f"{report['totals']['kept']} samples kept but {report['samples']} written")
+
+        # The round becomes visible in one step: manifest (after every shard), then the folder rename.
+        update_manifest(staging, entries, round=round_index, checkpoint=bundle.checkpoint_id, report=report)
+        # A writer task killed mid-shard (and retried) leaves its hidden temporary file behind: never publish it.
+        for leftover in staging.iterdir():
+            if leftover.name.endswith(".tmp"):
+                leftover.unlink()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, final)
+        try:
+            staging.parent.rmdir()  # the staging root, when no other round is being written
+        except OSError:
+            pass
+        write_json_atomic(report_path, report)
+        succeeded = True
+        log(
+            f"round {round_index} done: {report['totals']['kept']} kept of {report['totals']['candidates']} "
+            f"candidates in {len(entries)} shard(s) -> {final}"
+        )
+        return report
+    finally:
+        if not succeeded:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _completed_report(final: Path, report_path: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The report of a round that already finished (rewritten from its manifest when the file is missing)."""
+    if report_path.is_file():
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    else:
+        report = read_manifest(final).get("report")
+        if not isinstance(report, dict):
+            raise FeedbackError(
+                f"{final} holds a round without its report; remove the folder and run the round again"
+            )
+        write_json_atomic(report_path, report)
+    log(f"round {report.get('round')} is complete already ({final}); not generating it again")
+    return report
