@@ -40,6 +40,9 @@ def _register_config(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from uniemo.data import cli as data_cli
+    from uniemo.launchers import cli as launchers_cli
+    from uniemo.training import cli as training_cli
+    from uniemo.training import export_cli
 
     parser = _Parser(
         prog="uniemo",
@@ -50,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     _register_config(sub)
     data_cli.register(sub)
+    training_cli.register(sub)
+    export_cli.register(sub)
+    launchers_cli.register(sub)
     return parser
 
 
