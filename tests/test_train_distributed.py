@@ -253,3 +253,37 @@ def test_stage2_zero3_bf16(stage1_run, base):
     ds_files = sorted(p.name for p in (latest_checkpoint(run) / "ds").iterdir())
     assert "zero_pp_rank_1_mp_rank_00_model_states.pt" in ds_files  # partitioned: one model-states file per rank
     _trainable_only(_fp32(latest_checkpoint(run)))
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes(ray_cluster, base):
+    """Preemption: SIGTERM to the driver makes every rank checkpoint at the next step and stop (no step lost);
+    ``--resume`` then finishes with the exact step count and one metrics line per step."""
+    from uniemo.training.checkpoint import step_of, stop_request_path
+
+    name = "sigterm"
+    output_dir = next(b.split("=", 1)[1] for b in base if b.startswith("run.output_dir="))
+    run_dir = Path(output_dir) / name
+    # Checkpoints only at the end: the one a stop leaves behind can only come from the stop request.
+    extra = (*STAGE1, "training.checkpoint_every=0", "training.eval_every=0")
+
+    def send_sigterm_after_step_3() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+            if records and records[-1]["step"] >= 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=send_sigterm_after_step_3, daemon=True).start()
+    stopped = _train(base, name, *extra)
+    assert stopped["stopped"] is True
+    step = step_of(latest_checkpoint(run_dir))
+    assert 3 <= step < STEPS
+    assert read_metrics(run_dir)[-1]["step"] == step
+    assert not stop_request_path(run_dir).exists()
+
+    finished = _train(base, name, *extra, resume=True)
+    assert finished["stopped"] is False
+    assert step_of(latest_checkpoint(run_dir)) == STEPS
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, STEPS + 1))

@@ -276,6 +276,32 @@ def _user_error_of(exc: BaseException) -> UserError | None:
     return None
 
 
+@contextmanager
+def _stop_on_sigterm(stop_file: Path) -> Iterator[None]:
+    """While training, SIGTERM (preemption, ``scontrol requeue``, ``scancel``) asks the workers to checkpoint at
+    the next step and stop, instead of killing them mid-step; a second SIGTERM stops at once. Only in the main
+    thread (signal handlers cannot be set elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if stop_file.exists():
+            raise KeyboardInterrupt  # the second request: stop now
+        stop_file.touch()
+        print("uniemo: SIGTERM: checkpointing at the next step, then stopping (resume with --resume)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """``uniemo train``: plan, start Ray Train with ``distributed.num_workers`` workers, wait, summarise."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -283,7 +309,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     from uniemo.distributed.env import backend_for, worker_env_vars
     from uniemo.logging import read_metrics
-    from uniemo.training.checkpoint import latest_checkpoint
+    from uniemo.training.checkpoint import latest_checkpoint, stop_request_path
 
     plan = prepare_run(cfg, resume)
     cfg = plan.config
@@ -309,7 +335,9 @@ def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
             worker_runtime_env={"env_vars": worker_env_vars(dist)},
         ),
     )
-    with ray_session(dist):
+    stop_file = stop_request_path(plan.run_dir)
+    stop_file.unlink(missing_ok=True)  # a request left by an earlier, killed driver is not for this run
+    with ray_session(dist), _stop_on_sigterm(stop_file):
         try:
             trainer.fit()
         except TrainingFailedError as exc:
@@ -317,6 +345,8 @@ def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
             if user_error is not None:
                 raise user_error from None
             raise
+    stopped = stop_file.exists()
+    stop_file.unlink(missing_ok=True)
     latest = latest_checkpoint(plan.run_dir)
     records = read_metrics(plan.run_dir)
     last = records[-1] if records else {}
@@ -327,4 +357,5 @@ def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
         "checkpoint": str(latest) if latest else None,
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
         "init_from": str(plan.init_from) if plan.init_from else None,
+        "stopped": stopped,
     }

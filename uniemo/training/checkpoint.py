@@ -58,6 +58,14 @@ class CheckpointError(UserError):
 # -- paths ----------------------------------------------------------------------------------------------------
 
 
+STOP_REQUEST = ".stop-requested"
+"""File in the run directory by which a driver asks its workers to checkpoint and stop (SIGTERM, preemption)."""
+
+
+def stop_request_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / STOP_REQUEST
+
+
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 

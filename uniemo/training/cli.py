@@ -30,4 +30,7 @@ def _train(args: argparse.Namespace) -> int:
     loss_text = f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
     print(f"uniemo: run {summary['run_dir']}: step {summary['step']}{loss_text}; "
           f"latest checkpoint {summary['checkpoint']}", file=sys.stdout)
+    if summary.get("stopped"):
+        print("uniemo: stopped on SIGTERM after a checkpoint; continue with --resume", file=sys.stderr)
+        return 143  # 128 + SIGTERM: what a launcher expects of a job that was asked to stop
     return 0

@@ -38,6 +38,7 @@ from uniemo.training.checkpoint import (
     config_digest,
     latest_checkpoint,
     seed_everything,
+    stop_request_path,
 )
 from uniemo.training.engine import Engine, build_engine, check_batch_arithmetic
 
@@ -127,16 +128,26 @@ class Trainer:
         logger.start_progress(initial=self.step, total=self.stop_step)
         started_at = self.step
         self._window_start = time.perf_counter()
+        stopped = False
         while self.step < self.stop_step:
             terms = self.train_step()
             val = self.maybe_eval()
             self.maybe_checkpoint()
             self.maybe_log(terms, val)
+            if self.stop_requested():
+                stopped = True
+                break
         self.maybe_checkpoint(final=True)
         logger.end_progress()
-        if self.step >= self.total_steps and self.parts.finish is not None:
+        if not stopped and self.step >= self.total_steps and self.parts.finish is not None:
             self.parts.finish(self)
-        return {"step": self.step, "steps_run": self.step - started_at, "total_steps": self.total_steps}
+        return {"step": self.step, "steps_run": self.step - started_at, "total_steps": self.total_steps,
+                "stopped": stopped}
+
+    def stop_requested(self) -> bool:
+        """Whether the driver asked to stop (SIGTERM: preemption, requeue, scancel). Rank 0 looks at the run
+        directory and every rank learns the answer from the same collective, so all ranks stop at one step."""
+        return self._any_rank(self.env.rank == 0 and stop_request_path(self.run_dir).exists())
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step: ``gradient_accumulation`` micro-batches, then the update. Returns the mean terms."""
