@@ -6,7 +6,6 @@ session's synthetic shards; images at 32 px to keep every step fast on one CPU c
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
