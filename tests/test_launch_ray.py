@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _ports import free_ports  # tests/_ports.py
 
 from uniemo.training.checkpoint import latest_checkpoint
 
@@ -29,17 +29,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_stage1.yaml"
 TIMEOUT = 420  # seconds for the job; generous, other CPU-heavy tests may run beside this one
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _ray_env() -> dict[str, str]:
@@ -67,7 +56,7 @@ def ray_cluster():
             pytest.fail(f"{reason} (CI=true: the Ray launcher test must run)")
         pytest.skip(reason)
     temp = Path(tempfile.mkdtemp(prefix="uray-t-"))  # short: Ray puts unix sockets in it
-    gcs, dash, client, agent = _free_ports(4)
+    gcs, dash, client, agent = free_ports(4)
     log = open(temp / "head.log", "w")
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _ports import free_ports  # tests/_ports.py
 
 from uniemo.launchers.slurm import job_records, wait_for_job
 from uniemo.training.checkpoint import latest_checkpoint
@@ -28,17 +28,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_stage1.yaml"
 JOB_TIMEOUT = 420.0  # seconds per job; generous, other CPU-heavy tests may run beside these
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _missing_reason() -> str | None:
@@ -59,7 +48,7 @@ def slurm_cluster():
             pytest.fail(f"{reason} (CI=true: the SLURM tests must run)")
         pytest.skip(reason)
     state = Path(tempfile.mkdtemp(prefix="uslurm-"))  # short: munge's socket lives in it
-    ctld, slurmd = _free_ports(2)
+    ctld, slurmd = free_ports(2)
     start = subprocess.run(
         ["bash", str(REPO / "slurm/dev/start-local-cluster.sh"), "--dir", str(state),
          "--ctld-port", str(ctld), "--slurmd-port", str(slurmd)],
