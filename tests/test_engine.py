@@ -52,6 +52,15 @@ def test_deepspeed_config_follows_the_typed_config(zero):
     assert "data_types" not in ds
 
 
+def test_zero_buckets_are_capped_at_the_trainable_size():
+    zero3 = deepspeed_config(_cfg("distributed.zero_stage=3"), world_size=2, trainable_params=1234)["zero_optimization"]
+    assert zero3["reduce_bucket_size"] == 1234 and zero3["stage3_prefetch_bucket_size"] == 1234
+    zero2 = deepspeed_config(_cfg("distributed.zero_stage=2"), world_size=2, trainable_params=10**10)["zero_optimization"]
+    assert zero2["reduce_bucket_size"] == 500_000_000 and "stage3_prefetch_bucket_size" not in zero2
+    assert "reduce_bucket_size" not in deepspeed_config(_cfg("distributed.zero_stage=1"), 2, 1234)["zero_optimization"]
+    assert "reduce_bucket_size" not in deepspeed_config(_cfg("distributed.zero_stage=3"), 2)["zero_optimization"]
+
+
 def test_precision_maps_to_deepspeed_sections():
     bf16 = deepspeed_config(_cfg("training.precision=bf16"), world_size=1)
     assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"]

@@ -80,8 +80,16 @@ def check_batch_arithmetic(cfg: Config, world_size: int) -> int:
     return derived
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict, derived from the typed config (the only place that writes one)."""
+_DS_DEFAULT_BUCKET = 500_000_000
+"""DeepSpeed's default reduce / prefetch bucket size, in elements."""
+
+
+def deepspeed_config(cfg: Config, world_size: int, trainable_params: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict, derived from the typed config (the only place that writes one).
+
+    ``trainable_params`` (the number of trained elements) caps ZeRO's communication buckets: DeepSpeed's default
+    of 5e8 elements is a ~1.9 GB fp32 buffer per rank whatever the model's size.
+    """
     t = cfg.training
     global_batch = check_batch_arithmetic(cfg, world_size)
     zero: dict[str, Any] = {"stage": cfg.distributed.zero_stage}
@@ -89,6 +97,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         # Gather-on-demand for every parameter: the small ones too (the default keeps < 100k-element tensors
         # unpartitioned, which would leave tiny test models entirely unpartitioned).
         zero["stage3_param_persistence_threshold"] = 0
+    if trainable_params is not None and cfg.distributed.zero_stage >= 2:
+        bucket = int(min(_DS_DEFAULT_BUCKET, max(trainable_params, 1)))
+        zero["reduce_bucket_size"] = bucket
+        if cfg.distributed.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = bucket
     ds: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -374,9 +387,11 @@ def build_engine(
     prepare_deepspeed()
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, world_size)
     dtype = compute_dtype(cfg.training.precision)
     frozen = FrozenParts.detach(task)
+    ds_config = deepspeed_config(
+        cfg, world_size, trainable_params=sum(p.numel() for p in task.parameters() if p.requires_grad)
+    )
     frozen.to(device, dtype)
     frozen.train(True)
     task.to(device)
