@@ -602,6 +602,14 @@ class FeedbackPool:
             actor.ready = False
             checking[actor.handle.pid.remote()] = actor
 
+        def lose(job: GenerationJob, actor: _Actor, stage: str, exc: BaseException) -> LostBatch:
+            # The actor died with this batch in flight: count it, ask after the actor, report the batch lost.
+            self.stats.lost_batches += 1
+            self.stats.lost_jobs.append(job.job_id)
+            self._emit("lost", job_id=job.job_id, stage=stage, pid=actor.pid)
+            check(actor)
+            return LostBatch(job, stage, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+
         while queue or generating or scoring or waiting or checking or rechecks:
             now = time.monotonic()
             for due in [r for r in rechecks if r[0] <= now]:
@@ -680,11 +688,7 @@ class FeedbackPool:
                 except Exception as exc:
                     if not lost_error(exc):
                         raise
-                    self.stats.lost_batches += 1
-                    self.stats.lost_jobs.append(job.job_id)
-                    self._emit("lost", job_id=job.job_id, stage="generate", pid=actor.pid)
-                    check(actor)
-                    yield LostBatch(job, "generate", f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                    yield lose(job, actor, "generate", exc)
                     continue
                 if meta.pid != actor.pid:  # Ray restarted the actor and retried the task on it
                     self.stats.restarts += 1
@@ -702,11 +706,7 @@ class FeedbackPool:
                 except Exception as exc:
                     if not lost_error(exc):
                         raise
-                    self.stats.lost_batches += 1
-                    self.stats.lost_jobs.append(job.job_id)
-                    self._emit("lost", job_id=job.job_id, stage="score", pid=actor.pid)
-                    check(actor)
-                    yield LostBatch(job, "score", f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                    yield lose(job, actor, "score", exc)
                     continue
                 actor.pid = scores.pid
                 self.stats.scored_batches += 1
