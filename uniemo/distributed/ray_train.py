@@ -174,6 +174,14 @@ def job_runtime_env() -> dict[str, Any]:
 
 
 
+def _keep_embedded_ray_on_loopback(dist_cfg: DistributedConfig) -> None:
+    """Ray resolves a loopback node address to the machine's own address (so other nodes could reach it) unless
+    its "local-only cluster" switch is off; an embedded one-machine cluster stays on loopback. Ray reads the
+    switch when it is first imported: call this before any ``import ray``."""
+    if not dist_cfg.ray_address and _is_loopback(dist_cfg.bind_host):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -188,11 +196,7 @@ def _is_loopback(host: str) -> bool:
 @contextmanager
 def ray_session(dist_cfg: DistributedConfig) -> Iterator[str]:
     """Be connected to Ray inside the block (module docstring, step 2). Yields how: caller/address/embedded."""
-    if not dist_cfg.ray_address and _is_loopback(dist_cfg.bind_host):
-        # Ray resolves a loopback node address to the machine's own address (so other nodes could reach it)
-        # unless its "local-only cluster" switch is off; an embedded one-machine cluster stays on loopback.
-        # Ray reads the switch when it is first imported, so set it before that.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _keep_embedded_ray_on_loopback(dist_cfg)
     import ray
 
     if ray.is_initialized():
@@ -304,6 +308,7 @@ def _stop_on_sigterm(stop_file: Path) -> Iterator[None]:
 
 def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """``uniemo train``: plan, start Ray Train with ``distributed.num_workers`` workers, wait, summarise."""
+    _keep_embedded_ray_on_loopback(cfg.distributed)
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
