@@ -315,7 +315,7 @@ def main() -> int:
     args.warmup = args.warmup if args.warmup >= 0 else (1 if args.tiny else 3)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    device = torch.device("cpu" if args.tiny else "cuda")
+    device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
