@@ -7,6 +7,11 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""OSError numbers of a full disk, a quota or a file-size limit: the user frees space and re-runs (exit 2)."""
+
 
 class UserError(Exception):
     """An error the user can fix. The message names the problem and what to do."""

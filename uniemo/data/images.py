@@ -57,7 +57,8 @@ def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
         EOFError,
         Image.DecompressionBombError,
     ) as e:
-        raise RecordProblem("undecodable_image", f"{path}: image does not decode ({_one_line(e)})") from None
+        reason = "not an image PIL can identify" if isinstance(e, UnidentifiedImageError) else _one_line(e)
+        raise RecordProblem("undecodable_image", f"{path}: image does not decode ({reason})") from None
 
 
 def _encode_png(img: Image.Image) -> bytes:

@@ -37,7 +37,7 @@ from uniemo.config.schema import NUM_EMOTIONS
 from uniemo.data.attributes import ATTRIBUTES_FILE, AttributeTable, write_json_atomic
 from uniemo.data.images import load_image_bytes
 from uniemo.data.records import SPLITS, Record, RecordProblem, SkipLog
-from uniemo.errors import ConfigError, DataError
+from uniemo.errors import DISK_FULL_ERRNOS, ConfigError, DataError
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -116,6 +116,14 @@ def write_sample_shard(
         os.chmod(tmp, 0o644)
         size, digest = file_digest(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise DataError(
+                f"cannot write shard {path} ({os.strerror(exc.errno)}); free some space and re-run the same "
+                "command (complete shards are kept)"
+            ) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -207,6 +215,27 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         isinstance(e, dict) and {"name", "split", "samples"} <= e.keys() for e in shards
     ):
         raise DataError(f"{path}: malformed shard list; rewrite the shard folder")
+    return manifest
+
+
+def check_shard_files(folder: str | Path) -> dict[str, Any]:
+    """Every shard ``<folder>/manifest.json`` lists exists with the size it was written with (a cheap ``stat`` per
+    shard, no reading): :class:`DataError` naming the first missing or truncated shard. Returns the manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    for entry in manifest["shards"]:
+        path = folder / entry["name"]
+        if not path.is_file():
+            raise DataError(
+                f"{folder / MANIFEST_FILE} lists shard {entry['name']}, which is missing; restore it or rewrite "
+                "the shard folder with `uniemo data shards`"
+            )
+        size, expected = path.stat().st_size, entry.get("bytes")
+        if isinstance(expected, int) and size != expected:
+            raise DataError(
+                f"shard {path} has {size} bytes, the manifest says {expected}: it is truncated or damaged; "
+                "restore it or rewrite the shard folder with `uniemo data shards`"
+            )
     return manifest
 
 
@@ -597,6 +626,13 @@ def _job_source(job: ShardJob) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # The synthetic set on first use
 # ---------------------------------------------------------------------------------------------------------
+def synthetic_shards_folder(data_cfg: Any) -> Path:
+    """Where :func:`ensure_synthetic_shards` writes the synthetic set's shards (whether or not they exist yet)."""
+    syn = data_cfg.synthetic
+    base = Path(data_cfg.cache_dir).expanduser() / f"synthetic-{syn.images}-{syn.size}-{syn.seed}"
+    return base / f"shards-{syn.shard_size}"
+
+
 def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
     """The shard folder a run reads: ``data.shards`` when set, else the synthetic set, made on first use.
 
@@ -612,10 +648,11 @@ def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
                 f"data.shards={data_cfg.shards!r} holds no {MANIFEST_FILE}; write it with `uniemo data shards "
                 f"--out {data_cfg.shards} ...`, or set data.shards='' to use the synthetic set"
             )
+        check_shard_files(folder)
         return folder
+    shards = synthetic_shards_folder(data_cfg)
+    base = shards.parent
     syn = data_cfg.synthetic
-    base = Path(data_cfg.cache_dir).expanduser() / f"synthetic-{syn.images}-{syn.size}-{syn.seed}"
-    shards = base / f"shards-{syn.shard_size}"
     if (shards / MANIFEST_FILE).is_file():
         return shards
     from filelock import FileLock

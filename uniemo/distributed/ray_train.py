@@ -3,8 +3,10 @@
 :func:`run_training` (the driver, one per job):
 
 1. :func:`prepare_run` checks on the driver what can be checked before any worker starts, each a one-line
-   :class:`UserError`: batch arithmetic, fresh run vs ``--resume`` (a fresh run never overwrites checkpoints),
-   resume compatibility, the stage-1 weights of stage 2, wandb credentials for ``online``. It makes the
+   :class:`UserError`: batch arithmetic, the weights folders (exist, fit the model, safetensors), fresh run vs
+   ``--resume`` (a fresh run never overwrites checkpoints), resume compatibility, the stage-1 weights of stage 2,
+   checkpoint files that would run code when unpickled, wandb credentials for ``online``, a writable run
+   directory. It makes the
    synthetic shards once, and writes ``<run_dir>/config.yaml``.
 2. :func:`ray_session` joins Ray: the caller's when ``ray.init`` already ran in this process (tests share one
    cluster), the cluster at ``distributed.ray_address``, or an embedded local cluster started here with
@@ -96,10 +98,27 @@ def _check_wandb(cfg: Config) -> None:
     )
 
 
+def _check_writable(folder: Path, key: str) -> None:
+    """One line naming ``key`` when ``folder`` cannot be created or written (permissions, a file in the path, a
+    read-only or full file system), before any work starts."""
+    import errno
+
+    probe = folder / f".uniemo-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable folder"
+        raise UserError(f"cannot write the run directory {folder} ({reason}); {hint} (set {key})") from None
+
+
 def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
     """Driver-side checks and set-up (module docstring, step 1)."""
     from uniemo.config import save_resolved
     from uniemo.data.shards import ensure_synthetic_shards
+    from uniemo.models.weights import check_model_folders
     from uniemo.training.checkpoint import (
         CheckpointError,
         check_compatible,
@@ -108,11 +127,13 @@ def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
         read_trainer_state,
     )
     from uniemo.training.engine import check_batch_arithmetic
+    from uniemo.training.safe_pickle import check_checkpoint_folder
     from uniemo.training.stages import resolve_init_from
 
     cfg = absolute_paths(cfg)
     world = cfg.distributed.num_workers
     check_batch_arithmetic(cfg, world)
+    check_model_folders(cfg.model)
     run_dir = run_dir_of(cfg)
     resume = resume or cfg.training.resume == "latest"
     latest = latest_checkpoint(run_dir)
@@ -127,6 +148,7 @@ def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
     if latest is not None:
         state = read_trainer_state(latest)
         check_compatible(state.get("compat", {}), compat_keys(cfg, world), latest)
+        check_checkpoint_folder(latest)
         if state.get("init_from"):
             init_from = Path(state["init_from"])  # the frozen stage-1 weights of this run, not a newer run's
             if not init_from.is_dir():
@@ -135,7 +157,10 @@ def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
                 )
     elif cfg.training.stage == 2:
         init_from = resolve_init_from(cfg, run_dir)
+    if init_from is not None:
+        check_checkpoint_folder(init_from)
     _check_wandb(cfg)
+    _check_writable(run_dir, "run.output_dir")
     ensure_synthetic_shards(cfg.data, progress=True)
     save_resolved(cfg, run_dir)
     return RunPlan(config=cfg, run_dir=run_dir, resume_from=latest, init_from=init_from)
@@ -194,8 +219,11 @@ def _is_loopback(host: str) -> bool:
 
 
 @contextmanager
-def ray_session(dist_cfg: DistributedConfig) -> Iterator[str]:
-    """Be connected to Ray inside the block (module docstring, step 2). Yields how: caller/address/embedded."""
+def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0) -> Iterator[str]:
+    """Be connected to Ray inside the block (module docstring, step 2). Yields how: caller/address/embedded.
+
+    ``extra_cpus``: CPUs an embedded cluster needs beside the trainers (e.g. the feedback pool's actors).
+    """
     _keep_embedded_ray_on_loopback(dist_cfg)
     import ray
 
@@ -212,7 +240,7 @@ def ray_session(dist_cfg: DistributedConfig) -> Iterator[str]:
     own_temp = not dist_cfg.ray_temp_dir
     # Short path: Ray puts unix sockets in it (107-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="uniemo-ray-") if own_temp else dist_cfg.ray_temp_dir
-    needed = dist_cfg.num_workers * dist_cfg.cpus_per_worker
+    needed = dist_cfg.num_workers * dist_cfg.cpus_per_worker + extra_cpus
     ok = False
     try:
         ray.init(

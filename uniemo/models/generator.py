@@ -166,18 +166,8 @@ class Generator(nn.Module):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         root = Path(path)
-        if not root.is_dir():
-            raise UserError(
-                f"generator folder {str(root)!r} does not exist: set model.generator.path to a "
-                "diffusers-format Stable Diffusion folder, or leave it empty for a random preset"
-            )
-        for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-            if not (root / sub).is_dir():
-                raise UserError(
-                    f"generator folder {str(root)!r} has no {sub}/ sub-folder: expected the "
-                    "StableDiffusionPipeline.save_pretrained layout"
-                )
-        kwargs = {"local_files_only": True}
+        check_generator_folder(root)
+        kwargs = {"local_files_only": True, "use_safetensors": True}
         if importlib.util.find_spec("accelerate") is None:
             # Without accelerate diffusers falls back to this anyway; saying so silences its warning.
             kwargs["low_cpu_mem_usage"] = False
@@ -185,7 +175,7 @@ class Generator(nn.Module):
             kwargs["torch_dtype"] = torch_dtype
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kwargs)
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs)
-        text_kwargs = {"local_files_only": True}
+        text_kwargs = {"local_files_only": True, "use_safetensors": True}
         if torch_dtype is not None:
             text_kwargs["dtype"] = torch_dtype
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **text_kwargs)
@@ -475,6 +465,29 @@ class Generator(nn.Module):
         return self.unet(
             noisy_latents.to(unet_dtype), timesteps, encoder_hidden_states=hidden_states.to(unet_dtype)
         ).sample.float()
+
+
+def check_generator_folder(path: str | Path) -> None:
+    """A one-line :class:`UserError` unless ``path`` is a diffusers Stable Diffusion folder with safetensors weights
+    (``StableDiffusionPipeline.save_pretrained`` layout). Pickled ``*.bin`` weights are never loaded."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(
+            f"generator folder {str(root)!r} does not exist: set model.generator.path to a "
+            "diffusers-format Stable Diffusion folder, or leave it empty for a random preset"
+        )
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (root / sub).is_dir():
+            raise UserError(
+                f"generator folder {str(root)!r} has no {sub}/ sub-folder: expected the "
+                "StableDiffusionPipeline.save_pretrained layout"
+            )
+    for sub in ("unet", "vae", "text_encoder"):
+        if not any((root / sub).glob("*.safetensors")):
+            raise UserError(
+                f"generator folder {str(root / sub)!r} has no *.safetensors weights (pickled *.bin files are never "
+                "loaded); re-save the pipeline with save_pretrained(..., safe_serialization=True)"
+            )
 
 
 def build_generator(cfg, image_size: int = 64, seed: int = 0) -> Generator:

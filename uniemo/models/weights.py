@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from uniemo.config.schema import UnderstandingConfig
+from uniemo.config.schema import ModelConfig, UnderstandingConfig
 from uniemo.errors import ConfigError, UserError
 from uniemo.models.understanding import UnderstandingDims, UnderstandingModel, resolve_dims
 
@@ -147,6 +147,39 @@ def _architecture_mismatches(dims: UnderstandingDims, vision: dict) -> list[str]
     ]
 
 
+def _check_fits(dims: UnderstandingDims, folder: ClipFolder) -> None:
+    mismatches = _architecture_mismatches(dims, folder.vision)
+    if mismatches:
+        raise WeightsError(
+            f"CLIP folder {folder.path} does not fit model.understanding: {'; '.join(mismatches)}. "
+            "Set model.understanding.preset to the checkpoint's (or from_clip) and drop conflicting overrides"
+        )
+
+
+def check_model_folders(cfg: ModelConfig) -> None:
+    """Check the weights folders a config names before any heavy work starts (the driver of ``uniemo train``).
+
+    Reads only ``config.json`` files and folder listings: the CLIP folder exists, is a CLIP model, fits
+    ``model.understanding`` and holds safetensors; the generator folder has the diffusers layout with
+    safetensors. Raises the same one-line :class:`WeightsError` / :class:`UserError` the loaders raise.
+    """
+    from uniemo.models.generator import check_generator_folder
+
+    und = cfg.understanding
+    if und.clip_path:
+        path = Path(und.clip_path).expanduser()
+        if not path.is_dir():
+            raise WeightsError(
+                f"model.understanding.clip_path {path} does not exist; put a transformers CLIP folder there "
+                "(CLIPModel.save_pretrained, e.g. openai/clip-vit-large-patch14) or fix the path"
+            )
+        folder = read_clip_folder(path)
+        _check_fits(dims_from_clip(path, und) if und.preset == "from_clip" else resolve_dims(und), folder)
+        safetensors_files(path)
+    if cfg.generator.path:
+        check_generator_folder(cfg.generator.path)
+
+
 def safetensors_files(path: Path) -> list[Path]:
     single = path / SAFETENSORS_FILE
     if single.is_file():
@@ -197,12 +230,7 @@ def load_clip_into_understanding(model: UnderstandingModel, clip_dir: str | Path
     architecture differs from the model's (naming each mismatch). Returns which parameters are new.
     """
     folder = read_clip_folder(clip_dir)
-    mismatches = _architecture_mismatches(model.dims, folder.vision)
-    if mismatches:
-        raise WeightsError(
-            f"CLIP folder {folder.path} does not fit model.understanding: {'; '.join(mismatches)}. "
-            "Set model.understanding.preset to the checkpoint's (or from_clip) and drop conflicting overrides"
-        )
+    _check_fits(model.dims, folder)
     checkpoint = read_safetensors(folder.path)
     params = dict(model.named_parameters())
     loaded, ignored = [], []

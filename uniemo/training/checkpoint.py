@@ -343,6 +343,9 @@ class Checkpointer:
                 f"cannot resume from {folder}: saved by {len(positions)} ranks, this job has "
                 f"{self.env.world_size}; use distributed.num_workers={len(positions)}"
             )
+        from uniemo.training.safe_pickle import check_checkpoint_folder
+
+        check_checkpoint_folder(folder)  # DeepSpeed unpickles with weights_only=False: refuse foreign code first
         load_path, _ = engine.load_checkpoint(
             str(folder), tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
             load_lr_scheduler_states=True,

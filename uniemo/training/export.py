@@ -172,6 +172,9 @@ def consolidated_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
             f"{str(step_dir)!r} is not a checkpoint folder: it has no {CHECKPOINT_TAG}/*model_states.pt "
             "(expected runs/<name>/checkpoints/step-NNNNNN)"
         )
+    from uniemo.training.safe_pickle import check_checkpoint_folder
+
+    check_checkpoint_folder(step_dir)  # the loads below (and zero_to_fp32's) unpickle with weights_only=False
     ds_dir = step_dir / CHECKPOINT_TAG
     optim_files = sorted(ds_dir.glob("*_optim_states.pt"))
     if optim_files and _is_zero_optimizer_file(optim_files[0]):
