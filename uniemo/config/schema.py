@@ -262,6 +262,10 @@ class TrainingConfig:
     training.gradient_accumulation x distributed.num_workers."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0: no clipping."""
+    max_bad_steps: int = 0
+    """Steps with a non-finite loss (on any rank) that are skipped (no update, counted as ``bad_steps`` in the
+    metrics) before the run stops; the next one stops it with a clear error, saving nothing (``latest`` stays the
+    last good checkpoint). 0: the first non-finite loss stops the run. > 0 needs gradient_accumulation 1."""
     lr_schedule: Literal["cosine", "cyclic_cosine", "constant"] = "cosine"
     """``cosine``: linear warm-up then cosine decay to ``min_lr_ratio`` over the run; ``cyclic_cosine``: the
     official ``CosineAnnealingLR(T_max=cyclic_period)`` stepped every step, which cycles (METHOD §2.5, §9.11);
@@ -288,6 +292,12 @@ class TrainingConfig:
         _positive("training.gradient_accumulation", self.gradient_accumulation)
         _non_negative("training.global_batch_size", self.global_batch_size)
         _non_negative("training.grad_clip", self.grad_clip)
+        _non_negative("training.max_bad_steps", self.max_bad_steps)
+        if self.max_bad_steps > 0 and self.gradient_accumulation > 1:
+            raise ConfigError(
+                "training.max_bad_steps > 0 needs training.gradient_accumulation=1 (a skipped step must not leave "
+                "the gradients of its other micro-batches behind); set one of them back"
+            )
         _non_negative("training.checkpoint_every", self.checkpoint_every)
         _positive("training.keep_checkpoints", self.keep_checkpoints)
         _non_negative("training.eval_every", self.eval_every)
@@ -382,6 +392,18 @@ class FeedbackConfig:
     """Times Ray restarts a dead generator or filter actor (Ray ``max_restarts``)."""
     max_task_retries: int = 1
     """Times a task of a dead actor is retried on its restarted actor; 0: its batch is lost (and counted)."""
+    from_run: str = ""
+    """The finished stage-2 run the loop starts from (its latest checkpoint); empty: the newest stage-2 run under
+    ``run.output_dir`` that is not itself a feedback run (no ``rounds/`` folder)."""
+    steps_per_round: int = 50
+    """Optimizer steps of continued training per round; the feedback run trains ``rounds x steps_per_round`` steps
+    in all (one schedule over the whole run; ``training.steps`` is ignored)."""
+    refresh_every: int = 0
+    """Trainers look for newly listed round shards every this many steps and, when there are some, start a new
+    epoch with them; 0: only at epoch boundaries (``feedback.mode=async``; also honoured by ``uniemo train``)."""
+    trainer_cpus: float | None = None
+    """``async`` mode: CPUs Ray reserves per trainer worker, fractions allowed so that trainers and pool share the
+    cores; None: ``distributed.cpus_per_worker``."""
 
     def validate(self) -> None:
         _positive("feedback.rounds", self.rounds)
@@ -411,6 +433,10 @@ class FeedbackConfig:
             _non_negative(f"feedback.{key}", getattr(self, key))
         if self.sampling_steps is not None:
             _positive("feedback.sampling_steps", self.sampling_steps)
+        _positive("feedback.steps_per_round", self.steps_per_round)
+        _non_negative("feedback.refresh_every", self.refresh_every)
+        if self.trainer_cpus is not None:
+            _positive("feedback.trainer_cpus", self.trainer_cpus)
 
     @property
     def keep_per_emotion(self) -> int:
@@ -420,8 +446,38 @@ class FeedbackConfig:
 
 @dataclass
 class EvaluationConfig:
+    """``uniemo train-judge`` and ``uniemo evaluate`` (METHOD §6, D12)."""
+
     images_per_emotion: int = 8
     """M: generated images per emotion for generation metrics."""
+    judge: str = ""
+    """Folder of the evaluation classifier (``uniemo train-judge``); empty: ``<run>/../judge`` when it exists."""
+    inception_weights: str = ""
+    """Local safetensors file of Inception-v3 (torchvision layout) for FID; empty: FID on the judge's features."""
+    sampling_steps: int | None = None
+    """Denoising steps of the evaluation images; None: model.generator.sampling_steps."""
+    seed: int = 0
+    """Seeds of the evaluation images (image i of emotion k: seed + k*M + i) and of the diversity pairs."""
+    diversity_pairs: int = 1000
+    """Random pairs per emotion for Sem-D and the mean pairwise distance (fixed count and seed, METHOD §6.2)."""
+    judge_steps: int = 300
+    """Optimizer steps of the judge's training."""
+    judge_batch_size: int = 32
+    """Judge training batch."""
+    judge_lr: float = 3e-3
+    """AdamW learning rate of the judge (cosine decay)."""
+    judge_width: int = 16
+    """Channels of the judge CNN's first block (doubled per block)."""
+    judge_seed: int = 0
+    """Seed of the judge's initialisation and data order."""
+
+    def validate(self) -> None:
+        for key in ("images_per_emotion", "diversity_pairs", "judge_steps", "judge_batch_size", "judge_width"):
+            _positive(f"evaluation.{key}", getattr(self, key))
+        _positive("evaluation.judge_lr", self.judge_lr)
+        _non_negative("evaluation.seed", self.seed)
+        if self.sampling_steps is not None:
+            _positive("evaluation.sampling_steps", self.sampling_steps)
 
 
 @dataclass
@@ -443,6 +499,38 @@ class LoggingConfig:
     """Stage 2: images per emotion in the sample grids made at the end of the run; 0: none."""
 
 
+PIPELINE_STAGES: tuple[str, ...] = ("data", "stage1", "stage2", "feedback", "judge", "evaluate", "report")
+"""The stages of ``uniemo run``, in order."""
+
+
+@dataclass
+class PipelineConfig:
+    """``uniemo run``: the whole loop in one command. Each stage's job is this config plus the stage's own dotted
+    overrides (the same ``key=value`` strings the command line takes), applied in the order given."""
+
+    stages: list[str] = field(default_factory=lambda: list(PIPELINE_STAGES))
+    """Stages to run, a subset of data, stage1, stage2, feedback, judge, evaluate, report (kept in that order)."""
+    stage1: list[str] = field(default_factory=list)
+    """Overrides of the stage-1 training run (``<pipeline>/stage1``), e.g. ``[training.steps=100]``."""
+    stage2: list[str] = field(default_factory=list)
+    """Overrides of the stage-2 training run (``<pipeline>/stage2``, initialised from stage 1)."""
+    feedback: list[str] = field(default_factory=list)
+    """Overrides of the feedback loop's continued training (``<pipeline>/feedback``, starting from stage 2)."""
+    judge: list[str] = field(default_factory=list)
+    """Overrides of the evaluation classifier's training (``<pipeline>/judge``)."""
+    evaluate: list[str] = field(default_factory=list)
+    """Overrides of the evaluation of the final run."""
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
+        if unknown:
+            raise ConfigError(
+                f"pipeline.stages has unknown stage(s) {', '.join(unknown)}; choose from {', '.join(PIPELINE_STAGES)}"
+            )
+        if not self.stages:
+            raise ConfigError("pipeline.stages is empty; name at least one of " + ", ".join(PIPELINE_STAGES))
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -453,10 +541,11 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self) -> None:
         """Cross-field checks of every section that has them."""
-        for section in (self.data, self.training, self.distributed, self.feedback):
+        for section in (self.data, self.training, self.distributed, self.feedback, self.evaluation, self.pipeline):
             section.validate()
 
 

@@ -19,8 +19,9 @@ counts, from a generator seeded by ``(seed, epoch, rank, worker, source)``; sour
 rounds, ...) are mixed sample by sample by weight; a seeded shuffle buffer mixes shards. An epoch is
 ``batches_per_epoch = floor(train_samples / (world_size * batch_size))`` batches on **every** rank, where
 ``train_samples`` is the number of train samples over all sources listed in the manifests when the epoch
-starts (new feedback rounds join at the next epoch). Worker ``w`` of a rank yields batches ``w, w+W, ...`` of
-the epoch, which is the order in which ``DataLoader`` returns them.
+starts (new feedback rounds join at the next epoch; :meth:`ShardLoader.listing_changed` lets a trainer end an
+epoch early when a round appears). Worker ``w`` of a rank yields batches ``w, w+W, ...`` of the epoch, which is
+the order in which ``DataLoader`` returns them.
 
 **Skipped samples.** A shard that cannot be opened (``missing_shard``) or read to its end (``corrupt_shard``,
 e.g. a truncated tar) and a sample that is incomplete (``incomplete_sample``), has a bad label or JSON
@@ -480,6 +481,13 @@ class ShardLoader:
             ).encode()
         ).hexdigest()
         return shards, digest
+
+    def listing_changed(self) -> bool:
+        """Whether the manifests now list other shards than the current epoch uses (e.g. a new feedback round).
+
+        A trainer that wants them before the epoch ends calls ``set_epoch(epoch + 1)`` and iterates again.
+        """
+        return self._list_shards()[1] != self._digest
 
     @property
     def train_samples(self) -> int:

@@ -7,6 +7,10 @@ The loop (:mod:`uniemo.training.trainer`) is the same for both stages; :func:`bu
 - **stage 2** (METHOD §3): :func:`uniemo.training.task.build_stage2_task` with the understanding model loaded from
   stage 1 (:func:`resolve_init_from`: ``training.init_from``, else the latest stage-1 run under
   ``run.output_dir``), through :func:`uniemo.training.export.consolidated_state_dict` of that run's checkpoint.
+  ``training.init_from`` may also name a stage-2 run (the feedback loop continues one, :mod:`uniemo.feedback.loop`):
+  then the frozen backbone and head come from that run's own stage-1 checkpoint and every weight it trained
+  (understanding queries and blocks, attribute classifiers, mappers, the UNet with ``train_unet``) from its
+  checkpoint (:func:`split_init`); the new run records the stage-1 checkpoint as its ``init_from``.
   At the end (:func:`finish_stage2`): the emotion space over the whole train split with evaluation transforms,
   its sufficient statistics summed over all ranks (METHOD §4.1, D9), saved as ``emotion_space.safetensors``;
   then sample grids per emotion (METHOD §4.2) on rank 0.
@@ -49,6 +53,8 @@ class StageParts:
     """Full validation split, evaluation transforms, every sample once over all ranks; None: no validation."""
     init_from: str | None = None
     """Stage 2: the stage-1 checkpoint folder the understanding model came from."""
+    continued_from: str | None = None
+    """Stage 2 continuing a stage-2 run (feedback): that run's checkpoint, the source of every trained weight."""
     initial_understanding: dict[str, torch.Tensor] = field(default_factory=dict)
     """Stage 2: fp32 CPU copy of the understanding weights before training (the frozen ones never change)."""
     finish: Callable[[Trainer], None] | None = None
@@ -68,19 +74,21 @@ def _stage_of_run(run_dir: Path) -> int | None:
         return None
 
 
-def find_latest_stage1_run(output_dir: str | Path, exclude: Path | None = None) -> Path:
-    """The stage-1 run under ``output_dir`` whose latest checkpoint is the newest.
-
-    Raises:
-        ConfigError: when there is none.
-    """
+def find_latest_run(
+    output_dir: str | Path,
+    stage: int,
+    exclude: Path | None = None,
+    skip: Callable[[Path], bool] | None = None,
+) -> Path | None:
+    """The latest checkpoint of the stage-``stage`` run under ``output_dir`` whose latest checkpoint is the newest
+    (runs for which ``skip(run_dir)`` is true, and ``exclude``, left out); None when there is none."""
     root = Path(output_dir)
     best: tuple[float, Path] | None = None
     if root.is_dir():
         for run_dir in root.iterdir():
             if not run_dir.is_dir() or (exclude is not None and run_dir.resolve() == exclude.resolve()):
                 continue
-            if _stage_of_run(run_dir) != 1:
+            if _stage_of_run(run_dir) != stage or (skip is not None and skip(run_dir)):
                 continue
             try:
                 step_dir = latest_checkpoint(run_dir)
@@ -91,16 +99,28 @@ def find_latest_stage1_run(output_dir: str | Path, exclude: Path | None = None) 
             mtime = (step_dir / "COMPLETE").stat().st_mtime
             if best is None or mtime > best[0]:
                 best = (mtime, step_dir)
-    if best is None:
+    return best[1] if best is not None else None
+
+
+def find_latest_stage1_run(output_dir: str | Path, exclude: Path | None = None) -> Path:
+    """The latest checkpoint of the stage-1 run under ``output_dir`` whose latest checkpoint is the newest.
+
+    Raises:
+        ConfigError: when there is none.
+    """
+    root = Path(output_dir)
+    found = find_latest_run(root, 1, exclude)
+    if found is None:
         raise ConfigError(
             f"stage 2 starts from stage-1 weights, but no stage-1 run with a checkpoint is under {root}/; run "
             "stage 1 first (e.g. `uniemo train --config configs/tiny_stage1.yaml`) or set training.init_from"
         )
-    return best[1]
+    return found
 
 
 def resolve_init_from(cfg: Config, run_dir: Path) -> Path | None:
-    """Stage 2: the complete stage-1 checkpoint folder to start from; stage 1: None."""
+    """Stage 2: the complete checkpoint folder to start from (stage 1's, or a stage-2 run's to continue it, see
+    :func:`split_init`); stage 1: None."""
     if cfg.training.stage != 2:
         return None
     if cfg.training.init_from:
@@ -133,6 +153,46 @@ def load_stage1_understanding(understanding: nn.Module, step_dir: str | Path) ->
         )
 
 
+def split_init(step_dir: Path) -> tuple[Path, Path | None]:
+    """``(stage-1 checkpoint, stage-2 checkpoint or None)`` of a stage-2 ``init_from`` checkpoint folder.
+
+    A stage-1 checkpoint is its own first part. A stage-2 checkpoint holds only what stage 2 trains; its frozen
+    backbone and head come from the stage-1 checkpoint it records as ``init_from``.
+    """
+    from uniemo.training.checkpoint import read_trainer_state
+
+    try:
+        state = read_trainer_state(step_dir)
+    except CheckpointError as e:
+        raise ConfigError(f"training.init_from: {e}") from None
+    if int(state.get("stage", 1)) != 2:
+        return step_dir, None
+    root = state.get("init_from")
+    if not root or not Path(root).is_dir():
+        raise ConfigError(
+            f"training.init_from {step_dir} is a stage-2 checkpoint whose stage-1 weights ({root!r}) are gone; "
+            "restore that stage-1 run or start from another run"
+        )
+    return Path(root), step_dir
+
+
+def load_stage2_weights(task: nn.Module, step_dir: str | Path) -> None:
+    """Load every weight a stage-2 checkpoint trained into a stage-2 ``task`` (fp32); each trainable parameter of
+    ``task`` must be among them."""
+    from uniemo.training.export import consolidated_state_dict
+
+    state = {k: v.float() for k, v in consolidated_state_dict(step_dir).items()}
+    own = task.state_dict()
+    unexpected = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    missing = [n for n, p in task.named_parameters() if p.requires_grad and n not in state]
+    if unexpected or missing:
+        raise ConfigError(
+            f"the stage-2 weights in {step_dir} do not fit this run's model (missing {missing[:3]}, not fitting "
+            f"{unexpected[:3]}); use the model settings of that stage-2 run"
+        )
+    task.load_state_dict(state, strict=False)
+
+
 # -- building a stage ------------------------------------------------------------------------------------------
 
 
@@ -144,7 +204,10 @@ def _build_task(cfg: Config, attributes: Any, init_from: Path | None) -> nn.Modu
         return build_stage1_task(cfg, attributes)
     task = build_stage2_task(cfg, attributes)
     assert init_from is not None, "stage 2 needs a stage-1 checkpoint (resolve_init_from)"
-    load_stage1_understanding(task.understanding, init_from)
+    stage1, stage2 = split_init(init_from)
+    load_stage1_understanding(task.understanding, stage1)
+    if stage2 is not None:
+        load_stage2_weights(task, stage2)
     return task
 
 
@@ -171,13 +234,16 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
             cfg.data, "val", rank=env.rank, world_size=env.world_size, stage=stage, training=False, seed=cfg.run.seed
         )
     initial = {}
+    stage1, stage2 = (init_from, None)
     if stage == 2:  # the frozen weights the final model is rebuilt from (finish_stage2)
         initial = {k: v.detach().float().cpu().clone() for k, v in task.understanding.state_dict().items()}
+        stage1, stage2 = split_init(init_from)
     return StageParts(
         task=task,
         train_loader=train_loader,
         val_loader=val_loader,
-        init_from=str(init_from) if init_from is not None else None,
+        init_from=str(stage1) if stage1 is not None else None,
+        continued_from=str(stage2) if stage2 is not None else None,
         initial_understanding=initial,
         finish=finish_stage2 if stage == 2 else None,
     )
@@ -298,7 +364,9 @@ def describe_init(step_dir: Path | None) -> str:
     if step_dir is None:
         return "random initialisation"
     try:
-        step = json.loads((step_dir / "trainer_state.json").read_text()).get("step")
+        state = json.loads((step_dir / "trainer_state.json").read_text())
     except (OSError, ValueError):
-        step = "?"
-    return f"stage-1 weights from {step_dir} (step {step})"
+        state = {}
+    if state.get("stage") == 2:
+        return f"continuing the stage-2 weights of {step_dir} (step {state.get('step', '?')})"
+    return f"stage-1 weights from {step_dir} (step {state.get('step', '?')})"

@@ -9,6 +9,7 @@
       maybe_eval()                  every training.eval_every steps and at the end: the full validation split
       maybe_checkpoint()            every training.checkpoint_every steps and at the stop step
       maybe_log()                   every logging.every steps, on validation steps and at the stop step
+      maybe_refresh_sources()       every feedback.refresh_every steps: new feedback rounds start a new epoch
     finish                          the stage's end hook (stage 2: emotion space, sample grids)
 
 Stage 1 and 2 differ only by the :class:`uniemo.training.stages.StageParts` (task, data, end hook) and config.
@@ -17,7 +18,9 @@ is): process group, stage, engine, logger, loop.
 
 Reductions across ranks: logged training terms are the mean over ranks (and over the steps since the last
 log); validation sums loss x samples, correct predictions and samples over every rank, then divides (never a
-mean of per-rank means). Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose
+mean of per-rank means). ``data/samples/<source>`` in a metrics line is the number of training samples of that
+source (``real``, ``synthetic``, ...) consumed since the previous line, summed over ranks (per interval, not
+cumulative); ``time`` is when the line was written (Unix seconds). Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose
 validation shards ran out keeps joining forwards (on a batch it already has, results discarded) until every
 rank is done.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +92,8 @@ class Trainer:
         self.logger: NullRunLogger | None = None
         self.step = 0
         self.samples_seen = 0
+        self.bad_steps = 0
+        """Steps skipped for a non-finite loss so far (``training.max_bad_steps``), over the whole run."""
         self.last_checkpoint: Path | None = None
         self._saved_step = -1
         self._batches = None
@@ -98,6 +104,8 @@ class Trainer:
         self._window_steps = 0
         self._window_start = time.perf_counter()
         self._samples_per_s: float | None = None
+        self._source_names = [s.name for s in parts.train_loader.sources]
+        self._source_window: Counter = Counter()
 
     # -- start --------------------------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -114,6 +122,7 @@ class Trainer:
         state, position = self.checkpointer.load(self.engine.engine, latest, self.compat)
         self.step = int(state["step"])
         self.samples_seen = int(state.get("samples_seen", self.step * self.global_batch))
+        self.bad_steps = int(state.get("bad_steps", 0))
         self.parts.train_loader.load_state_dict(position)
         self.last_checkpoint = latest
         self._saved_step = self.step
@@ -131,9 +140,12 @@ class Trainer:
         stopped = False
         while self.step < self.stop_step:
             terms = self.train_step()
+            if terms is None:  # a skipped non-finite step: no update, the step number stays
+                continue
             val = self.maybe_eval()
             self.maybe_checkpoint()
             self.maybe_log(terms, val)
+            self.maybe_refresh_sources()
             if self.stop_requested():
                 stopped = True
                 break
@@ -149,12 +161,16 @@ class Trainer:
         directory and every rank learns the answer from the same collective, so all ranks stop at one step."""
         return self._any_rank(self.env.rank == 0 and stop_request_path(self.run_dir).exists())
 
-    def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimizer step: ``gradient_accumulation`` micro-batches, then the update. Returns the mean terms."""
+    def train_step(self) -> dict[str, torch.Tensor] | None:
+        """One optimizer step: ``gradient_accumulation`` micro-batches, then the update. Returns the mean terms, or
+        None for a step skipped because its loss was not finite on some rank (:meth:`skip_bad_step`)."""
         accum = self.cfg.training.gradient_accumulation
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             terms = self.forward_backward(self._next_batch())
+            if terms is None:
+                self.skip_bad_step()
+                return None
             for key, value in terms.items():
                 sums[key] = sums[key] + value if key in sums else value
             self._loss_keys = sorted(k for k in terms if not k.startswith("metrics/"))
@@ -171,15 +187,58 @@ class Trainer:
         # of every epoch and after a resume). Forking keeps the training RNG (dropout, noise) independent of
         # when that happens, so a resumed run draws exactly what the uninterrupted one draws.
         with torch.random.fork_rng(devices=[]):
-            return next(self._batches)
+            batch = next(self._batches)
+        self._source_window.update(batch["source"])
+        return batch
+
+    def maybe_refresh_sources(self) -> bool:
+        """Every ``feedback.refresh_every`` steps: when the manifests of any rank list other training shards than
+        the current epoch's (a new feedback round), every rank ends its epoch here and starts the next one with
+        them. Returns whether it did. (Without it new rounds join at the next epoch boundary.)"""
+        every = self.cfg.feedback.refresh_every
+        if every <= 0 or self.step % every != 0 or self.step >= self.stop_step:
+            return False
+        loader = self.parts.train_loader
+        if not self._any_rank(loader.listing_changed()):
+            return False
+        self._batches.close()  # stops this epoch's DataLoader; the position counts delivered batches only
+        loader.set_epoch(loader.epoch + 1)  # the next iteration lists the manifests again
+        self._batches = loader.batches()
+        self.logger.info(f"step {self.step}: new training shards listed; epoch {loader.epoch} starts with them")
+        return True
 
     def forward_backward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Forward through the engine (the task: model + losses), backward of ``total``; detached float terms."""
         batch = self.engine.prepare_batch(batch)
         self._last_batch = batch
         out = self.engine.engine(batch)
+        if self._any_rank(not bool(torch.isfinite(out["total"].detach()).all())):
+            return None  # every rank agrees (one collective), so no rank enters the backward's collectives
         self.engine.engine.backward(out["total"])
         return {key: value.detach().float() for key, value in out.items()}
+
+    def skip_bad_step(self) -> None:
+        """A non-finite loss on some rank: no backward, no update. Counted, and skipped while the run's count stays
+        within ``training.max_bad_steps``; beyond it the run stops with a one-line error, saving nothing, so
+        ``checkpoints/latest`` stays the last good checkpoint. (max_bad_steps > 0 implies gradient_accumulation 1,
+        so no gradient of another micro-batch is left behind.)"""
+        from uniemo.errors import UserError
+
+        self.bad_steps += 1
+        if self.bad_steps <= self.cfg.training.max_bad_steps:
+            if self.logger is not None:
+                self.logger.info(
+                    f"step {self.step + 1}: non-finite loss, step skipped "
+                    f"({self.bad_steps} of training.max_bad_steps={self.cfg.training.max_bad_steps})"
+                )
+            return
+        kept = self.last_checkpoint.name if self.last_checkpoint is not None else "none (no checkpoint yet)"
+        raise UserError(
+            f"non-finite loss at step {self.step + 1} (bad steps so far: {self.bad_steps}, "
+            f"training.max_bad_steps={self.cfg.training.max_bad_steps}); stopped without saving, the latest "
+            f"checkpoint stays {kept}. Lower the learning rates (training.lr_*), check the data, or allow skipping "
+            "with training.max_bad_steps"
+        )
 
     def optimizer_step(self) -> None:
         """The update at the accumulation boundary: clipping, AdamW, schedule (inside DeepSpeed)."""
@@ -244,8 +303,10 @@ class Trainer:
             "compat": self.compat,
             "config_digest": config_digest(self.cfg),
             "samples_seen": self.samples_seen,
+            "bad_steps": self.bad_steps,
             "total_steps": self.total_steps,
             "init_from": self.parts.init_from,
+            "continued_from": self.parts.continued_from,
             "epoch": self.parts.train_loader.epoch,
         }
         self.last_checkpoint = self.checkpointer.save(
@@ -267,7 +328,9 @@ class Trainer:
             return None
         keys = sorted(self._window)
         means = torch.stack([self._window[k].to(torch.float64) for k in keys]) / self._window_steps
-        means = self._all_reduce(means) / self.env.world_size
+        counts = torch.tensor([self._source_window[n] for n in self._source_names], dtype=torch.float64)
+        reduced = self._all_reduce(torch.cat([means, counts]))  # one collective for both
+        means, counts = reduced[: len(keys)] / self.env.world_size, reduced[len(keys) :]
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         self._samples_per_s = self._window_steps * self.global_batch / elapsed
         metrics: dict[str, Any] = {}
@@ -281,11 +344,16 @@ class Trainer:
         metrics.update({f"lr/{name}": lr for name, lr in self._step_lrs.items()})
         metrics["samples_per_s"] = self._samples_per_s
         metrics["samples"] = self.samples_seen
+        metrics["bad_steps"] = self.bad_steps
+        for name, count in zip(self._source_names, counts.tolist(), strict=True):
+            metrics[f"data/samples/{name}"] = int(count)
         metrics["epoch"] = self.parts.train_loader.epoch
+        metrics["time"] = round(time.time(), 3)
         if val is not None:
             metrics.update(val)
         self.logger.log(self.step, metrics)
         self._window = {}
+        self._source_window = Counter()
         self._window_steps = 0
         self._window_start = time.perf_counter()
         return metrics

@@ -1,0 +1,475 @@
+"""The feedback loop (METHOD §5): rounds of generate -> filter -> continue training on real ∪ synthetic.
+
+:func:`run_feedback` (``uniemo feedback --config FILE``) continues a finished stage-2 run (``feedback.from_run``;
+empty: the newest stage-2 run under ``run.output_dir`` that is not a feedback run) in ONE new training run, the
+feedback run ``<run.output_dir>/<run.name>/`` (:func:`uniemo.distributed.ray_train.run_dir_of`)::
+
+    config.yaml, checkpoints/, metrics.jsonl, ...   an ordinary stage-2 training run (one continuous curve)
+    shards/synthetic/round-<r>/*.tar + manifest     round r's kept images (:func:`uniemo.feedback.rounds.run_round`)
+    rounds/round-<r>.json                           round r's report (per emotion: candidates, rejections, kept)
+    rounds/loop.json                                the loop's record: mode, start checkpoint, per round the
+                                                    checkpoint used and when the round was published
+
+The feedback run trains ``feedback.rounds x feedback.steps_per_round`` steps in all, under one learning-rate
+schedule (``training.steps`` of the config is replaced). Its first checkpoint continues every trained weight of
+the start run (``training.init_from`` = that stage-2 checkpoint, :func:`uniemo.training.stages.split_init`; a new
+optimiser state), and its data are ``data.extra_sources`` + the synthetic source
+(:func:`uniemo.feedback.rounds.synthetic_source`: the round folders, mixed at rho). Validation stays real.
+
+**Sequential** (``feedback.mode=sequential``, the paper). For round r: generate and filter with the checkpoint
+trained on rounds < r (round 0: the start run's; round r > 0: the feedback run's checkpoint at step
+``r x steps_per_round``), release the pool (its actors end, so training gets the cores), then train to step
+``(r + 1) x steps_per_round`` (``training.stop_at_step``, resuming from ``checkpoints/latest``). The emotion space
+of a mid-run checkpoint (the trainer writes one only at the end of the run) is computed on the driver over the
+real train split.
+
+**Async** (``feedback.mode=async``). Trainers and pool share one Ray session: the trainers train all steps in one
+Ray Train job (workers of ``feedback.trainer_cpus`` CPUs) while a driver thread runs rounds: round r waits for a
+checkpoint newer than the one the previous round used (the first round: the newest one there is, at the start
+the start run's), builds its models and runs the round into the training run's synthetic source. The trainers
+list new round folders at each epoch start, and every ``feedback.refresh_every`` steps when > 0. How often the
+pool gets a new model is ``training.checkpoint_every``. When training ends, a round in progress is completed
+(its shards stay for a later run) and no further round starts; when the pool fails, the trainers are asked to
+checkpoint and stop, and the error is raised.
+
+**Resume** (``resume=True``, ``--resume``): rounds whose folder is complete are not generated again, finished
+training is not repeated, an interrupted training continues from ``checkpoints/latest``. The start checkpoint is
+the one recorded in ``rounds/loop.json``. Without ``resume`` a run folder that already holds checkpoints or
+complete rounds is refused; ``resume`` on a folder without them starts afresh.
+
+Progress: one line per round step and per finished emotion (stderr), the trainers' progress bar, and a per
+emotion table after each round.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from uniemo.config.schema import EMOTIONS, Config
+from uniemo.data.attributes import write_json_atomic
+from uniemo.errors import ConfigError, UserError
+from uniemo.feedback.actors import FeedbackError, ModelBundle
+from uniemo.feedback.filtering import REJECTIONS
+from uniemo.feedback.rounds import (
+    ROUNDS_DIR,
+    _completed_report,
+    pool_cpus,
+    round_dir,
+    round_report_path,
+    run_round,
+    synthetic_source,
+)
+
+__all__ = ["LOOP_RECORD", "format_round_summary", "run_feedback", "training_config"]
+
+LOOP_RECORD = ROUNDS_DIR / "loop.json"
+"""The loop's own record in the feedback run (module docstring)."""
+_POLL_S = 0.5
+"""Async mode: how often the pool thread looks for a new checkpoint."""
+
+
+def _log(line: str) -> None:
+    print(f"uniemo feedback: {line}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Start checkpoint, training config, record
+# ---------------------------------------------------------------------------------------------------------
+def is_feedback_run(run_dir: Path) -> bool:
+    """A run folder the loop wrote (it has ``rounds/``)."""
+    return (Path(run_dir) / ROUNDS_DIR).is_dir()
+
+
+def resolve_from_run(cfg: Config, run_dir: Path) -> Path:
+    """The stage-2 checkpoint folder the loop starts from: ``feedback.from_run`` (a run or a step folder), else the
+    newest stage-2 run under ``run.output_dir`` that is neither ``run_dir`` nor another feedback run."""
+    from uniemo.training.checkpoint import CheckpointError, read_trainer_state, resolve_checkpoint
+    from uniemo.training.stages import find_latest_run
+
+    if cfg.feedback.from_run:
+        try:
+            step_dir = resolve_checkpoint(cfg.feedback.from_run)
+        except CheckpointError as e:
+            raise ConfigError(f"feedback.from_run: {e}") from None
+        if int(read_trainer_state(step_dir).get("stage", 1)) != 2:
+            raise ConfigError(
+                f"feedback.from_run {cfg.feedback.from_run} is not a stage-2 run: the loop continues joint "
+                "training; give a finished stage-2 run (e.g. runs/tiny-stage2)"
+            )
+        return step_dir.resolve()
+    found = find_latest_run(cfg.run.output_dir, 2, exclude=run_dir, skip=is_feedback_run)
+    if found is None:
+        raise ConfigError(
+            f"the feedback loop starts from a finished stage-2 run, but none is under {cfg.run.output_dir}/; run "
+            "stage 2 first (e.g. `uniemo train --config configs/tiny_stage2.yaml`) or set feedback.from_run"
+        )
+    return found.resolve()
+
+
+def training_config(cfg: Config, from_ckpt: Path, run_dir: Path, stop_at_step: int = 0) -> Config:
+    """The config of the feedback run's training (module docstring): stage 2 continued from ``from_ckpt`` for
+    ``rounds x steps_per_round`` steps, with the run's synthetic source; async trainers get ``trainer_cpus``."""
+    fb = cfg.feedback
+    train = copy.deepcopy(cfg)
+    train.training.stage = 2
+    train.training.init_from = str(from_ckpt)
+    train.training.steps = fb.rounds * fb.steps_per_round
+    train.training.epochs = 0
+    train.training.resume = ""
+    train.training.stop_at_step = stop_at_step
+    source = synthetic_source(cfg, run_dir)
+    train.data.extra_sources = [s for s in train.data.extra_sources if s.name != source.name] + [source]
+    if fb.mode == "async" and fb.trainer_cpus is not None:
+        train.distributed.cpus_per_worker = fb.trainer_cpus
+    train.validate()
+    return train
+
+
+class _Record:
+    """``rounds/loop.json``, written atomically; shared by the main and the pool thread."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOOP_RECORD
+        self.lock = threading.Lock()
+        self.data: dict[str, Any] = {}
+        if self.path.is_file():
+            self.data = json.loads(self.path.read_text(encoding="utf-8"))
+        self.data.setdefault("rounds", {})
+
+    def update(self, **fields: Any) -> None:
+        with self.lock:
+            self.data.update(fields)
+            write_json_atomic(self.path, self.data)
+
+    def set_round(self, index: int, **fields: Any) -> None:
+        with self.lock:
+            self.data["rounds"].setdefault(str(index), {}).update(fields)
+            write_json_atomic(self.path, self.data)
+
+
+def _check_start(run_dir: Path, resume: bool) -> bool:
+    """Refuse to start over a feedback run without ``resume``; returns whether there is anything to resume (a
+    checkpoint or a complete round; ``resume`` on a folder without either starts afresh)."""
+    from uniemo.data.shards import manifest_folders
+    from uniemo.feedback.rounds import SYNTHETIC_DIR
+    from uniemo.training.checkpoint import latest_checkpoint
+
+    started = latest_checkpoint(run_dir) is not None or bool(manifest_folders(run_dir / SYNTHETIC_DIR))
+    if started and not resume:
+        raise UserError(
+            f"{run_dir} already holds a feedback run (checkpoints or rounds); pass --resume to continue it, or "
+            "choose another run.name"
+        )
+    return started
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models of a checkpoint
+# ---------------------------------------------------------------------------------------------------------
+def bundle_of_run(run_dir: Path, log: Callable[[str], None] = _log) -> ModelBundle:
+    """The pool's models of ``run_dir``'s latest checkpoint, with an emotion space that belongs to it: the run's
+    ``emotion_space.safetensors`` when it was written after that checkpoint, else computed here over the real
+    train split (a mid-run checkpoint of the feedback run)."""
+    from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
+    from uniemo.training.inference import EMOTION_SPACE_IN_RUN, load_run
+
+    run = load_run(run_dir, device="cpu", compute_missing_emotion_space=False)
+    space_file = run_dir / EMOTION_SPACE_IN_RUN
+    complete = run.source / "COMPLETE"
+    fresh = space_file.is_file() and complete.is_file() and space_file.stat().st_mtime >= complete.stat().st_mtime
+    if not fresh:
+        log(f"computing the emotion space of {run.source.name} over the real train split")
+        run.emotion_space = compute_emotion_space(run.understanding, emotion_space_loader(run.config), run.device)
+    return ModelBundle.from_loaded_run(run, checkpoint_id=str(run.source))
+
+
+def _bundle_of_checkpoint(step_dir: Path, log: Callable[[str], None]) -> ModelBundle:
+    """:func:`bundle_of_run` of the run holding ``step_dir``, which must be that run's latest checkpoint."""
+    from uniemo.training.checkpoint import latest_checkpoint
+
+    run_dir = step_dir.parent.parent
+    latest = latest_checkpoint(run_dir)
+    if latest is None or latest.resolve() != step_dir.resolve():
+        raise FeedbackError(
+            f"{run_dir} moved on from {step_dir.name} (latest: {latest.name if latest else None}); the loop "
+            "reads a run's latest checkpoint: set feedback.from_run to the run whose latest checkpoint it should use"
+        )
+    return bundle_of_run(run_dir, log)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rounds
+# ---------------------------------------------------------------------------------------------------------
+def round_complete(run_dir: Path, index: int) -> bool:
+    from uniemo.data.shards import MANIFEST_FILE
+
+    return (round_dir(run_dir, index) / MANIFEST_FILE).is_file()
+
+
+def _completed(run_dir: Path, index: int, log: Callable[[str], None]) -> dict[str, Any]:
+    return _completed_report(round_dir(run_dir, index), round_report_path(run_dir, index), log)
+
+
+def format_round_summary(report: dict[str, Any]) -> str:
+    """A table per emotion: candidates, rejections per filter step, lost, kept, mean p_k of the kept."""
+    short = {"fidelity_argmax": "argmax", "fidelity_threshold": "tau", "duplicate": "dup",
+             "attribute_cap": "cap", "not_selected": "unsel"}
+    head = ["emotion", "cand", *[short.get(r, r) for r in REJECTIONS], "lost", "kept", "mean_p_k"]
+    rows = []
+    for name in [*EMOTIONS, "total"]:
+        row = report["totals"] if name == "total" else report["emotions"][name]
+        p = row.get("mean_p_k")
+        rows.append([name, row["candidates"], *[row["rejections"][r] for r in REJECTIONS], row["lost_in_flight"],
+                     row["kept"], f"{p:.3f}" if isinstance(p, (int, float)) else "-"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    lines = [f"round {report['round']}: kept {report['totals']['kept']} of {report['totals']['candidates']} "
+             f"candidates in {len(report['shards'])} shard(s); checkpoint {report['checkpoint']}"]
+    for row in [head, *rows]:
+        lines.append("  " + "  ".join(str(x).rjust(w) if i else str(x).ljust(w)
+                                      for i, (x, w) in enumerate(zip(row, widths, strict=True))))
+    return "\n".join(lines)
+
+
+def _round_entry(report: dict[str, Any], skipped: bool) -> dict[str, Any]:
+    return {
+        "round": report["round"],
+        "checkpoint": report["checkpoint"],
+        "candidates": report["totals"]["candidates"],
+        "kept": report["totals"]["kept"],
+        "shards": len(report["shards"]),
+        "skipped": skipped,
+    }
+
+
+def _publish_time(run_dir: Path, index: int) -> float:
+    """When the round's manifest was written (the round became visible just after)."""
+    from uniemo.data.shards import MANIFEST_FILE
+
+    return (round_dir(run_dir, index) / MANIFEST_FILE).stat().st_mtime
+
+
+def _run_one_round(
+    cfg: Config, run_dir: Path, index: int, step_dir: Path, record: _Record, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Build the models of ``step_dir``, run round ``index``, print its summary, record it. Returns the report."""
+    from uniemo.training.checkpoint import step_of
+
+    started = time.perf_counter()
+    log(f"round {index}: loading the models of {step_dir}")
+    bundle = _bundle_of_checkpoint(step_dir, log)
+    log(f"round {index}: generating {cfg.feedback.candidates_per_emotion} candidates per emotion "
+        f"({cfg.feedback.generator_actors} generator, {cfg.feedback.filter_actors} filter actor(s))")
+    report = run_round(bundle, cfg, run_dir, index, None, log=log)
+    del bundle
+    print(format_round_summary(report), file=sys.stderr, flush=True)
+    record.set_round(
+        index,
+        checkpoint=report["checkpoint"],
+        checkpoint_step=step_of(report["checkpoint"]),
+        kept=report["totals"]["kept"],
+        published_at=_publish_time(run_dir, index),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------
+def run_feedback(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """``uniemo feedback``: the loop of the module docstring. Returns a summary (run folder, start checkpoint,
+    per round what was generated or skipped, the training's final step, loss and checkpoint).
+
+    Raises:
+        UserError: no stage-2 run to start from, the run folder holds a feedback run and ``resume`` is off, a
+            round cannot run (see :func:`uniemo.feedback.rounds.run_round`), training fails with a user error.
+    """
+    from uniemo.distributed.ray_train import absolute_paths, run_dir_of
+
+    cfg = absolute_paths(cfg)
+    cfg.validate()
+    fb = cfg.feedback
+    run_dir = run_dir_of(cfg)
+    started = _check_start(run_dir, resume)
+    record = _Record(run_dir)
+    recorded = record.data.get("from_run") if started else None  # nothing made yet: resolve it again
+    if recorded:
+        from_ckpt = Path(recorded)
+        if not from_ckpt.is_dir():
+            raise UserError(f"cannot resume {run_dir}: its start checkpoint {from_ckpt} is gone; restore it")
+        if fb.from_run:
+            _log(f"resuming: the loop continues from its recorded start {from_ckpt} (feedback.from_run ignored)")
+    else:
+        from_ckpt = resolve_from_run(cfg, run_dir)
+    training_config(cfg, from_ckpt, run_dir)  # checks the derived config before any work
+    record.update(mode=fb.mode, from_run=str(from_ckpt), rounds_planned=fb.rounds,
+                  steps_per_round=fb.steps_per_round)
+    _log(f"{fb.mode} loop of {fb.rounds} round(s) x {fb.steps_per_round} steps from {from_ckpt} -> {run_dir}"
+         + (" (resuming)" if started else ""))
+    if fb.mode == "async":
+        result = _run_async(cfg, run_dir, from_ckpt, record)
+    else:
+        result = _run_sequential(cfg, run_dir, from_ckpt, record)
+    result.update(run_dir=str(run_dir), mode=fb.mode, from_run=str(from_ckpt))
+    record.update(finished=result.get("step"), stopped=result.get("stopped", False))
+    return result
+
+
+def _training_summary(run_dir: Path) -> dict[str, Any]:
+    from uniemo.logging import read_metrics
+    from uniemo.training.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    return {
+        "step": records[-1]["step"] if records else 0,
+        "loss": records[-1]["loss"] if records else None,
+        "checkpoint": str(latest) if latest else None,
+    }
+
+
+def _latest_step(run_dir: Path) -> int:
+    from uniemo.training.checkpoint import latest_checkpoint, step_of
+
+    latest = latest_checkpoint(run_dir)
+    return step_of(latest) if latest is not None else 0
+
+
+def _run_sequential(cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record) -> dict[str, Any]:
+    from uniemo.distributed.ray_train import ray_session, run_training
+    from uniemo.training.checkpoint import latest_checkpoint
+
+    fb = cfg.feedback
+    trainers = cfg.distributed.num_workers * cfg.distributed.cpus_per_worker
+    rounds: list[dict[str, Any]] = []
+    stopped = False
+    # One Ray session for all rounds and trainings (the pool and the trainers take turns on the cores).
+    with ray_session(cfg.distributed, extra_cpus=max(0.0, pool_cpus(cfg) - trainers)):
+        for r in range(fb.rounds):
+            if round_complete(run_dir, r):
+                rounds.append(_round_entry(_completed(run_dir, r, _log), skipped=True))
+            else:
+                step_dir = from_ckpt if r == 0 else latest_checkpoint(run_dir)
+                if step_dir is None:
+                    raise FeedbackError(f"round {r} needs the feedback run's checkpoint, but {run_dir} has none")
+                rounds.append(_round_entry(_run_one_round(cfg, run_dir, r, step_dir, record, _log), skipped=False))
+            target = (r + 1) * fb.steps_per_round
+            done = _latest_step(run_dir)
+            if done >= target:
+                _log(f"round {r}: training to step {target} is done already (latest checkpoint at step {done})")
+                continue
+            _log(f"round {r}: training on real + synthetic from step {done} to step {target}")
+            summary = run_training(training_config(cfg, from_ckpt, run_dir, stop_at_step=target),
+                                   resume=latest_checkpoint(run_dir) is not None)
+            if summary.get("stopped"):
+                stopped = True  # SIGTERM: checkpointed; --resume continues
+                break
+    return {"rounds": rounds, "stopped": stopped, **_training_summary(run_dir)}
+
+
+# -- async ----------------------------------------------------------------------------------------------------
+class _PoolThread(threading.Thread):
+    """The driver-side pool of the async mode (module docstring)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record) -> None:
+        super().__init__(name="uniemo-feedback-pool", daemon=True)
+        self.cfg, self.run_dir, self.from_ckpt, self.record = cfg, run_dir, from_ckpt, record
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.rounds: list[dict[str, Any]] = []
+
+    def run(self) -> None:
+        from uniemo.training.checkpoint import stop_request_path
+
+        try:
+            self._rounds()
+        except BaseException as exc:  # reported by the main thread once training stopped
+            self.error = exc
+            _log(f"the pool failed ({type(exc).__name__}: {exc}); asking the trainers to checkpoint and stop")
+            while True:  # again and again: a driver that starts training after this would clear one request
+                stop_request_path(self.run_dir).touch()
+                if self.stop.wait(_POLL_S):
+                    break
+
+    def _candidate(self) -> Path:
+        from uniemo.training.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(self.run_dir)
+        return latest.resolve() if latest is not None else self.from_ckpt
+
+    def _rounds(self) -> None:
+        last_used: str | None = None
+        for r in range(self.cfg.feedback.rounds):
+            if self.stop.is_set():
+                return
+            if round_complete(self.run_dir, r):
+                report = _completed(self.run_dir, r, _log)
+                last_used = report["checkpoint"]
+                self.rounds.append(_round_entry(report, skipped=True))
+                continue
+            step_dir = self._candidate()
+            if last_used is not None and str(step_dir) == last_used:
+                _log(f"round {r}: waiting for a checkpoint newer than {Path(last_used).name}")
+                while str(step_dir) == last_used:
+                    if self.stop.wait(_POLL_S):
+                        return
+                    step_dir = self._candidate()
+            report = self._round_with_retry(r, step_dir)
+            last_used = report["checkpoint"]
+            self.rounds.append(_round_entry(report, skipped=False))
+
+    def _round_with_retry(self, r: int, step_dir: Path) -> dict[str, Any]:
+        """The round; when the checkpoint is rotated away while its models load, again with the newest one."""
+        for attempt in range(3):
+            try:
+                return _run_one_round(self.cfg, self.run_dir, r, step_dir, self.record, _log)
+            except Exception as exc:  # e.g. the step folder rotated away while DeepSpeed read it
+                newest = self._candidate()
+                if attempt == 2 or newest == step_dir or round_complete(self.run_dir, r):
+                    raise
+                _log(f"round {r}: {step_dir.name} went away while loading ({exc}); using {newest.name}")
+                step_dir = newest
+        raise AssertionError("unreachable")
+
+
+def _run_async(cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record) -> dict[str, Any]:
+    from uniemo.distributed.ray_train import ray_session, run_training
+
+    fb = cfg.feedback
+    train_cfg = training_config(cfg, from_ckpt, run_dir)
+    total = train_cfg.training.steps
+    done = _latest_step(run_dir)
+    if done >= total:
+        _log(f"training is complete already (step {done} of {total}); async rounds run only beside training")
+        rounds = [_round_entry(_completed(run_dir, r, _log), skipped=True)
+                  for r in range(fb.rounds) if round_complete(run_dir, r)]
+        return {"rounds": rounds, "stopped": False, **_training_summary(run_dir)}
+    pool = _PoolThread(cfg, run_dir, from_ckpt, record)
+    failed = True
+    with ray_session(train_cfg.distributed, extra_cpus=pool_cpus(cfg)):
+        pool.start()
+        try:
+            summary = run_training(train_cfg, resume=done > 0)
+            failed = False
+        finally:
+            pool.stop.set()
+            if not failed:
+                if pool.is_alive():
+                    _log("training finished; waiting for the round in progress")
+                pool.join()
+    if failed:
+        pool.join(timeout=60)  # Ray is down: the pool's calls fail and the thread ends
+    from uniemo.training.checkpoint import stop_request_path
+
+    stop_request_path(run_dir).unlink(missing_ok=True)  # the pool's request, if it failed, is answered
+    if pool.error is not None:
+        raise pool.error
+    stopped = bool(summary.get("stopped")) and pool.error is None
+    return {"rounds": pool.rounds, "stopped": stopped, **_training_summary(run_dir)}
