@@ -1,0 +1,556 @@
+"""``uniemo evaluate``: understanding and generation metrics of a trained run (METHOD §6, D12) -> metrics.json.
+
+:func:`evaluate_run` has two parts:
+
+1. **The run's model, on the run's workers** (:func:`evaluate_rank`, one per rank). With
+   ``distributed.num_workers`` > 1 the ranks are Ray Train workers (``TorchTrainer``, as ``uniemo train`` starts
+   them, gloo on CPU / NCCL on GPU); with 1 the rank runs in this process. Each rank loads the run
+   (:func:`uniemo.training.inference.load_run`) and
+
+   - classifies its part of the **test** split: the loader's evaluation stream deals the split's shards out
+     ``[rank::world_size]`` so every test sample is seen exactly once; the confusion matrices and loss sums are
+     summed over ranks with ``all_reduce``, and rank 0 writes ``<run>/eval/understanding.json``;
+   - stage 2: generates ``evaluation.images_per_emotion`` images for each emotion ``k`` with
+     ``k % world_size == rank`` into ``<run>/eval/generated/<emotion>/`` (seeds ``evaluation.seed + k*M + i``,
+     recorded in each PNG and in ``generations.jsonl``).
+
+2. **Judging, in this process**: the generated images and the real test images go through the judge
+   (:mod:`uniemo.evaluation.judge`, trained apart from the run) for Emo-A, FID (the judge's features, named
+   ``judge:<name>``, unless ``evaluation.inception_weights`` is given; see ``_fid_extractor``) and diversity;
+   the feedback rounds' filter funnel is read from ``<run>/rounds/round-*.json``. Everything lands in
+   ``<run>/metrics.json`` (and ``eval/confusion.json``), and in the run's wandb run (its summary).
+
+Every metric names the model that judged it: ``understanding`` is the run's own model (step N), Emo-A and the
+diversity are ``judge:<name>``, FID names its feature extractor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS
+from uniemo.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+    from uniemo.config.schema import Config
+    from uniemo.evaluation.judge import Judge
+    from uniemo.training.inference import LoadedRun
+
+METRICS_FILE = "metrics.json"
+EVAL_DIR = "eval"
+GENERATED_DIR = "generated"
+UNDERSTANDING_FILE = "understanding.json"
+CONFUSION_FILE = "confusion.json"
+METRICS_FORMAT = 1
+
+
+def _say(message: str) -> None:
+    print(f"uniemo: evaluate: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 1: one rank
+# ---------------------------------------------------------------------------------------------------------
+def emotion_seed(cfg: Config, k: int) -> int:
+    """Seed of the first evaluation image of emotion ``k``; image i has this + i."""
+    return cfg.evaluation.seed + k * cfg.evaluation.images_per_emotion
+
+
+def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None) -> None:
+    """One rank's share of the evaluation (module docstring, part 1). Every rank must call it."""
+    import torch
+
+    from uniemo.distributed.env import backend_for, device_for, read_env
+    from uniemo.training.inference import load_run
+    from uniemo.training.trainer import _ensure_process_group
+
+    env = read_env()
+    if device is None:
+        device = device_for(env, cfg.distributed)
+    created = _ensure_process_group(env, backend_for(cfg.distributed)) if env.world_size > 1 else False
+    try:
+        stage = int(cfg.training.stage)
+        mine = [k for k in range(NUM_EMOTIONS) if k % env.world_size == env.rank] if stage == 2 else []
+        run = load_run(run_dir, device=device, compute_missing_emotion_space=bool(mine))
+        start = time.perf_counter()
+        vector = _test_sums(run, cfg, env.rank, env.world_size)
+        if env.world_size > 1:
+            reduce_device = device if backend_for(cfg.distributed) == "nccl" else torch.device("cpu")
+            buffer = vector.to(reduce_device)
+            torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+            vector = buffer.cpu()
+        if env.is_main:
+            confusion = vector[: NUM_EMOTIONS * NUM_EMOTIONS].round().long().view(NUM_EMOTIONS, NUM_EMOTIONS)
+            samples = int(confusion.sum())
+            from uniemo.data.attributes import write_json_atomic
+
+            write_json_atomic(run_dir / EVAL_DIR / UNDERSTANDING_FILE, {
+                "step": run.step,
+                "checkpoint": str(run.source),
+                "confusion": confusion.tolist(),
+                "loss": float(vector[-1]) / samples if samples else None,
+                "workers": env.world_size,
+                "seconds": round(time.perf_counter() - start, 3),
+            })
+            _say(f"test split: {samples} samples classified over {env.world_size} rank(s)")
+        for k in mine:
+            emotion = EMOTIONS[k]
+            t0 = time.perf_counter()
+            from uniemo.training.inference import generate_images
+
+            generate_images(
+                run, emotion, cfg.evaluation.images_per_emotion, run_dir / EVAL_DIR / GENERATED_DIR / emotion,
+                seed=emotion_seed(cfg, k), steps=cfg.evaluation.sampling_steps,
+                batch_size=cfg.model.generator.generation_batch_size,
+            )
+            _say(f"rank {env.rank}: {cfg.evaluation.images_per_emotion} {emotion} images generated "
+                 f"({time.perf_counter() - t0:.1f} s)")
+        if env.world_size > 1:
+            torch.distributed.barrier()  # rank 0's files and every image exist before anyone returns
+    finally:
+        if created and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _test_sums(run: LoadedRun, cfg: Config, rank: int, world_size: int) -> torch.Tensor:
+    """float64 ``[K*K + 1]``: this rank's confusion counts (row-major, rows = true) and summed CE loss."""
+    import torch
+
+    from uniemo.data.loader import build_loader_from_config
+
+    loader = build_loader_from_config(cfg.data, "test", rank=rank, world_size=world_size, stage=1, training=False)
+    model = run.understanding.eval()
+    confusion = torch.zeros(NUM_EMOTIONS * NUM_EMOTIONS, dtype=torch.float64)
+    loss = torch.zeros(1, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(batch["image"].to(run.device)).emotion_logits.float().cpu()
+            labels = batch["label"]
+            index = labels * NUM_EMOTIONS + logits.argmax(dim=-1)
+            confusion += torch.bincount(index, minlength=NUM_EMOTIONS * NUM_EMOTIONS).double()
+            loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+    return torch.cat([confusion, loss])
+
+
+def evaluate_worker(loop_config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (module-level, so Ray pickles it by reference)."""
+    from uniemo.config.loader import from_dict
+    from uniemo.config.schema import Config
+    from uniemo.distributed.env import apply_worker_env
+
+    cfg = from_dict(Config, loop_config["config"])
+    apply_worker_env(cfg.distributed)
+    evaluate_rank(cfg, Path(loop_config["run_dir"]))
+
+
+def _run_ranks(cfg: Config, run_dir: Path) -> str:
+    """Part 1 over ``distributed.num_workers`` ranks; returns how it ran (``in-process`` or ``ray-train``)."""
+    dist = cfg.distributed
+    if dist.num_workers == 1:
+        from uniemo.training.inference import default_device
+
+        device = default_device() if dist.gpus_per_worker > 0 else None
+        evaluate_rank(cfg, run_dir, device=device)
+        return "in-process"
+
+    from uniemo.distributed.ray_train import _keep_embedded_ray_on_loopback
+
+    _keep_embedded_ray_on_loopback(dist)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from uniemo.distributed.env import backend_for, worker_env_vars
+    from uniemo.distributed.ray_train import _user_error_of, ray_session
+
+    resources: dict[str, float] = {"CPU": dist.cpus_per_worker}
+    if dist.gpus_per_worker > 0:
+        resources["GPU"] = dist.gpus_per_worker
+    trainer = TorchTrainer(
+        evaluate_worker,
+        train_loop_config={"config": dataclasses.asdict(cfg), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(
+            num_workers=dist.num_workers, use_gpu=dist.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend=backend_for(dist)),
+        run_config=RunConfig(
+            name="ray-eval",
+            storage_path=str(run_dir / EVAL_DIR),
+            failure_config=FailureConfig(max_failures=0),  # evaluation is cheap to rerun; no partial restarts
+            worker_runtime_env={"env_vars": worker_env_vars(dist)},
+        ),
+    )
+    with ray_session(dist):
+        try:
+            trainer.fit()
+        except TrainingFailedError as exc:
+            user_error = _user_error_of(exc)
+            if user_error is not None:
+                raise user_error from None
+            raise
+    return "ray-train"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 2: judging, in this process
+# ---------------------------------------------------------------------------------------------------------
+def _real_test_set(cfg: Config, judge: Judge) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(probs [N,K], features [N,F], labels [N])`` of the real test split through the judge's transform."""
+    from uniemo.data.loader import build_loader, load_attribute_table
+    from uniemo.data.shards import ensure_synthetic_shards
+
+    loader = build_loader(
+        ensure_synthetic_shards(cfg.data), "test", rank=0, world_size=1, batch_size=64,
+        num_workers=cfg.data.num_workers, transform=judge.transform, training=False,
+        attributes=load_attribute_table(cfg.data),
+    )
+    probs, feats, labels = [], [], []
+    for batch in loader:
+        p, f = judge.predict(batch["image"])
+        probs.append(p)
+        feats.append(f)
+        labels.append(batch["label"].numpy())
+    return np.concatenate(probs), np.concatenate(feats), np.concatenate(labels)
+
+
+def _generated_set(run_dir: Path) -> tuple[list[Path], np.ndarray, dict[str, list[int]]]:
+    """The evaluation images on disk: paths, target labels and seeds per emotion (from ``generations.jsonl``)."""
+    paths, labels, seeds = [], [], {}
+    for k, emotion in enumerate(EMOTIONS):
+        folder = run_dir / EVAL_DIR / GENERATED_DIR / emotion
+        records = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines() if line]
+        seeds[emotion] = [int(r["seed"]) for r in records]
+        paths += [folder / r["file"] for r in records]
+        labels += [k] * len(records)
+    return paths, np.asarray(labels, dtype=np.int64), seeds
+
+
+def _fid_extractor(cfg: Config, judge: Judge, notes: list[str]) -> str:
+    """The name of the FID feature extractor (the judge's features are passed in by the caller).
+
+    D12 asks for Inception-v3 when its weights are supplied locally. This package has no Inception-v3
+    implementation (torchvision, which defines it, is not a dependency), so a configured
+    ``evaluation.inception_weights`` is reported in the notes and the judge's features are used, named as such.
+    """
+    if cfg.evaluation.inception_weights:
+        notes.append(
+            f"evaluation.inception_weights={cfg.evaluation.inception_weights!r} is set, but Inception-v3 cannot be "
+            "built here (torchvision is not installed and uniemo does not define it): FID uses the judge's "
+            "features instead"
+        )
+    return f"judge:{judge.name}"
+
+
+def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]) -> tuple[dict, dict]:
+    """Generation metrics (Emo-A, FID, diversity) and the judge's accuracy on the real test split."""
+    from PIL import Image
+
+    from uniemo.evaluation import metrics
+
+    real_probs, real_feats, real_labels = _real_test_set(cfg, judge)
+    judge_test = metrics.confusion_summary(
+        metrics.confusion_matrix(real_labels, real_probs.argmax(axis=1)) if len(real_labels) else np.zeros((8, 8))
+    )
+    judge_on_run = {"samples": judge_test["samples"], "top1": judge_test["top1"]}
+    if cfg.training.stage != 2:
+        return {}, judge_on_run
+
+    paths, fake_labels, seeds = _generated_set(run_dir)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    fake_probs, fake_feats = judge.predict(judge.preprocess(images))
+    judge_name = f"judge:{judge.name}"
+
+    emo_a = {"judge": judge_name, **metrics.emotion_accuracy(fake_probs, fake_labels)}
+    emo_a["per_emotion"] = {
+        e: metrics.emotion_accuracy(fake_probs[fake_labels == k], fake_labels[fake_labels == k])
+        for k, e in enumerate(EMOTIONS)
+    }
+    extractor = _fid_extractor(cfg, judge, notes)
+    fid = {"extractor": extractor, **metrics.fid_per_emotion(real_feats, real_labels, fake_feats, fake_labels)}
+    fid["note"] = (
+        "pooled = Fréchet distance of the summed per-emotion statistics (METHOD §6.2); per-emotion FIDs from "
+        f"{cfg.evaluation.images_per_emotion} generated images are noisy, compare them only at equal M"
+    )
+    ev = cfg.evaluation
+    diversity = {
+        "extractor": judge_name,
+        **metrics.diversity_per_emotion(fake_feats, fake_labels, ev.diversity_pairs, ev.seed),
+        "pairs_per_emotion": ev.diversity_pairs,
+        "seed": ev.seed,
+        "note": (
+            "Sem-D = mean per-dimension squared difference (MSE) of judge features over random same-emotion pairs; "
+            "EmoGen's script uses CLIP ViT-L/14 embeddings, 10 pairs and pools paths across emotions (METHOD §6.2 "
+            "quirks); here pairs never cross emotions, all pairs are used when there are at most "
+            "pairs_per_emotion of them, values are not comparable to EmoGen's table"
+        ),
+    }
+    generation = {
+        "images_per_emotion": ev.images_per_emotion,
+        "sampling_steps": ev.sampling_steps or cfg.model.generator.sampling_steps,
+        "guidance_scale": cfg.model.generator.guidance_scale,
+        "sampler": cfg.model.generator.sampler,
+        "images_dir": f"{EVAL_DIR}/{GENERATED_DIR}",
+        "seeds": seeds,
+        "emo_a": emo_a,
+        "fid": fid,
+        "diversity": diversity,
+    }
+    return generation, judge_on_run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feedback rounds
+# ---------------------------------------------------------------------------------------------------------
+def summarize_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The filter funnel of each round report ``<run>/rounds/round-*.json`` (METHOD §5), in round order.
+
+    Per round: candidates -> scored -> passed fidelity (argmax and tau) -> passed near-duplicates -> kept, the
+    rejections per step, lost batches' candidates, mean p_k of the kept, and candidates/kept per emotion.
+    """
+    folder = Path(run_dir) / "rounds"
+    reports = []
+    for path in folder.glob("round-*.json"):
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+            index = int(report["round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a round report (or a partial write); the pool writes them atomically
+        reports.append((index, report))
+    out = []
+    for index, report in sorted(reports, key=lambda item: item[0]):
+        totals = report.get("totals", {})
+        rejections = totals.get("rejections", {})
+        scored = int(totals.get("scored", 0))
+        fidelity = scored - rejections.get("fidelity_argmax", 0) - rejections.get("fidelity_threshold", 0)
+        out.append({
+            "round": index,
+            "checkpoint": report.get("checkpoint"),
+            "funnel": {
+                "candidates": int(totals.get("candidates", 0)),
+                "scored": scored,
+                "passed_fidelity": fidelity,
+                "passed_duplicates": fidelity - rejections.get("duplicate", 0),
+                "kept": int(totals.get("kept", 0)),
+            },
+            "rejections": rejections,
+            "lost_in_flight": totals.get("lost_in_flight", 0),
+            "mean_p_k": totals.get("mean_p_k"),
+            "per_emotion": {
+                e: {"candidates": row.get("candidates"), "kept": row.get("kept"), "mean_p_k": row.get("mean_p_k")}
+                for e, row in report.get("emotions", {}).items()
+            },
+            "filter": report.get("filter", {}),
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------
+def resolve_judge_dir(run_dir: Path, judge_dir: str | Path | None, cfg: Config) -> Path:
+    """``--judge``, else ``evaluation.judge``, else ``<run>/../judge`` or ``<run>/judge`` when one exists."""
+    if judge_dir:
+        return Path(judge_dir).expanduser()
+    if cfg.evaluation.judge:
+        return Path(cfg.evaluation.judge).expanduser()
+    from uniemo.evaluation.judge import JUDGE_FILE
+
+    for candidate in (run_dir.parent / "judge", run_dir / "judge"):
+        if (candidate / JUDGE_FILE).is_file():
+            return candidate
+    raise UserError(
+        f"no judge for {str(run_dir)!r}: train one with `uniemo train-judge --config FILE --out DIR`, then pass "
+        "--judge DIR (or set evaluation.judge)"
+    )
+
+
+def _check_run(run_dir: Path) -> Path:
+    """The run's latest checkpoint; one-line UserErrors for a missing folder, config or checkpoint."""
+    from uniemo.training.export import is_export, latest_checkpoint
+
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {str(run_dir)!r} does not exist; pass a training run folder (runs/<name>)")
+    if is_export(run_dir):
+        raise UserError(f"{str(run_dir)!r} is an export; evaluate the training run folder it was exported from")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{str(run_dir)!r} is not a run folder (no config.yaml); pass runs/<name>")
+    return latest_checkpoint(run_dir)  # raises "has no checkpoint yet; train it first"
+
+
+def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_overrides: Any = ()) -> dict:
+    """Evaluate a trained run; writes ``<run_dir>/metrics.json`` and returns its content (module docstring).
+
+    ``cfg_overrides`` are dotted ``key=value`` overrides of the run's ``config.yaml`` (``evaluation.*``,
+    ``distributed.num_workers``, ``data.num_workers``, ...).
+    """
+    from uniemo.config import load_config
+    from uniemo.data.attributes import write_json_atomic
+    from uniemo.distributed.ray_train import absolute_paths
+    from uniemo.evaluation import metrics
+    from uniemo.evaluation.judge import describe, load_judge, same_data
+    from uniemo.training.export import checkpoint_step
+
+    started = time.perf_counter()
+    run_dir = Path(run_dir).expanduser().resolve()
+    step_dir = _check_run(run_dir)
+    cfg = absolute_paths(load_config(run_dir / "config.yaml", list(cfg_overrides)))
+    if cfg.logging.wandb.mode == "online":
+        from uniemo.distributed.ray_train import _check_wandb
+
+        _check_wandb(cfg)  # before the work, not after it
+    judge_path = resolve_judge_dir(run_dir, judge_dir, cfg)
+    judge = load_judge(judge_path)
+    notes: list[str] = []
+    _say(describe(judge))
+    if not same_data(judge, cfg):
+        notes.append(f"the judge was trained on {judge.info.get('data', {}).get('shards')}, not on this run's shards")
+        _say(f"warning: {notes[-1]}")
+
+    eval_dir = run_dir / EVAL_DIR
+    shutil.rmtree(eval_dir / GENERATED_DIR, ignore_errors=True)  # an earlier evaluation's images
+    (eval_dir / UNDERSTANDING_FILE).unlink(missing_ok=True)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    stage = int(cfg.training.stage)
+    _say(f"stage-{stage} run {run_dir} at {step_dir.name}: {cfg.distributed.num_workers} worker(s)"
+         + (f", {cfg.evaluation.images_per_emotion} images per emotion" if stage == 2 else ""))
+    t0 = time.perf_counter()
+    how = _run_ranks(cfg, run_dir)
+    model_seconds = time.perf_counter() - t0
+    done = json.loads((eval_dir / UNDERSTANDING_FILE).read_text(encoding="utf-8"))
+    confusion = np.asarray(done["confusion"], dtype=np.int64)
+    step = done["step"] if done["step"] is not None else checkpoint_step(step_dir)
+
+    t0 = time.perf_counter()
+    _say("judging generated and real test images" if stage == 2 else "judging real test images")
+    generation, judge_on_run = _judge_generation(cfg, run_dir, judge, notes)
+    judge_seconds = time.perf_counter() - t0
+
+    understanding = {
+        "model": f"run:{cfg.run.name}@step-{step}",
+        "split": "test",
+        **metrics.confusion_summary(confusion),
+        "loss": done["loss"],
+        "confusion": confusion.tolist(),
+        "confusion_axes": "rows = true emotion, columns = predicted emotion (EmoSet order)",
+    }
+    wandb_id = run_dir / "wandb_id"
+    result = {
+        "format": METRICS_FORMAT,
+        "run": {
+            "dir": str(run_dir),
+            "name": cfg.run.name,
+            "id": wandb_id.read_text().strip() if wandb_id.is_file() else cfg.run.name,
+            "stage": stage,
+            "step": step,
+            "checkpoint": done["checkpoint"],
+        },
+        "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "evaluation": {
+            **dataclasses.asdict(cfg.evaluation),
+            "judge": str(judge_path.resolve()),
+            "workers": cfg.distributed.num_workers,
+            "distributed": how,
+            "seconds": {
+                "model": round(model_seconds, 2),
+                "judging": round(judge_seconds, 2),
+                "total": round(time.perf_counter() - started, 2),
+            },
+        },
+        "emotions": list(EMOTIONS),
+        "understanding": understanding,
+        "generation": generation or None,
+        "judge": {
+            "name": f"judge:{judge.name}",
+            "dir": str(judge_path.resolve()),
+            "architecture": judge.info.get("architecture"),
+            "val_accuracy": judge.info.get("val_accuracy"),
+            "test_accuracy": judge_on_run["top1"],
+            "trained_on": judge.info.get("data", {}).get("shards"),
+            "same_data_as_run": same_data(judge, cfg),
+        },
+        "feedback_rounds": summarize_rounds(run_dir),
+        "notes": notes,
+    }
+    write_json_atomic(eval_dir / CONFUSION_FILE, {
+        "emotions": list(EMOTIONS), "matrix": confusion.tolist(), "rows": "true", "columns": "predicted",
+        "model": understanding["model"],
+    })
+    write_json_atomic(run_dir / METRICS_FILE, result)
+    _log_wandb(cfg, run_dir, result)
+    _say(summary_line(result))
+    return result
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """The scalar metrics of a ``metrics.json`` under ``eval/...`` names (for wandb)."""
+    flat: dict[str, float] = {}
+    u = result["understanding"]
+    flat["eval/test/top1"] = u["top1"]
+    flat["eval/test/loss"] = u["loss"]
+    for e, acc in u["per_emotion"].items():
+        flat[f"eval/test/accuracy/{e}"] = acc
+    flat["eval/judge/test_top1"] = result["judge"]["test_accuracy"]
+    g = result.get("generation")
+    if g:
+        flat["eval/emo_a"] = g["emo_a"]["top1"]
+        flat["eval/emo_a/mean_target_probability"] = g["emo_a"]["mean_target_probability"]
+        flat["eval/emo_a/polarity"] = g["emo_a"]["polarity_accuracy"]
+        flat["eval/fid"] = g["fid"]["pooled"]
+        for e, value in g["fid"]["per_emotion"].items():
+            flat[f"eval/fid/{e}"] = value
+        flat["eval/diversity/mean_pairwise_distance"] = g["diversity"]["mean_pairwise_distance"]
+        flat["eval/diversity/sem_d"] = g["diversity"]["sem_d"]
+    for r in result.get("feedback_rounds", []):
+        flat[f"eval/round-{r['round']}/kept"] = r["funnel"]["kept"]
+        flat[f"eval/round-{r['round']}/candidates"] = r["funnel"]["candidates"]
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float))}
+
+
+def _log_wandb(cfg: Config, run_dir: Path, result: dict) -> None:
+    """Put the metrics into the summary of the run's wandb run, respecting ``logging.wandb.mode``.
+
+    The run's own :class:`uniemo.logging.RunLogger` opens it (same wandb id, from ``<run>/wandb_id``; nothing
+    of ``metrics.jsonl`` is dropped: it keeps every step up to the last one logged). The summary, not a logged
+    step: training already logged the evaluated step, and wandb refuses steps that go back.
+    """
+    if cfg.logging.wandb.mode == "disabled":
+        return
+    from uniemo.logging import RunLogger, read_metrics
+
+    last = max([int(r.get("step", 0)) for r in read_metrics(run_dir)] + [int(result["run"]["step"] or 0)])
+    logger = RunLogger(cfg, run_dir, resume_step=last)
+    try:
+        wandb_run = logger._wandb
+        wandb_run.summary.update(flat_metrics(result))
+        generation = result.get("generation") or {}
+        wandb_run.summary["eval/extractors"] = {
+            "understanding": result["understanding"]["model"],
+            "emo_a": generation.get("emo_a", {}).get("judge"),
+            "fid": generation.get("fid", {}).get("extractor"),
+        }
+    finally:
+        logger.close()
+
+
+def summary_line(result: dict) -> str:
+    """One line of the headline numbers."""
+    u = result["understanding"]
+    parts = [f"test top-1 {u['top1']:.3f} ({u['samples']} images)"]
+    g = result.get("generation")
+    if g:
+        fid = g["fid"]["pooled"]
+        parts.append(f"Emo-A {g['emo_a']['top1']:.3f} by {g['emo_a']['judge']}")
+        parts.append(f"FID {fid:.2f} ({g['fid']['extractor']})" if fid is not None else "FID n/a")
+        sem_d = g["diversity"]["sem_d"]
+        parts.append(f"Sem-D {sem_d:.4g}" if sem_d is not None else "Sem-D n/a")
+    return f"{result['run']['dir']}/{METRICS_FILE}: " + ", ".join(parts)
