@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.uniemo-installed
-DEMO   ?= runs/demo-data
 
 .PHONY: setup demo test lint clean-demo
 
@@ -17,11 +16,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job. Today: the data pipeline (synthetic emotion set -> WebDataset shards -> inspection).
+# The main job: the whole UniEmo loop on the CPU (data, stage 1, stage 2, feedback, judge, evaluation, report)
+# into runs/demo/, ending with the report's path. Run again, it continues an interrupted demo (or does nothing).
 demo: $(STAMP)
-	$(BIN)/uniemo data synth --out $(DEMO)/synth --images 800 --size 64 --seed 0 --workers 2
-	$(BIN)/uniemo data shards --source emoset --root $(DEMO)/synth --out $(DEMO)/shards --shard-size 100 --workers 2
-	$(BIN)/uniemo data inspect $(DEMO)/shards
+	$(BIN)/uniemo run --config configs/demo.yaml --resume
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -30,4 +28,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check uniemo tests benchmarks
 
 clean-demo:
-	rm -rf $(DEMO)
+	rm -rf runs/demo

@@ -8,10 +8,11 @@ exit 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from uniemo import __version__
-from uniemo.errors import UserError
+from uniemo.errors import DISK_FULL_ERRNOS, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +41,7 @@ def _register_config(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from uniemo.data import cli as data_cli
+    from uniemo.evaluation import cli as evaluation_cli
     from uniemo.launchers import cli as launchers_cli
     from uniemo.training import cli as training_cli
     from uniemo.training import export_cli
@@ -54,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     _register_config(sub)
     data_cli.register(sub)
     training_cli.register(sub)
+    __import__("uniemo.feedback.cli", fromlist=["register"]).register(sub)
     export_cli.register(sub)
     launchers_cli.register(sub)
+    __import__("uniemo.pipeline", fromlist=["register"]).register(sub)  # uniemo run
+    evaluation_cli.register(sub)
+    __import__("uniemo.evaluation.report_cli", fromlist=["register"]).register(sub)  # uniemo report
     return parser
 
 
@@ -65,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also follow an option (`uniemo run --config F --resume a.b=1`): argparse leaves
+    # those over; anything else left over is an error, as parse_args would say.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.debug = debug
     try:
         return int(args.func(args) or 0)
@@ -74,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"uniemo: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a full disk wherever it strikes: one line, like a user error
+        if args.debug or exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"uniemo: error: cannot write{where} ({os.strerror(exc.errno)}); free some space and re-run the same "
+              "command (use --resume for a run)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("uniemo: interrupted", file=sys.stderr)
         return 130

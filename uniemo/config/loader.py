@@ -29,6 +29,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(path)
+    return _build(raw, overrides)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A new config: ``cfg`` with dotted overrides applied (checked and validated like the command line's)."""
+    return _build(to_dict(cfg), overrides)
+
+
+def _build(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Config:
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)

@@ -221,6 +221,11 @@ def _sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.file, args.overrides)
     check_run_dirs(sweep.jobs, resume=args.resume)
     sys.stdout.write(sweep_summary(sweep))
+    if sweep.command != "train" and args.backend != "local":
+        raise UserError(
+            f"sweep {sweep.name} runs `uniemo {sweep.command}` per point, which only the local backend does; "
+            "use --backend local"
+        )
     if args.backend == "local":
         return _sweep_local(sweep, args)
     if args.backend == "slurm":
@@ -233,12 +238,12 @@ def _sweep_local(sweep, args: argparse.Namespace) -> int:
 
     if args.dry_run:
         for job in sweep.jobs:
-            print(f"would run: uniemo train --config {job.config_path}{' --resume' if args.resume else ''}")
+            print(f"would run: uniemo {sweep.command} --config {job.config_path}{' --resume' if args.resume else ''}")
         return 0
     failed = []
     for i, job in enumerate(sweep.jobs):
         path = write_job_config(job)
-        cmd = [sys.executable, "-m", "uniemo", "train", "--config", str(path)] + (["--resume"] if args.resume else [])
+        cmd = [sys.executable, "-m", "uniemo", sweep.command, "--config", str(path)] + (["--resume"] if args.resume else [])
         print(f"[{i + 1}/{len(sweep.jobs)}] {job.name}: {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             failed.append(job.name)

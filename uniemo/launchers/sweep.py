@@ -10,6 +10,8 @@ A sweep file (``configs/sweeps/*.yaml``)::
     points:                         # optional: a list of points, each a mapping of dotted keys (+ optional name)
       - {name: no-scene, model.understanding.use_scene_queries: false}
       - {name: full}
+    command: train                  # optional: what each point runs, `train` (default) or `run` (the whole
+                                    # pipeline of `uniemo run`; local backend only)
 
 With both ``grid`` and ``points`` the sweep is their product (every listed point at every grid value). Order of
 precedence for one point: base YAML < ``overrides`` < the command line's ``key=value`` < the point's values.
@@ -34,7 +36,8 @@ from uniemo.config.loader import parse_override, set_dotted
 from uniemo.errors import ConfigError, UserError
 from uniemo.launchers.job import Job, build_raw, config_from_raw
 
-SWEEP_KEYS = ("name", "base", "overrides", "grid", "points")
+SWEEP_KEYS = ("name", "base", "overrides", "grid", "points", "command")
+SWEEP_COMMANDS = ("train", "run")
 """The top-level keys of a sweep file."""
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._=,+-]")
@@ -53,6 +56,8 @@ class Sweep:
     jobs: list[Job]
     values: list[dict[str, Any]]
     """Each point's dotted keys and values (same order as ``jobs``)."""
+    command: str = "train"
+    """What each point runs: ``train`` (``uniemo train``) or ``run`` (the whole pipeline, ``uniemo run``)."""
 
     @property
     def launch_dir(self) -> Path:
@@ -78,6 +83,8 @@ def _read_sweep_file(path: Path) -> dict[str, Any]:
             raise _error(path, f"unknown key {key!r}; the keys of a sweep file are {', '.join(SWEEP_KEYS)}")
     if "grid" not in data and "points" not in data:
         raise _error(path, "has neither 'grid' nor 'points'; give at least one")
+    if data.get("command", "train") not in SWEEP_COMMANDS:
+        raise _error(path, f"command {data['command']!r} is not one of {', '.join(SWEEP_COMMANDS)}")
     return data
 
 
@@ -242,7 +249,8 @@ def load_sweep(
         cfg.logging.wandb.group = sweep_name
         jobs.append(Job(config=cfg, name=name, overrides=[f"{k}={format_value(v)}" for k, v in point.items()]))
     assert output_dir is not None  # at least one point (checked above)
-    return Sweep(name=sweep_name, path=path, output_dir=output_dir, jobs=jobs, values=values)
+    return Sweep(name=sweep_name, path=path, output_dir=output_dir, jobs=jobs, values=values,
+                 command=str(data.get("command", "train")))
 
 
 def sweep_summary(sweep: Sweep) -> str:

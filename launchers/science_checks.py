@@ -1,0 +1,199 @@
+"""The science checks of RESULTS.md on the synthetic set (issue 6, part 4), end to end, for several seeds.
+
+    python launchers/science_checks.py --seeds 0,1,2 --out runs/science        # then read runs/science/results.json
+
+Per seed s (``run.seed = s``; the data set is the same for every seed, so seeds vary initialisation, data order,
+noise and generation):
+
+(a) stage 1 with the expert queries vs without (``use_scene_queries = use_object_queries = false``): test top-1;
+(b) stage 2 (joint training from (a)'s with-queries run) vs stage 1 alone: test top-1;
+(c) Emo-A of stage 2's generated images, judged by an independent classifier (one judge, trained once);
+(d) continuing stage 2 for the same number of steps with: filtered feedback (the config's METHOD §5 thresholds),
+    unfiltered feedback (tau = 0, no near-duplicate removal, no attribute cap, keep all), and no feedback (real
+    data only): test top-1 of each.
+
+Every job is the ordinary code path (``run_training``, ``run_feedback``, ``train_judge``, ``evaluate_run``) in ONE
+Ray session. Finished jobs are skipped when the script is run again (each writes ``metrics.json``), so an
+interrupted run continues. The base config is ``configs/demo.yaml``'s stage overrides (``--config``), with
+wandb off. Results: ``<out>/results.json`` (every number) and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from uniemo.config import Config, load_config, with_overrides
+
+
+def _stage_cfg(base: Config, out: Path, name: str, stage_overrides: list[str], extra: list[str]) -> Config:
+    return with_overrides(base, [f"run.output_dir={out}", f"run.name={name}", *stage_overrides, *extra])
+
+
+def _done(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file()
+
+
+def _evaluate(run_dir: Path, judge: Path) -> dict[str, Any]:
+    from uniemo.evaluation.evaluate import evaluate_run
+
+    if _done(run_dir):
+        return json.loads((run_dir / "metrics.json").read_text())
+    return evaluate_run(run_dir, judge)
+
+
+def _train(cfg: Config) -> Path:
+    from uniemo.distributed.ray_train import run_dir_of, run_training
+    from uniemo.training.checkpoint import latest_checkpoint
+
+    run_dir = run_dir_of(cfg)
+    if not _done(run_dir):
+        if latest_checkpoint(run_dir) is None or not (run_dir / "emotion_space.safetensors").exists():
+            run_training(cfg, resume=latest_checkpoint(run_dir) is not None)
+    return run_dir
+
+
+def _feedback(cfg: Config) -> Path:
+    from uniemo.distributed.ray_train import run_dir_of
+    from uniemo.feedback.loop import run_feedback
+
+    run_dir = run_dir_of(cfg)
+    if not _done(run_dir):
+        run_feedback(cfg, resume=(run_dir / "config.yaml").is_file())
+    return run_dir
+
+
+def _no_feedback(cfg: Config, from_run: Path) -> Path:
+    """The same continued training as the feedback run (steps, schedule, start weights), on real data only."""
+    from uniemo.training.checkpoint import resolve_checkpoint
+
+    fb = cfg.feedback
+    plain = with_overrides(cfg, [
+        "training.stage=2", f"training.init_from={resolve_checkpoint(str(from_run))}",
+        f"training.steps={fb.rounds * fb.steps_per_round}", "training.epochs=0",
+    ])
+    return _train(plain)
+
+
+def _top1(m: dict[str, Any]) -> float:
+    return float(m["understanding"]["top1"])
+
+
+def run_checks(config: str, seeds: list[int], out: Path) -> dict[str, Any]:
+    from uniemo.distributed.ray_train import ray_session
+    from uniemo.evaluation.judge import train_judge
+    from uniemo.feedback.rounds import pool_cpus
+
+    base = load_config(config, ["logging.wandb.mode=disabled", "logging.progress=false"])
+    pipe = base.pipeline
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"config": config, "seeds": seeds, "runs": {}}
+    results_path = out / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    started = time.monotonic()
+    with ray_session(base.distributed, extra_cpus=pool_cpus(base)):
+        judge = out / "judge"
+        if not (judge / "judge.json").is_file():
+            train_judge(with_overrides(base, list(pipe.judge)), judge)
+        for seed in seeds:
+            tag = f"seed-{seed}"
+            seed_o = [f"run.seed={seed}"]
+            entry = results["runs"].setdefault(tag, {})
+            s1q = _train(_stage_cfg(base, out, f"{tag}/stage1-queries", list(pipe.stage1),
+                                    seed_o + ["training.stage=1"]))
+            entry["a_stage1_queries"] = _top1(_evaluate(s1q, judge))
+            s1n = _train(_stage_cfg(base, out, f"{tag}/stage1-no-queries", list(pipe.stage1), seed_o + [
+                "training.stage=1", "model.understanding.use_scene_queries=false",
+                "model.understanding.use_object_queries=false"]))
+            entry["a_stage1_no_queries"] = _top1(_evaluate(s1n, judge))
+            save()
+            s2 = _train(_stage_cfg(base, out, f"{tag}/stage2", list(pipe.stage2),
+                                   seed_o + ["training.stage=2", f"training.init_from={s1q}"]))
+            m2 = _evaluate(s2, judge)
+            entry["b_stage2"] = _top1(m2)
+            entry["c_emo_a"] = float(m2["generation"]["emo_a"]["top1"])
+            entry["c_fid"] = float(m2["generation"]["fid"]["pooled"])
+            entry["c_fid_extractor"] = m2["generation"]["fid"]["extractor"]
+            save()
+            fb_common = list(pipe.feedback) + seed_o + [f"feedback.from_run={s2}", "feedback.mode=sequential"]
+            filtered = _feedback(_stage_cfg(base, out, f"{tag}/feedback-filtered", fb_common, []))
+            entry["d_filtered"] = _top1(_evaluate(filtered, judge))
+            entry["d_filtered_kept"] = _kept(filtered)
+            save()
+            n = base.feedback.candidates_per_emotion
+            unfiltered = _feedback(_stage_cfg(base, out, f"{tag}/feedback-unfiltered", fb_common, [
+                "feedback.tau=0.0", "feedback.delta=1.0", "feedback.attribute_cap=1.0", f"feedback.keep={n}"]))
+            entry["d_unfiltered"] = _top1(_evaluate(unfiltered, judge))
+            entry["d_unfiltered_kept"] = _kept(unfiltered)
+            save()
+            plain = _no_feedback(_stage_cfg(base, out, f"{tag}/no-feedback", fb_common, []), s2)
+            entry["d_no_feedback"] = _top1(_evaluate(plain, judge))
+            save()
+            print(f"seed {seed}: {json.dumps(entry)}", file=sys.stderr, flush=True)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    results["judge"] = json.loads((out / "judge" / "judge.json").read_text()).get("val_accuracy")
+    save()
+    return results
+
+
+def _kept(run_dir: Path) -> int:
+    total = 0
+    for path in sorted((run_dir / "rounds").glob("round-*.json")):
+        report = json.loads(path.read_text())
+        total += int(report.get("totals", {}).get("kept", 0))
+    return total
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [
+        ("(a) stage 1, with expert queries: test top-1", "a_stage1_queries"),
+        ("(a) stage 1, without queries: test top-1", "a_stage1_no_queries"),
+        ("(b) stage 2 (joint, from (a) with queries): test top-1", "b_stage2"),
+        ("(c) Emo-A of stage-2 images (judge; chance 0.125)", "c_emo_a"),
+        ("(c) FID of stage-2 images (judge features)", "c_fid"),
+        ("(d) + filtered feedback: test top-1", "d_filtered"),
+        ("(d) + unfiltered feedback: test top-1", "d_unfiltered"),
+        ("(d) + no feedback (real only, same steps): test top-1", "d_no_feedback"),
+        ("(d) synthetic images kept, filtered", "d_filtered_kept"),
+        ("(d) synthetic images kept, unfiltered", "d_unfiltered_kept"),
+    ]
+    seeds = sorted(results["runs"])
+    lines = ["| check | " + " | ".join(seeds) + " | mean ± std |", "|---|" + "---:|" * (len(seeds) + 1)]
+    for title, key in rows:
+        values = [results["runs"][s].get(key) for s in seeds]
+        nums = [v for v in values if isinstance(v, (int, float))]
+        cells = [f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in values]
+        if len(nums) >= 2:
+            summary = f"{statistics.mean(nums):.3f} ± {statistics.stdev(nums):.3f}"
+        elif nums:
+            summary = f"{nums[0]:.3f}"
+        else:
+            summary = "-"
+        lines.append(f"| {title} | " + " | ".join(cells) + f" | {summary} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default="runs/science")
+    args = parser.parse_args()
+    results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
