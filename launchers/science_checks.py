@@ -44,7 +44,7 @@ def _evaluate(run_dir: Path, judge: Path) -> dict[str, Any]:
 
     if _done(run_dir):
         return json.loads((run_dir / "metrics.json").read_text())
-    return evaluate_run(run_dir, judge)
+    return evaluate_run(run_dir, judge, ["distributed.num_workers=1"])  # in-process: no Ray Train start-up
 
 
 def _train(cfg: Config) -> Path:

@@ -40,8 +40,11 @@ def _register_config(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from uniemo import pipeline
     from uniemo.data import cli as data_cli
     from uniemo.evaluation import cli as evaluation_cli
+    from uniemo.evaluation import report_cli
+    from uniemo.feedback import cli as feedback_cli
     from uniemo.launchers import cli as launchers_cli
     from uniemo.training import cli as training_cli
     from uniemo.training import export_cli
@@ -54,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     _register_config(sub)
+    pipeline.register(sub)  # uniemo run: the whole loop
     data_cli.register(sub)
     training_cli.register(sub)
-    __import__("uniemo.feedback.cli", fromlist=["register"]).register(sub)
+    feedback_cli.register(sub)
+    evaluation_cli.register(sub)  # train-judge, evaluate
+    report_cli.register(sub)
     export_cli.register(sub)
     launchers_cli.register(sub)
-    __import__("uniemo.pipeline", fromlist=["register"]).register(sub)  # uniemo run
-    evaluation_cli.register(sub)
-    __import__("uniemo.evaluation.report_cli", fromlist=["register"]).register(sub)  # uniemo report
     return parser
 
 

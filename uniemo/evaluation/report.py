@@ -484,7 +484,7 @@ def _summary_lines(data: ReportData) -> list[str]:
         if last is not None:
             first += f"; last validation accuracy {last[1]:.1%} ({last[0]})"
     if "emo_a" in ev:
-        second = f"generation: Emo-A {ev['emo_a']:.1%} (judge: {ev.get('judge', 'unnamed')}; chance {CHANCE:.1%})"
+        second = f"generation: Emo-A {ev['emo_a']:.1%} (judged by {ev.get('judge', 'an unnamed model')}; chance {CHANCE:.1%})"
     else:
         second = "generation: Emo-A not evaluated"
     if "fid" in ev:
@@ -886,7 +886,7 @@ class _Builder:
             accuracy = _number(data.judge.get("val_accuracy"))
             rows.append(["judge (uniemo train-judge)",
                          f"{data.judge.get('name', '?')}, validation accuracy {_pct(accuracy)}"])
-        emo_a = f"{ev['emo_a']:.1%} (judge: {ev.get('judge', 'unnamed')}; chance {CHANCE:.1%})" if "emo_a" in ev else "not evaluated"
+        emo_a = f"{ev['emo_a']:.1%} (judged by {ev.get('judge', 'an unnamed model')}; chance {CHANCE:.1%})" if "emo_a" in ev else "not evaluated"
         rows.append(["Emo-A", emo_a])
         fid = f"{ev['fid']:.2f} (features: {ev.get('fid_extractor', 'unnamed extractor')})" if "fid" in ev else "not evaluated"
         rows.append(["FID", fid])
