@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,50 +334,71 @@ def _stop_on_sigterm(stop_file: Path) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """``uniemo train``: plan, start Ray Train with ``distributed.num_workers`` workers, wait, summarise."""
-    _keep_embedded_ray_on_loopback(cfg.distributed)
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+def torch_trainer(fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], dist: DistributedConfig, *,
+                  name: str, storage_path: str | Path, max_failures: int) -> Any:
+    """A Ray Train ``TorchTrainer`` running ``fn(loop_config)`` on ``distributed.num_workers`` workers of
+    ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs), with the process-group backend and worker
+    environment of :mod:`uniemo.distributed.env`. Used by training and by the evaluation."""
+    _keep_embedded_ray_on_loopback(dist)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from uniemo.distributed.env import backend_for, worker_env_vars
+
+    resources: dict[str, float] = {"CPU": dist.cpus_per_worker}
+    if dist.gpus_per_worker > 0:
+        resources["GPU"] = dist.gpus_per_worker
+    return TorchTrainer(
+        fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=dist.num_workers, use_gpu=dist.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend=backend_for(dist)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=max_failures),
+            worker_runtime_env={"env_vars": worker_env_vars(dist)},
+        ),
+    )
+
+
+def fit(trainer: Any) -> None:
+    """``trainer.fit()``; a :class:`UserError` raised in a worker reaches the caller as itself (one line)."""
+    from ray.train import TrainingFailedError
+
+    try:
+        trainer.fit()
+    except TrainingFailedError as exc:
+        user_error = _user_error_of(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise
+
+
+def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """``uniemo train``: plan, start Ray Train with ``distributed.num_workers`` workers, wait, summarise."""
+    _keep_embedded_ray_on_loopback(cfg.distributed)
     from uniemo.logging import read_metrics
     from uniemo.training.checkpoint import latest_checkpoint, stop_request_path
 
     plan = prepare_run(cfg, resume)
     cfg = plan.config
     dist = cfg.distributed
-    resources: dict[str, float] = {"CPU": dist.cpus_per_worker}
-    if dist.gpus_per_worker > 0:
-        resources["GPU"] = dist.gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_worker,
-        train_loop_config={
+        {
             "config": dataclasses.asdict(cfg),
             "run_dir": str(plan.run_dir),
             "init_from": str(plan.init_from) if plan.init_from else None,
         },
-        scaling_config=ScalingConfig(
-            num_workers=dist.num_workers, use_gpu=dist.gpus_per_worker > 0, resources_per_worker=resources
-        ),
-        torch_config=TorchConfig(backend=backend_for(dist)),
-        run_config=RunConfig(
-            name="ray-train",
-            storage_path=str(plan.run_dir),
-            failure_config=FailureConfig(max_failures=dist.max_failures),
-            worker_runtime_env={"env_vars": worker_env_vars(dist)},
-        ),
+        dist, name="ray-train", storage_path=plan.run_dir, max_failures=dist.max_failures,
     )
     stop_file = stop_request_path(plan.run_dir)
     stop_file.unlink(missing_ok=True)  # a request left by an earlier, killed driver is not for this run
     with ray_session(dist), _stop_on_sigterm(stop_file):
-        try:
-            trainer.fit()
-        except TrainingFailedError as exc:
-            user_error = _user_error_of(exc)
-            if user_error is not None:
-                raise user_error from None
-            raise
+        fit(trainer)
     stopped = stop_file.exists()
     stop_file.unlink(missing_ok=True)
     latest = latest_checkpoint(plan.run_dir)

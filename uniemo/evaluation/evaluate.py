@@ -164,40 +164,15 @@ def _run_ranks(cfg: Config, run_dir: Path) -> str:
         evaluate_rank(cfg, run_dir, device=device)
         return "in-process"
 
-    from uniemo.distributed.ray_train import _keep_embedded_ray_on_loopback
+    from uniemo.distributed.ray_train import fit, ray_session, torch_trainer
 
-    _keep_embedded_ray_on_loopback(dist)
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from uniemo.distributed.env import backend_for, worker_env_vars
-    from uniemo.distributed.ray_train import _user_error_of, ray_session
-
-    resources: dict[str, float] = {"CPU": dist.cpus_per_worker}
-    if dist.gpus_per_worker > 0:
-        resources["GPU"] = dist.gpus_per_worker
-    trainer = TorchTrainer(
-        evaluate_worker,
-        train_loop_config={"config": dataclasses.asdict(cfg), "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(
-            num_workers=dist.num_workers, use_gpu=dist.gpus_per_worker > 0, resources_per_worker=resources
-        ),
-        torch_config=TorchConfig(backend=backend_for(dist)),
-        run_config=RunConfig(
-            name="ray-eval",
-            storage_path=str(run_dir / EVAL_DIR),
-            failure_config=FailureConfig(max_failures=0),  # evaluation is cheap to rerun; no partial restarts
-            worker_runtime_env={"env_vars": worker_env_vars(dist)},
-        ),
+    trainer = torch_trainer(
+        evaluate_worker, {"config": dataclasses.asdict(cfg), "run_dir": str(run_dir)}, dist,
+        name="ray-eval", storage_path=run_dir / EVAL_DIR,
+        max_failures=0,  # evaluation is cheap to rerun; no partial restarts
     )
     with ray_session(dist):
-        try:
-            trainer.fit()
-        except TrainingFailedError as exc:
-            user_error = _user_error_of(exc)
-            if user_error is not None:
-                raise user_error from None
-            raise
+        fit(trainer)
     return "ray-train"
 
 
