@@ -84,12 +84,13 @@ def _top1(m: dict[str, Any]) -> float:
     return float(m["understanding"]["top1"])
 
 
-def run_checks(config: str, seeds: list[int], out: Path) -> dict[str, Any]:
+def run_checks(config: str, seeds: list[int], out: Path, overrides: list[str] = (), only_a: bool = False
+               ) -> dict[str, Any]:
     from uniemo.distributed.ray_train import ray_session
     from uniemo.evaluation.judge import train_judge
     from uniemo.feedback.rounds import pool_cpus
 
-    base = load_config(config, ["logging.wandb.mode=disabled", "logging.progress=false"])
+    base = load_config(config, ["logging.wandb.mode=disabled", "logging.progress=false", *overrides])
     pipe = base.pipeline
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +119,8 @@ def run_checks(config: str, seeds: list[int], out: Path) -> dict[str, Any]:
                 "model.understanding.use_object_queries=false"]))
             entry["a_stage1_no_queries"] = _top1(_evaluate(s1n, judge))
             save()
+            if only_a:
+                continue
             s2 = _train(_stage_cfg(base, out, f"{tag}/stage2", list(pipe.stage2),
                                    seed_o + ["training.stage=2", f"training.init_from={s1q}"]))
             m2 = _evaluate(s2, judge)
@@ -189,8 +192,12 @@ def main() -> int:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/science")
+    parser.add_argument("--only-a", action="store_true", help="only check (a): stage 1 with and without queries")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. "
+                        "'pipeline.stage1=[training.steps=40]'")
     args = parser.parse_args()
-    results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out))
+    results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out), args.overrides,
+                         args.only_a)
     print(table(results))
     return 0
 
