@@ -187,15 +187,41 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(sweep_dir: Path) -> str:
+    """The table of a finished ``configs/sweeps/ablations.yaml`` sweep: per point, the evaluated run's numbers."""
+    lines = ["| point | evaluated run | test top-1 | test loss | Emo-A | FID (judge features) | kept (rounds) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for point in sorted(p for p in sweep_dir.iterdir() if (p / "pipeline.json").is_file()):
+        state = json.loads((point / "pipeline.json").read_text())
+        run = Path(state["stages"].get("evaluate", {}).get("result", {}).get("run", ""))
+        if not (run / "metrics.json").is_file():
+            lines.append(f"| {point.name.split(',')[0]} | not evaluated | - | - | - | - | - |")
+            continue
+        m = json.loads((run / "metrics.json").read_text())
+        gen = m.get("generation") or {}
+        kept = _kept(run) if (run / "rounds").is_dir() else "-"
+        lines.append(
+            f"| {point.name.split(',')[0]} | {run.name} | {m['understanding']['top1']:.3f} | "
+            f"{m['understanding']['loss']:.3f} | {gen.get('emo_a', {}).get('top1', float('nan')):.3f} | "
+            f"{gen.get('fid', {}).get('pooled', float('nan')):.2f} | {kept} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/science")
     parser.add_argument("--only-a", action="store_true", help="only check (a): stage 1 with and without queries")
+    parser.add_argument("--ablations", metavar="DIR", help="print the table of a finished ablation sweep "
+                        "(uniemo sweep configs/sweeps/ablations.yaml --backend local -> runs/ablations) and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. "
                         "'pipeline.stage1=[training.steps=40]'")
     args = parser.parse_args()
+    if args.ablations:
+        print(ablation_table(Path(args.ablations)))
+        return 0
     results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out), args.overrides,
                          args.only_a)
     print(table(results))
