@@ -151,11 +151,10 @@ def run_checks(config: str, seeds: list[int], out: Path, overrides: list[str] = 
 
 
 def _kept(run_dir: Path) -> int:
-    total = 0
-    for path in sorted((run_dir / "rounds").glob("round-*.json")):
-        report = json.loads(path.read_text())
-        total += int(report.get("totals", {}).get("kept", 0))
-    return total
+    """Synthetic images kept over all rounds of a feedback run (the funnels of its round reports)."""
+    from uniemo.evaluation.evaluate import summarize_rounds
+
+    return sum(r["funnel"]["kept"] for r in summarize_rounds(run_dir))
 
 
 def table(results: dict[str, Any]) -> str:

@@ -95,13 +95,11 @@ def _write_state(root: Path, state: dict[str, Any]) -> None:
 # Stages
 # -------------------------------------------------------------------------------------------------------------
 def _stage_data(p: Pipeline, resume: bool) -> dict[str, Any]:
-    from uniemo.data.shards import ensure_synthetic_shards
+    from uniemo.data.shards import ensure_synthetic_shards, read_manifest
 
     folder = ensure_synthetic_shards(p.cfg.data, progress=True)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    counts = {split: sum(s.get("samples", 0) for s in manifest.get("shards", []) if s.get("split") == split)
-              for split in ("train", "val", "test")}
-    return {"shards": str(folder.resolve()), "samples": counts}
+    totals = read_manifest(folder).get("totals", {})  # per split, written with the manifest
+    return {"shards": str(folder.resolve()), "samples": {split: t["samples"] for split, t in totals.items()}}
 
 
 def _train_stage(stage: str) -> Callable[[Pipeline, bool], dict[str, Any]]:
