@@ -109,6 +109,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _shards(args: argparse.Namespace) -> int:
+    from uniemo.data.folders import describe_ignored
     from uniemo.data.shards import write_shards
 
     manifest = write_shards(
@@ -123,6 +124,9 @@ def _shards(args: argparse.Namespace) -> int:
     )
     totals = ", ".join(f"{s} {t['samples']} in {t['shards']} shards" for s, t in manifest["totals"].items())
     print(f"{args.out}: {totals}; skipped {manifest['skipped']['total']}")
+    ignored = describe_ignored(manifest.get("ignored", {}))
+    if ignored:
+        print(f"{args.root}: {ignored}")
     return 0
 
 
@@ -179,6 +183,13 @@ def format_inspection(folder: Path, manifest: dict[str, Any]) -> str:
         lines.append(f"  {reason}: {count}")
         for example in skipped.get("examples", {}).get(reason, [])[:2]:
             lines.append(f"    e.g. {example}")
+
+    ignored = manifest.get("ignored", {})
+    if ignored.get("total"):
+        lines.append(f"ignored files (not images): {ignored['total']}")
+        for reason, count in sorted(ignored.get("by_reason", {}).items()):
+            examples = ", ".join(ignored.get("examples", {}).get(reason, [])[:3])
+            lines.append(f"  {reason}: {count} (e.g. {examples})")
 
     if (folder / "attributes.json").is_file():
         table = AttributeTable.load(folder)

@@ -1,8 +1,19 @@
-"""Reading one image file for a shard: check that it decodes, keep its bytes.
+"""Image files as people have them: reading one for a shard, and turning any decoded image into 8-bit RGB.
 
 JPEG and PNG files are stored as read from disk (``data/FORMAT.md``: no re-encoding), so a shard holds exactly
-the source pixels. Other formats PIL can read (WebP, BMP, GIF, TIFF, ...) are re-encoded to PNG, losslessly,
-because the training loader only promises to decode ``jpg`` and ``png`` members.
+the source bytes. Other formats PIL can read (WebP, AVIF, BMP, GIF, TIFF, ...) are stored as the PNG of
+:func:`to_rgb` of their (first) frame, because the training loader only promises to decode ``jpg`` and ``png``
+members.
+
+:func:`to_rgb` is what every reader of real images applies after decoding (the training loader's transforms,
+the judge, the report, ``uniemo classify``), so a photo looks the same everywhere:
+
+- the EXIF orientation is applied (a phone's portrait photo is stored sideways with an orientation tag);
+- 16-bit and 32-bit integer images (PIL modes ``I;16``, ``I``) are scaled to 8 bits (``v * 255 / 65535``), not
+  clipped; float images (``F``) in [0, 1] are scaled by 255, others clipped to [0, 255];
+- transparent images (``RGBA``, ``LA``, ``PA``, ``P`` or ``L``/``RGB`` with a transparency colour) are
+  composited on :data:`BACKGROUND`, white;
+- every other mode (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ...) is converted by PIL.
 """
 
 from __future__ import annotations
@@ -11,9 +22,17 @@ import io
 import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from uniemo.data.records import RecordProblem
+
+BACKGROUND = (255, 255, 255)
+"""The colour transparent pixels are composited on (white)."""
+
+_ORIENTATION_TAG = 0x0112  # EXIF Orientation; 1 = as stored, 2-8 = flipped and/or rotated
+_INTEGER_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 # PIL format names whose files are stored unchanged, with the WebDataset extension they get. MPO is the
 # multi-picture JPEG some cameras write; its first frame is a plain JPEG stream that every decoder reads.
@@ -23,8 +42,9 @@ _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
 def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
     """Read an image file and return ``(bytes, ext)`` with ``ext`` in ``{"jpg", "png"}``.
 
-    The file must decode completely (a truncated JPEG fails). JPEG/PNG bytes come back unchanged; any other
-    format PIL reads is re-encoded to PNG. Raises :class:`RecordProblem` with reason ``missing_image``,
+    The file must decode completely (a truncated JPEG fails) and convert to RGB (:func:`to_rgb`). JPEG/PNG bytes
+    come back unchanged; any other format PIL reads comes back as the PNG of :func:`to_rgb` of its first frame.
+    Raises :class:`RecordProblem` with reason ``missing_image``,
     ``empty_image`` or ``undecodable_image`` and a one-line message naming the path.
     """
     path = Path(path)
@@ -46,9 +66,10 @@ def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
             with Image.open(io.BytesIO(data)) as img:
                 fmt = img.format or ""
                 img.load()  # decodes every byte: truncated or corrupt data raises here
+                rgb = to_rgb(img)  # what training will see: a mode PIL cannot convert fails here, not there
                 if fmt in _KEPT_FORMATS:
                     return data, _KEPT_FORMATS[fmt]
-                return _encode_png(img), "png"
+                return _encode_png(rgb), "png"
     except (
         UnidentifiedImageError,
         OSError,
@@ -61,10 +82,47 @@ def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
         raise RecordProblem("undecodable_image", f"{path}: image does not decode ({reason})") from None
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as the 8-bit RGB picture a person sees (module docstring); an RGB image without an orientation
+    tag comes back as it is.
+
+    Raises:
+        ValueError: a mode PIL cannot convert to RGB.
+    """
+    if _orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in _INTEGER_MODES or image.mode == "F":
+        image = _to_8_bit(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still fine, show them as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """An ``I``/``I;16*`` (16-bit range) or ``F`` image as mode ``L``, scaled rather than clipped."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if values.size and float(np.nanmax(values)) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0
+    pixels = np.clip(np.nan_to_num(values * scale) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)  # uint8 [H,W]: mode L
+
+
 def _encode_png(img: Image.Image) -> bytes:
-    """Lossless PNG encoding of the (first frame of the) image, in a mode PNG can hold."""
-    if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-        img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+    """Lossless PNG encoding of an image."""
     out = io.BytesIO()
     img.save(out, format="PNG")
     return out.getvalue()

@@ -397,8 +397,8 @@ def _write_shards_locked(
     min_attribute_count: int,
     phi_beta: float,
 ) -> dict[str, Any]:
-    reader_log = SkipLog()
-    records = list(_read_records(origin["reader"], root, on_error, reader_log, folder_seed))
+    reader_log, ignored = SkipLog(), SkipLog()
+    records = list(_read_records(origin["reader"], root, on_error, reader_log, folder_seed, ignored))
     records = _drop_duplicate_keys(records, on_error, reader_log)
     if not records:
         raise DataError(
@@ -472,20 +472,23 @@ def _write_shards_locked(
         "shards": entries,
         "totals": compute_totals(entries),
         "skipped": skipped.as_dict(),
+        "ignored": ignored.as_dict(),
     }
     write_json_atomic(out / MANIFEST_FILE, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     return manifest
 
 
-def _read_records(reader: str, root: Path, on_error: str, log: SkipLog, folder_seed: int) -> Iterator[Record]:
+def _read_records(
+    reader: str, root: Path, on_error: str, log: SkipLog, folder_seed: int, ignored: SkipLog
+) -> Iterator[Record]:
     if reader == "emoset":
         from uniemo.data.emoset import read_emoset
 
         return read_emoset(root, on_error=on_error, skiplog=log)
     from uniemo.data.folders import read_folder
 
-    return read_folder(root, seed=folder_seed, on_error=on_error, skiplog=log)
+    return read_folder(root, seed=folder_seed, on_error=on_error, skiplog=log, ignored=ignored)
 
 
 def _drop_duplicate_keys(records: list[Record], on_error: str, log: SkipLog) -> list[Record]:

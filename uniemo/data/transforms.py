@@ -7,6 +7,7 @@
 - Generator input ``pixel_values`` (stage 2, METHOD §3.2 b): the whole image resized to G x G (aspect ratio
   not kept, as in the official code), flipped with p = 0.5 in training, independently of ``image``, in [-1, 1].
 
+Decoded images go through :func:`uniemo.data.images.to_rgb` first (orientation, bit depth, transparency).
 Every random choice draws from the ``random.Random`` passed in, so the loader can make a sample's
 augmentation depend only on its position in the stream (exact resumption, :mod:`uniemo.data.loader`).
 """
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from uniemo.data.images import to_rgb
 
 NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -126,8 +129,7 @@ class SampleTransform:
             )
 
     def __call__(self, image: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)  # EXIF orientation, 16-bit scaled, transparency on white (uniemo.data.images)
         if self.augment:
             box = random_resized_crop_box(image.width, image.height, rng)
             view = image.resize((self.image_size, self.image_size), RESAMPLE, box=box)

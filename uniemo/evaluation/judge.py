@@ -134,11 +134,13 @@ def _as_uint8_images(images: Any) -> list[np.ndarray]:
     """The accepted image inputs of :meth:`Judge.preprocess` as a list of uint8 ``[H,W,3]`` arrays."""
     from PIL import Image
 
+    from uniemo.data.images import to_rgb
+
     if isinstance(images, (list, tuple)):
         out = []
         for image in images:
             if isinstance(image, Image.Image):
-                out.append(np.asarray(image.convert("RGB")))
+                out.append(np.asarray(to_rgb(image)))
             else:
                 out.extend(_as_uint8_images(np.asarray(image)[None]))
         return out

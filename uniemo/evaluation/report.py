@@ -689,6 +689,7 @@ def read_examples(shards: Path, per_emotion: int) -> tuple[str | None, dict[str,
     test split), in shard order: (split, {emotion: [PIL image]})."""
     from PIL import Image
 
+    from uniemo.data.images import to_rgb
     from uniemo.data.loader import list_split_shards
 
     found: dict[str, list[Any]] = {e: [] for e in EMOTIONS}
@@ -709,7 +710,7 @@ def read_examples(shards: Path, per_emotion: int) -> tuple[str | None, dict[str,
             return
         try:
             with Image.open(io.BytesIO(data)) as image:
-                found[emotion].append(image.convert("RGB"))
+                found[emotion].append(to_rgb(image))
         except Exception:  # a corrupt image is skipped, as the loader skips it
             return
 

@@ -546,4 +546,4 @@ def _image_tensor(run: LoadedRun, data: bytes) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        return run.transform(image.convert("RGB"), random.Random(0))["image"]
+        return run.transform(image, random.Random(0))["image"]  # the transform applies to_rgb
