@@ -287,3 +287,52 @@ def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes(ray_cluster, b
     assert finished["stopped"] is False
     assert step_of(latest_checkpoint(run_dir)) == STEPS
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, STEPS + 1))
+
+
+GENERATOR = [
+    "training.stage=generator",
+    "model.generator.preset=cpu",
+    "training.steps=4",
+    "training.generator.vae_steps=2",
+    "training.checkpoint_every=2",
+    "training.eval_every=2",
+    "logging.sample_images=0",
+]
+
+
+def test_generator_pretraining_resumes_exactly_and_stage2_loads_it(stage1_run, base):
+    """METHOD D15: pretrain VAE then UNet + text encoder through the real command; a stop at the phase boundary
+    and --resume give the straight run's weights; stage 2 takes the exported folder through model.generator.path."""
+    from uniemo.models.generator import Generator
+
+    straight = Path(_train(base, "g-straight", *GENERATOR)["run_dir"])
+    records = read_metrics(straight)
+    assert [r["phase"] for r in records] == [0.0, 0.0, 1.0, 1.0]
+    assert records[0]["lr/generator_unet"] == 0.0 and records[0]["lr/generator_vae"] > 0  # one part per phase
+    assert records[-1]["lr/generator_vae"] == 0.0 and records[-1]["lr/generator_text"] > 0
+    assert records[-1]["loss/diffusion"] > 0 and records[1]["loss/vae/reconstruction"] > 0
+    assert "val/loss/diffusion" in records[-1] and "val/accuracy" not in records[-1]
+
+    _train(base, "g-resumed", *GENERATOR, "training.stop_at_step=2")
+    resumed = Path(_train(base, "g-resumed", *GENERATOR, resume=True)["run_dir"])
+    a, b = _fp32(latest_checkpoint(straight)), _fp32(latest_checkpoint(resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    scale = float(a["latent_scale"])
+    assert scale > 0
+
+    folder = straight / "generator"
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert provenance["steps"] == 4 and provenance["vae_steps"] == 2 and "code_version" in provenance
+    generator = Generator.from_pretrained(folder)
+    assert abs(generator.latent_scale - scale) < 1e-6
+    assert generator.tokenize(["dark muted blue"])[0, 1:4].tolist() == [
+        generator.tokenizer.convert_tokens_to_ids(w) for w in ("dark", "muted", "blue")
+    ]
+    summary = _train(
+        base, "g-stage2", "training.stage=2", "training.steps=2", "training.eval_every=0",
+        "training.checkpoint_every=0", f"training.init_from={stage1_run}", f"model.generator.path={folder}",
+        "logging.sample_images=1",
+    )
+    assert summary["step"] == 2 and (Path(summary["run_dir"]) / "samples" / "awe.png").is_file()

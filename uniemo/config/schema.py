@@ -222,9 +222,40 @@ class LossConfig:
 
 
 @dataclass
+class GeneratorTrainingConfig:
+    """``training.stage: generator``: pretraining the CPU world's small Stable-Diffusion-shaped generator (METHOD
+    D15) on captions that describe scene, objects and colours but never the emotion (``uniemo/data/captions.py``).
+    The VAE trains first (``vae_steps``), then the UNet and the text encoder together; each phase has its own
+    warm-up and cosine schedule (``training.lr_schedule``), and a part's learning rate is 0 outside its phase."""
+
+    vae_steps: int = 400
+    """Optimizer steps of the VAE phase; the UNet + text-encoder phase takes the rest of ``training.steps``."""
+    lr_vae: float = 1e-3
+    lr_unet: float = 1e-3
+    lr_text: float = 1e-3
+    kl_weight: float = 1e-6
+    """Weight of the VAE's KL term against the per-pixel reconstruction MSE, both summed per image (LDM's 1e-6)."""
+    caption_drop: float = 0.1
+    """Share of samples trained with the empty caption, so classifier-free guidance works."""
+    part_drop: float = 0.25
+    """Chance that each caption part (colours, scene, objects) is left out (at least one part stays)."""
+
+    def validate(self) -> None:
+        _positive("training.generator.vae_steps", self.vae_steps)
+        for key in ("lr_vae", "lr_unet", "lr_text"):
+            _positive(f"training.generator.{key}", getattr(self, key))
+        _non_negative("training.generator.kl_weight", self.kl_weight)
+        for key in ("caption_drop", "part_drop"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"training.generator.{key} must be in [0, 1), got {value}")
+
+
+@dataclass
 class TrainingConfig:
-    stage: Literal[1, 2] = 1
-    """1: understanding (METHOD §2); 2: joint understanding + generation (METHOD §3)."""
+    stage: Literal[1, 2, "generator"] = 1
+    """1: understanding (METHOD §2); 2: joint understanding + generation (METHOD §3); ``generator``: pretrain the
+    small generator of the CPU world (D15, ``training.generator``)."""
     steps: int = 100
     """Optimizer steps."""
     lr_backbone: float = 8e-6
@@ -245,6 +276,7 @@ class TrainingConfig:
     """Stage 2: run the frozen emotion head in train mode, dropout active, as the official code (METHOD §3.1);
     False keeps it in eval mode like the other frozen modules."""
     losses: LossConfig = field(default_factory=LossConfig)
+    generator: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
     init_from: str = ""
     """Stage 2: checkpoint or run directory of stage 1; empty: the latest stage-1 run."""
     epochs: int = 0
@@ -306,6 +338,13 @@ class TrainingConfig:
             _non_negative("training.warmup_steps", self.warmup_steps)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"training.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.stage == "generator":
+            self.generator.validate()
+            if self.epochs == 0 and self.generator.vae_steps >= self.steps:
+                raise ConfigError(
+                    f"training.generator.vae_steps ({self.generator.vae_steps}) must be below training.steps "
+                    f"({self.steps}): the UNet trains in the steps after the VAE's"
+                )
 
 
 @dataclass

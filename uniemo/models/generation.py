@@ -175,15 +175,7 @@ def generate(
                 guidance_scale,
                 sampler,
             )
-            pixels = generator.decode_latents(final)
-            images.append(
-                ((pixels / 2 + 0.5).clamp(0, 1) * 255)
-                .round()
-                .to(torch.uint8)
-                .permute(0, 2, 3, 1)
-                .cpu()
-                .numpy()
-            )
+            images.append(_to_uint8(generator.decode_latents(final)))
             alpha_s.append(out.alpha_scene.float().cpu().numpy())
             alpha_o.append(out.alpha_object.float().cpu().numpy())
             attr_s.append(out.scene_attribute.cpu().numpy())
@@ -202,3 +194,43 @@ def generate(
         scene_attribute=np.concatenate(attr_s) if attr_s else np.zeros(0, np.int64),
         object_attribute=np.concatenate(attr_o) if attr_o else np.zeros(0, np.int64),
     )
+
+
+def _to_uint8(pixels_B3HW: torch.Tensor) -> np.ndarray:
+    """Decoded images in [-1, 1] -> uint8 ``[B,H,W,3]``."""
+    return ((pixels_B3HW / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate_from_prompts(
+    generator: Generator,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    sampler: str = "unipc",
+    batch_size: int = 8,
+) -> np.ndarray:
+    """Plain text-to-image with the generator (no condition token): one image per prompt, its initial latents
+    drawn from ``torch.Generator().manual_seed(seed)``; uint8 ``[N,H,W,3]``. Used to measure a pretrained
+    generator on captions (METHOD D15)."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    latent_hw = generator.image_size // generator.vae_scale_factor
+    shape = (1, generator.latent_channels, latent_hw, latent_hw)
+    was_training = generator.training
+    generator.eval()
+    try:
+        uncond_1LD = generator.encode_prompts([""])
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
+                                 for s in seeds[start : start + batch_size]])
+            final = _denoise(generator, latents.to(generator.device), generator.encode_prompts(chunk),
+                             uncond_1LD, steps, guidance_scale, sampler)
+            images.append(_to_uint8(generator.decode_latents(final)))
+    finally:
+        generator.train(was_training)
+    h = w = generator.image_size
+    return np.concatenate(images) if images else np.zeros((0, h, w, 3), np.uint8)

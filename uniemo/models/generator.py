@@ -74,6 +74,20 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
         unet_head_dim=8,
         norm_groups=8,
     ),
+    # The CPU world's pretrained generator (METHOD D15, configs/tiny_generator.yaml): text width 32 pairs with the
+    # `tiny` understanding preset; a VAE of 16/32/64 channels (4x down-sampling) and a UNet with cross-attention
+    # at the 8x8 level and in the middle block, small enough to pretrain on 2 CPU cores.
+    "cpu": GeneratorPreset(
+        text_hidden=32,
+        text_layers=2,
+        text_heads=4,
+        text_intermediate=128,
+        vae_channels=(16, 32, 64),
+        unet_channels=(32, 64),
+        unet_layers_per_block=1,
+        unet_head_dim=8,
+        norm_groups=8,
+    ),
     "small": GeneratorPreset(
         text_hidden=64,
         text_layers=4,
@@ -205,87 +219,18 @@ class Generator(nn.Module):
 
         The tokenizer is the local character-level CLIP tokenizer (no hub). The global RNG is left untouched.
         """
-        from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from uniemo.models.tokenizer import build_local_tokenizer
 
-        from uniemo.models.tokenizer import MAX_LENGTH, build_local_tokenizer
-
-        if preset not in GENERATOR_PRESETS:
-            raise ConfigError(
-                f"model.generator.preset {preset!r} is not a random preset; choose one of "
-                f"{sorted(GENERATOR_PRESETS)} or set model.generator.path to an SD folder"
-            )
-        p = GENERATOR_PRESETS[preset]
-        factor = 2 ** (len(p.vae_channels) - 1)
-        down_factor = 2 ** (len(p.unet_channels) - 1)
-        if image_size % (factor * down_factor) != 0:
-            raise ConfigError(
-                f"data.generator_image_size {image_size} must be a multiple of "
-                f"{factor * down_factor} for generator preset {preset!r}"
-            )
         # The placeholder is added (and initialised from `placeholder_init`) by the constructor.
         tokenizer = build_local_tokenizer()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(tokenizer),
-                    hidden_size=p.text_hidden,
-                    intermediate_size=p.text_intermediate,
-                    num_hidden_layers=p.text_layers,
-                    num_attention_heads=p.text_heads,
-                    max_position_embeddings=MAX_LENGTH,
-                    projection_dim=p.text_hidden,
-                    hidden_act="quick_gelu",
-                    bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            )
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
-                up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
-                block_out_channels=p.vae_channels,
-                layers_per_block=1,
-                latent_channels=4,
-                norm_num_groups=p.norm_groups,
-                sample_size=image_size,
-            )
-            n = len(p.unet_channels)
-            unet = UNet2DConditionModel(
-                sample_size=image_size // factor,
-                in_channels=4,
-                out_channels=4,
-                down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-                up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-                block_out_channels=p.unet_channels,
-                layers_per_block=p.unet_layers_per_block,
-                cross_attention_dim=p.text_hidden,
-                attention_head_dim=p.unet_head_dim,
-                norm_num_groups=p.norm_groups,
-            )
-        scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG)
+        text_encoder, vae, unet, scheduler = build_random_parts(preset, tokenizer, image_size, seed)
         return cls(
             unet, vae, text_encoder, tokenizer, scheduler, placeholder_token, placeholder_init, train_unet
         )
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save through a real ``StableDiffusionPipeline`` (safetensors), so :meth:`from_pretrained` reloads it."""
-        from diffusers import StableDiffusionPipeline
-
-        pipeline = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(str(path), safe_serialization=True)
+        save_pipeline(path, self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
 
     def _add_placeholder(self, token: str, init_word: str) -> int:
         """Add the placeholder token (if new) and initialise its row from ``init_word`` (METHOD §3.1)."""
@@ -465,6 +410,92 @@ class Generator(nn.Module):
         return self.unet(
             noisy_latents.to(unet_dtype), timesteps, encoder_hidden_states=hidden_states.to(unet_dtype)
         ).sample.float()
+
+
+def build_random_parts(
+    preset: str, tokenizer, image_size: int = 64, seed: int = 0
+) -> tuple[nn.Module, nn.Module, nn.Module, object]:
+    """``(text_encoder, vae, unet, scheduler)`` of a small preset, random-initialised with ``seed`` (the global RNG
+    is left untouched); the text encoder's vocabulary is ``len(tokenizer)``."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from uniemo.models.tokenizer import MAX_LENGTH
+
+    if preset not in GENERATOR_PRESETS:
+        raise ConfigError(
+            f"model.generator.preset {preset!r} is not a random preset; choose one of "
+            f"{sorted(GENERATOR_PRESETS)} or set model.generator.path to an SD folder"
+        )
+    p = GENERATOR_PRESETS[preset]
+    factor = 2 ** (len(p.vae_channels) - 1)
+    down_factor = 2 ** (len(p.unet_channels) - 1)
+    if image_size % (factor * down_factor) != 0:
+        raise ConfigError(
+            f"data.generator_image_size {image_size} must be a multiple of "
+            f"{factor * down_factor} for generator preset {preset!r}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=p.text_hidden,
+                intermediate_size=p.text_intermediate,
+                num_hidden_layers=p.text_layers,
+                num_attention_heads=p.text_heads,
+                max_position_embeddings=MAX_LENGTH,
+                projection_dim=p.text_hidden,
+                hidden_act="quick_gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
+            block_out_channels=p.vae_channels,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=p.norm_groups,
+            sample_size=image_size,
+        )
+        n = len(p.unet_channels)
+        unet = UNet2DConditionModel(
+            sample_size=image_size // factor,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            block_out_channels=p.unet_channels,
+            layers_per_block=p.unet_layers_per_block,
+            cross_attention_dim=p.text_hidden,
+            attention_head_dim=p.unet_head_dim,
+            norm_num_groups=p.norm_groups,
+        )
+    return text_encoder, vae, unet, PNDMScheduler(**SD15_SCHEDULER_CONFIG)
+
+
+def save_pipeline(path: str | Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer,
+                  scheduler) -> None:
+    """Save the parts through a real ``StableDiffusionPipeline`` (safetensors, no safety checker), the layout
+    :meth:`Generator.from_pretrained` and ``StableDiffusionPipeline.from_pretrained`` read."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(path), safe_serialization=True)
 
 
 def check_generator_folder(path: str | Path) -> None:

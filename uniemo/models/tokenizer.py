@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import AddedToken, CLIPTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -50,11 +50,13 @@ def local_vocabulary() -> dict[str, int]:
 
 
 def build_local_tokenizer(
-    save_dir: str | Path | None = None, extra_tokens: Sequence[str] = ()
+    save_dir: str | Path | None = None, extra_tokens: Sequence[str] = (), words: Sequence[str] = ()
 ) -> CLIPTokenizer:
     """Build a CLIP tokenizer with a byte-level character vocabulary and no merges.
 
-    ``extra_tokens`` are added with ``add_tokens`` (whole-word tokens such as a placeholder ``<dummy>``). When
+    ``extra_tokens`` are added with ``add_tokens`` (whole-word tokens such as a placeholder ``<dummy>``).
+    ``words`` are added as single-word tokens: ``blue`` is one token where it stands as a word, but not inside
+    ``bluebell`` (the caption vocabulary of the pretrained CPU generator, METHOD D15). When
     ``save_dir`` is given the tokenizer is saved there (``tokenizer.json`` plus CLIP's classic
     ``vocab.json`` / ``merges.txt``), so ``CLIPTokenizer.from_pretrained(save_dir)`` reloads it.
     """
@@ -70,6 +72,8 @@ def build_local_tokenizer(
     )
     if extra_tokens:
         tokenizer.add_tokens(list(extra_tokens))
+    if words:
+        tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in words])
     if save_dir is not None:
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)

@@ -162,6 +162,29 @@ def lr_factor(training_cfg: TrainingConfig, total_steps: int) -> Callable[[int],
     return factor
 
 
+def group_lr_factors(
+    task: nn.Module, groups: list[dict[str, Any]], training_cfg: TrainingConfig, total_steps: int
+) -> Callable[[int], float] | list[Callable[[int], float]]:
+    """The schedule of :func:`lr_factor` for every group, or, for a task with ``role_phases(total_steps)`` (role ->
+    ``[start, end)``, generator pretraining), one per group: the schedule over the group's own phase and 0 outside
+    it, so a part trains only in its phase (weight decay included, since AdamW scales it by the learning rate)."""
+    if not hasattr(task, "role_phases"):
+        return lr_factor(training_cfg, total_steps)
+    phases = task.role_phases(total_steps)
+    factors = []
+    for group in groups:
+        start, end = phases[group["name"].split("/")[0]]
+        factors.append(_phase_factor(lr_factor(training_cfg, max(1, end - start)), start, end))
+    return factors
+
+
+def _phase_factor(factor: Callable[[int], float], start: int, end: int) -> Callable[[int], float]:
+    def phased(step: int) -> float:
+        return factor(step - start) if start <= step < end else 0.0
+
+    return phased
+
+
 # -- DeepSpeed process-wide preparation ---------------------------------------------------------------------
 
 _PREPARED = False
@@ -398,7 +421,7 @@ def build_engine(
     groups = build_param_groups(task, cfg.training)
     group_names = [g["name"] for g in groups]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.training, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lr_factors(task, groups, cfg.training, total_steps))
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=task,
         optimizer=optimizer,

@@ -59,6 +59,8 @@ class StageParts:
     """Stage 2: fp32 CPU copy of the understanding weights before training (the frozen ones never change)."""
     finish: Callable[[Trainer], None] | None = None
     """Called on every rank after the final checkpoint."""
+    notes: list[str] = field(default_factory=list)
+    """One-line remarks about the run's set-up, logged once at the start (e.g. annotations the data lacks)."""
 
 
 # -- stage-2 initialisation -----------------------------------------------------------------------------------
@@ -223,6 +225,8 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
         attributes = load_attribute_table(cfg.data)
         return _build_task(cfg, attributes, init_from)
 
+    if cfg.training.stage == "generator":
+        return _build_generator_stage(cfg, env)
     task = _rank0_first(env, build)
     stage = cfg.training.stage
     train_loader = build_loader_from_config(
@@ -247,6 +251,24 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
         initial_understanding=initial,
         finish=finish_stage2 if stage == 2 else None,
     )
+
+
+def _build_generator_stage(cfg: Config, env: DistEnv) -> StageParts:
+    """Generator pretraining (METHOD D15): the task and streams with ``pixel_values`` (the stage-2 transforms)."""
+    from uniemo.data.loader import build_loader_from_config, load_attribute_table
+    from uniemo.training.generator_task import annotation_note, build_generator_task, finish_generator
+
+    attributes = _rank0_first(env, lambda: load_attribute_table(cfg.data))
+    torch.manual_seed(cfg.run.seed)
+    task = build_generator_task(cfg, attributes)
+    loaders = [
+        build_loader_from_config(cfg.data, split, rank=env.rank, world_size=env.world_size, stage=2,
+                                 training=split == "train", seed=cfg.run.seed)
+        for split in (["train", "val"] if cfg.training.eval_every > 0 else ["train"])
+    ]
+    note = annotation_note(attributes)
+    return StageParts(task=task, train_loader=loaders[0], val_loader=loaders[1] if len(loaders) > 1 else None,
+                      finish=finish_generator, notes=[note] if note else [])
 
 
 def _rank0_first(env: DistEnv, fn: Callable[[], Any]) -> Any:

@@ -341,6 +341,8 @@ def build_param_groups(task: nn.Module, training_cfg: TrainingConfig) -> list[di
             two groups, or a frozen one in any group.
     """
     hyper = _role_hyperparameters(training_cfg)
+    if hasattr(task, "role_hyperparameters"):  # a task with roles of its own (generator pretraining)
+        hyper.update(task.role_hyperparameters(training_cfg.weight_decay))
     roles = task.parameter_roles()
     groups: dict[str, dict[str, Any]] = {}
     placed: dict[int, str] = {}

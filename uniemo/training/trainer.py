@@ -99,6 +99,7 @@ class Trainer:
         self._batches = None
         self._last_batch: dict[str, Any] | None = None
         self._loss_keys: list[str] = ["total"]
+        self._metric_keys: set[str] = {"metrics/accuracy"}
         self._step_lrs: dict[str, float] = {}
         self._window: dict[str, torch.Tensor] = {}
         self._window_steps = 0
@@ -166,6 +167,9 @@ class Trainer:
         None for a step skipped because its loss was not finite on some rank (:meth:`skip_bad_step`)."""
         accum = self.cfg.training.gradient_accumulation
         sums: dict[str, torch.Tensor] = {}
+        set_step = getattr(self.engine.task, "set_step", None)
+        if set_step is not None:  # a task whose forward depends on the step (generator pretraining's phases)
+            set_step(self.step)
         for micro in range(accum):
             terms = self.forward_backward(self._next_batch())
             if terms is None:
@@ -174,6 +178,7 @@ class Trainer:
             for key, value in terms.items():
                 sums[key] = sums[key] + value if key in sums else value
             self._loss_keys = sorted(k for k in terms if not k.startswith("metrics/"))
+            self._metric_keys = {k for k in terms if k.startswith("metrics/")}
             if micro < accum - 1:
                 self.engine.engine.step()  # DeepSpeed counts the micro-step; it updates only at the boundary
         self._step_lrs = self.engine.learning_rates()  # the rates this update uses (the schedule moves after it)
@@ -279,14 +284,16 @@ class Trainer:
                 for key, value in out.items():
                     if not key.startswith("metrics/"):
                         sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + float(value) * n
-                correct += float(out["metrics/accuracy"]) * n
+                correct += float(out.get("metrics/accuracy", 0.0)) * n
                 count += n
         keys = self._loss_keys  # the task's terms: the same on every rank, even one that validated nothing
         vector = torch.stack([sums.get(k, torch.zeros((), dtype=torch.float64)) for k in keys] + [correct, count])
         vector = self._all_reduce(vector)
         total = float(vector[-1])
         self.engine.set_train(True)
-        result = {"val/accuracy": float(vector[-2]) / max(total, 1.0), "val/samples": int(total)}
+        result = {"val/samples": int(total)}
+        if "metrics/accuracy" in self._metric_keys:
+            result["val/accuracy"] = float(vector[-2]) / max(total, 1.0)
         for key, value in zip(keys, vector[:-2].tolist(), strict=True):
             name = "val/loss" if key == "total" else f"val/loss/{key}"
             result[name] = value / max(total, 1.0)
@@ -428,6 +435,8 @@ def run_worker(cfg: Config, run_dir: str | Path, init_from: str | None = None) -
             f"{cfg.training.precision}, global batch {trainer.global_batch}, {total} steps, {where}; "
             f"{describe_init(Path(init_from) if init_from else None) if cfg.training.stage == 2 else ''}".rstrip("; ")
         )
+        for note in parts.notes:
+            logger.info(note)
         summary = trainer.train(logger)
         if trainer.last_checkpoint is not None:
             summary["checkpoint"] = str(trainer.last_checkpoint)
