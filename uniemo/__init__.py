@@ -1,3 +1,3 @@
-"""uniemo: distributed training of UniEmo (see ../shared/design/METHOD.md)."""
+"""uniemo: distributed training of UniEmo (the method: docs/METHOD.md)."""
 
 __version__ = "0.1.0"
