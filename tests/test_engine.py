@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from _child import run_gloo_child  # tests/_child.py
 
 from uniemo.config import load_config
 from uniemo.config.schema import Config
@@ -305,70 +304,48 @@ def test_run_logger_writes_metrics_and_offline_wandb(tmp_path):
 
 # -- a real engine, one process ---------------------------------------------------------------------------------------
 
-# Runs in a child process: a gloo process group must not live in the pytest process (gloo can abort at interpreter
-# exit), and DeepSpeed's process-wide state stays out of the other tests. The child ends with os._exit.
 _ZERO3_CHILD = r"""
-import math, os, socket, sys, traceback
-import torch
-try:
-    import torch.distributed as dist
-    from uniemo.config import load_config
-    from uniemo.data.attributes import AttributeTable
-    from uniemo.data.loader import build_loader
-    from uniemo.data.transforms import build_sample_transform
-    from uniemo.distributed.env import DistEnv, export_torch_env
-    from uniemo.training.engine import build_engine
-    from uniemo.training.task import build_stage2_task
+from uniemo.config import load_config
+from uniemo.data.attributes import AttributeTable
+from uniemo.data.loader import build_loader
+from uniemo.data.transforms import build_sample_transform
+from uniemo.training.engine import build_engine
+from uniemo.training.task import build_stage2_task
 
-    torch.set_num_threads(1)
-    shards = sys.argv[1]
-    export_torch_env(DistEnv(0, 1, 0, 1, 0, "single"))  # DeepSpeed asserts LOCAL_RANK
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    cfg = load_config(None, ["data.image_size=32", "data.generator_image_size=32", "model.understanding.image_size=32",
-                             "data.batch_size=4", "training.stage=2", "distributed.zero_stage=3",
-                             "distributed.num_workers=1"])
-    torch.manual_seed(0)
-    task = build_stage2_task(cfg, AttributeTable.load(os.path.join(shards, "attributes.json")))
-    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
-    frozen_names = {n for n, p in task.named_parameters() if not p.requires_grad}
-    engine = build_engine(task, cfg, world_size=1, device=torch.device("cpu"), total_steps=2)
-    # Everything frozen left the wrapped module; everything trainable stayed and is ZeRO-3 partitioned.
-    assert {n for n, _ in engine.task.named_parameters()} == trainable
-    assert {n for n, _ in engine.frozen.named_parameters()} == frozen_names
-    assert all(hasattr(p, "ds_id") for p in engine.task.parameters())
-    assert not any(hasattr(p, "ds_id") for _, p in engine.frozen.named_parameters())
-    assert "generator" in engine.frozen.names and "understanding.encoder" in engine.frozen.names
-    assert task.generator.vae.encoder.conv_in.weight.numel() > 0  # plain tensors, never partitioned
-    # Modes: frozen parts stay in eval, the stage-2 emotion head follows the task (dropout on, METHOD 3.1).
-    engine.set_train(True)
-    assert not task.generator.vae.training and task.understanding.emotion_head.training
-    loader = build_loader(shards, "train", rank=0, world_size=1, batch_size=4, num_workers=0,
-                          transform=build_sample_transform(cfg.data, stage=2, training=True), training=True, seed=0)
-    batch = engine.prepare_batch(next(iter(loader)))
-    out = engine.engine(batch)
-    engine.engine.backward(out["total"])
-    engine.engine.step()
-    assert math.isfinite(float(out["total"]))
-    engine.frozen.reattach()
-    assert {n for n, _ in task.named_parameters()} == trainable | frozen_names
-    print("CHILD-OK", flush=True)
-    code = 0
-except BaseException:
-    traceback.print_exc()
-    code = 1
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(code)
+shards = sys.argv[1]
+cfg = load_config(None, ["data.image_size=32", "data.generator_image_size=32", "model.understanding.image_size=32",
+                         "data.batch_size=4", "training.stage=2", "distributed.zero_stage=3",
+                         "distributed.num_workers=1"])
+torch.manual_seed(0)
+task = build_stage2_task(cfg, AttributeTable.load(os.path.join(shards, "attributes.json")))
+trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+frozen_names = {n for n, p in task.named_parameters() if not p.requires_grad}
+engine = build_engine(task, cfg, world_size=1, device=torch.device("cpu"), total_steps=2)
+# Everything frozen left the wrapped module; everything trainable stayed and is ZeRO-3 partitioned.
+assert {n for n, _ in engine.task.named_parameters()} == trainable
+assert {n for n, _ in engine.frozen.named_parameters()} == frozen_names
+assert all(hasattr(p, "ds_id") for p in engine.task.parameters())
+assert not any(hasattr(p, "ds_id") for _, p in engine.frozen.named_parameters())
+assert "generator" in engine.frozen.names and "understanding.encoder" in engine.frozen.names
+assert task.generator.vae.encoder.conv_in.weight.numel() > 0  # plain tensors, never partitioned
+# Modes: frozen parts stay in eval, the stage-2 emotion head follows the task (dropout on, METHOD 3.1).
+engine.set_train(True)
+assert not task.generator.vae.training and task.understanding.emotion_head.training
+loader = build_loader(shards, "train", rank=0, world_size=1, batch_size=4, num_workers=0,
+                      transform=build_sample_transform(cfg.data, stage=2, training=True), training=True, seed=0)
+batch = engine.prepare_batch(next(iter(loader)))
+out = engine.engine(batch)
+engine.engine.backward(out["total"])
+engine.engine.step()
+assert math.isfinite(float(out["total"]))
+engine.frozen.reattach()
+assert {n for n, _ in task.named_parameters()} == trainable | frozen_names
+print("CHILD-OK", flush=True)
 """
 
 
 def test_zero3_keeps_frozen_submodels_out_of_partitioning(synth_shards):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    proc = subprocess.run([sys.executable, "-c", _ZERO3_CHILD, str(synth_shards)], capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = run_gloo_child(_ZERO3_CHILD, str(synth_shards))  # tests/_child.py: a one-rank gloo group in a child
     assert proc.returncode == 0 and "CHILD-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

@@ -8,8 +8,9 @@ C/H/W latent channels and size.
 
 Unusual points:
 
-- A term that cannot be computed (no valid row, an ablated branch) is a zero that still belongs to the autograd
-  graph (``x.sum() * 0``), so every rank runs the same backward and no parameter's gradient goes missing.
+- A term that cannot be computed for a batch (no valid row) is a zero that still belongs to the autograd graph
+  (``x.sum() * 0``), so every rank runs the same backward and no parameter's gradient goes missing. A branch
+  whose head does not exist (ablated, or no annotations in the data) has no term at all.
 - The stage-2 understanding loss is *not* the stage-1 one: the official code swaps the two InfoNCE terms for a
   254-way scene CE and a 409-way object BCE (METHOD §3.3, §9.2).
 """
@@ -103,7 +104,8 @@ def understanding_loss(outputs: Any, batch: dict, weights: LossConfig, stage: in
     - stage 2: ``λ3·CE(emotion) + λ1·CE(scene classifier, ignore -1) + λ2·BCE(object classifier, multi-hot)``,
       the BCE over the rows with at least one object.
 
-    A branch whose output is None (queries switched off, D13) contributes an attached 0.
+    A branch without its head (queries switched off, D13, or data without annotations of its kind) has no term:
+    the key is absent and ``total`` is the weighted sum of the terms present (the weights are not renormalised).
 
     Args:
         outputs: an :class:`uniemo.models.outputs.UnderstandingOutput`.
@@ -113,7 +115,8 @@ def understanding_loss(outputs: Any, batch: dict, weights: LossConfig, stage: in
         stage: 1 or 2.
 
     Returns:
-        ``{"emotion", "scene", "object", "total"}``, unweighted terms plus the weighted total.
+        ``{"emotion", "scene", "object", "total"}``, unweighted terms plus the weighted total; ``scene`` /
+        ``object`` only for the branches that have a head.
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -121,39 +124,35 @@ def understanding_loss(outputs: Any, batch: dict, weights: LossConfig, stage: in
     labels_B = batch["label"].to(emotion_logits_BK.device).long()
     emotion = F.cross_entropy(emotion_logits_BK.float(), labels_B)
 
+    terms = {"emotion": emotion}
     if stage == 1:
-        if outputs.scene_embedding is None:
-            scene = _zero_like_graph(emotion_logits_BK)
-        else:
-            scene = symmetric_info_nce(
+        if outputs.scene_embedding is not None:
+            terms["scene"] = symmetric_info_nce(
                 outputs.scene_embedding,
                 batch["scene_text_features"],
                 outputs.logit_scale_scene,
                 batch["scene_idx"].to(emotion_logits_BK.device) >= 0,
             )
-        if outputs.object_embedding is None:
-            obj = _zero_like_graph(emotion_logits_BK)
-        else:
-            obj = symmetric_info_nce(
+        if outputs.object_embedding is not None:
+            terms["object"] = symmetric_info_nce(
                 outputs.object_embedding,
                 batch["object_text_features"],
                 outputs.logit_scale_object,
                 batch["object_idx"].to(emotion_logits_BK.device) >= 0,
             )
     else:
-        if outputs.scene_logits is None:
-            scene = _zero_like_graph(emotion_logits_BK)
-        else:
-            scene = _scene_ce(outputs.scene_logits, batch["scene_idx"].to(outputs.scene_logits.device))
-        if outputs.object_logits is None:
-            obj = _zero_like_graph(emotion_logits_BK)
-        else:
-            obj = _object_bce(
+        if outputs.scene_logits is not None:
+            terms["scene"] = _scene_ce(outputs.scene_logits, batch["scene_idx"].to(outputs.scene_logits.device))
+        if outputs.object_logits is not None:
+            terms["object"] = _object_bce(
                 outputs.object_logits, batch["objects_multi_hot"].to(outputs.object_logits.device)
             )
 
-    total = weights.emotion_weight * emotion + weights.scene_weight * scene + weights.object_weight * obj
-    return {"emotion": emotion, "scene": scene, "object": obj, "total": total}
+    total = weights.emotion_weight * emotion
+    for name, weight in (("scene", weights.scene_weight), ("object", weights.object_weight)):
+        if name in terms:
+            total = total + weight * terms[name]
+    return {**terms, "total": total}
 
 
 def hard_negatives(logits_BK: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,12 @@ class AttributeTable:
 
     # -- lookups ---------------------------------------------------------------------------------------
     @property
+    def unannotated_kinds(self) -> list[str]:
+        """``"scene"`` / ``"object"`` for each kind of annotation the train data has none of (an image folder:
+        both)."""
+        return [kind for kind, names in (("scene", self.scenes), ("object", self.objects)) if not names]
+
+    @property
     def phi(self) -> torch.Tensor:
         """Phi as float32 ``[A, 8]`` aligned with :attr:`base_names` (A may be 0)."""
         import torch

@@ -91,6 +91,11 @@ class ModelBundle:
     """The UNet when it was fine-tuned (``model.generator.train_unet``, D8); None: the frozen UNet."""
 
     @property
+    def has_base(self) -> bool:
+        """Whether the attribute base has entries (else the conditioner has no attribute branches)."""
+        return self.attribute_embeddings.shape[0] > 0
+
+    @property
     def num_scenes(self) -> int:
         w = self.understanding_state.get("scene_classifier.weight")
         return int(w.shape[0]) if w is not None else len(self.attributes.scenes)
@@ -158,7 +163,8 @@ class ModelBundle:
             understanding = UnderstandingModel(
                 und_cfg, len(attributes.scenes), len(attributes.objects), dims=dims
             )
-            conditioner = Conditioner(cfg.model.conditioner, in_dim=dims.width, out_dim=generator.token_dim)
+            conditioner = Conditioner(cfg.model.conditioner, in_dim=dims.width, out_dim=generator.token_dim,
+                                      has_base=bool(attributes.base_names))
         streams = {"cls": dims.width}
         if und_cfg.use_scene_queries:
             streams["scene"] = dims.width
@@ -293,7 +299,8 @@ class GeneratorWorker:
         if bundle.unet_state is not None:
             self.generator.unet.load_state_dict(bundle.unet_state, strict=True)
         self.conditioner = Conditioner(
-            cfg.model.conditioner, in_dim=bundle.understanding_dims.width, out_dim=self.generator.token_dim
+            cfg.model.conditioner, in_dim=bundle.understanding_dims.width, out_dim=self.generator.token_dim,
+            has_base=bundle.has_base,
         )
         self.conditioner.load_state_dict(bundle.conditioner_state, strict=True)
         self.generator.to(self.device).eval()
@@ -362,6 +369,7 @@ class FilterWorker:
             cfg.model.conditioner,
             in_dim=bundle.understanding_dims.width,
             out_dim=_token_dim(bundle.conditioner_state),
+            has_base=bundle.has_base,
         )
         self.conditioner.load_state_dict(bundle.conditioner_state, strict=True)
         self.understanding.to(self.device).eval()

@@ -93,6 +93,12 @@ def correlation_coefficient(
     return alpha_B.to(mapped.dtype), index_B
 
 
+def uses_attribute_branches(cfg, has_base: bool) -> bool:
+    """Whether c has its alpha-weighted scene and object branches: with an attribute base to compute alpha from,
+    or with alpha fixed to 1 (D13)."""
+    return bool(has_base or cfg.fixed_alpha)
+
+
 @dataclass
 class ConditionOutput:
     """The conditioner's outputs (METHOD §3.4-§3.6)."""
@@ -116,9 +122,14 @@ class ConditionOutput:
 
 
 class Conditioner(nn.Module):
-    """Three mappers (M_emo, M_scene, M_obj), alpha retrieval and fusion into the condition token c."""
+    """Three mappers (M_emo, M_scene, M_obj), alpha retrieval and fusion into the condition token c.
 
-    def __init__(self, cfg, in_dim: int, out_dim: int) -> None:
+    ``has_base=False`` (the attribute base is empty, e.g. data without scene or object annotations): alpha has
+    nothing to be computed from, so unless ``fixed_alpha`` the attribute branches are left out: M_scene and M_obj
+    are not built and c = e_cls.
+    """
+
+    def __init__(self, cfg, in_dim: int, out_dim: int, *, has_base: bool = True) -> None:
         super().__init__()
         kwargs = {
             "num_layers": cfg.num_layers,
@@ -131,12 +142,14 @@ class Conditioner(nn.Module):
         self.out_dim = out_dim
         self.fixed_alpha = bool(cfg.fixed_alpha)
         self.mapper_emotion = Mapper(in_dim, out_dim, **kwargs)
-        self.mapper_scene = Mapper(in_dim, out_dim, **kwargs)
-        self.mapper_object = Mapper(in_dim, out_dim, **kwargs)
+        self.mapper_scene = self.mapper_object = None
+        if uses_attribute_branches(cfg, has_base):
+            self.mapper_scene = Mapper(in_dim, out_dim, **kwargs)
+            self.mapper_object = Mapper(in_dim, out_dim, **kwargs)
 
     def _branch(
         self,
-        mapper: Mapper,
+        mapper: Mapper | None,
         feature_BD: torch.Tensor | None,
         labels_B: torch.Tensor,
         attribute_embeddings: torch.Tensor,
@@ -144,8 +157,8 @@ class Conditioner(nn.Module):
         like: torch.Tensor,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         batch = like.shape[0]
-        if feature_BD is None:
-            # A switched-off query branch (D13) contributes nothing to c.
+        if feature_BD is None or mapper is None:
+            # A switched-off query branch (D13), or no attribute base to weight it by, contributes nothing to c.
             return None, like.new_zeros(batch), torch.full((batch,), -1, dtype=torch.long, device=like.device)
         mapped_BD = mapper(feature_BD)
         alpha_B, index_B = correlation_coefficient(mapped_BD, attribute_embeddings, phi, labels_B)

@@ -350,7 +350,11 @@ class UnderstandingModel(nn.Module):
         dims: an already resolved architecture (e.g. read from a CLIP folder); None: ``resolve_dims(cfg)``.
 
     A query type switched off (``use_scene_queries`` / ``use_object_queries`` false, D13) has no queries,
-    interactive block, projection, classifier or logit scale at all; its output fields are None. Set
+    interactive block, projection, classifier or logit scale at all; its output fields are None. A query type
+    whose data has no annotations (``num_scenes`` / ``num_objects`` 0, e.g. an image folder) keeps its queries
+    and interactive block (they still shape ``f_cls`` and feed the conditioner) but has no projection,
+    classifier or logit scale (nothing to learn them from: a zero-class classifier would be a zero-element
+    parameter, which ZeRO-1/2 cannot partition); its ``*_embedding``, ``*_logits`` and ``logit_scale_*`` are None. Set
     ``gradient_checkpointing = True`` to recompute the ViT blocks in the backward pass.
     """
 
@@ -383,17 +387,19 @@ class UnderstandingModel(nn.Module):
         if cfg.use_scene_queries:
             self.scene_queries = nn.Embedding(dims.num_scene_queries, d)
             self.scene_interaction = InteractiveBlock(d, dims.heads, eps)
-            self.scene_projection = nn.Linear(d, dims.embed_dim, bias=False)
-            self.scene_classifier = nn.Linear(d, num_scenes)
-            self.logit_scale_scene = nn.Parameter(torch.tensor(SCENE_LOGIT_SCALE))
+            if num_scenes > 0:  # the heads that learn from scene annotations; without any they are not built
+                self.scene_projection = nn.Linear(d, dims.embed_dim, bias=False)
+                self.scene_classifier = nn.Linear(d, num_scenes)
+                self.logit_scale_scene = nn.Parameter(torch.tensor(SCENE_LOGIT_SCALE))
         self.object_queries = self.object_interaction = self.object_projection = None
         self.object_classifier = self.logit_scale_object = None
         if cfg.use_object_queries:
             self.object_queries = nn.Embedding(dims.num_object_queries, d)
             self.object_interaction = InteractiveBlock(d, dims.heads, eps)
-            self.object_projection = nn.Linear(d, dims.embed_dim, bias=False)
-            self.object_classifier = nn.Linear(d, num_objects)
-            self.logit_scale_object = nn.Parameter(torch.tensor(OBJECT_LOGIT_SCALE))
+            if num_objects > 0:
+                self.object_projection = nn.Linear(d, dims.embed_dim, bias=False)
+                self.object_classifier = nn.Linear(d, num_objects)
+                self.logit_scale_object = nn.Parameter(torch.tensor(OBJECT_LOGIT_SCALE))
         self.emotion_head = EmotionHead(d, dims.embed_dim, cfg.head_dropout)
 
         self._init_weights(cfg.query_init_std)
@@ -511,11 +517,11 @@ class UnderstandingModel(nn.Module):
             scene_attention=scene_attention,
             object_attention=object_attention,
         )
-        if scene_feature is not None:
+        if scene_feature is not None and self.scene_projection is not None:
             out.scene_embedding = F.normalize(self.scene_projection(scene_feature), dim=-1)
             out.scene_logits = self.scene_classifier(scene_feature)
             out.logit_scale_scene = self.logit_scale_scene.clamp(max=SCENE_LOGIT_SCALE).exp()
-        if object_feature is not None:
+        if object_feature is not None and self.object_projection is not None:
             out.object_embedding = F.normalize(self.object_projection(object_feature), dim=-1)
             out.object_logits = self.object_classifier(object_feature)
             # Both scales are capped at CLIP's 100 in case they are trained (train_logit_scales).

@@ -340,9 +340,10 @@ def _load_export(folder: Path) -> LoadedRun:
         placeholder_init=gen_cfg.placeholder_init,
         train_unet=False,  # an export's UNet already holds the trained weights; inference never trains it
     )
-    conditioner = Conditioner(cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim)
-    _load_strict(conditioner, _strip(weights, "conditioner."), folder)
     base = load_file(str(folder / ATTRIBUTE_BASE_FILE))
+    conditioner = Conditioner(cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim,
+                              has_base=base["embeddings"].shape[0] > 0)
+    _load_strict(conditioner, _strip(weights, "conditioner."), folder)
     run.conditioner = conditioner.eval()
     run.generator = generator.eval()
     run.attribute_embeddings = base["embeddings"]

@@ -358,7 +358,8 @@ def sample_grids(cfg: Config, parts: StageParts, trainer: Trainer, space: Any, u
     else:
         generator = task.generator  # frozen, held outside the engine: plain tensors on this device
     conditioner = _fresh(lambda: Conditioner(
-        cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim))
+        cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim,
+        has_base=task.attribute_embeddings.shape[0] > 0))
     prefix = "conditioner."
     conditioner.load_state_dict({k[len(prefix) :]: v.float() for k, v in trained.items() if k.startswith(prefix)})
     conditioner.to(device).eval()

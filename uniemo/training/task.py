@@ -46,6 +46,8 @@ __all__ = [
     "build_param_groups",
     "build_stage1_task",
     "build_stage2_task",
+    "left_out_note",
+    "parts_left_out",
 ]
 
 ROLE_MAPPERS = "mappers"
@@ -299,6 +301,47 @@ class Stage2Task(_Task):
         return terms
 
 
+# -- what the data leaves out --------------------------------------------------------------------------------
+
+
+def parts_left_out(cfg: Config, attributes: AttributeTable) -> list[str]:
+    """The parts of the method this run leaves out because its data lacks annotations, as short phrases
+    (empty: none). ``attributes`` is the run's table, re-based for ``data.min_attribute_count``.
+
+    Stage 1: the InfoNCE term of a query type whose vocabulary is empty (no text rows). Stage 2: the attribute
+    classifier of such a query type, and alpha with the scene and object mappers when the attribute base is
+    empty (c = M_emo(f_cls)), unless alpha is fixed to 1 (D13). Query types switched off by config (D13) are
+    not listed: they are the user's choice, not the data's.
+    """
+    from uniemo.models.conditioner import uses_attribute_branches
+
+    und = cfg.model.understanding
+    stage = cfg.training.stage
+    parts = []
+    for kind, used, vocabulary in (
+        ("scene", und.use_scene_queries, attributes.scenes),
+        ("object", und.use_object_queries, attributes.objects),
+    ):
+        if used and not vocabulary:
+            parts.append(f"the {kind} InfoNCE term" if stage == 1 else f"the {kind} classifier")
+    if stage == 2 and not uses_attribute_branches(cfg.model.conditioner, bool(attributes.base_names)):
+        parts.append("alpha with the scene and object mappers (no attribute base: c = M_emo(f_cls))")
+    return parts
+
+
+def left_out_note(cfg: Config, attributes: AttributeTable) -> str | None:
+    """One line for the user about :func:`parts_left_out`, or None when the run is the whole method."""
+    parts = parts_left_out(cfg, attributes)
+    if not parts:
+        return None
+    missing = attributes.unannotated_kinds
+    lacking = (" or ".join(missing) + " annotations" if missing
+               else f"attribute seen data.min_attribute_count={attributes.min_count} times")
+    listed = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+    return (f"the data has no {lacking}, so stage {cfg.training.stage} leaves out {listed}; "
+            "the other losses are the method's")
+
+
 # -- parameter groups ---------------------------------------------------------------------------------------
 
 
@@ -430,18 +473,13 @@ def build_stage2_task(
     diffusers folder at ``model.generator.path`` or a random preset), conditioner, and the attribute base
     embedded in the generator's token space with Φ (D6, recomputed for ``data.min_attribute_count`` /
     ``data.phi_beta``)."""
-    from uniemo.errors import ConfigError, DataError
+    from uniemo.errors import ConfigError
     from uniemo.models.conditioner import Conditioner
     from uniemo.models.generator import build_generator
     from uniemo.models.weights import build_understanding
 
     und_cfg, gen_cfg = cfg.model.understanding, cfg.model.generator
     attributes = attributes.rebased(cfg.data.min_attribute_count, cfg.data.phi_beta)
-    if not attributes.base_names:
-        raise DataError(
-            f"the attribute base is empty (no attribute seen {attributes.min_count} times in train); "
-            "lower data.min_attribute_count or use more training data"
-        )
     understanding = build_understanding(und_cfg, len(attributes.scenes), len(attributes.objects))
     if understanding_state is not None:
         _load_understanding_state(understanding, understanding_state)
@@ -454,7 +492,8 @@ def build_stage2_task(
             "because the condition loss applies the head's fc1 to the condition token (METHOD §3.6); "
             "pick paired presets"
         )
-    conditioner = Conditioner(cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim)
+    conditioner = Conditioner(cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim,
+                              has_base=bool(attributes.base_names))
     with torch.no_grad():
         attribute_embeddings = generator.embed_names(list(attributes.base_names))
     return Stage2Task(
