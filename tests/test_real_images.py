@@ -120,9 +120,9 @@ def test_folder_reader_takes_every_image_and_counts_what_it_ignores(tmp_path):
     for reason, names in IGNORED.items():
         assert sorted(ignored.examples[reason]) == sorted(names)
     line = describe_ignored(ignored.as_dict())
-    assert line.startswith("ignored 8 files: 4 system or hidden: ")
-    assert "1 an image format PIL does not read, convert to JPEG or PNG: excitement/IMG_2001.HEIC" in line
-    assert "1 not an image: contentment/notes.txt" in line and "\n" not in line
+    assert line.startswith("ignored 8 files: system or hidden: 4 (")
+    assert "image format PIL does not read, convert to JPEG or PNG: 1 (excitement/IMG_2001.HEIC)" in line
+    assert "; not an image: 1 (contentment/notes.txt)" in line and "\n" not in line
 
 
 def test_folder_of_only_ignored_files_names_them(tmp_path):
@@ -142,9 +142,17 @@ def test_data_shards_reports_ignored_files(tmp_path, capsys):
     assert main(["data", "shards", "--source", "folder", "--root", str(root), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].endswith("skipped 0")
-    assert printed[1].startswith(f"{root}: ignored 8 files: 4 system or hidden: .DS_Store, ")
+    assert printed[1].startswith(f"{root}: ignored 8 files: system or hidden: 4 (.DS_Store, ")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["ignored"]["total"] == 8 and manifest["skipped"]["total"] == 0
     assert sum(t["samples"] for t in manifest["totals"].values()) == 24
     assert main(["data", "inspect", str(out)]) == 0
     assert "ignored files (not images): 8" in capsys.readouterr().out
+
+
+def test_to_rgb_outlives_the_file_it_was_read_from(tmp_path):
+    path = tmp_path / "plain.png"
+    Image.fromarray(_halves(8, 4)).save(path)
+    with Image.open(path) as image:
+        rgb = to_rgb(image)
+    assert rgb is not image and np.asarray(rgb)[0, 0].tolist() == [255, 0, 0]

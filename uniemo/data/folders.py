@@ -41,8 +41,8 @@ _SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini
 IGNORED_REASONS = {
     "system_file": "system or hidden",
     "not_an_image": "not an image",
-    "unsupported_format": "an image format PIL does not read, convert to JPEG or PNG",
-    "subfolder": "a folder inside an emotion folder, not read",
+    "unsupported_format": "image format PIL does not read, convert to JPEG or PNG",
+    "subfolder": "folder inside an emotion folder, not read",
     "outside_emotion_folder": "beside the emotion folders",
 }
 """Reason tag of an ignored entry -> what it means, for the message of ``uniemo data shards``."""
@@ -111,8 +111,8 @@ def read_folder(
 
 
 def describe_ignored(ignored: dict, examples: int = 3) -> str:
-    """One line about the ignored entries of a :meth:`SkipLog.as_dict`: ``ignored 3 files: 2 system or hidden
-    (.DS_Store, awe/Thumbs.db), 1 not an image (awe/notes.txt)``; empty when nothing was ignored."""
+    """One line about the ignored entries of a :meth:`SkipLog.as_dict`: ``ignored 3 files: system or hidden: 2
+    (.DS_Store, awe/Thumbs.db); not an image: 1 (awe/notes.txt)``; empty when nothing was ignored."""
     total = int(ignored.get("total", 0))
     if not total:
         return ""
@@ -120,8 +120,8 @@ def describe_ignored(ignored: dict, examples: int = 3) -> str:
     for reason, count in sorted(ignored.get("by_reason", {}).items(), key=lambda kv: (-kv[1], kv[0])):
         names = list(ignored.get("examples", {}).get(reason, []))[:examples]
         more = ", ..." if count > len(names) else ""
-        parts.append(f"{count} {IGNORED_REASONS.get(reason, reason)}: {', '.join(names)}{more}")
-    return f"ignored {total} file{'' if total == 1 else 's'}: " + ", ".join(parts)
+        parts.append(f"{IGNORED_REASONS.get(reason, reason)}: {count} ({', '.join(names)}{more})")
+    return f"ignored {total} file{'' if total == 1 else 's'}: " + "; ".join(parts)
 
 
 def _is_system(path: Path) -> bool:

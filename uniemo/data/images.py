@@ -83,16 +83,17 @@ def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as the 8-bit RGB picture a person sees (module docstring); an RGB image without an orientation
-    tag comes back as it is.
+    """``image`` as the 8-bit RGB picture a person sees (module docstring): a new, loaded image, so it outlives
+    ``image`` (e.g. one opened in a ``with`` block).
 
     Raises:
         ValueError: a mode PIL cannot convert to RGB.
     """
+    source = image
     if _orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode == "RGB" and "transparency" not in image.info:
-        return image
+        return image.copy() if image is source else image
     if image.mode in _INTEGER_MODES or image.mode == "F":
         image = _to_8_bit(image)
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
