@@ -64,11 +64,20 @@ def test_eval_stream_sees_every_sample_once_over_2_ranks_x_2_workers(small_shard
         assert set(seen.values()) == {1}
 
 
-def test_too_few_eval_shards_is_a_clear_error(synth_shards):
-    with pytest.raises(
-        DataError, match=r"2 shard\(s\), fewer than ranks x loader workers = 2 x 2 = 4.*--shard-size"
-    ):
-        _loader(synth_shards, "val", world_size=2, transform=EVAL, training=False)
+@pytest.mark.parametrize("world_size, workers", [(2, 2), (3, 1), (1, 3)])
+def test_fewer_eval_shards_than_readers_deal_out_samples_once(synth_shards, world_size, workers):
+    """The val split has 2 shards: with more readers (ranks x workers) than that, samples are dealt out."""
+    expected = sorted(_keys_of_split(synth_shards, "val"))
+    seen: Counter = Counter()
+    for rank in range(world_size):
+        loader = _loader(synth_shards, "val", rank=rank, world_size=world_size, num_workers=workers,
+                         batch_size=4, transform=EVAL, training=False)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert sum(len(b["key"]) for b in batches) == loader.num_samples > 0
+        for b in batches:
+            seen.update(b["key"])
+    assert sorted(seen) == expected and set(seen.values()) == {1}
 
 
 def test_batch_contract(synth_shards):

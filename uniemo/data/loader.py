@@ -10,9 +10,11 @@ workers. Two kinds of stream:
 
 **Evaluation** (``training=False``). The split's shards, in manifest order, are dealt out
 ``shards[rank::world_size]`` and then ``[worker::num_workers]``; each worker reads its shards once, in order,
-and batches them, keeping its last partial batch. Every sample of the split is therefore seen exactly once
-across ranks and workers. Ranks may yield different numbers of batches. Fewer shards than
-``world_size * num_workers`` is a :class:`DataError` (some worker would get nothing).
+and batches them, keeping its last partial batch. With fewer shards than readers (``world_size *
+num_workers``, e.g. the one val shard of a small folder), samples are dealt out instead: every reader reads
+all the split's shards and keeps samples ``i`` with ``i % readers == rank * num_workers + worker``. Either
+way every sample of the split is seen exactly once across ranks and workers. Ranks may yield different
+numbers of batches, a rank none.
 
 **Training** (``training=True``). Each (rank, worker) draws shards with replacement, weighted by their sample
 counts, from a generator seeded by ``(seed, epoch, rank, worker, source)``; sources (``real``, feedback
@@ -112,6 +114,8 @@ class EpochPlan:
     """Training: batches each DataLoader worker yields (``None``: evaluation, read shards to the end)."""
     cursors: list[int] = field(default_factory=list)
     """Per logical worker: raw samples its stream already consumed (dropped undecoded on restore)."""
+    split_samples: bool = False
+    """Evaluation with fewer shards than readers: deal out samples, not shards (module docstring)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,6 +214,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         ]
         # mix sources by weight -> (training) shuffle across shards, before decoding: the buffer holds bytes
         stages: list[Callable] = [partial(self._mix, per_source, state, key)]
+        if self.plan.split_samples:  # evaluation, fewer shards than readers: this reader's share of samples
+            stages.append(partial(_every, start=self.rank * num_workers + worker, step=self.world_size * num_workers))
         if self.training:
             shuffle_rng = random.Random(_seed("shuffle", *key))
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=shuffle_rng))
@@ -229,8 +235,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Evaluation: this (rank, worker)'s slice of the split, once. Training: weighted draws, forever."""
         shards = self.plan.shards[source]
         if not self.training:
-            by_node = shards[self.rank :: self.world_size]  # split by node
-            by_worker = by_node[worker::num_workers]  # split by worker
+            if self.plan.split_samples:
+                by_worker = shards  # every reader reads every shard and keeps its share (_every)
+            else:
+                by_node = shards[self.rank :: self.world_size]  # split by node
+                by_worker = by_node[worker::num_workers]  # split by worker
             for ref in by_worker:
                 state.current_read[source] += 1
                 yield {"url": ref.url}
@@ -344,6 +353,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         batch["_worker"] = worker
         batch["_cursor"] = cursor
         return batch
+
+
+def _every(src: Iterator[dict[str, Any]], start: int, step: int) -> Iterator[dict[str, Any]]:
+    """Samples ``start, start + step, ...`` of the stream."""
+    for i, sample in enumerate(src):
+        if i % step == start:
+            yield sample
 
 
 def _number(src: Iterator[dict[str, Any]], skip: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -463,15 +479,6 @@ class ShardLoader:
                     stacklevel=3,
                 )
             shards.append(refs)
-        if not self.training:
-            slots = self.world_size * max(1, self.num_workers)
-            if len(shards[0]) < slots:
-                raise DataError(
-                    f"the {self.split} split of {', '.join(map(str, self.sources[0].folders))} has "
-                    f"{len(shards[0])} shard(s), fewer than ranks x loader workers = {self.world_size} x "
-                    f"{max(1, self.num_workers)} = {slots}; every worker needs a shard. Write smaller shards "
-                    f"(`uniemo data shards --shard-size N`) or use fewer workers (data.num_workers)"
-                )
         digest = hashlib.sha256(
             json.dumps(
                 [
@@ -500,17 +507,30 @@ class ShardLoader:
         return self.train_samples // (self.world_size * self.batch_size)
 
     @property
+    def _split_samples(self) -> bool:
+        """Evaluation with fewer shards than readers deals out samples (module docstring)."""
+        return not self.training and len(self._shards[0]) < self.world_size * max(1, self.num_workers)
+
+    def _reader_samples(self) -> list[int]:
+        """Evaluation: samples each loader worker of this rank reads."""
+        w = max(1, self.num_workers)
+        refs = self._shards[0]
+        if self._split_samples:
+            total, readers = sum(r.samples for r in refs), self.world_size * w
+            return [len(range(self.rank * w + k, total, readers)) for k in range(w)]
+        mine = refs[self.rank :: self.world_size]
+        return [sum(r.samples for r in mine[k::w]) for k in range(w)]
+
+    @property
     def num_samples(self) -> int:
         """Evaluation: samples this rank reads (all ranks together: the split)."""
-        return sum(r.samples for r in self._shards[0][self.rank :: self.world_size])
+        return sum(self._reader_samples())
 
     def __len__(self) -> int:
         """Training: batches per epoch. Evaluation: this rank's batches when no sample is corrupt."""
         if self.training:
             return self.batches_per_epoch
-        mine = self._shards[0][self.rank :: self.world_size]
-        w = max(1, self.num_workers)
-        return sum(math.ceil(sum(r.samples for r in mine[k::w]) / self.batch_size) for k in range(w))
+        return sum(math.ceil(n / self.batch_size) for n in self._reader_samples())
 
     # -- iteration ----------------------------------------------------------------------------------------
     def _epoch_plan(self) -> EpochPlan:
@@ -521,6 +541,7 @@ class ShardLoader:
             shards=[self._shards[i] for i in active],
             weights=[self.sources[i].weight for i in active],
             names=[self.sources[i].name for i in active],
+            split_samples=self._split_samples,
         )
         if self.training:
             bpe = self.batches_per_epoch
