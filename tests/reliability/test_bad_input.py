@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from _cli import uniemo_command  # tests/reliability/_cli.py
+from _photos import write_photo_folder  # tests/_photos.py
 
 from uniemo.errors import UserError
 
@@ -200,6 +201,33 @@ def _unknown_emotion_in_annotation(w: World) -> list[str]:
     return _shards_of(root, w)
 
 
+def _only_ignored_files(w: World) -> list[str]:
+    root = w.tmp / "my_images"
+    for name in ("awe/.DS_Store", "awe/notes.txt", "fear/IMG_0001.HEIC", "Thumbs.db"):
+        _write(root / name, "not a picture\n")
+    return ["data", "shards", "--source", "folder", "--root", str(root), "--out", str(w.tmp / "out"), "--no-progress"]
+
+
+def _photo_shards(w: World, per_emotion: int) -> Path:
+    """A folder of ``per_emotion`` photos per emotion written as shards (the folder reader's 80/10/10 split)."""
+    from uniemo.data.shards import write_shards
+
+    root, out = w.tmp / "my_images", w.tmp / "photo-shards"
+    write_photo_folder(root, per_emotion=per_emotion, size=(24, 40))
+    write_shards(source="folder", root=root, out=out, progress=False)
+    return out
+
+
+def _split_too_small(w: World) -> list[str]:
+    # 3 photos per emotion: 8 train samples, fewer than 2 ranks x a batch of 16
+    return w.train(f"data.shards={_photo_shards(w, 3)}")
+
+
+def _empty_val_split(w: World) -> list[str]:
+    # 2 photos per emotion: all 16 go to train, none to val, and the config validates every 40 steps
+    return w.train(f"data.shards={_photo_shards(w, 2)}", "data.batch_size=4")
+
+
 def _truncated_tar(w: World) -> list[str]:
     shards = w.copy_shards()
     tar = sorted(shards.glob("train-*.tar"))[0]
@@ -272,6 +300,13 @@ CASES = [
     Case("manifest-lists-missing-shard", _missing_shard, r"manifest\.json lists shard train-\S+\.tar, which is missing"),
     Case("zero-byte-manifest", _zero_byte_manifest, r"manifest\.json: unreadable manifest"),
     Case("inspect-not-a-folder", lambda w: ["data", "inspect", str(w.tmp / "no-shards")], r"no-shards is not a folder"),
+    Case("folder-of-only-ignored-files", _only_ignored_files,
+         r"no images found under \S*my_images \(ignored 4 files: .*fear/IMG_0001\.HEIC.*\); expected one sub-folder"),
+    Case("split-too-small-for-world-size", _split_too_small,
+         r"train split of \S*photo-shards has 8 samples, fewer than distributed\.num_workers x data\.batch_size = "
+         r"2 x 16 = 32, so no rank gets a full batch; lower data\.batch_size to at most 4"),
+    Case("empty-val-split", _empty_val_split,
+         r"val split of \S*photo-shards has no samples, but training\.eval_every=40 validates on it"),
     # runtime
     Case("output-dir-not-writable", _output_not_writable, r"cannot write the run directory \S*blocker/runs/\S+"),
     Case("disk-full", lambda w: _shards_of(w.emoset, w), r"cannot write shard \S*out/train-\d+\.tar \((File too large|No space left on device)\)", fsize=16_384),

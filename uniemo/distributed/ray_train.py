@@ -5,9 +5,10 @@
 1. :func:`prepare_run` checks on the driver what can be checked before any worker starts, each a one-line
    :class:`UserError`: batch arithmetic, the weights folders (exist, fit the model, safetensors), fresh run vs
    ``--resume`` (a fresh run never overwrites checkpoints), resume compatibility, the stage-1 weights of stage 2,
-   checkpoint files that would run code when unpickled, wandb credentials for ``online``, a writable run
-   directory. It makes the
-   synthetic shards once, and writes ``<run_dir>/config.yaml``.
+   checkpoint files that would run code when unpickled, wandb credentials for ``online``, the data's shape
+   (:mod:`uniemo.training.preflight`: empty splits, a batch per rank), a writable run directory. It makes the
+   synthetic shards once, prints what the data leaves out of the method (one line), and writes
+   ``<run_dir>/config.yaml``.
 2. :func:`ray_session` joins Ray: the caller's when ``ray.init`` already ran in this process (tests share one
    cluster), the cluster at ``distributed.ray_address``, or an embedded local cluster started here with
    ``address="local"`` and an own temp folder (never a stale cluster a ``ray_current_cluster`` file points to),
@@ -18,7 +19,11 @@
 3. ``TorchTrainer.fit``: Ray Train makes the process group (gloo on CPU, NCCL on GPU) and runs
    :func:`train_worker` on every worker; worker environment variables travel in ``worker_runtime_env``. With
    ``FailureConfig(max_failures=distributed.max_failures)`` a dead worker makes Ray Train restart the whole
-   group, and :func:`uniemo.training.trainer.run_worker` resumes from ``checkpoints/latest``.
+   group, and :func:`uniemo.training.trainer.run_worker` resumes from ``checkpoints/latest``. A
+   :class:`UserError` raised in a worker (config, data, weights, a non-finite loss) is not retried
+   (:class:`UserErrorsAreFinal`): retrying would fail the same way. It reaches the caller as itself, one line,
+   without the worker's traceback in the log (:func:`quiet_ray_internals`), and an embedded cluster's logs are
+   kept and named in that line.
 
 Workers write their pid to ``<run_dir>/workers/rank-<r>.pid`` (a test kills one, for real).
 """
@@ -57,6 +62,8 @@ class RunPlan:
     """The checkpoint a ``--resume`` continues from (None: a fresh run)."""
     init_from: Path | None
     """Stage 2: the stage-1 checkpoint the understanding weights come from."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """One-line remarks printed before the workers start (e.g. what data without annotations leaves out)."""
 
 
 def _absolute(path: str) -> str:
@@ -127,6 +134,7 @@ def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
         read_trainer_state,
     )
     from uniemo.training.engine import check_batch_arithmetic
+    from uniemo.training.preflight import check_training_data
     from uniemo.training.safe_pickle import check_checkpoint_folder
     from uniemo.training.stages import resolve_init_from
 
@@ -160,10 +168,13 @@ def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
     if init_from is not None:
         check_checkpoint_folder(init_from)
     _check_wandb(cfg)
-    _check_writable(run_dir, "run.output_dir")
     ensure_synthetic_shards(cfg.data, progress=True)
+    notes = check_training_data(cfg, world)
+    _check_writable(run_dir, "run.output_dir")
     save_resolved(cfg, run_dir)
-    return RunPlan(config=cfg, run_dir=run_dir, resume_from=latest, init_from=init_from)
+    for note in notes:
+        print(f"uniemo: {note}", file=sys.stderr, flush=True)
+    return RunPlan(config=cfg, run_dir=run_dir, resume_from=latest, init_from=init_from, notes=notes)
 
 
 # -- Ray ------------------------------------------------------------------------------------------------------
@@ -176,13 +187,28 @@ _QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_c
 _QUIET_THREADS = ("PlacementGroupCleanerMonitor",)
 
 
+# Ray Train logs the traceback of any exception a worker's function raises, before the driver sees it.
+_WORKER_ERROR_LOGGERS = ("ray.train.v2._internal.util",)
+
+
+def _not_a_user_error(record: object) -> bool:
+    """Logging filter: drop a record logged while a :class:`UserError` is being handled (the driver prints it as
+    its one line; its traceback is noise)."""
+    return not isinstance(sys.exc_info()[1], UserError)
+
+
 def quiet_ray_internals() -> None:
-    """Ray ``worker_process_setup_hook``: silence Ray-internal noise (see ``_QUIET_LOGGERS``)."""
+    """Ray ``worker_process_setup_hook``: silence Ray-internal noise (see ``_QUIET_LOGGERS``) and the tracebacks
+    of user errors (``_WORKER_ERROR_LOGGERS``)."""
     import logging
     import threading
 
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in _WORKER_ERROR_LOGGERS:
+        logger = logging.getLogger(name)
+        if _not_a_user_error not in logger.filters:
+            logger.addFilter(_not_a_user_error)
     previous = threading.excepthook
 
     def excepthook(args: threading.ExceptHookArgs) -> None:
@@ -241,7 +267,7 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0) -> Iterato
     # Short path: Ray puts unix sockets in it (107-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="uniemo-ray-") if own_temp else dist_cfg.ray_temp_dir
     needed = dist_cfg.num_workers * dist_cfg.cpus_per_worker + extra_cpus
-    ok = False
+    ok = named = False
     try:
         ray.init(
             address="local",
@@ -255,7 +281,13 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0) -> Iterato
             logging_level="warning",
             runtime_env=job_runtime_env(),
         )
-        yield "embedded"
+        try:
+            yield "embedded"
+        except UserError as exc:
+            if own_temp:  # name the logs in the error's one line
+                exc.args = (f"{exc}; Ray's logs of this run are kept in {temp_dir}",)
+                named = True
+            raise
         ok = True
     finally:
         if ray.is_initialized():
@@ -266,7 +298,7 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0) -> Iterato
                 if not os.path.exists(temp_dir):
                     break
                 time.sleep(0.5)
-        elif own_temp:
+        elif own_temp and not named:
             sys.stderr.write(f"uniemo: Ray's logs of this run are kept in {temp_dir}\n")
 
 
@@ -334,21 +366,52 @@ def _stop_on_sigterm(stop_file: Path) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class UserErrorsAreFinal:
+    """Ray Train failure policy: a worker group that failed with a :class:`UserError` ends the run at once (no
+    retry, nothing logged); anything else goes to Ray Train's own policy (``distributed.max_failures``).
+
+    Ray Train takes a failure policy only through its trainer's controller arguments
+    (:func:`torch_trainer`'s subclass); the policy object travels to the controller actor, so it lives here at
+    module level. It needs only ``make_decision`` of Ray's ``FailurePolicy``.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # e.g. failure_config, for whatever else Ray reads
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def make_decision(self, training_failed_error: Any) -> Any:
+        if _user_error_of(training_failed_error) is not None:
+            from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+            return FailureDecision.RAISE
+        return self.inner.make_decision(training_failed_error)
+
+
 def torch_trainer(fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], dist: DistributedConfig, *,
                   name: str, storage_path: str | Path, max_failures: int) -> Any:
     """A Ray Train ``TorchTrainer`` running ``fn(loop_config)`` on ``distributed.num_workers`` workers of
     ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs), with the process-group backend and worker
-    environment of :mod:`uniemo.distributed.env`. Used by training and by the evaluation."""
+    environment of :mod:`uniemo.distributed.env`, whose user errors are final (:class:`UserErrorsAreFinal`).
+    Used by training and by the evaluation."""
     _keep_embedded_ray_on_loopback(dist)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from uniemo.distributed.env import backend_for, worker_env_vars
 
+    class Trainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            kwargs["failure_policy"] = UserErrorsAreFinal(kwargs["failure_policy"])
+            return super()._initialize_and_run_controller(**kwargs)
+
     resources: dict[str, float] = {"CPU": dist.cpus_per_worker}
     if dist.gpus_per_worker > 0:
         resources["GPU"] = dist.gpus_per_worker
-    return TorchTrainer(
+    return Trainer(
         fn,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -412,4 +475,5 @@ def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
         "init_from": str(plan.init_from) if plan.init_from else None,
         "stopped": stopped,
+        "notes": plan.notes,
     }

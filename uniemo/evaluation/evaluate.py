@@ -374,6 +374,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     from uniemo.evaluation import metrics
     from uniemo.evaluation.judge import describe, load_judge, same_data
     from uniemo.training.export import checkpoint_step
+    from uniemo.training.preflight import check_evaluation_data
 
     started = time.perf_counter()
     run_dir = Path(run_dir).expanduser().resolve()
@@ -385,7 +386,9 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
         _check_wandb(cfg)  # before the work, not after it
     judge_path = resolve_judge_dir(run_dir, judge_dir, cfg)
     judge = load_judge(judge_path)
-    notes: list[str] = []
+    left_out, notes = check_evaluation_data(cfg)  # the test split exists; what data without annotations left out
+    for note in notes:
+        _say(note)
     _say(describe(judge))
     if not same_data(judge, cfg):
         notes.append(f"the judge was trained on {judge.info.get('data', {}).get('shards')}, not on this run's shards")
@@ -454,6 +457,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
             "same_data_as_run": same_data(judge, cfg),
         },
         "feedback_rounds": summarize_rounds(run_dir),
+        "left_out": left_out,
         "notes": notes,
     }
     write_json_atomic(eval_dir / CONFUSION_FILE, {

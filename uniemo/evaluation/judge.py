@@ -255,10 +255,12 @@ def train_judge(cfg: Config, out_dir: str | Path) -> Path:
     from uniemo.data.loader import build_loader_from_config
     from uniemo.distributed.env import worker_threads
     from uniemo.training.engine import lr_factor
+    from uniemo.training.preflight import check_judge_data
 
     ev = cfg.evaluation
     out = Path(out_dir).expanduser()
     _check_out_dir(out)
+    check_judge_data(cfg)
     data = _judge_data(cfg)
     torch.manual_seed(ev.judge_seed)
     net = JudgeNet(width=ev.judge_width)

@@ -301,7 +301,8 @@ def read_evaluation(run_dir: str | Path) -> dict[str, Any]:
     Returns a dict with whichever of these the file gives: ``top1``, ``per_emotion`` ({emotion: accuracy}),
     ``confusion`` ((matrix, labels), rows true), ``test_samples``, ``emo_a``, ``judge``, ``fid``,
     ``fid_extractor``, ``diversity`` ({mean_pairwise_distance, sem_d}), ``diversity_extractor``,
-    ``generated_per_emotion``, ``understanding_model`` (``run:<name>@step-N``), ``raw`` (the whole file). The
+    ``generated_per_emotion``, ``understanding_model`` (``run:<name>@step-N``), ``notes`` (e.g. what the run
+    left out for data without annotations), ``raw`` (the whole file). The
     filter funnel is read from the round reports themselves, not from here. Missing or unreadable file: ``{}``. ``<run_dir>/eval/confusion.json`` is read
     when the file itself holds no confusion matrix.
     """
@@ -367,6 +368,9 @@ def read_evaluation(run_dir: str | Path) -> dict[str, Any]:
     model = _name(_lookup(und, "model"))
     if model:
         out["understanding_model"] = model
+    notes = raw.get("notes")
+    if isinstance(notes, list) and notes:
+        out["notes"] = [str(n) for n in notes]
     return out
 
 
@@ -908,6 +912,7 @@ class _Builder:
             rows.append(["time, total", _duration(_total_seconds(data.pipeline_state, times))])
         elif data.pipeline:
             rows.append(["time", f"not recorded (no {PIPELINE_STATE_FILE})"])
+        rows += [["note (evaluation)", note] for note in ev.get("notes", [])]
         lines = "".join(f"<li>{_e(line)}</li>" for line in _summary_lines(data))
         return _table(["", "value"], rows, numeric_from=9) + f"<ul class='meta'>{lines}</ul>"
 
@@ -1151,6 +1156,7 @@ def write_report(target: str | Path, out_dir: str | Path | None = None, *, log: 
             "sections": {s.key: s.state for s in sections},
             "validation_by_round": accuracy_by_round(data),
             "summary": _summary_lines(data),
+            "notes": data.evaluation.get("notes", []),
         }
         (staging / REPORT_STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         if out.exists():
