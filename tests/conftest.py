@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,3 +32,21 @@ def synth_shards(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     write_shards(source="emoset", root=synth_root, out=out, shard_size=25, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for a test module, in its own temp folder (never a stale cluster); stopped afterwards. The
+    drivers of uniemo use a cluster they find initialised."""
+    import ray
+
+    from uniemo.distributed.ray_train import job_runtime_env
+
+    temp = tempfile.mkdtemp(prefix="uniemo-ray-test-")
+    ray.init(
+        address="local", _temp_dir=temp, include_dashboard=False, num_cpus=4, logging_level="warning",
+        runtime_env=job_runtime_env(),
+    )
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)

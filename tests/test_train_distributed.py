@@ -1,7 +1,7 @@
 """Distributed training for real: Ray Train with 2 workers, DeepSpeed on gloo, tiny presets, the session's shards.
 
-One Ray cluster serves the whole module (started here with ``address="local"`` and an own temp folder; the driver
-uses a cluster it finds initialised). One straight stage-1 run (ZeRO-2, 16 steps over an epoch boundary) is the
+One Ray cluster serves the whole module (``ray_cluster`` of conftest.py; the driver uses a cluster it finds
+initialised). One straight stage-1 run (ZeRO-2, 16 steps over an epoch boundary) is the
 reference the other runs are compared with:
 
 - its layout, metrics, validation over the whole split, and DeepSpeed's own ``zero_to_fp32`` on its checkpoint;
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,23 +40,6 @@ STAGE1 = [
     "training.eval_every=8",
     "distributed.max_failures=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray for the module, in its own temp folder (never a stale cluster); stopped afterwards."""
-    import ray
-
-    from uniemo.distributed.ray_train import job_runtime_env
-
-    temp = tempfile.mkdtemp(prefix="uniemo-ray-test-")
-    ray.init(
-        address="local", _temp_dir=temp, include_dashboard=False, num_cpus=4, logging_level="warning",
-        runtime_env=job_runtime_env(),
-    )
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
