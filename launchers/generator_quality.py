@@ -52,9 +52,9 @@ def measure(cfg, generator: Generator, judge, guidance: float, steps: int, sampl
         print(f"  {len(labels)} test captions done", file=sys.stderr)
     labels_N = np.asarray(labels)
     real_i, recon_i, fake_i = (np.concatenate(x) for x in (real, recon, fake))
-    acc = {name: float((judge.classify(images) == labels_N).mean())
+    acc = {name: float((judge.classify(images).argmax(1) == labels_N).mean())
            for name, images in (("real", real_i), ("vae_reconstruction", recon_i), ("generated", fake_i))}
-    preds = judge.classify(fake_i)
+    preds = judge.classify(fake_i).argmax(1)
     per_emotion = {e: float((preds[labels_N == k] == k).mean()) for k, e in enumerate(EMOTIONS)
                    if (labels_N == k).any()}
     fid = fid_from_stats(FeatureStats.of(judge.features(real_i)), FeatureStats.of(judge.features(fake_i)))
