@@ -12,6 +12,7 @@ naming the file, and nothing of it runs.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -37,6 +38,10 @@ def _deepspeed_globals() -> list[type]:
 DEEPSPEED_GLOBALS = ("LossScaler", "DynamicLossScaler", "ZeroStageEnum", "fragment_address")
 """Names of the classes :func:`_deepspeed_globals` allows (documentation; the list itself is built lazily)."""
 
+_SAFE_GLOBALS_LOCK = threading.Lock()
+"""``torch.serialization.safe_globals`` sets and restores one process-wide list: two threads checking at once (the
+async feedback pool beside the training driver) would each drop the other's allowance mid-load."""
+
 
 def check_torch_file(path: str | Path) -> None:
     """Raise :class:`CheckpointFileError` unless ``path`` loads with torch's restricted (weights-only) unpickler."""
@@ -46,7 +51,7 @@ def check_torch_file(path: str | Path) -> None:
 
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(_deepspeed_globals()):
+        with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals(_deepspeed_globals()):
             torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:  # what the restricted unpickler raises for anything not allowed
         found = re.search(r"unsupported (GLOBAL \S+|\w+ opcode)|Unsupported operand \d+", str(exc), re.IGNORECASE)
