@@ -170,11 +170,12 @@ def build_generator_task(cfg: Config, attributes: AttributeTable) -> GeneratorPr
 
 def annotation_note(attributes: AttributeTable) -> str | None:
     """One line when the data lacks the annotations captions are built from, else None."""
-    missing = [kind for kind, names in (("scene", attributes.scenes), ("object", attributes.objects)) if not names]
+    missing = attributes.unannotated_kinds
     if not missing:
         return None
-    return (f"the training data has no {' or '.join(missing)} annotations: captions hold "
-            f"{'colour words only' if len(missing) == 2 else 'colour words and the ' + ('objects' if missing == ['scene'] else 'scene')}")
+    kept = "colour words only" if len(missing) == 2 else "colour words and the " + (
+        "objects" if missing == ["scene"] else "scene")
+    return f"the training data has no {' or '.join(missing)} annotations: captions hold {kept}"
 
 
 def finish_generator(trainer: Trainer) -> None:
@@ -201,7 +202,8 @@ def finish_generator(trainer: Trainer) -> None:
                      "size": cfg.data.synthetic.size, "shards": cfg.data.shards},
             "latent_scale": float(trained["latent_scale"]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "config": dump_config(cfg),
+            # Paths inside the working directory are recorded relative to it: a shipped folder names no machine.
+            "config": dump_config(cfg).replace(str(Path.cwd().resolve()) + "/", ""),
         }
         (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
         trainer.logger.info(f"pretrained generator (diffusers folder) -> {out}")
