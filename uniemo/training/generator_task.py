@@ -181,7 +181,7 @@ def annotation_note(attributes: AttributeTable) -> str | None:
 def finish_generator(trainer: Trainer) -> None:
     """Rank 0: the trained parts as a diffusers folder ``<run>/generator/`` plus ``provenance.json``."""
     from uniemo.config.loader import code_version, dump_config
-    from uniemo.training.export import consolidated_state_dict
+    from uniemo.training.checkpoint import consolidated_state_dict
 
     env, cfg = trainer.env, trainer.cfg
     if env.is_main:
