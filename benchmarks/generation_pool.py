@@ -31,10 +31,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from uniemo.config.schema import Config  # noqa: E402
+from uniemo.config.schema import Config, DistributedConfig  # noqa: E402
 from uniemo.data.attributes import AttributeTable  # noqa: E402
 from uniemo.data.shards import write_shards  # noqa: E402
 from uniemo.data.synthetic import generate_synthetic_set  # noqa: E402
+from uniemo.distributed.ray_train import ray_session  # noqa: E402
 from uniemo.feedback.actors import FeedbackPool, GenerationJob, ModelBundle  # noqa: E402
 
 
@@ -125,7 +126,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    import ray
 
     tmp = Path(tempfile.mkdtemp(prefix="uf1-bench-"))
     try:
@@ -145,18 +145,11 @@ def main() -> None:
         fb.threads_per_actor = 1
         bundle = ModelBundle.random(cfg, AttributeTable.load(tmp / "shards"), checkpoint_id="benchmark")
         needed = max(args.actors) * fb.generator_cpus + fb.filter_cpus
-        ray.init(
-            address="local",
-            _temp_dir=str(tmp / "ray"),
-            include_dashboard=False,
-            num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-            logging_level="warning",
-        )
-        load_before = os.getloadavg()
-        rows = [measure_pool(bundle, cfg, n, args) for n in args.actors]
-        filt = measure_filter(bundle, cfg, args)
-        load_after = os.getloadavg()
-        ray.shutdown()
+        with ray_session(DistributedConfig(num_workers=0), extra_cpus=needed):  # an embedded Ray for the pool
+            load_before = os.getloadavg()
+            rows = [measure_pool(bundle, cfg, n, args) for n in args.actors]
+            filt = measure_filter(bundle, cfg, args)
+            load_after = os.getloadavg()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -197,12 +197,12 @@ class DeepSpeedStep:
 
     def forward_backward(self, batch: dict) -> torch.Tensor:
         batch = self.engine.prepare_batch(batch)
-        out = self.engine.engine(batch)
-        self.engine.engine.backward(out["total"])
+        out = self.engine.ds_engine(batch)
+        self.engine.ds_engine.backward(out["total"])
         return out["total"]
 
     def update(self) -> None:
-        self.engine.engine.step()
+        self.engine.ds_engine.step()
 
 
 class TorchStep:

@@ -21,7 +21,7 @@ the loop (user + system time of all its threads, loader workers excluded on both
 ``time.process_time`` for the bare loop; for the trainer ``/proc/<pid>/stat`` of the Ray Train worker (pid from
 ``<run>/workers/rank-0.pid``), read when the metrics lines of the first and last timed step appear (polled every
 20 ms). Ray's own daemons (raylet, GCS) are other processes and are not in it. ``--without-ray`` adds a third
-side: the trainer's rank job (``uniemo.training.trainer.run_worker``) in one process without Ray, to tell Ray's
+side: the trainer's rank job (``uniemo.training.worker.run_worker``) in one process without Ray, to tell Ray's
 share of the overhead from the loop's (DeepSpeed engine, logging).
 
     .venv/bin/python benchmarks/trainer_overhead.py --steps 300 --warmup 50 --repeats 2 --without-ray
@@ -90,7 +90,7 @@ _SINGLE_WORKER = """
 import os, sys
 from uniemo.config import load_config
 from uniemo.distributed.ray_train import prepare_run
-from uniemo.training.trainer import run_worker
+from uniemo.training.worker import run_worker
 plan = prepare_run(load_config(sys.argv[1], sys.argv[2:]))
 run_worker(plan.config, plan.run_dir)
 sys.stdout.flush(); sys.stderr.flush()

@@ -146,7 +146,7 @@ def model_state_bytes(engine, exclude=()) -> dict[str, int]:
     moments = _storages(_optimizer_state_tensors(engine.optimizer))
     named: dict[int, str] = {}
     _attribute_storages(engine.optimizer, "optimizer", 4, named)
-    _attribute_storages(engine.engine, "engine", 3, named)
+    _attribute_storages(engine.ds_engine, "engine", 3, named)
     buckets = {k for k, n in named.items() if "ipg" in n.lower() or "bucket" in n.lower()}
     params_b = sum(v for k, v in states.items() if k in params)
     moments_b = sum(v for k, v in states.items() if k in moments and k not in params)

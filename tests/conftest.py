@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,17 +34,11 @@ def synth_shards(synth_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for a test module, in its own temp folder (never a stale cluster); stopped afterwards. The
-    drivers of uniemo use a cluster they find initialised."""
-    import ray
+    """One local Ray of 4 CPUs for a test module, started by uniemo's own :func:`ray_session` (its own temp
+    folder, never a stale cluster) and stopped afterwards. The drivers of uniemo use a cluster they find
+    initialised."""
+    from uniemo.config.schema import DistributedConfig
+    from uniemo.distributed.ray_train import ray_session
 
-    from uniemo.distributed.ray_train import job_runtime_env
-
-    temp = tempfile.mkdtemp(prefix="uniemo-ray-test-")
-    ray.init(
-        address="local", _temp_dir=temp, include_dashboard=False, num_cpus=4, logging_level="warning",
-        runtime_env=job_runtime_env(),
-    )
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    with ray_session(DistributedConfig(num_workers=1, cpus_per_worker=1.0), extra_cpus=3.0):
+        yield

@@ -126,7 +126,7 @@ def test_constant_schedule():
 def _fake_step(run_dir, step, complete=True):
     folder = ckpt.checkpoints_dir(run_dir) / ckpt.step_dir_name(step)
     (folder / ckpt.DS_TAG).mkdir(parents=True)
-    (folder / ckpt.TRAINER_STATE).write_text(json.dumps({"version": ckpt.STATE_VERSION, "step": step}))
+    (folder / ckpt.TRAINER_STATE_FILE).write_text(json.dumps({"version": ckpt.STATE_VERSION, "step": step}))
     if complete:
         ckpt.publish(run_dir, folder)
     return folder
@@ -140,7 +140,7 @@ def test_latest_only_moves_to_complete_checkpoints(tmp_path):
     # A crash in the middle of saving step 8: the folder exists, some shards written, no COMPLETE.
     crashed = _fake_step(run, 8, complete=False)
     assert ckpt.latest_checkpoint(run) == first
-    assert (ckpt.checkpoints_dir(run) / ckpt.LATEST).read_text().strip() == "step-000004"
+    assert (ckpt.checkpoints_dir(run) / ckpt.LATEST_FILE).read_text().strip() == "step-000004"
     with pytest.raises(ckpt.CheckpointError):
         ckpt.resolve_checkpoint(crashed)  # not usable as a step folder either
     assert ckpt.resolve_checkpoint(run) == first
@@ -167,7 +167,7 @@ def test_rotation_keeps_the_newest(tmp_path):
 def test_latest_naming_a_broken_folder_is_a_user_error(tmp_path):
     run = tmp_path / "run"
     folder = _fake_step(run, 4)
-    (folder / ckpt.COMPLETE).unlink()  # e.g. the folder was damaged by hand
+    (folder / ckpt.COMPLETE_FILE).unlink()  # e.g. the folder was damaged by hand
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint folder"):
         ckpt.latest_checkpoint(run)
 
@@ -212,9 +212,9 @@ def test_driver_refuses_fresh_run_over_checkpoints_and_bad_resume(tmp_path, synt
     with pytest.raises(UserError, match="no checkpoint yet"):
         prepare_run(cfg, resume=True)
     folder = _fake_step(tmp_path / "r", 4)
-    state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
+    state = json.loads((folder / ckpt.TRAINER_STATE_FILE).read_text())
     state["compat"] = ckpt.compat_keys(cfg, 2)
-    (folder / ckpt.TRAINER_STATE).write_text(json.dumps(state))
+    (folder / ckpt.TRAINER_STATE_FILE).write_text(json.dumps(state))
     with pytest.raises(UserError, match="--resume"):
         prepare_run(cfg, resume=False)
     plan = prepare_run(cfg, resume=True)
@@ -334,9 +334,9 @@ assert not task.generator.vae.training and task.understanding.emotion_head.train
 loader = build_loader(shards, "train", rank=0, world_size=1, batch_size=4, num_workers=0,
                       transform=build_sample_transform(cfg.data, stage=2, training=True), training=True, seed=0)
 batch = engine.prepare_batch(next(iter(loader)))
-out = engine.engine(batch)
-engine.engine.backward(out["total"])
-engine.engine.step()
+out = engine.ds_engine(batch)
+engine.ds_engine.backward(out["total"])
+engine.ds_engine.step()
 assert math.isfinite(float(out["total"]))
 engine.frozen.reattach()
 assert {n for n, _ in task.named_parameters()} == trainable | frozen_names

@@ -83,8 +83,8 @@ def _build_runs(shards: str, runs: Path) -> None:
 
     from uniemo.data.loader import build_loader_from_config, load_attribute_table
     from uniemo.models.weights import build_understanding
+    from uniemo.training.checkpoint import consolidated_state_dict
     from uniemo.training.engine import prepare_deepspeed
-    from uniemo.training.export import consolidated_state_dict
     from uniemo.training.task import build_stage1_task, build_stage2_task
 
     prepare_deepspeed()  # the trainer's: no JIT shm op, 0-dim parameters broadcast (uniemo.training.engine)
@@ -173,10 +173,10 @@ def loaded_s2(runs, exported):
 # Consolidation
 # ---------------------------------------------------------------------------------------------------------
 def test_consolidated_state_dict_equals_engine_weights(runs):
-    from uniemo.training.export import consolidated_state_dict, latest_checkpoint
+    from uniemo.training.checkpoint import consolidated_state_dict, require_checkpoint
 
     # ZeRO 2: exactly the trained parameters, equal to the engine's; frozen ones were not saved.
-    step_dir = latest_checkpoint(runs / "s2")
+    step_dir = require_checkpoint(runs / "s2")
     assert step_dir == runs / "s2" / "checkpoints" / STEP
     state = consolidated_state_dict(step_dir)
     params = torch.load(runs / "s2_params.pt")
@@ -188,7 +188,7 @@ def test_consolidated_state_dict_equals_engine_weights(runs):
     assert not any(k.startswith(("understanding.encoder.", "generator.vae.")) for k in state)
 
     # ZeRO 0 in bf16: the fp32 master copies (not the bf16 module weights) under the right names.
-    state1 = consolidated_state_dict(latest_checkpoint(runs / "s1"))
+    state1 = consolidated_state_dict(require_checkpoint(runs / "s1"))
     masters = torch.load(runs / "s1_expected.pt")
     low = torch.load(runs / "s1_bf16.pt")
     assert set(masters) <= set(state1) and len(masters) > 50
@@ -199,19 +199,19 @@ def test_consolidated_state_dict_equals_engine_weights(runs):
 
 def test_checkpoint_errors(runs, tmp_path):
     from uniemo.errors import UserError
-    from uniemo.training.export import consolidated_state_dict, latest_checkpoint, resolve_checkpoint
+    from uniemo.training.checkpoint import consolidated_state_dict, require_checkpoint, resolve_checkpoint
 
     with pytest.raises(UserError, match="not a checkpoint folder"):
         consolidated_state_dict(tmp_path)
     (tmp_path / "run").mkdir()
     with pytest.raises(UserError, match="train it first"):
-        latest_checkpoint(tmp_path / "run")
+        require_checkpoint(tmp_path / "run")
     with pytest.raises(UserError, match="does not exist"):
-        latest_checkpoint(tmp_path / "nowhere")
+        require_checkpoint(tmp_path / "nowhere")
     (tmp_path / "run" / "checkpoints").mkdir()
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step-000009\n")
     with pytest.raises(UserError, match="not a complete checkpoint"):
-        latest_checkpoint(tmp_path / "run")
+        require_checkpoint(tmp_path / "run")
     assert resolve_checkpoint(runs / "s1") == resolve_checkpoint(runs / "s1" / "checkpoints" / STEP)
 
 

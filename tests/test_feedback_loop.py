@@ -1,7 +1,7 @@
 """The feedback loop (issue 5): sequential rounds on a real stage-2 run, resume, and the async mode, with real Ray.
 
 The start runs are real trainer runs without Ray: ``s1`` (stage 1) and ``s2`` (stage 2 from s1, with its emotion
-space), two steps each, written by :func:`uniemo.training.trainer.run_worker` in a subprocess (this file run as a
+space), two steps each, written by :func:`uniemo.training.worker.run_worker` in a subprocess (this file run as a
 script, so the gloo process group does not leak into other tests). Each loop then runs as ``uniemo feedback``
 does: its own embedded Ray session, Ray Train workers, the actor pool. Tiny presets at 32 px, the session's shards.
 """
@@ -47,7 +47,7 @@ def _build_start_run(shards: str, root: Path, stage: int) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     from uniemo.config import load_config
     from uniemo.distributed.ray_train import prepare_run
-    from uniemo.training.trainer import run_worker
+    from uniemo.training.worker import run_worker
 
     cfg = load_config(None, [*_base(shards, root), f"run.name=s{stage}", f"training.stage={stage}",
                              "training.steps=2", "distributed.num_workers=1"])
@@ -110,7 +110,7 @@ def _check_counts(report: dict) -> None:
 def _check_round(run_dir: Path, index: int, checkpoint: Path) -> dict:
     """The round folder is complete and listed, its report adds up and agrees with the manifest."""
     from uniemo.data.shards import read_manifest
-    from uniemo.feedback.rounds import round_dir, round_report_path
+    from uniemo.run_layout import round_dir, round_report_path
 
     folder = round_dir(run_dir, index)
     manifest = read_manifest(folder)
@@ -185,8 +185,7 @@ def test_stage2_init_continues_every_trained_weight(start_runs):
 
     from uniemo.config import load_config
     from uniemo.data.loader import load_attribute_table
-    from uniemo.training.checkpoint import latest_checkpoint, read_trainer_state
-    from uniemo.training.export import consolidated_state_dict
+    from uniemo.training.checkpoint import consolidated_state_dict, latest_checkpoint, read_trainer_state
     from uniemo.training.stages import _build_task, split_init
 
     s1, s2 = latest_checkpoint(start_runs / "s1"), latest_checkpoint(start_runs / "s2")
@@ -241,7 +240,7 @@ def test_sequential_round_end_to_end(sequential_run, start_runs):
 def test_resume_skips_the_completed_round(sequential_run, start_runs, synth_shards):
     from uniemo.errors import UserError
     from uniemo.feedback.loop import run_feedback
-    from uniemo.feedback.rounds import round_dir, round_report_path
+    from uniemo.run_layout import round_dir, round_report_path
     from uniemo.training.checkpoint import latest_checkpoint
 
     _, run = sequential_run
@@ -270,8 +269,8 @@ def test_async_pool_delivers_rounds_to_the_running_training(start_runs, synth_sh
     job; the job consumes synthetic samples only after a round's manifest is written, and goes on training."""
     from uniemo.distributed.ray_train import run_dir_of
     from uniemo.feedback.loop import run_feedback
-    from uniemo.feedback.rounds import round_dir
-    from uniemo.training.checkpoint import latest_checkpoint, stop_request_path
+    from uniemo.run_layout import round_dir, stop_request_path
+    from uniemo.training.checkpoint import latest_checkpoint
 
     cfg = _config(
         start_runs, synth_shards, "run.name=async", "feedback.mode=async", "feedback.rounds=2",

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import signal
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,19 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from uniemo.config.schema import EMOTIONS, Config
+from uniemo.config.schema import EMOTIONS, Config, DistributedConfig
 from uniemo.data.attributes import AttributeTable
 from uniemo.data.shards import MANIFEST_FILE, read_manifest
+from uniemo.distributed.ray_train import ray_session
 from uniemo.feedback.actors import FilterWorker, GenerationJob, GeneratorWorker, ModelBundle
 from uniemo.feedback.filtering import REJECTIONS
-from uniemo.feedback.rounds import (
-    STAGING_DIR,
-    plan_jobs,
-    round_dir,
-    round_report_path,
-    run_round,
-    synthetic_source,
-)
+from uniemo.feedback.rounds import plan_jobs, run_round, synthetic_source
+from uniemo.run_layout import STAGING_DIR, round_dir, round_report_path
 
 
 def _config() -> Config:
@@ -161,11 +154,8 @@ def ray_local():
     import ray
 
     assert not ray.is_initialized(), "another test left Ray running"
-    temp = tempfile.mkdtemp(prefix="uf1-", dir="/tmp")  # short: Ray's sockets live under it
-    ray.init(address="local", _temp_dir=temp, include_dashboard=False, num_cpus=4, logging_level="warning")
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    with ray_session(DistributedConfig(num_workers=1, cpus_per_worker=1.0), extra_cpus=3.0):
+        yield
 
 
 def _check_counts(report: dict) -> None:
@@ -204,7 +194,7 @@ def test_round_end_to_end(ray_local, bundle, synth_shards, tmp_path):
         if event == "scored":
             seen_before_end.append(round_dir(run_dir, 0).exists())
 
-    report = run_round(bundle, cfg, run_dir, 0, None, observer=observer, log=lambda line: None)
+    report = run_round(bundle, cfg, run_dir, 0, observer=observer, log=lambda line: None)
     final = round_dir(run_dir, 0)
     assert seen_before_end and not any(seen_before_end)  # invisible while the round runs
     assert not staging.exists()
@@ -265,7 +255,7 @@ def test_round_end_to_end(ray_local, bundle, synth_shards, tmp_path):
     assert synthetic_keys <= keys
 
     # a finished round is not generated again
-    again = run_round(bundle, cfg, run_dir, 0, None, log=lambda line: None)
+    again = run_round(bundle, cfg, run_dir, 0, log=lambda line: None)
     assert again == report and sorted(p.name for p in final.glob("*.tar")) == sorted(
         e["name"] for e in manifest["shards"]
     )
@@ -288,7 +278,7 @@ def test_killed_generator_actor_loses_only_its_batch(ray_local, bundle, tmp_path
             os.kill(info["pid"], signal.SIGKILL)  # for real: the pid the actor reported
             killed.update(info)
 
-    report = run_round(bundle, cfg, run_dir, 1, None, observer=observer, log=lambda line: None)
+    report = run_round(bundle, cfg, run_dir, 1, observer=observer, log=lambda line: None)
     assert killed
     lost_emotion = EMOTIONS[killed["emotion"]]
     _check_counts(report)
@@ -326,7 +316,7 @@ def test_failure_while_writing_shards_leaves_no_round(ray_local, bundle, tmp_pat
             (staging / "train-000001.tar").mkdir(parents=True)
 
     with pytest.raises(IsADirectoryError):
-        run_round(bundle, cfg, run_dir, 0, None, observer=observer, log=lambda line: None)
+        run_round(bundle, cfg, run_dir, 0, observer=observer, log=lambda line: None)
     assert not round_dir(run_dir, 0).exists()
     assert not staging.exists()
     assert not round_report_path(run_dir, 0).exists()

@@ -239,7 +239,8 @@ def test_stage2_zero3_bf16(stage1_run, base):
 def test_sigterm_checkpoints_at_the_next_step_and_resume_finishes(ray_cluster, base):
     """Preemption: SIGTERM to the driver makes every rank checkpoint at the next step and stop (no step lost);
     ``--resume`` then finishes with the exact step count and one metrics line per step."""
-    from uniemo.training.checkpoint import step_of, stop_request_path
+    from uniemo.run_layout import stop_request_path
+    from uniemo.training.checkpoint import step_of
 
     name = "sigterm"
     output_dir = next(b.split("=", 1)[1] for b in base if b.startswith("run.output_dir="))

@@ -127,9 +127,9 @@ for zero in (0, 1, 2, 3):
         task = build_stage1_task(cfg, table) if stage == 1 else build_stage2_task(cfg, table)
         engine = build_engine(task, cfg, world_size=1, device=torch.device("cpu"), total_steps=2)
         engine.set_train(True)
-        out = engine.engine(engine.prepare_batch(batch))
-        engine.engine.backward(out["total"])
-        engine.engine.step()
+        out = engine.ds_engine(engine.prepare_batch(batch))
+        engine.ds_engine.backward(out["total"])
+        engine.ds_engine.step()
         assert math.isfinite(float(out["total"])), (zero, stage)
         print(f"OK zero={zero} stage={stage}", flush=True)
 """

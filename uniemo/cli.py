@@ -13,6 +13,7 @@ import sys
 
 from uniemo import __version__
 from uniemo.errors import DISK_FULL_ERRNOS, UserError
+from uniemo.logging import say
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +41,9 @@ def _register_config(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Each command module registers its own parser. They are imported here rather than at the top so that
+    # `import uniemo.cli` stays cheap; the command modules themselves import torch, Ray and DeepSpeed only inside
+    # their commands, so `uniemo --help` never loads them.
     from uniemo import pipeline
     from uniemo.data import cli as data_cli
     from uniemo.evaluation import cli as evaluation_cli
@@ -87,17 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"uniemo: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return exc.exit_code
     except OSError as exc:  # a full disk wherever it strikes: one line, like a user error
         if args.debug or exc.errno not in DISK_FULL_ERRNOS:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"uniemo: error: cannot write{where} ({os.strerror(exc.errno)}); free some space and re-run the same "
-              "command (use --resume for a run)", file=sys.stderr)
+        say(f"error: cannot write{where} ({os.strerror(exc.errno)}); free some space and re-run the same command "
+            "(use --resume for a run)")
         return 2
     except KeyboardInterrupt:
-        print("uniemo: interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
 
 

@@ -1,4 +1,5 @@
-"""Run logging: ``metrics.jsonl``, wandb, sample grids and the progress bar, on rank 0 only (STYLE 14).
+"""Run logging: ``metrics.jsonl``, wandb, sample grids and the progress bar, on rank 0 only (STYLE 14); and
+:func:`say`, the one way a uniemo module tells the user something on stderr (``uniemo: ...``).
 
 :func:`make_run_logger` returns a :class:`RunLogger` on rank 0 and a :class:`NullRunLogger` (same methods, no
 effects) elsewhere, so the loop calls ``logger.log(...)`` on every rank without ``if rank == 0``.
@@ -33,9 +34,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from uniemo.config.schema import Config
 
-METRICS_FILE = "metrics.jsonl"
-WANDB_ID_FILE = "wandb_id"
-SAMPLES_DIR = "samples"
+from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE, WANDB_ID_FILE
+
+
+def say(message: str, topic: str = "") -> None:
+    """One user-facing line on stderr, flushed: ``uniemo: <message>``, or ``uniemo <topic>: <message>`` for a
+    command's own lines (``topic="feedback"``). Every module of uniemo writes its messages to the user here."""
+    sys.stderr.write(f"uniemo{' ' + topic if topic else ''}: {message}\n")
+    sys.stderr.flush()
 
 
 def _jsonable(value: Any) -> Any:
@@ -72,7 +78,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file (or of ``<run_dir>/metrics.jsonl``)."""
     path = Path(path)
     if path.is_dir():
-        path = path / METRICS_FILE
+        path = path / STEP_METRICS_FILE
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -154,7 +160,7 @@ class RunLogger(NullRunLogger):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / METRICS_FILE
+        self.metrics_path = self.run_dir / STEP_METRICS_FILE
         truncate_metrics(self.metrics_path, resume_step)
         self._metrics = open(self.metrics_path, "a")
         self._bar = None
@@ -209,8 +215,7 @@ class RunLogger(NullRunLogger):
         if self._bar is not None:
             self._bar.write(f"uniemo: {message}")
         else:
-            sys.stderr.write(f"uniemo: {message}\n")
-            sys.stderr.flush()
+            say(message)
 
     # -- progress -----------------------------------------------------------------------------------------------
     def start_progress(self, initial: int, total: int) -> None:

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from uniemo.config import Config, save_resolved, with_overrides
 from uniemo.config.schema import PIPELINE_STAGES
 from uniemo.errors import UserError
+from uniemo.logging import say
 
 STATE_FILE = "pipeline.json"
 FINAL_RUNS = ("feedback", "stage2", "stage1")
@@ -176,8 +177,7 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------------------
 # Driver
 # -------------------------------------------------------------------------------------------------------------
-def _say(message: str) -> None:
-    print(f"uniemo run: {message}", file=sys.stderr, flush=True)
+_say = partial(say, topic="run")
 
 
 def _progress_view(stages: list[str], state: dict[str, Any]) -> str:

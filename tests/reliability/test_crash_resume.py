@@ -184,7 +184,7 @@ def test_killed_during_checkpoint_save_resumes_from_the_previous_one(synth_shard
 def test_killed_feedback_round_resumes_without_partial_shards(start_runs, synth_shards, tmp_path):
     from uniemo.config import save_resolved
     from uniemo.data.shards import manifest_folders
-    from uniemo.feedback.rounds import STAGING_DIR, SYNTHETIC_DIR, round_dir, round_report_path
+    from uniemo.run_layout import STAGING_DIR, SYNTHETIC_DIR, round_dir, round_report_path
     from uniemo.training.checkpoint import latest_checkpoint
 
     s2 = latest_checkpoint(start_runs / "s2")

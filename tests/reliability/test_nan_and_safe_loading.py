@@ -2,7 +2,7 @@
 runs; a wandb key never reaches the run's files or output; the embedded Ray stays on loopback.
 
 The runs are real and tiny: one rank, DeepSpeed ZeRO-2 on gloo, in a child process that runs the driver's checks
-(:func:`uniemo.distributed.ray_train.prepare_run`) and one rank's job (:func:`uniemo.training.trainer.run_worker`)
+(:func:`uniemo.distributed.ray_train.prepare_run`) and one rank's job (:func:`uniemo.training.worker.run_worker`)
 without Ray, over the session's shards at 32 px. The loss becomes non-finite honestly: learning rates of 1e30
 blow the weights up at the first update, so the second step's loss is not finite.
 """
@@ -29,7 +29,7 @@ import sys
 from uniemo.config import load_config
 from uniemo.distributed.ray_train import prepare_run
 from uniemo.errors import UserError
-from uniemo.training.trainer import run_worker
+from uniemo.training.worker import run_worker
 
 try:
     plan = prepare_run(load_config(sys.argv[2], sys.argv[3:]), resume=sys.argv[1] == "resume")

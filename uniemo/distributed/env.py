@@ -16,6 +16,7 @@ sends through ``runtime_env`` (and a worker applies again in case it joined a cl
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -172,3 +173,20 @@ def device_for(env: DistEnv, dist_cfg: DistributedConfig) -> torch.device:
             return get_device()
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
+
+
+def ensure_process_group(env: DistEnv, backend: str) -> bool:
+    """Join the job's process group; Ray Train (and torchrun with an init) make it before us. Returns whether this
+    function created it (then it also destroys it)."""
+    import torch.distributed as dist  # torch only when a rank starts: this module is read by drivers too
+
+    if dist.is_initialized():
+        return False
+    if env.world_size == 1 and env.launcher == "single":
+        with socket.socket() as s:  # a free port for a one-process group (DeepSpeed needs a group)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size)
+    return True

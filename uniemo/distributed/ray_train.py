@@ -19,7 +19,7 @@
 3. ``TorchTrainer.fit``: Ray Train makes the process group (gloo on CPU, NCCL on GPU) and runs
    :func:`train_worker` on every worker; worker environment variables travel in ``worker_runtime_env``. With
    ``FailureConfig(max_failures=distributed.max_failures)`` a dead worker makes Ray Train restart the whole
-   group, and :func:`uniemo.training.trainer.run_worker` resumes from ``checkpoints/latest``. A
+   group, and :func:`uniemo.training.worker.run_worker` resumes from ``checkpoints/latest``. A
    :class:`UserError` raised in a worker (config, data, weights, a non-finite loss) is not retried
    (:class:`UserErrorsAreFinal`): retrying would fail the same way. It reaches the caller as itself, one line,
    without the worker's traceback in the log (:func:`quiet_ray_internals`), and an embedded cluster's logs are
@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uniemo.errors import UserError
+from uniemo.logging import say
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config, DistributedConfig
@@ -173,7 +174,7 @@ def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
     _check_writable(run_dir, "run.output_dir")
     save_resolved(cfg, run_dir)
     for note in notes:
-        print(f"uniemo: {note}", file=sys.stderr, flush=True)
+        say(note)
     return RunPlan(config=cfg, run_dir=run_dir, resume_from=latest, init_from=init_from, notes=notes)
 
 
@@ -245,10 +246,12 @@ def _is_loopback(host: str) -> bool:
 
 
 @contextmanager
-def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0) -> Iterator[str]:
+def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0, extra_gpus: float = 0.0) -> Iterator[str]:
     """Be connected to Ray inside the block (module docstring, step 2). Yields how: caller/address/embedded.
 
-    ``extra_cpus``: CPUs an embedded cluster needs beside the trainers (e.g. the feedback pool's actors).
+    The one way uniemo joins or starts Ray: training, the feedback rounds, evaluation, the pipeline, benchmarks
+    and tests all use it. ``extra_cpus`` / ``extra_gpus``: what an embedded cluster needs beside the trainers
+    (e.g. the feedback pool's actors); with any GPU asked for, the embedded cluster gets the visible GPUs.
     """
     _keep_embedded_ray_on_loopback(dist_cfg)
     import ray
@@ -276,7 +279,7 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0) -> Iterato
             include_dashboard=dist_cfg.dashboard,
             dashboard_host=dist_cfg.bind_host,
             num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-            num_gpus=_visible_gpus() if dist_cfg.gpus_per_worker > 0 else 0,
+            num_gpus=_visible_gpus() if dist_cfg.gpus_per_worker > 0 or extra_gpus > 0 else 0,
             log_to_driver=True,
             logging_level="warning",
             runtime_env=job_runtime_env(),
@@ -299,7 +302,7 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0) -> Iterato
                     break
                 time.sleep(0.5)
         elif own_temp and not named:
-            sys.stderr.write(f"uniemo: Ray's logs of this run are kept in {temp_dir}\n")
+            say(f"Ray's logs of this run are kept in {temp_dir}")
 
 
 def _visible_gpus() -> int:
@@ -313,7 +316,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from uniemo.config.loader import from_dict
     from uniemo.config.schema import Config
     from uniemo.distributed.env import read_env
-    from uniemo.training.trainer import run_worker
+    from uniemo.training.worker import run_worker
 
     run_dir = Path(loop_config["run_dir"])
     env = read_env()
@@ -356,8 +359,7 @@ def _stop_on_sigterm(stop_file: Path) -> Iterator[None]:
         if stop_file.exists():
             raise KeyboardInterrupt  # the second request: stop now
         stop_file.touch()
-        print("uniemo: SIGTERM: checkpointing at the next step, then stopping (resume with --resume)",
-              file=sys.stderr, flush=True)
+        say("SIGTERM: checkpointing at the next step, then stopping (resume with --resume)")
 
     previous = signal.signal(signal.SIGTERM, request_stop)
     try:
@@ -444,7 +446,8 @@ def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """``uniemo train``: plan, start Ray Train with ``distributed.num_workers`` workers, wait, summarise."""
     _keep_embedded_ray_on_loopback(cfg.distributed)
     from uniemo.logging import read_metrics
-    from uniemo.training.checkpoint import latest_checkpoint, stop_request_path
+    from uniemo.run_layout import stop_request_path
+    from uniemo.training.checkpoint import latest_checkpoint
 
     plan = prepare_run(cfg, resume)
     cfg = plan.config

@@ -30,7 +30,6 @@ import dataclasses
 import datetime
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ import numpy as np
 
 from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS
 from uniemo.errors import UserError
+from uniemo.logging import say
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -56,7 +56,7 @@ METRICS_FORMAT = 1
 
 
 def _say(message: str) -> None:
-    print(f"uniemo: evaluate: {message}", file=sys.stderr, flush=True)
+    say(message, topic="evaluate")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,14 +71,13 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
     """One rank's share of the evaluation (module docstring, part 1). Every rank must call it."""
     import torch
 
-    from uniemo.distributed.env import backend_for, device_for, read_env
+    from uniemo.distributed.env import backend_for, device_for, ensure_process_group, read_env
     from uniemo.training.inference import load_run
-    from uniemo.training.trainer import _ensure_process_group
 
     env = read_env()
     if device is None:
         device = device_for(env, cfg.distributed)
-    created = _ensure_process_group(env, backend_for(cfg.distributed)) if env.world_size > 1 else False
+    created = ensure_process_group(env, backend_for(cfg.distributed)) if env.world_size > 1 else False
     try:
         stage = int(cfg.training.stage)
         mine = [k for k in range(NUM_EMOTIONS) if k % env.world_size == env.rank] if stage == 2 else []
@@ -351,7 +350,8 @@ def resolve_judge_dir(run_dir: Path, judge_dir: str | Path | None, cfg: Config) 
 
 def _check_run(run_dir: Path) -> Path:
     """The run's latest checkpoint; one-line UserErrors for a missing folder, config or checkpoint."""
-    from uniemo.training.export import is_export, latest_checkpoint
+    from uniemo.run_layout import is_export
+    from uniemo.training.checkpoint import require_checkpoint
 
     if not run_dir.is_dir():
         raise UserError(f"run directory {str(run_dir)!r} does not exist; pass a training run folder (runs/<name>)")
@@ -359,7 +359,7 @@ def _check_run(run_dir: Path) -> Path:
         raise UserError(f"{str(run_dir)!r} is an export; evaluate the training run folder it was exported from")
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{str(run_dir)!r} is not a run folder (no config.yaml); pass runs/<name>")
-    return latest_checkpoint(run_dir)  # raises "has no checkpoint yet; train it first"
+    return require_checkpoint(run_dir)  # raises "has no checkpoint yet; train it first"
 
 
 def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_overrides: Any = ()) -> dict:
@@ -373,7 +373,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     from uniemo.distributed.ray_train import absolute_paths
     from uniemo.evaluation import metrics
     from uniemo.evaluation.judge import describe, load_judge, same_data
-    from uniemo.training.export import checkpoint_step
+    from uniemo.training.checkpoint import checkpoint_step
     from uniemo.training.preflight import check_evaluation_data
 
     started = time.perf_counter()

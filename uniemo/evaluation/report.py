@@ -37,11 +37,11 @@ import os
 import random
 import re
 import shutil
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ import numpy as np
 
 from uniemo.config.schema import EMOTIONS
 from uniemo.errors import UserError
-from uniemo.logging import METRICS_FILE, SAMPLES_DIR, image_grid, read_metrics
+from uniemo.logging import image_grid, read_metrics, say
+from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE
 
 __all__ = [
     "PIPELINE_RUNS",
@@ -92,16 +93,12 @@ CHANCE = 1.0 / len(EMOTIONS)
 Log = Callable[[str], None]
 
 
-def _stderr_log(message: str) -> None:
-    print(f"uniemo report: {message}", file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Finding the runs
 # ---------------------------------------------------------------------------------------------------------
 def _is_run_dir(path: Path) -> bool:
     return path.is_dir() and any(
-        (path / name).exists() for name in ("config.yaml", METRICS_FILE, "checkpoints", EVALUATION_FILE)
+        (path / name).exists() for name in ("config.yaml", STEP_METRICS_FILE, "checkpoints", EVALUATION_FILE)
     )
 
 
@@ -171,7 +168,7 @@ def _read_metrics_lines(run_dir: Path) -> list[dict[str, Any]]:
         return read_metrics(run_dir)
     except ValueError:
         records = []
-        for line in (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines():
+        for line in (run_dir / STEP_METRICS_FILE).read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
@@ -922,10 +919,10 @@ class _Builder:
             name = _plot_losses(label, records, self.out / f"loss_{label}.png")
             if name:
                 parts.append(_img(name, f"loss curves of {label}"))
-            elif not (self.data.runs[label] / METRICS_FILE).is_file():
-                missing.append(f"{label}: no {METRICS_FILE}")
+            elif not (self.data.runs[label] / STEP_METRICS_FILE).is_file():
+                missing.append(f"{label}: no {STEP_METRICS_FILE}")
             else:
-                missing.append(f"{label}: no loss lines in {METRICS_FILE}")
+                missing.append(f"{label}: no loss lines in {STEP_METRICS_FILE}")
         if not parts:
             raise _NotAvailable(f"no run logged a loss ({'; '.join(missing)})")
         if missing:
@@ -1132,7 +1129,7 @@ def write_report(target: str | Path, out_dir: str | Path | None = None, *, log: 
     Raises:
         UserError: ``target`` is neither a pipeline nor a run folder, or ``out_dir`` holds something else.
     """
-    log = log or _stderr_log
+    log = log or partial(say, topic="report")
     data = collect_report_data(target)
     out = Path(out_dir) if out_dir is not None else data.target / REPORT_DIR
     _check_out(out)

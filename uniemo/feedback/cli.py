@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from uniemo.logging import say
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("feedback", help="run the feedback loop: generate, filter, continue training on the kept images")
@@ -35,6 +37,6 @@ def _feedback(args: argparse.Namespace) -> int:
     print(f"uniemo: feedback run {summary['run_dir']}: {len(summary['rounds'])} round(s), {kept} image(s) kept; "
           f"step {summary['step']}{loss_text}; latest checkpoint {summary['checkpoint']}", file=sys.stdout)
     if summary.get("stopped"):
-        print("uniemo: stopped on SIGTERM after a checkpoint; continue with --resume", file=sys.stderr)
+        say("stopped on SIGTERM after a checkpoint; continue with --resume")
         return 143
     return 0

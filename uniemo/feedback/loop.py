@@ -45,10 +45,10 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,26 +57,16 @@ from uniemo.data.attributes import write_json_atomic
 from uniemo.errors import ConfigError, UserError
 from uniemo.feedback.actors import FeedbackError, ModelBundle
 from uniemo.feedback.filtering import REJECTIONS
-from uniemo.feedback.rounds import (
-    ROUNDS_DIR,
-    _completed_report,
-    pool_cpus,
-    round_dir,
-    round_report_path,
-    run_round,
-    synthetic_source,
-)
+from uniemo.feedback.rounds import _completed_report, pool_cpus, run_round, synthetic_source
+from uniemo.logging import say
+from uniemo.run_layout import LOOP_FILE, ROUNDS_DIR, SYNTHETIC_DIR, round_dir, round_report_path
 
-__all__ = ["LOOP_RECORD", "format_round_summary", "run_feedback", "training_config"]
-
-LOOP_RECORD = ROUNDS_DIR / "loop.json"
-"""The loop's own record in the feedback run (module docstring)."""
+__all__ = ["format_round_summary", "run_feedback", "training_config"]
 _POLL_S = 0.5
 """Async mode: how often the pool thread looks for a new checkpoint."""
 
 
-def _log(line: str) -> None:
-    print(f"uniemo feedback: {line}", file=sys.stderr, flush=True)
+_log = partial(say, topic="feedback")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,7 +126,7 @@ class _Record:
     """``rounds/loop.json``, written atomically; shared by the main and the pool thread."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LOOP_RECORD
+        self.path = run_dir / LOOP_FILE
         self.lock = threading.Lock()
         self.data: dict[str, Any] = {}
         if self.path.is_file():
@@ -158,7 +148,6 @@ def _check_start(run_dir: Path, resume: bool) -> bool:
     """Refuse to start over a feedback run without ``resume``; returns whether there is anything to resume (a
     checkpoint or a complete round; ``resume`` on a folder without either starts afresh)."""
     from uniemo.data.shards import manifest_folders
-    from uniemo.feedback.rounds import SYNTHETIC_DIR
     from uniemo.training.checkpoint import latest_checkpoint
 
     started = latest_checkpoint(run_dir) is not None or bool(manifest_folders(run_dir / SYNTHETIC_DIR))
@@ -266,9 +255,9 @@ def _run_one_round(
     bundle = _bundle_of_checkpoint(step_dir, log)
     log(f"round {index}: generating {cfg.feedback.candidates_per_emotion} candidates per emotion "
         f"({cfg.feedback.generator_actors} generator, {cfg.feedback.filter_actors} filter actor(s))")
-    report = run_round(bundle, cfg, run_dir, index, None, log=log)
+    report = run_round(bundle, cfg, run_dir, index, log=log)
     del bundle
-    print(format_round_summary(report), file=sys.stderr, flush=True)
+    say(format_round_summary(report), topic="feedback")
     record.set_round(
         index,
         checkpoint=report["checkpoint"],
@@ -386,7 +375,7 @@ class _PoolThread(threading.Thread):
         self.rounds: list[dict[str, Any]] = []
 
     def run(self) -> None:
-        from uniemo.training.checkpoint import stop_request_path
+        from uniemo.run_layout import stop_request_path
 
         try:
             self._rounds()
@@ -466,7 +455,7 @@ def _run_async(cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record) -> 
                 pool.join()
     if failed:
         pool.join(timeout=60)  # Ray is down: the pool's calls fail and the thread ends
-    from uniemo.training.checkpoint import stop_request_path
+    from uniemo.run_layout import stop_request_path
 
     stop_request_path(run_dir).unlink(missing_ok=True)  # the pool's request, if it failed, is answered
     if pool.error is not None:

@@ -32,12 +32,10 @@ import math
 import os
 import random
 import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ import numpy as np
 from uniemo.config.schema import EMOTIONS, Config, SourceConfig
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.shards import MANIFEST_FILE, read_manifest, sample_key, update_manifest
+from uniemo.distributed.ray_train import ray_session
 from uniemo.feedback.actors import (
     FeedbackError,
     FeedbackPool,
@@ -58,35 +57,10 @@ from uniemo.feedback.actors import (
     write_shard,
 )
 from uniemo.feedback.filtering import REJECTIONS, derive_seed, filter_pool
+from uniemo.logging import say
+from uniemo.run_layout import STAGING_DIR, SYNTHETIC_DIR, round_dir, round_lock_path, round_report_path
 
-__all__ = [
-    "ROUNDS_DIR",
-    "SYNTHETIC_DIR",
-    "plan_jobs",
-    "ray_connection",
-    "round_dir",
-    "round_report_path",
-    "run_round",
-    "synthetic_source",
-]
-
-SYNTHETIC_DIR = Path("shards") / "synthetic"
-"""The synthetic source of a run, relative to the run folder: one ``round-<r>/`` sub-folder per round."""
-STAGING_DIR = Path("shards") / ".staging"
-"""Where a round's shards are written before the round becomes visible (outside the synthetic source)."""
-ROUNDS_DIR = Path("rounds")
-"""Round reports, relative to the run folder."""
-
-
-def round_dir(run_dir: str | Path, round_index: int) -> Path:
-    """``<run_dir>/shards/synthetic/round-<r>``."""
-    return Path(run_dir) / SYNTHETIC_DIR / f"round-{round_index}"
-
-
-def round_report_path(run_dir: str | Path, round_index: int) -> Path:
-    """``<run_dir>/rounds/round-<r>.json``."""
-    return Path(run_dir) / ROUNDS_DIR / f"round-{round_index}.json"
-
+__all__ = ["plan_jobs", "pool_cpus", "run_round", "synthetic_source"]
 
 def synthetic_source(cfg: Config, run_dir: str | Path) -> SourceConfig:
     """The ``data.extra_sources`` entry that mixes the run's synthetic rounds into training (METHOD §5 step 6).
@@ -100,51 +74,6 @@ def synthetic_source(cfg: Config, run_dir: str | Path) -> SourceConfig:
             "explicit feedback off, METHOD D13)"
         )
     return SourceConfig(name="synthetic", path=str(Path(run_dir) / SYNTHETIC_DIR), weight=rho / (1.0 - rho))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Ray
-# ---------------------------------------------------------------------------------------------------------
-@contextmanager
-def ray_connection(address: str | None, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Iterator[str]:
-    """Be connected to Ray inside the block; yields ``caller``, ``address`` or ``embedded``.
-
-    A Ray already initialised in this process is used as is (and left running). An address joins that cluster
-    (and disconnects after). Otherwise an embedded local Ray is started with at least ``num_cpus`` CPUs (and
-    the visible GPUs when ``num_gpus`` > 0) in a fresh short temporary folder, and stopped after.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield "caller"
-        return
-    if address:
-        ray.init(address=address, logging_level="warning")
-        try:
-            yield "address"
-        finally:
-            ray.shutdown()
-        return
-    temp_dir = tempfile.mkdtemp(prefix="uniemo-fb-")  # short: Ray's unix sockets live in it (107-byte limit)
-    gpus = 0
-    if num_gpus > 0:
-        import torch
-
-        gpus = torch.cuda.device_count()
-    try:
-        ray.init(
-            address="local",
-            _temp_dir=temp_dir,
-            include_dashboard=False,
-            num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus)),
-            num_gpus=gpus,
-            logging_level="warning",
-        )
-        yield "embedded"
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def pool_cpus(cfg: Config) -> float:
@@ -337,15 +266,16 @@ def run_round(
     cfg: Config,
     run_dir: str | Path,
     round_index: int,
-    ray_address: str | None = None,
     *,
+    extra_gpus: float | None = None,
     observer: Observer | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run feedback round ``round_index`` with ``bundle``'s checkpoint; returns the round report (module doc).
 
-    ``ray_address``: None or empty uses the Ray this process is connected to, or starts an embedded local one for
-    the round; an address joins that cluster. ``observer`` sees pool events (``submitted`` with the generator
+    Ray comes from :func:`uniemo.distributed.ray_train.ray_session`: the Ray this process is connected to, the
+    cluster at ``distributed.ray_address``, or an embedded local one for the round with the pool's CPUs (and the
+    visible GPUs when the pool's actors ask for GPUs; ``extra_gpus`` overrides how many it asks for). ``observer`` sees pool events (``submitted`` with the generator
     actor's pid, ``lost``, ...). ``log`` gets one line per finished emotion (default: stderr).
 
     Raises:
@@ -358,7 +288,7 @@ def run_round(
     from filelock import FileLock, Timeout
 
     run_dir = Path(run_dir)
-    lock_path = run_dir / ROUNDS_DIR / f".round-{round_index}.lock"
+    lock_path = round_lock_path(run_dir, round_index)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path))
     try:
@@ -368,7 +298,7 @@ def run_round(
             f"another process is running feedback round {round_index} of {run_dir}; wait for it to finish"
         ) from None
     try:
-        return _run_round_locked(bundle, cfg, run_dir, round_index, ray_address, observer, log)
+        return _run_round_locked(bundle, cfg, run_dir, round_index, extra_gpus, observer, log)
     finally:
         lock.release()  # the lock file stays: unlinking it could let two later rounds lock different inodes
 
@@ -378,11 +308,11 @@ def _run_round_locked(
     cfg: Config,
     run_dir: Path,
     round_index: int,
-    ray_address: str | None,
+    extra_gpus: float | None,
     observer: Observer | None,
     log: Callable[[str], None] | None,
 ) -> dict[str, Any]:
-    log = log if log is not None else (lambda line: print(f"uniemo feedback: {line}", file=sys.stderr))
+    log = log if log is not None else partial(say, topic="feedback")
     final = round_dir(run_dir, round_index)
     report_path = round_report_path(run_dir, round_index)
     if (final / MANIFEST_FILE).is_file():
@@ -408,7 +338,8 @@ def _run_round_locked(
     started = time.perf_counter()
     succeeded = False
     try:
-        with ray_connection(ray_address or None, pool_cpus(cfg), fb.generator_gpus + fb.filter_gpus):
+        gpus = fb.generator_gpus + fb.filter_gpus if extra_gpus is None else extra_gpus
+        with ray_session(cfg.distributed, extra_cpus=pool_cpus(cfg), extra_gpus=gpus):
             import ray
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -8,7 +8,7 @@
 - the resolved config travels in the job's environment (``UNIEMO_JOB_CONFIG``), with absolute paths and
   ``distributed.ray_address=auto`` (the driver joins the cluster it runs on). Paths must be visible to the
   cluster (one machine, or a shared file system);
-- the entry point, ``python -m uniemo.launchers.ray_jobs``, writes that config to ``<run_dir>/launch/job.yaml``
+- the entry point, ``python -m uniemo.launchers.ray_job_entry``, writes that config to ``<run_dir>/launch/job.yaml``
   and runs ``uniemo train`` on it.
 
 Ray 2.60 clusters started with ``ray start`` use token authentication: the client sends the token Ray finds
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
 import secrets
 import sys
 import time
@@ -71,7 +70,7 @@ def connect(address: str) -> JobSubmissionClient:
 
 def job_entrypoint(python: str = "python") -> str:
     """The shell command a Ray job runs."""
-    return f"{python} -m uniemo.launchers.ray_jobs"
+    return f"{python} -m uniemo.launchers.ray_job_entry"
 
 
 def submission_id_for(job: Job) -> str:
@@ -148,31 +147,3 @@ def wait_for_status(client: JobSubmissionClient, job_id: str, timeout: float = 3
         if time.monotonic() > deadline:
             raise TimeoutError(f"Ray job {job_id} is still {status} after {timeout:.0f} s")
         time.sleep(poll)
-
-
-def main() -> int:
-    """The Ray job's entry point: write the config from the environment into the run, then ``uniemo train``."""
-    from uniemo.cli import main as cli_main
-    from uniemo.launchers.job import load_job_config
-
-    text = os.environ.get(CONFIG_ENV)
-    if not text:
-        print(f"uniemo: error: {CONFIG_ENV} is not set; submit jobs with `uniemo submit ray`", file=sys.stderr)
-        return 2
-    import yaml
-
-    raw = yaml.safe_load(text)
-    run_dir = Path(raw["run"]["output_dir"]) / raw["run"]["name"]
-    run_launch = run_dir / "launch"
-    config_path = run_launch / "job.yaml"
-    run_launch.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(text)
-    load_job_config(config_path)  # fail here, with the key named, if the config does not fit this checkout
-    argv = ["train", "--config", str(config_path)]
-    if os.environ.get(RESUME_ENV) == "1":
-        argv.append("--resume")
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

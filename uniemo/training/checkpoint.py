@@ -19,34 +19,51 @@ rank writes its DeepSpeed shard and RNG file; loader positions are gathered to r
 temporary file, fsync, ``os.replace``) and deletes all but the newest ``training.keep_checkpoints`` folders.
 A crash at any point before the ``os.replace`` leaves the previous ``latest`` and its folder intact; a folder
 without ``COMPLETE`` never becomes ``latest`` and is removed by the next rotation.
+
+Reading (the one owner of it; file names in :mod:`uniemo.run_layout`): :func:`latest_checkpoint` (None when the
+run has none yet), :func:`require_checkpoint` (the same, but a run without a checkpoint is a user error),
+:func:`resolve_checkpoint` (a run, its ``checkpoints/`` or a step folder), :func:`read_trainer_state`, and
+:func:`consolidated_state_dict`, which turns one step folder into fp32 tensors: ZeRO 1-3 through DeepSpeed's own
+``zero_to_fp32``, ZeRO 0 from the model-states file (with the fp32 master copies when the run was bf16/fp16).
+Checkpoints are saved with ``exclude_frozen_parameters=True``, so one holds only what its stage trains (plus
+persistent buffers); :func:`uniemo.training.inference.load_run` puts the frozen pieces back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from uniemo.errors import UserError
+from uniemo.run_layout import (
+    CHECKPOINTS_DIR,
+    COMPLETE_FILE,
+    DS_TAG,
+    LATEST_FILE,
+    RNG_DIR,
+    TRAINER_STATE_FILE,
+    checkpoints_dir,
+    step_dir_name,
+)
+from uniemo.training.safe_pickle import check_checkpoint_folder
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
     from uniemo.distributed.env import DistEnv
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-COMPLETE = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"
-DS_TAG = "ds"
 STATE_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d{6,})$")
 
@@ -58,22 +75,6 @@ class CheckpointError(UserError):
 # -- paths ----------------------------------------------------------------------------------------------------
 
 
-STOP_REQUEST = ".stop-requested"
-"""File in the run directory by which a driver asks its workers to checkpoint and stop (SIGTERM, preemption)."""
-
-
-def stop_request_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / STOP_REQUEST
-
-
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
 def step_of(path: str | Path) -> int | None:
     """The step of a ``step-NNNNNN`` folder name, else None."""
     match = _STEP_RE.match(Path(path).name)
@@ -81,7 +82,7 @@ def step_of(path: str | Path) -> int | None:
 
 
 def is_complete(step_dir: str | Path) -> bool:
-    return (Path(step_dir) / COMPLETE).is_file()
+    return (Path(step_dir) / COMPLETE_FILE).is_file()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -92,7 +93,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             or the folder deleted; a crash cannot cause this).
     """
     root = checkpoints_dir(run_dir)
-    pointer = root / LATEST
+    pointer = root / LATEST_FILE
     if not pointer.is_file():
         return None
     name = pointer.read_text().strip()
@@ -100,9 +101,33 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if step_of(name) is None or not is_complete(folder):
         raise CheckpointError(
             f"{pointer} names {name!r}, which is not a complete checkpoint folder; point it at a folder of "
-            f"{root} that holds {COMPLETE}, or delete it to start the run afresh"
+            f"{root} that holds {COMPLETE_FILE}, or delete it to start the run afresh"
         )
     return folder
+
+
+def require_checkpoint(run_dir: str | Path) -> Path:
+    """The folder ``checkpoints/latest`` names; unlike :func:`latest_checkpoint`, a run without one is an error.
+
+    Raises:
+        UserError: the run folder does not exist, or has no checkpoint yet (train first).
+        CheckpointError: ``latest`` names a missing or incomplete folder.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"run directory {str(run)!r} does not exist; pass a folder under runs/ (see `uniemo train`)")
+    found = latest_checkpoint(run)
+    if found is None:
+        raise UserError(
+            f"run {str(run)!r} has no checkpoint yet (no {CHECKPOINTS_DIR}/{LATEST_FILE}); train it first with "
+            "`uniemo train --config ...`"
+        )
+    return found
+
+
+def checkpoint_step(step_dir: str | Path) -> int:
+    """The optimizer step a complete step folder was saved at (``trainer_state.json``'s ``step``)."""
+    return int(read_trainer_state(step_dir)["step"])
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -110,11 +135,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if step_of(path) is not None and is_complete(path):
         return path
-    run_dir = path.parent if path.name == CHECKPOINTS else path
+    run_dir = path.parent if path.name == CHECKPOINTS_DIR else path
     found = latest_checkpoint(run_dir) if path.exists() else None
     if found is None:
         raise CheckpointError(
-            f"{path} is neither a complete checkpoint folder (step-NNNNNN with {COMPLETE}) nor a run directory "
+            f"{path} is neither a complete checkpoint folder (step-NNNNNN with {COMPLETE_FILE}) nor a run directory "
             "with checkpoints/latest; give a run that has saved a checkpoint"
         )
     return found
@@ -147,8 +172,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def publish(run_dir: str | Path, step_dir: Path) -> None:
     """Mark ``step_dir`` complete and make it ``latest`` (rank 0, after every rank finished writing)."""
-    atomic_write_text(step_dir / COMPLETE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    atomic_write_text(checkpoints_dir(run_dir) / LATEST, step_dir.name + "\n")
+    atomic_write_text(step_dir / COMPLETE_FILE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    atomic_write_text(checkpoints_dir(run_dir) / LATEST_FILE, step_dir.name + "\n")
 
 
 def rotate(run_dir: str | Path, keep: int) -> list[Path]:
@@ -314,14 +339,14 @@ class Checkpointer:
             folder.mkdir(parents=True)
         _barrier()
         engine.save_checkpoint(str(folder), tag=DS_TAG, exclude_frozen_parameters=True)
-        rng_dir = folder / "rng"
+        rng_dir = folder / RNG_DIR
         rng_dir.mkdir(exist_ok=True)
         torch.save(rng_state(), rng_dir / f"rank-{self.env.rank:05d}.pt")
         positions = _gather_objects(loader_state, self.env.world_size)
         if self.env.is_main:
             state = dict(trainer_state, step=step, version=STATE_VERSION, loader_positions=positions,
                          world_size=self.env.world_size, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            atomic_write_text(folder / TRAINER_STATE, json.dumps(state, indent=1, sort_keys=True) + "\n")
+            atomic_write_text(folder / TRAINER_STATE_FILE, json.dumps(state, indent=1, sort_keys=True) + "\n")
         _barrier()  # every rank has finished writing
         if self.env.is_main:
             publish(self.run_dir, folder)
@@ -343,8 +368,6 @@ class Checkpointer:
                 f"cannot resume from {folder}: saved by {len(positions)} ranks, this job has "
                 f"{self.env.world_size}; use distributed.num_workers={len(positions)}"
             )
-        from uniemo.training.safe_pickle import check_checkpoint_folder
-
         check_checkpoint_folder(folder)  # DeepSpeed unpickles with weights_only=False: refuse foreign code first
         load_path, _ = engine.load_checkpoint(
             str(folder), tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
@@ -352,7 +375,7 @@ class Checkpointer:
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint under {folder / DS_TAG}; the folder is damaged")
-        rng_file = folder / "rng" / f"rank-{self.env.rank:05d}.pt"
+        rng_file = folder / RNG_DIR / f"rank-{self.env.rank:05d}.pt"
         set_rng_state(torch.load(rng_file, weights_only=True))
         return state, positions[self.env.rank]
 
@@ -360,10 +383,129 @@ class Checkpointer:
 def read_trainer_state(folder: str | Path) -> dict[str, Any]:
     """``trainer_state.json`` of a complete step folder."""
     folder = Path(folder)
-    path = folder / TRAINER_STATE
+    path = folder / TRAINER_STATE_FILE
     if not is_complete(folder) or not path.is_file():
-        raise CheckpointError(f"{folder} is not a complete checkpoint (no {COMPLETE} or {TRAINER_STATE})")
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {COMPLETE_FILE} or {TRAINER_STATE_FILE})")
     state = json.loads(path.read_text())
     if state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path} has version {state.get('version')!r}; this uniemo reads {STATE_VERSION}")
     return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Consolidation: a step folder as plain fp32 weights
+# ---------------------------------------------------------------------------------------------------------
+def is_checkpoint(step_dir: str | Path) -> bool:
+    """Whether ``step_dir`` holds a DeepSpeed checkpoint under the tag ``ds`` (a model-states file)."""
+    ds_dir = Path(step_dir) / DS_TAG
+    return ds_dir.is_dir() and any(ds_dir.glob("*model_states.pt"))
+
+
+def consolidated_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of one checkpoint folder, on the CPU, keyed by the task module's parameter names.
+
+    ZeRO 1-3: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` over every rank's optimizer shard (the fp32
+    master weights). ZeRO 0: the model-states file; a bf16/fp16 run's weights come from the optimizer's fp32
+    master copies (matched to names, see :func:`_zero0_state_dict`). Frozen parameters are included only when the
+    checkpoint was saved with them; persistent buffers always are.
+
+    Raises:
+        UserError: ``step_dir`` holds no DeepSpeed checkpoint (tag ``ds``) or is incomplete.
+    """
+    step_dir = Path(step_dir)
+    if not is_checkpoint(step_dir):
+        raise UserError(
+            f"{str(step_dir)!r} is not a checkpoint folder: it has no {DS_TAG}/*model_states.pt "
+            "(expected runs/<name>/checkpoints/step-NNNNNN)"
+        )
+    check_checkpoint_folder(step_dir)  # the loads below (and zero_to_fp32's) unpickle with weights_only=False
+    ds_dir = step_dir / DS_TAG
+    optim_files = sorted(ds_dir.glob("*_optim_states.pt"))
+    if optim_files and _is_zero_optimizer_file(optim_files[0]):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # zero_to_fp32 reports progress with print and tqdm; the CLI keeps its output to its own lines.
+        sink = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                state = get_fp32_state_dict_from_zero_checkpoint(
+                    str(step_dir), tag=DS_TAG, exclude_frozen_parameters=False
+                )
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(
+                f"checkpoint {str(step_dir)!r} is incomplete or damaged ({_one_line(e)}); use an earlier step folder"
+            ) from None
+    else:
+        model_files = sorted(ds_dir.glob("*model_states.pt"))
+        state = _zero0_state_dict(model_files[0])
+    return {k: v.detach().to("cpu").float().contiguous() if v.is_floating_point() else v.detach().cpu()
+            for k, v in state.items()}
+
+
+def _is_zero_optimizer_file(path: Path) -> bool:
+    """Whether an ``*_optim_states.pt`` file is a ZeRO 1-3 shard (zero_to_fp32's input) rather than ZeRO-0 bf16."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
+
+    data = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    inner = data.get(OPTIMIZER_STATE_DICT, {}) if isinstance(data, dict) else {}
+    return isinstance(inner, dict) and ZERO_STAGE in inner
+
+
+def _zero0_state_dict(model_file: Path) -> dict[str, torch.Tensor]:
+    """ZeRO 0: the saved module, with 16-bit weights replaced by the optimizer's fp32 master copies.
+
+    DeepSpeed's fp16/bf16 optimizers at ZeRO 0 save their fp32 masters per parameter group, without names. Each
+    group lists its parameters in module order (``build_param_groups`` walks ``named_parameters``), so the module's
+    trainable entries are a merge of the groups; walking the module in order, each entry is matched to the group
+    whose next master has its shape and rounds to its 16-bit value. A parameter no master matches keeps its
+    upcast 16-bit value (a warning says how many).
+    """
+    try:
+        saved = torch.load(model_file, map_location="cpu", weights_only=False)
+        module = saved["module"]
+    except Exception as e:  # a truncated or foreign file: any load failure means "not a usable checkpoint"
+        raise UserError(f"cannot read {str(model_file)!r} ({_one_line(e)}); use an earlier step folder") from None
+    state = dict(module)
+    low = [k for k, v in module.items() if v.dtype in (torch.float16, torch.bfloat16)]
+    optimizer = saved.get("optimizer")
+    if not low or not isinstance(optimizer, dict):
+        return state
+    groups = optimizer.get("fp32_groups")
+    if groups is not None:
+        flats = [torch.cat([t.detach().float().reshape(-1) for t in g]) if len(g) else torch.zeros(0) for g in groups]
+    else:
+        flats = [t.detach().float().reshape(-1) for t in optimizer.get("fp32_groups_flat") or []]
+    if not flats:
+        return state
+    buffers = set(saved.get("buffer_names") or [])
+    offsets = [0] * len(flats)
+    unmatched = 0
+    for name in low:
+        if name in buffers:
+            continue
+        value = module[name]
+        n = value.numel()
+        match = None
+        for g, flat in enumerate(flats):
+            if offsets[g] + n > flat.numel():
+                continue
+            master = flat[offsets[g] : offsets[g] + n]
+            if torch.equal(master.to(value.dtype), value.reshape(-1)):
+                match = g
+                break
+        if match is None:
+            unmatched += 1
+            continue
+        state[name] = flats[match][offsets[match] : offsets[match] + n].reshape(value.shape).clone()
+        offsets[match] += n
+    if unmatched:
+        warnings.warn(
+            f"{model_file}: {unmatched} 16-bit parameter(s) have no fp32 master copy; their 16-bit values are used",
+            stacklevel=3,
+        )
+    return state
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from uniemo.logging import say
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train stage 1 or stage 2 with Ray Train + DeepSpeed")
@@ -31,6 +33,6 @@ def _train(args: argparse.Namespace) -> int:
     print(f"uniemo: run {summary['run_dir']}: step {summary['step']}{loss_text}; "
           f"latest checkpoint {summary['checkpoint']}", file=sys.stdout)
     if summary.get("stopped"):
-        print("uniemo: stopped on SIGTERM after a checkpoint; continue with --resume", file=sys.stderr)
+        say("stopped on SIGTERM after a checkpoint; continue with --resume")
         return 143  # 128 + SIGTERM: what a launcher expects of a job that was asked to stop
     return 0

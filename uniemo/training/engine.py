@@ -356,8 +356,8 @@ class FrozenParts:
 class Engine:
     """A DeepSpeed engine with what the loop needs next to it."""
 
-    engine: Any
-    """``deepspeed.DeepSpeedEngine``; ``engine.module`` is the task."""
+    ds_engine: Any
+    """``deepspeed.DeepSpeedEngine``; ``ds_engine.module`` is the task."""
     optimizer: Any
     scheduler: torch.optim.lr_scheduler.LambdaLR
     frozen: FrozenParts
@@ -368,11 +368,11 @@ class Engine:
 
     @property
     def task(self) -> nn.Module:
-        return self.engine.module
+        return self.ds_engine.module
 
     def set_train(self, mode: bool) -> None:
         """Train/eval mode of the task and of its detached frozen parts."""
-        self.engine.train(mode)
+        self.ds_engine.train(mode)
         self.frozen.train(mode)
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -422,7 +422,7 @@ def build_engine(
     group_names = [g["name"] for g in groups]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lr_factors(task, groups, cfg.training, total_steps))
-    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+    ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=task,
         optimizer=optimizer,
         lr_scheduler=scheduler,
@@ -430,7 +430,7 @@ def build_engine(
         dist_init_required=False,
     )
     return Engine(
-        engine=engine,
+        ds_engine=ds_engine,
         optimizer=ds_optimizer,
         scheduler=ds_scheduler,
         frozen=frozen,

@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from uniemo.training.export import EXPORT_MANIFEST, export_run
+    from uniemo.run_layout import EXPORT_MANIFEST
+    from uniemo.training.export import export_run
 
     out = export_run(args.run, args.out)
     info = json.loads((out / EXPORT_MANIFEST).read_text(encoding="utf-8"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,19 +29,26 @@ import torch
 
 from uniemo.config.schema import EMOTIONS, Config
 from uniemo.errors import UserError
-from uniemo.training.export import (
+from uniemo.logging import say
+from uniemo.run_layout import (
     ATTRIBUTE_BASE_FILE,
     ATTRIBUTES_FILE,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
     EMOTION_SPACE_FILE,
-    EXPORT_FORMAT,
     EXPORT_MANIFEST,
-    MODEL_FILE,
+    GENERATIONS_FILE,
     PIPELINE_DIR,
+    STEP_DIR_PREFIX,
+    WEIGHTS_FILE,
+    is_export,
+)
+from uniemo.training.checkpoint import (
     checkpoint_step,
     consolidated_state_dict,
-    is_export,
-    latest_checkpoint,
+    is_complete,
     read_trainer_state,
+    require_checkpoint,
     resolve_checkpoint,
 )
 
@@ -64,8 +70,8 @@ __all__ = [
     "mean_conditions",
 ]
 
-EMOTION_SPACE_IN_RUN = "emotion_space.safetensors"
-"""Where the trainer saves the emotion space in a run folder (end of stage 2)."""
+EXPORT_FORMAT = "uniemo-export-1"
+"""The format of ``uniemo_export.json`` this module reads (and :mod:`uniemo.training.export` writes)."""
 
 
 @dataclass
@@ -149,7 +155,7 @@ def load_run(
     device = default_device() if device is None else torch.device(device)
     if is_export(p):
         return _load_export(p).to(device)
-    if not (p / "config.yaml").is_file():
+    if not (p / CONFIG_FILE).is_file():
         raise UserError(
             f"{str(p)!r} is neither a run folder (no config.yaml) nor an export (no {EXPORT_MANIFEST}); "
             "pass runs/<name> or the folder written by `uniemo export`"
@@ -162,8 +168,8 @@ def _load_run_dir(run_dir: Path, device: torch.device, compute_missing_emotion_s
     from uniemo.data.loader import load_attribute_table
     from uniemo.data.transforms import build_sample_transform
 
-    cfg = load_config(run_dir / "config.yaml")
-    step_dir = latest_checkpoint(run_dir)
+    cfg = load_config(run_dir / CONFIG_FILE)
+    step_dir = require_checkpoint(run_dir)
     state = consolidated_state_dict(step_dir)
     attributes = load_attribute_table(cfg.data)
     stage = int(cfg.training.stage)
@@ -211,7 +217,7 @@ def _load_run_dir(run_dir: Path, device: torch.device, compute_missing_emotion_s
 def _run_emotion_space(run: LoadedRun, run_dir: Path, compute: bool) -> EmotionSpace | None:
     from uniemo.models.emotion_space import EmotionSpace
 
-    path = run_dir / EMOTION_SPACE_IN_RUN
+    path = run_dir / EMOTION_SPACE_FILE
     if path.is_file():
         return EmotionSpace.load(path)
     if not compute:
@@ -219,7 +225,7 @@ def _run_emotion_space(run: LoadedRun, run_dir: Path, compute: bool) -> EmotionS
     from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
 
     note = f"{path} is missing (stage 2 did not finish): computing it from {run.source} over the train split"
-    print(f"uniemo: {note}", file=sys.stderr)
+    say(note)
     run.notes.append(note)
     return compute_emotion_space(run.understanding, emotion_space_loader(run.config), run.device)
 
@@ -230,9 +236,8 @@ def _stage1_understanding_state(run_dir: Path, step_dir: Path, cfg: Config) -> d
 
     candidates: list[tuple[str, str]] = []
     for source in (read_trainer_state(step_dir), _first_trainer_state(run_dir)):
-        for key in ("init_from", "init_checkpoint", "stage1_checkpoint"):
-            if isinstance(source.get(key), str) and source[key]:
-                candidates.append((f"trainer_state.json {key}", source[key]))
+        if isinstance(source.get("init_from"), str) and source["init_from"]:
+            candidates.append(("trainer_state.json init_from", source["init_from"]))
     if cfg.training.init_from:
         candidates.append(("training.init_from", cfg.training.init_from))
     if not candidates:
@@ -246,7 +251,7 @@ def _stage1_understanding_state(run_dir: Path, step_dir: Path, cfg: Config) -> d
     if not init.is_absolute() and not init.exists() and (run_dir / init).exists():
         init = run_dir / init
     if is_export(init):
-        return _strip(load_file(str(init / MODEL_FILE)), "understanding.")
+        return _strip(load_file(str(init / WEIGHTS_FILE)), "understanding.")
     try:
         stage1_dir = resolve_checkpoint(init)
     except UserError as e:
@@ -256,7 +261,7 @@ def _stage1_understanding_state(run_dir: Path, step_dir: Path, cfg: Config) -> d
 
 def _first_trainer_state(run_dir: Path) -> dict[str, Any]:
     """The trainer_state.json of the run's earliest step folder ({} if none): where the run began."""
-    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    steps = [s for s in sorted((run_dir / CHECKPOINTS_DIR).glob(f"{STEP_DIR_PREFIX}*")) if is_complete(s)]
     return read_trainer_state(steps[0]) if steps else {}
 
 
@@ -314,7 +319,7 @@ def _load_export(folder: Path) -> LoadedRun:
         raise UserError(f"{folder} is an export of format {info.get('format')!r}, not {EXPORT_FORMAT!r}; export again")
     cfg = from_dict(Config, info["config"])
     attributes = AttributeTable.load(folder / ATTRIBUTES_FILE)
-    weights = load_file(str(folder / MODEL_FILE))
+    weights = load_file(str(folder / WEIGHTS_FILE))
     stage = int(info["stage"])
     torch.manual_seed(cfg.run.seed)
     understanding = UnderstandingModel(
@@ -357,7 +362,7 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], folder
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"{folder / MODEL_FILE} does not fit {EXPORT_MANIFEST} ({first}); export the run again") from None
+        raise UserError(f"{folder / WEIGHTS_FILE} does not fit {EXPORT_MANIFEST} ({first}); export the run again") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -490,7 +495,7 @@ def generate_images(
         info.add_text("uniemo", json.dumps(record))  # D10: the seed travels with the image too
         Image.fromarray(image).save(out / name, pnginfo=info)
         records.append(record)
-    with open(out / "generations.jsonl", "a", encoding="utf-8") as f:
+    with open(out / GENERATIONS_FILE, "a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
     return records

@@ -6,7 +6,7 @@ The loop (:mod:`uniemo.training.trainer`) is the same for both stages; :func:`bu
 - **stage 1** (METHOD §2): :func:`uniemo.training.task.build_stage1_task`, the train and validation streams.
 - **stage 2** (METHOD §3): :func:`uniemo.training.task.build_stage2_task` with the understanding model loaded from
   stage 1 (:func:`resolve_init_from`: ``training.init_from``, else the latest stage-1 run under
-  ``run.output_dir``), through :func:`uniemo.training.export.consolidated_state_dict` of that run's checkpoint.
+  ``run.output_dir``), through :func:`uniemo.training.checkpoint.consolidated_state_dict` of that run's checkpoint.
   ``training.init_from`` may also name a stage-2 run (the feedback loop continues one, :mod:`uniemo.feedback.loop`):
   then the frozen backbone and head come from that run's own stage-1 checkpoint and every weight it trained
   (understanding queries and blocks, attribute classifiers, mappers, the UNet with ``train_unet``) from its
@@ -139,7 +139,7 @@ def load_stage1_understanding(understanding: nn.Module, step_dir: str | Path) ->
     Only the parameters stage 1 may have kept frozen, and stage 2 does not use, may be missing: the logit scales
     and the contrastive projections (they keep their initial values).
     """
-    from uniemo.training.export import consolidated_state_dict
+    from uniemo.training.checkpoint import consolidated_state_dict
 
     prefix = "understanding."
     state = {k[len(prefix) :]: v.float() for k, v in consolidated_state_dict(step_dir).items() if k.startswith(prefix)}
@@ -181,7 +181,7 @@ def split_init(step_dir: Path) -> tuple[Path, Path | None]:
 def load_stage2_weights(task: nn.Module, step_dir: str | Path) -> None:
     """Load every weight a stage-2 checkpoint trained into a stage-2 ``task`` (fp32); each trainable parameter of
     ``task`` must be among them."""
-    from uniemo.training.export import consolidated_state_dict
+    from uniemo.training.checkpoint import consolidated_state_dict
 
     state = {k: v.float() for k, v in consolidated_state_dict(step_dir).items()}
     own = task.state_dict()
@@ -313,12 +313,12 @@ def _fresh(build: Callable[[], nn.Module]) -> nn.Module:
 
 def finish_stage2(trainer: Trainer) -> None:
     """Emotion space over all ranks (METHOD §4.1, D9) and, on rank 0, sample grids per emotion (METHOD §4.2)."""
+    from uniemo.training.checkpoint import consolidated_state_dict
     from uniemo.training.emotion_space import (
         all_reduce_emotion_space,
         compute_emotion_space,
         emotion_space_loader,
     )
-    from uniemo.training.export import consolidated_state_dict
 
     cfg, env, parts = trainer.cfg, trainer.env, trainer.parts
     # The exported weights (fp32 masters of the final checkpoint), not the engine's bf16 copies.

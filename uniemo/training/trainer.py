@@ -13,8 +13,7 @@
     finish                          the stage's end hook (stage 2: emotion space, sample grids)
 
 Stage 1 and 2 differ only by the :class:`uniemo.training.stages.StageParts` (task, data, end hook) and config.
-:func:`run_worker` is a rank's whole job, for any launcher (:mod:`uniemo.distributed.env` says which rank this
-is): process group, stage, engine, logger, loop.
+A rank's whole job (process group, stage, engine, logger, this loop) is :func:`uniemo.training.worker.run_worker`.
 
 Reductions across ranks: logged training terms are the mean over ranks (and over the steps since the last
 log); validation sums loss x samples, correct predictions and samples over every rank, then divides (never a
@@ -36,15 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from uniemo.run_layout import stop_request_path
 from uniemo.training.checkpoint import (
     Checkpointer,
     compat_keys,
     config_digest,
     latest_checkpoint,
     seed_everything,
-    stop_request_path,
 )
-from uniemo.training.engine import Engine, build_engine, check_batch_arithmetic
+from uniemo.training.engine import Engine, check_batch_arithmetic
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
@@ -120,7 +119,7 @@ class Trainer:
             # Same model on every rank (seeded before building); per-rank streams for dropout and noise.
             seed_everything(_derived_seed(self.cfg.run.seed, "train", self.env.rank))
             return 0
-        state, position = self.checkpointer.load(self.engine.engine, latest, self.compat)
+        state, position = self.checkpointer.load(self.engine.ds_engine, latest, self.compat)
         self.step = int(state["step"])
         self.samples_seen = int(state.get("samples_seen", self.step * self.global_batch))
         self.bad_steps = int(state.get("bad_steps", 0))
@@ -180,7 +179,7 @@ class Trainer:
             self._loss_keys = sorted(k for k in terms if not k.startswith("metrics/"))
             self._metric_keys = {k for k in terms if k.startswith("metrics/")}
             if micro < accum - 1:
-                self.engine.engine.step()  # DeepSpeed counts the micro-step; it updates only at the boundary
+                self.engine.ds_engine.step()  # DeepSpeed counts the micro-step; it updates only at the boundary
         self._step_lrs = self.engine.learning_rates()  # the rates this update uses (the schedule moves after it)
         self.optimizer_step()
         self.step += 1
@@ -216,10 +215,10 @@ class Trainer:
         """Forward through the engine (the task: model + losses), backward of ``total``; detached float terms."""
         batch = self.engine.prepare_batch(batch)
         self._last_batch = batch
-        out = self.engine.engine(batch)
+        out = self.engine.ds_engine(batch)
         if self._any_rank(not bool(torch.isfinite(out["total"].detach()).all())):
             return None  # every rank agrees (one collective), so no rank enters the backward's collectives
-        self.engine.engine.backward(out["total"])
+        self.engine.ds_engine.backward(out["total"])
         return {key: value.detach().float() for key, value in out.items()}
 
     def skip_bad_step(self) -> None:
@@ -247,7 +246,7 @@ class Trainer:
 
     def optimizer_step(self) -> None:
         """The update at the accumulation boundary: clipping, AdamW, schedule (inside DeepSpeed)."""
-        self.engine.engine.step()
+        self.engine.ds_engine.step()
 
     # -- validation -----------------------------------------------------------------------------------------------
     def maybe_eval(self) -> dict[str, float] | None:
@@ -277,9 +276,9 @@ class Trainer:
                     break
                 if batch is None:
                     if zero3 and self._last_batch is not None:
-                        self.engine.engine(self._last_batch)  # join the collective parameter gathers
+                        self.engine.ds_engine(self._last_batch)  # join the collective parameter gathers
                     continue
-                out = self.engine.engine(self.engine.prepare_batch(batch))
+                out = self.engine.ds_engine(self.engine.prepare_batch(batch))
                 n = float(len(batch["label"]))
                 for key, value in out.items():
                     if not key.startswith("metrics/"):
@@ -317,7 +316,7 @@ class Trainer:
             "epoch": self.parts.train_loader.epoch,
         }
         self.last_checkpoint = self.checkpointer.save(
-            self.engine.engine, self.step, state, self.parts.train_loader.state_dict()
+            self.engine.ds_engine, self.step, state, self.parts.train_loader.state_dict()
         )
         self._saved_step = self.step
         return self.last_checkpoint
@@ -376,76 +375,3 @@ class Trainer:
     def _any_rank(self, flag: bool) -> bool:
         value = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
         return bool(self._all_reduce(value).item() > 0)
-
-
-# -- a rank's job ---------------------------------------------------------------------------------------------------
-
-
-def _ensure_process_group(env: DistEnv, backend: str) -> bool:
-    """Join the job's process group; Ray Train (and torchrun with an init) make it before us. Returns whether this
-    function created it (then it also destroys it)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    if env.world_size == 1 and env.launcher == "single":
-        import socket
-
-        with socket.socket() as s:  # a free port for a one-process group (DeepSpeed needs a group)
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    else:
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size)
-    return True
-
-
-def run_worker(cfg: Config, run_dir: str | Path, init_from: str | None = None) -> dict[str, Any]:
-    """A rank's whole training job: build the stage and the engine, restore or seed, train, finish.
-
-    Resumes from ``<run_dir>/checkpoints/latest`` whenever it exists (the driver refuses to start a fresh run in
-    a directory that has one, so a checkpoint found here is this run's: ``--resume``, or a restart after a
-    failure).
-    """
-    from uniemo.distributed.env import apply_worker_env, backend_for, device_for, export_torch_env, read_env
-    from uniemo.logging import make_run_logger
-    from uniemo.training.stages import build_stage, describe_init
-
-    apply_worker_env(cfg.distributed)
-    env = read_env()
-    export_torch_env(env)
-    device = device_for(env, cfg.distributed)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = backend_for(cfg.distributed)
-    created = _ensure_process_group(env, backend)
-    reduce_device = device if backend == "nccl" else torch.device("cpu")
-    run_dir = Path(run_dir)
-    logger = None
-    try:
-        parts = build_stage(cfg, env, Path(init_from) if init_from else None)
-        total = total_steps_for(cfg, parts.train_loader.batches_per_epoch)
-        engine = build_engine(parts.task, cfg, world_size=env.world_size, device=device, total_steps=total)
-        trainer = Trainer(cfg, env, run_dir, engine, parts, total, reduce_device)
-        start = trainer.restore()
-        logger = make_run_logger(cfg, run_dir, env.is_main, resume_step=start)
-        where = f"resumed at step {start}" if start else "from step 0"
-        logger.info(
-            f"stage {cfg.training.stage}: {env.world_size} rank(s), ZeRO-{cfg.distributed.zero_stage}, "
-            f"{cfg.training.precision}, global batch {trainer.global_batch}, {total} steps, {where}; "
-            f"{describe_init(Path(init_from) if init_from else None) if cfg.training.stage == 2 else ''}".rstrip("; ")
-        )
-        for note in parts.notes:
-            logger.info(note)
-        summary = trainer.train(logger)
-        if trainer.last_checkpoint is not None:
-            summary["checkpoint"] = str(trainer.last_checkpoint)
-        logger.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # nobody leaves while another rank still writes
-        return summary
-    finally:
-        if logger is not None:
-            logger.close()  # idempotent; after a failure it still flushes metrics and wandb
-        if created and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

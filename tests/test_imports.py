@@ -1,0 +1,127 @@
+"""No import cycles among uniemo's modules, counting imports inside functions (issue 14).
+
+Every ``import`` and ``from ... import`` of a ``uniemo`` module is an edge, wherever it sits in the file: at the
+top, inside a function, or in a ``try``. Imports under ``if TYPE_CHECKING:`` are left out: they never run.
+``from uniemo.pkg import name`` counts as an edge to ``uniemo.pkg.name`` when that is a module, else to
+``uniemo.pkg``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import uniemo
+
+PACKAGE = Path(uniemo.__file__).parent
+
+
+def _module_files() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(tree: ast.AST, package: str) -> list[str]:
+    """Every imported dotted name in ``tree`` (relative imports resolved), skipping ``if TYPE_CHECKING`` bodies."""
+    found: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*parts, base] if base else parts)
+            found.append(base)
+            found.extend(f"{base}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """uniemo module -> the uniemo modules it imports (anywhere in the file)."""
+    modules = _module_files()
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = {owner(t) for t in _imports(ast.parse(path.read_text()), package) if t.startswith("uniemo")}
+        graph[name] = {t for t in targets if t is not None and t != name}
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return cycles
+
+
+def test_find_cycles_sees_a_cycle():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_function_level_imports_are_edges():
+    tree = ast.parse("def f():\n    from uniemo.x import y\nif TYPE_CHECKING:\n    import uniemo.z\n")
+    assert _imports(tree, "uniemo") == ["uniemo.x", "uniemo.x.y"]
+
+
+def test_no_import_cycles_among_uniemo_modules():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles (counting imports inside functions): " + "; ".join(
+        " <-> ".join(c) for c in cycles
+    )

@@ -1,0 +1,73 @@
+"""A rank's whole training job, for any launcher (:mod:`uniemo.distributed.env` says which rank this is): join the
+process group, build the stage and the DeepSpeed engine, restore or seed, run the loop of
+:mod:`uniemo.training.trainer`, finish. Ray Train workers run it (:func:`uniemo.distributed.ray_train.train_worker`),
+and so do tests and benchmarks in one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniemo.config.schema import Config
+from uniemo.distributed.env import (
+    apply_worker_env,
+    backend_for,
+    device_for,
+    ensure_process_group,
+    export_torch_env,
+    read_env,
+)
+from uniemo.logging import make_run_logger
+from uniemo.training.engine import build_engine
+from uniemo.training.stages import build_stage, describe_init
+from uniemo.training.trainer import Trainer, total_steps_for
+
+
+def run_worker(cfg: Config, run_dir: str | Path, init_from: str | None = None) -> dict[str, Any]:
+    """A rank's whole training job: build the stage and the engine, restore or seed, train, finish.
+
+    Resumes from ``<run_dir>/checkpoints/latest`` whenever it exists (the driver refuses to start a fresh run in
+    a directory that has one, so a checkpoint found here is this run's: ``--resume``, or a restart after a
+    failure).
+    """
+    apply_worker_env(cfg.distributed)
+    env = read_env()
+    export_torch_env(env)
+    device = device_for(env, cfg.distributed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = backend_for(cfg.distributed)
+    created = ensure_process_group(env, backend)
+    reduce_device = device if backend == "nccl" else torch.device("cpu")
+    run_dir = Path(run_dir)
+    logger = None
+    try:
+        parts = build_stage(cfg, env, Path(init_from) if init_from else None)
+        total = total_steps_for(cfg, parts.train_loader.batches_per_epoch)
+        engine = build_engine(parts.task, cfg, world_size=env.world_size, device=device, total_steps=total)
+        trainer = Trainer(cfg, env, run_dir, engine, parts, total, reduce_device)
+        start = trainer.restore()
+        logger = make_run_logger(cfg, run_dir, env.is_main, resume_step=start)
+        where = f"resumed at step {start}" if start else "from step 0"
+        logger.info(
+            f"stage {cfg.training.stage}: {env.world_size} rank(s), ZeRO-{cfg.distributed.zero_stage}, "
+            f"{cfg.training.precision}, global batch {trainer.global_batch}, {total} steps, {where}; "
+            f"{describe_init(Path(init_from) if init_from else None) if cfg.training.stage == 2 else ''}".rstrip("; ")
+        )
+        for note in parts.notes:
+            logger.info(note)
+        summary = trainer.train(logger)
+        if trainer.last_checkpoint is not None:
+            summary["checkpoint"] = str(trainer.last_checkpoint)
+        logger.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # nobody leaves while another rank still writes
+        return summary
+    finally:
+        if logger is not None:
+            logger.close()  # idempotent; after a failure it still flushes metrics and wandb
+        if created and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
