@@ -24,8 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# ruff over the code, and mypy (settings in pyproject.toml) over the package.
 lint: $(STAMP)
 	$(BIN)/ruff check uniemo tests benchmarks
+	$(BIN)/mypy uniemo
 
 clean-demo:
 	rm -rf runs/demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -12,24 +13,29 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def synth_root(tmp_path_factory):
-    """A synthetic EmoSet-layout dataset: 400 images of 32 px, seed 0."""
+def make_synth_shards(folder: Path) -> Path:
+    """The session's data: a synthetic EmoSet-layout set (400 images of 32 px, seed 0) under ``folder/synth``,
+    written as shards of 25 samples (about 12 train, 2 val, 3 test) under ``folder/shards``. Also used by
+    ``tests/test_golden_loss.py --regenerate``."""
+    from uniemo.data.shards import write_shards
     from uniemo.data.synthetic import generate_synthetic_set
 
-    root = tmp_path_factory.mktemp("synth")
+    root, out = folder / "synth", folder / "shards"
     generate_synthetic_set(root, images=400, size=32, seed=0, workers=1, progress=False)
-    return root
+    write_shards(source="emoset", root=root, out=out, shard_size=25, workers=1, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")
-def synth_shards(synth_root, tmp_path_factory):
-    """``synth_root`` written as shards of 25 samples (about 12 train, 2 val, 3 test shards)."""
-    from uniemo.data.shards import write_shards
+def synth_shards(tmp_path_factory) -> Path:
+    """:func:`make_synth_shards`, once per session."""
+    return make_synth_shards(tmp_path_factory.mktemp("data"))
 
-    out = tmp_path_factory.mktemp("shards")
-    write_shards(source="emoset", root=synth_root, out=out, shard_size=25, workers=1, progress=False)
-    return out
+
+@pytest.fixture(scope="session")
+def synth_root(synth_shards) -> Path:
+    """The synthetic set the session's shards were written from."""
+    return synth_shards.parent / "synth"
 
 
 @pytest.fixture(scope="module")

@@ -228,7 +228,7 @@ def test_evaluate_stage2_run_in_process(runs, judge_dir, synth_shards, capsys):
     result = evaluate_run(run, judge_dir, EVAL)
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
-    assert set(on_disk) == {"format", "run", "evaluated_at", "evaluation", "emotions", "understanding",
+    assert set(on_disk) == {"version", "run", "evaluated_at", "evaluation", "emotions", "understanding",
                             "generation", "judge", "feedback_rounds", "left_out", "notes"}
     assert on_disk["left_out"] == []  # the synthetic set has scene and object annotations
     assert on_disk["run"]["stage"] == 2 and on_disk["run"]["step"] == 1

@@ -125,3 +125,18 @@ def test_no_import_cycles_among_uniemo_modules():
     assert not cycles, "import cycles (counting imports inside functions): " + "; ".join(
         " <-> ".join(c) for c in cycles
     )
+
+
+def test_cli_help_path_loads_no_heavy_package():
+    """The lazy imports that remain pay for themselves: ``uniemo --help`` builds every command's parser without
+    torch, Ray, DeepSpeed, diffusers, transformers or numpy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom uniemo.cli import build_parser\nbuild_parser()\n"
+        "print(' '.join(m for m in ('torch', 'ray', 'deepspeed', 'diffusers', 'transformers', 'numpy') "
+        "if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == ""

@@ -67,8 +67,9 @@ def _log_training(run_dir: Path, steps: range, terms: tuple[str, ...], start_los
 
 def _round_report(round_index: int, checkpoint: str, seed: int) -> dict:
     """A round report as :func:`uniemo.feedback.rounds.run_round` writes it, from real filter results."""
-    from uniemo.feedback.filtering import filter_pool
+    from uniemo.feedback.filtering import REJECTIONS, filter_pool
     from uniemo.feedback.rounds import _check_counts, _totals
+    from uniemo.run_files import ROUND_REPORT_VERSION, passed_after_each_step
 
     rng = np.random.default_rng(seed)
     emotions = {}
@@ -83,10 +84,12 @@ def _round_report(round_index: int, checkpoint: str, seed: int) -> dict:
         result = filter_pool(k, probs, features, similarity, tau=0.3, delta=0.95, keep=4, cap_fraction=0.5,
                              seed=seed + k)
         emotions[emotion] = {
-            "candidates": n, "scored": n, "kept": len(result.kept), "rejections": dict(result.rejections),
+            "candidates": n, "scored": n, "passed": passed_after_each_step(n, result.rejections, REJECTIONS),
+            "kept": len(result.kept), "kept_share": len(result.kept) / n, "rejections": dict(result.rejections),
             "lost_in_flight": 0, "mean_p_k": float(result.p_k[result.kept].mean()) if len(result.kept) else None,
         }
-    report = {"round": round_index, "checkpoint": checkpoint, "emotions": emotions, "totals": _totals(emotions)}
+    report = {"version": ROUND_REPORT_VERSION, "round": round_index, "checkpoint": checkpoint,
+              "emotions": emotions, "totals": _totals(emotions), "filter": {}}
     _check_counts(report)
     report["samples"] = report["totals"]["kept"]
     return report
@@ -106,7 +109,10 @@ def _evaluation(feedback: Path, rng: np.random.Generator) -> None:
     probs = rng.dirichlet(np.ones(8), size=len(targets))
     real, fake = rng.normal(size=(48, 5)), rng.normal(0.3, 1.0, size=(len(targets), 5))
     result = {
-        "format": 1,
+        "version": 1,
+        "run": {"dir": str(feedback), "name": "feedback", "stage": 2, "step": 40},
+        "evaluated_at": "2026-01-01T00:00:00+00:00",
+        "evaluation": {},
         "emotions": list(EMOTIONS),
         "understanding": {"model": "run:feedback@step-40", "split": "test", **M.confusion_summary(confusion),
                           "loss": 1.7, "confusion": confusion.tolist()},
@@ -120,6 +126,8 @@ def _evaluation(feedback: Path, rng: np.random.Generator) -> None:
         },
         "judge": {"name": judge, "val_accuracy": 0.41, "test_accuracy": 0.39},
         "feedback_rounds": summarize_rounds(feedback),
+        "left_out": [],
+        "notes": [],
     }
     (feedback / "metrics.json").write_text(json.dumps(result))
 
@@ -211,8 +219,9 @@ def test_report_folder_is_complete_and_self_contained(pipeline, report):
     assert by_round == [("round 0", "stage2", 30), ("round 1", "feedback", 20), ("final", "feedback", 40)]
     page = report.read_text()
     links = [link for link in _SRC.findall(page) if not link.startswith("#")]
-    # losses of stage1/stage2/feedback, val over steps and rounds, confusion, 8 x (real, generated), funnel, attention
-    assert len(links) == 3 + 2 + 1 + 16 + 1 + 1
+    # losses of stage1/stage2/feedback, val over steps and rounds, confusion, 8 x (real, generated), funnel and
+    # kept share per emotion, attention
+    assert len(links) == 3 + 2 + 1 + 16 + 2 + 1
     for link in links:
         assert not re.match(r"^[a-z]+:", link) and not link.startswith("/") and ".." not in link, link
         assert (report.parent / link).is_file(), link
@@ -289,21 +298,45 @@ def test_report_of_a_single_run_says_what_is_missing(tiny_runs, tmp_path):
     assert main(["report", "--run", str(tmp_path / "nothing")]) == 2
 
 
-def test_read_evaluation_shapes(tmp_path):
-    """The one reader of metrics.json takes flat and nested keys and a confusion matrix in its own file."""
+def test_read_evaluation_reads_its_own_keys_and_refuses_old_files(pipeline, tmp_path):
+    """The one reader of metrics.json reads exactly the keys the evaluation writes; a file of an older uniemo
+    (``format`` instead of ``version``) is one clear line, not a guess."""
+    from uniemo.errors import UserError
     from uniemo.evaluation.report import read_evaluation
 
     assert read_evaluation(tmp_path) == {}
-    (tmp_path / "metrics.json").write_text(json.dumps({
-        "understanding.top1": 0.5, "generation": {"fid": 12.5, "fid_extractor": "inception-v3 (weights.pth)",
-                                                  "emo_a": 0.25, "judge": {"name": "j1"}}}))
-    (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "confusion.json").write_text(json.dumps(
-        {"labels": list(EMOTIONS), "matrix": np.eye(8, dtype=int).tolist()}))
-    ev = read_evaluation(tmp_path)
-    assert ev["top1"] == 0.5 and ev["fid"] == 12.5 and ev["emo_a"] == 0.25
-    assert ev["fid_extractor"] == "inception-v3 (weights.pth)" and ev["judge"] == "j1"
-    assert np.array_equal(ev["confusion"][0], np.eye(8))
+    ev = read_evaluation(pipeline / "feedback")
+    raw = json.loads((pipeline / "feedback" / "metrics.json").read_text())
+    assert ev["top1"] == raw["understanding"]["top1"] and ev["judge"] == raw["generation"]["emo_a"]["judge"]
+    assert ev["fid"] == raw["generation"]["fid"]["pooled"] and ev["confusion"][0].shape == (8, 8)
+    (tmp_path / "metrics.json").write_text(json.dumps({"format": 1, "understanding": {"top_1": 0.5}}))
+    with pytest.raises(UserError, match=r"version None, this uniemo reads version 1 .*evaluate the run again"):
+        read_evaluation(tmp_path)
+
+
+def test_round_report_funnel_per_emotion_and_kept_share(pipeline, report):
+    """Issue 12: per emotion, the round report records candidates, survivors of each filter step, kept and the
+    kept share; the report shows how the kept share differs by emotion (a plot and a table per round)."""
+    from uniemo.feedback.filtering import REJECTIONS
+    from uniemo.run_files import read_round_reports, upgrade_round_report
+
+    for r in read_round_reports(pipeline / "feedback"):
+        for row in r["emotions"].values():
+            assert list(row["passed"]) == list(REJECTIONS) and row["passed"][REJECTIONS[-1]] == row["kept"]
+            assert row["kept_share"] == row["kept"] / row["candidates"]
+            assert row["scored"] - sum(row["rejections"].values()) == row["kept"]
+    page = report.read_text()
+    assert "kept_share.png" in page and (report.parent / "kept_share.png").is_file()
+    assert page.count("kept share</th>") == 2  # one table per round
+    assert "passed fidelity_threshold" in page
+    # A version-1 report (no passed, no kept_share) still reads: both are derived from what it has.
+    old = {"round": 0, "emotions": {"awe": {"candidates": 4, "scored": 3, "kept": 1, "lost_in_flight": 1,
+                                            "rejections": {s: (1 if s in ("duplicate", "not_selected") else 0)
+                                                           for s in REJECTIONS}}},
+           "totals": {"candidates": 4, "scored": 3, "kept": 1, "lost_in_flight": 1,
+                      "rejections": {s: 0 for s in REJECTIONS}}}
+    row = upgrade_round_report(old)["emotions"]["awe"]
+    assert row["kept_share"] == 0.25 and row["passed"]["duplicate"] == 2 and row["passed"]["not_selected"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,14 +28,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uniemo.config import Config, save_resolved, with_overrides
 from uniemo.config.schema import PIPELINE_STAGES
 from uniemo.errors import UserError
 from uniemo.logging import say
+from uniemo.run_layout import (
+    CONFIG_FILE,
+    EVALUATION_FILE,
+    JUDGE_DIR,
+    LAUNCH_DIR,
+    PIPELINE_FILE,
+    REPORT_DIR,
+    REPORT_INDEX_FILE,
+)
 
-STATE_FILE = "pipeline.json"
+if TYPE_CHECKING:  # typing only: run_files pulls numpy, and this module is on the `uniemo --help` path
+    from uniemo.run_files import Evaluation
+
 FINAL_RUNS = ("feedback", "stage2", "stage1")
 """The run evaluated: the last trained run the pipeline has (in this order of preference)."""
 
@@ -64,7 +75,7 @@ class Pipeline:
 
     def final_run(self) -> Path:
         for stage in FINAL_RUNS:
-            if stage in self.stages or (self.run_dir(stage) / "config.yaml").is_file():
+            if stage in self.stages or (self.run_dir(stage) / CONFIG_FILE).is_file():
                 return self.run_dir(stage)
         raise UserError(
             "pipeline.stages has no training stage (stage1, stage2 or feedback) and the pipeline dir holds none: "
@@ -76,7 +87,7 @@ class Pipeline:
 # State (pipeline.json), written atomically
 # -------------------------------------------------------------------------------------------------------------
 def _read_state(root: Path) -> dict[str, Any]:
-    path = root / STATE_FILE
+    path = root / PIPELINE_FILE
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -86,7 +97,7 @@ def _read_state(root: Path) -> dict[str, Any]:
 
 
 def _write_state(root: Path, state: dict[str, Any]) -> None:
-    path = root / STATE_FILE
+    path = root / PIPELINE_FILE
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     tmp.replace(path)
@@ -128,7 +139,7 @@ def _stage_judge(p: Pipeline, resume: bool) -> dict[str, Any]:
     from uniemo.evaluation.judge import train_judge
 
     cfg = with_overrides(p.cfg, list(p.cfg.pipeline.judge))
-    out = train_judge(cfg, p.root / "judge")
+    out = train_judge(cfg, p.root / JUDGE_DIR)
     return {"judge": str(out)}
 
 
@@ -136,9 +147,9 @@ def _stage_evaluate(p: Pipeline, resume: bool) -> dict[str, Any]:
     from uniemo.evaluation.evaluate import evaluate_run
 
     run = p.final_run()
-    judge = p.root / "judge"
+    judge = p.root / JUDGE_DIR
     metrics = evaluate_run(run, judge if judge.is_dir() else None, list(p.cfg.pipeline.evaluate))
-    return {"run": str(run), "metrics": str(run / "metrics.json"), **_headline(metrics)}
+    return {"run": str(run), "metrics": str(run / EVALUATION_FILE), **_headline(metrics)}
 
 
 def _stage_report(p: Pipeline, resume: bool) -> dict[str, Any]:
@@ -166,7 +177,7 @@ def _small(summary: Any) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+def _headline(metrics: Evaluation) -> dict[str, Any]:
     """The headline numbers of an evaluation (test top-1, Emo-A, pooled FID) for pipeline.json."""
     from uniemo.evaluation.evaluate import flat_metrics
 
@@ -209,11 +220,11 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     state = _read_state(p.root)
     if state and not resume:
         raise UserError(
-            f"{p.root} already holds a pipeline ({STATE_FILE}); pass --resume to continue it, or choose another "
+            f"{p.root} already holds a pipeline ({PIPELINE_FILE}); pass --resume to continue it, or choose another "
             "run.name"
         )
     # launch/ is the launchers' (the job's own config when a sweep or a scheduler started this pipeline)
-    if not state and p.root.exists() and any(e.name != "launch" for e in p.root.iterdir()) and not resume:
+    if not state and p.root.exists() and any(e.name != LAUNCH_DIR for e in p.root.iterdir()) and not resume:
         raise UserError(f"{p.root} exists and is not empty; choose another run.name or move it away")
     if resume and not state:
         _say(f"--resume: {p.root} holds no pipeline yet; starting it")
@@ -285,7 +296,7 @@ def _main(args: Any) -> int:
     cfg = load_config(args.config, args.overrides)
     state = run_pipeline(cfg, resume=args.resume)
     root = Path(state["root"])
-    report = root / "report" / "index.html"
+    report = root / REPORT_DIR / REPORT_INDEX_FILE
     print(f"pipeline finished in {state.get('seconds', 0):.0f} s: {root}")
     if report.is_file():
         print(f"report: {report}")

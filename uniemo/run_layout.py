@@ -71,6 +71,11 @@ ROUNDS_DIR = Path("rounds")
 LOOP_FILE = ROUNDS_DIR / "loop.json"
 """The feedback loop's own record (mode, start checkpoint, per round the checkpoint used)."""
 
+# -- what a launcher writes into a run folder ----------------------------------------------------------------
+LAUNCH_DIR = "launch"
+"""Sub-folder of a run directory with what the launcher wrote: job config, batch script, job logs."""
+JOB_CONFIG_FILE = "job.yaml"
+
 # -- a pipeline folder (``uniemo run``) -----------------------------------------------------------------------
 PIPELINE_FILE = "pipeline.json"
 TRAINING_STAGES = ("stage1", "stage2", "feedback")

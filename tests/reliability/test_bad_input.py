@@ -74,10 +74,12 @@ class World:
         from uniemo.config import load_config
         from uniemo.training.checkpoint import (
             STATE_VERSION,
-            TRAINER_STATE,
             compat_keys,
             publish,
             step_dir_name,
+        )
+        from uniemo.training.checkpoint import (
+            TRAINER_STATE_FILE as TRAINER_STATE,
         )
 
         cfg = load_config(TINY, [arg for arg in self.train(*overrides)[3:]])

@@ -20,6 +20,7 @@ import yaml
 from uniemo import __version__
 from uniemo.config.schema import Config
 from uniemo.errors import ConfigError
+from uniemo.run_layout import CONFIG_FILE
 
 _MISSING = object()
 
@@ -217,7 +218,7 @@ def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
     """Write ``config.yaml`` (resolved config + ``code_version``) into the run directory."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
+    out = run_dir / CONFIG_FILE
     text = f"# code_version: {code_version()}\n" + dump_config(cfg)
     tmp = out.with_suffix(".yaml.tmp")
     tmp.write_text(text)

@@ -66,7 +66,7 @@ from PIL import Image
 
 from uniemo.config.schema import NUM_EMOTIONS
 from uniemo.data.attributes import AttributeTable
-from uniemo.data.shards import manifest_folders, read_manifest
+from uniemo.data.shards import ensure_synthetic_shards, manifest_folders, read_manifest
 from uniemo.data.transforms import SampleTransform, build_sample_transform
 from uniemo.errors import ConfigError, DataError
 
@@ -751,7 +751,6 @@ def build_loader_from_config(
     ``training`` defaults to ``split == "train"``; stage 2 adds ``pixel_values``. The attribute table is the
     real folder's, re-based with ``data.min_attribute_count`` and ``data.phi_beta``.
     """
-    from uniemo.data.shards import ensure_synthetic_shards
 
     folder = ensure_synthetic_shards(data_cfg)
     training = (split == "train") if training is None else training
@@ -784,7 +783,6 @@ def build_loader_from_config(
 
 def load_attribute_table(data_cfg: Any) -> AttributeTable:
     """The attribute table of the run's real shards (making the synthetic set on first use), re-based per config."""
-    from uniemo.data.shards import ensure_synthetic_shards
 
     folder = ensure_synthetic_shards(data_cfg)
     return AttributeTable.load(folder).rebased(data_cfg.min_attribute_count, data_cfg.phi_beta)

@@ -35,8 +35,11 @@ from typing import Any
 
 from uniemo.config.schema import NUM_EMOTIONS
 from uniemo.data.attributes import ATTRIBUTES_FILE, AttributeTable, write_json_atomic
+from uniemo.data.emoset import read_emoset
+from uniemo.data.folders import read_folder
 from uniemo.data.images import load_image_bytes
 from uniemo.data.records import SPLITS, Record, RecordProblem, SkipLog
+from uniemo.data.synthetic import generate_synthetic_set
 from uniemo.errors import DISK_FULL_ERRNOS, ConfigError, DataError
 
 MANIFEST_FILE = "manifest.json"
@@ -483,10 +486,8 @@ def _read_records(
     reader: str, root: Path, on_error: str, log: SkipLog, folder_seed: int, ignored: SkipLog
 ) -> Iterator[Record]:
     if reader == "emoset":
-        from uniemo.data.emoset import read_emoset
 
         return read_emoset(root, on_error=on_error, skiplog=log)
-    from uniemo.data.folders import read_folder
 
     return read_folder(root, seed=folder_seed, on_error=on_error, skiplog=log, ignored=ignored)
 
@@ -666,7 +667,6 @@ def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
             return shards
         raw, done = base / "raw", base / "raw.done"
         if not done.is_file():
-            from uniemo.data.synthetic import generate_synthetic_set
 
             shutil.rmtree(raw, ignore_errors=True)  # a partial set of a killed run
             generate_synthetic_set(

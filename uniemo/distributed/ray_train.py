@@ -43,13 +43,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from uniemo.config import save_resolved
+from uniemo.config.loader import from_dict
+from uniemo.config.schema import Config
+from uniemo.data.shards import ensure_synthetic_shards
+from uniemo.distributed.env import backend_for, read_env, worker_env_vars
 from uniemo.errors import UserError
-from uniemo.logging import say
+from uniemo.logging import read_metrics, say
+from uniemo.models.weights import check_model_folders
+from uniemo.run_layout import WORKERS_DIR, stop_request_path
+from uniemo.training.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    compat_keys,
+    latest_checkpoint,
+    read_trainer_state,
+)
+from uniemo.training.engine import check_batch_arithmetic
+from uniemo.training.preflight import check_training_data
+from uniemo.training.safe_pickle import check_checkpoint_folder
+from uniemo.training.stages import resolve_init_from
+from uniemo.training.worker import run_worker
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config, DistributedConfig
 
-WORKERS_DIR = "workers"
 
 
 @dataclass
@@ -124,20 +142,6 @@ def _check_writable(folder: Path, key: str) -> None:
 
 def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
     """Driver-side checks and set-up (module docstring, step 1)."""
-    from uniemo.config import save_resolved
-    from uniemo.data.shards import ensure_synthetic_shards
-    from uniemo.models.weights import check_model_folders
-    from uniemo.training.checkpoint import (
-        CheckpointError,
-        check_compatible,
-        compat_keys,
-        latest_checkpoint,
-        read_trainer_state,
-    )
-    from uniemo.training.engine import check_batch_arithmetic
-    from uniemo.training.preflight import check_training_data
-    from uniemo.training.safe_pickle import check_checkpoint_folder
-    from uniemo.training.stages import resolve_init_from
 
     cfg = absolute_paths(cfg)
     world = cfg.distributed.num_workers
@@ -313,10 +317,6 @@ def _visible_gpus() -> int:
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (picklable by reference: a module-level function)."""
-    from uniemo.config.loader import from_dict
-    from uniemo.config.schema import Config
-    from uniemo.distributed.env import read_env
-    from uniemo.training.worker import run_worker
 
     run_dir = Path(loop_config["run_dir"])
     env = read_env()
@@ -403,7 +403,6 @@ def torch_trainer(fn: Callable[[dict[str, Any]], None], loop_config: dict[str, A
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from uniemo.distributed.env import backend_for, worker_env_vars
 
     class Trainer(TorchTrainer):
         def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
@@ -445,9 +444,6 @@ def fit(trainer: Any) -> None:
 def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """``uniemo train``: plan, start Ray Train with ``distributed.num_workers`` workers, wait, summarise."""
     _keep_embedded_ray_on_loopback(cfg.distributed)
-    from uniemo.logging import read_metrics
-    from uniemo.run_layout import stop_request_path
-    from uniemo.training.checkpoint import latest_checkpoint
 
     plan = prepare_run(cfg, resume)
     cfg = plan.config

@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from uniemo.run_layout import JUDGE_DIR
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train-judge`` and ``evaluate`` commands."""
@@ -42,7 +44,7 @@ def _train_judge(args: argparse.Namespace) -> int:
     from uniemo.evaluation.judge import describe, load_judge, train_judge
 
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out or cfg.evaluation.judge or run_dir_of(cfg) / "judge")
+    out = Path(args.out or cfg.evaluation.judge or run_dir_of(cfg) / JUDGE_DIR)
     train_judge(cfg, out)
     judge = load_judge(out)
     print(f"uniemo: {describe(judge)}; saved to {out} "

@@ -36,9 +36,42 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS
+from uniemo.config import load_config
+from uniemo.config.loader import from_dict
+from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, Config
+from uniemo.data.attributes import write_json_atomic
+from uniemo.data.loader import build_loader, build_loader_from_config, load_attribute_table
+from uniemo.data.shards import ensure_synthetic_shards
+from uniemo.distributed.env import apply_worker_env, backend_for, device_for, ensure_process_group, read_env
+from uniemo.distributed.ray_train import _check_wandb, absolute_paths, fit, ray_session, torch_trainer
 from uniemo.errors import UserError
-from uniemo.logging import say
+from uniemo.evaluation import metrics
+from uniemo.evaluation.judge import describe, load_judge, same_data
+from uniemo.logging import RunLogger, read_metrics, say
+from uniemo.run_files import (
+    EVALUATION_VERSION,
+    EmotionFunnel,
+    Evaluation,
+    RoundFunnel,
+    Understanding,
+    read_round_reports,
+)
+from uniemo.run_layout import (
+    CONFIG_FILE,
+    CONFUSION_FILE,
+    EVAL_DIR,
+    EVALUATION_FILE,
+    GENERATED_DIR,
+    GENERATIONS_FILE,
+    JUDGE_DIR,
+    JUDGE_FILE,
+    UNDERSTANDING_FILE,
+    WANDB_ID_FILE,
+    is_export,
+)
+from uniemo.training.checkpoint import checkpoint_step, require_checkpoint
+from uniemo.training.inference import default_device, generate_images, load_run
+from uniemo.training.preflight import check_evaluation_data
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -47,12 +80,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.evaluation.judge import Judge
     from uniemo.training.inference import LoadedRun
 
-METRICS_FILE = "metrics.json"
-EVAL_DIR = "eval"
-GENERATED_DIR = "generated"
-UNDERSTANDING_FILE = "understanding.json"
-CONFUSION_FILE = "confusion.json"
-METRICS_FORMAT = 1
 
 
 def _say(message: str) -> None:
@@ -71,8 +98,6 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
     """One rank's share of the evaluation (module docstring, part 1). Every rank must call it."""
     import torch
 
-    from uniemo.distributed.env import backend_for, device_for, ensure_process_group, read_env
-    from uniemo.training.inference import load_run
 
     env = read_env()
     if device is None:
@@ -92,7 +117,6 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
         if env.is_main:
             confusion = vector[: NUM_EMOTIONS * NUM_EMOTIONS].round().long().view(NUM_EMOTIONS, NUM_EMOTIONS)
             samples = int(confusion.sum())
-            from uniemo.data.attributes import write_json_atomic
 
             write_json_atomic(run_dir / EVAL_DIR / UNDERSTANDING_FILE, {
                 "step": run.step,
@@ -106,7 +130,6 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
         for k in mine:
             emotion = EMOTIONS[k]
             t0 = time.perf_counter()
-            from uniemo.training.inference import generate_images
 
             generate_images(
                 run, emotion, cfg.evaluation.images_per_emotion, run_dir / EVAL_DIR / GENERATED_DIR / emotion,
@@ -126,7 +149,6 @@ def _test_sums(run: LoadedRun, cfg: Config, rank: int, world_size: int) -> torch
     """float64 ``[K*K + 1]``: this rank's confusion counts (row-major, rows = true) and summed CE loss."""
     import torch
 
-    from uniemo.data.loader import build_loader_from_config
 
     loader = build_loader_from_config(cfg.data, "test", rank=rank, world_size=world_size, stage=1, training=False)
     model = run.understanding.eval()
@@ -144,9 +166,6 @@ def _test_sums(run: LoadedRun, cfg: Config, rank: int, world_size: int) -> torch
 
 def evaluate_worker(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (module-level, so Ray pickles it by reference)."""
-    from uniemo.config.loader import from_dict
-    from uniemo.config.schema import Config
-    from uniemo.distributed.env import apply_worker_env
 
     cfg = from_dict(Config, loop_config["config"])
     apply_worker_env(cfg.distributed)
@@ -157,13 +176,11 @@ def _run_ranks(cfg: Config, run_dir: Path) -> str:
     """Part 1 over ``distributed.num_workers`` ranks; returns how it ran (``in-process`` or ``ray-train``)."""
     dist = cfg.distributed
     if dist.num_workers == 1:
-        from uniemo.training.inference import default_device
 
         device = default_device() if dist.gpus_per_worker > 0 else None
         evaluate_rank(cfg, run_dir, device=device)
         return "in-process"
 
-    from uniemo.distributed.ray_train import fit, ray_session, torch_trainer
 
     trainer = torch_trainer(
         evaluate_worker, {"config": dataclasses.asdict(cfg), "run_dir": str(run_dir)}, dist,
@@ -180,8 +197,6 @@ def _run_ranks(cfg: Config, run_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 def _real_test_set(cfg: Config, judge: Judge) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(probs [N,K], features [N,F], labels [N])`` of the real test split through the judge's transform."""
-    from uniemo.data.loader import build_loader, load_attribute_table
-    from uniemo.data.shards import ensure_synthetic_shards
 
     loader = build_loader(
         ensure_synthetic_shards(cfg.data), "test", rank=0, world_size=1, batch_size=64,
@@ -202,7 +217,7 @@ def _generated_set(run_dir: Path) -> tuple[list[Path], np.ndarray, dict[str, lis
     paths, labels, seeds = [], [], {}
     for k, emotion in enumerate(EMOTIONS):
         folder = run_dir / EVAL_DIR / GENERATED_DIR / emotion
-        records = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines() if line]
+        records = [json.loads(line) for line in (folder / GENERATIONS_FILE).read_text().splitlines() if line]
         seeds[emotion] = [int(r["seed"]) for r in records]
         paths += [folder / r["file"] for r in records]
         labels += [k] * len(records)
@@ -229,7 +244,6 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]
     """Generation metrics (Emo-A, FID, diversity) and the judge's accuracy on the real test split."""
     from PIL import Image
 
-    from uniemo.evaluation import metrics
 
     real_probs, real_feats, real_labels = _real_test_set(cfg, judge)
     judge_test = metrics.confusion_summary(
@@ -285,45 +299,40 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]
 # ---------------------------------------------------------------------------------------------------------
 # Feedback rounds
 # ---------------------------------------------------------------------------------------------------------
-def summarize_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
+def summarize_rounds(run_dir: str | Path) -> list[RoundFunnel]:
     """The filter funnel of each round report ``<run>/rounds/round-*.json`` (METHOD §5), in round order.
 
     Per round: candidates -> scored -> passed fidelity (argmax and tau) -> passed near-duplicates -> kept, the
-    rejections per step, lost batches' candidates, mean p_k of the kept, and candidates/kept per emotion.
+    rejections per step, lost batches' candidates, mean p_k of the kept, and per emotion the whole funnel
+    (candidates, passed after each step, kept, kept share).
     """
-    folder = Path(run_dir) / "rounds"
-    reports = []
-    for path in folder.glob("round-*.json"):
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-            index = int(report["round"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a round report (or a partial write); the pool writes them atomically
-        reports.append((index, report))
-    out = []
-    for index, report in sorted(reports, key=lambda item: item[0]):
-        totals = report.get("totals", {})
-        rejections = totals.get("rejections", {})
-        scored = int(totals.get("scored", 0))
-        fidelity = scored - rejections.get("fidelity_argmax", 0) - rejections.get("fidelity_threshold", 0)
+    out: list[RoundFunnel] = []
+    for report in read_round_reports(run_dir):
+        totals = report["totals"]
+        passed = totals["passed"]
+        per_emotion: dict[str, EmotionFunnel] = {
+            emotion: {
+                "candidates": row["candidates"], "scored": row["scored"], "passed": row["passed"],
+                "rejections": row["rejections"], "lost_in_flight": row["lost_in_flight"], "kept": row["kept"],
+                "kept_share": row["kept_share"], "mean_p_k": row["mean_p_k"],
+            }
+            for emotion, row in report["emotions"].items()
+        }
         out.append({
-            "round": index,
-            "checkpoint": report.get("checkpoint"),
+            "round": report["round"],
+            "checkpoint": report["checkpoint"],
             "funnel": {
-                "candidates": int(totals.get("candidates", 0)),
-                "scored": scored,
-                "passed_fidelity": fidelity,
-                "passed_duplicates": fidelity - rejections.get("duplicate", 0),
-                "kept": int(totals.get("kept", 0)),
+                "candidates": totals["candidates"],
+                "scored": totals["scored"],
+                "passed_fidelity": passed["fidelity_threshold"],
+                "passed_duplicates": passed["duplicate"],
+                "kept": totals["kept"],
             },
-            "rejections": rejections,
-            "lost_in_flight": totals.get("lost_in_flight", 0),
-            "mean_p_k": totals.get("mean_p_k"),
-            "per_emotion": {
-                e: {"candidates": row.get("candidates"), "kept": row.get("kept"), "mean_p_k": row.get("mean_p_k")}
-                for e, row in report.get("emotions", {}).items()
-            },
-            "filter": report.get("filter", {}),
+            "rejections": totals["rejections"],
+            "lost_in_flight": totals["lost_in_flight"],
+            "mean_p_k": totals["mean_p_k"],
+            "per_emotion": per_emotion,
+            "filter": report["filter"],
         })
     return out
 
@@ -337,9 +346,8 @@ def resolve_judge_dir(run_dir: Path, judge_dir: str | Path | None, cfg: Config) 
         return Path(judge_dir).expanduser()
     if cfg.evaluation.judge:
         return Path(cfg.evaluation.judge).expanduser()
-    from uniemo.evaluation.judge import JUDGE_FILE
 
-    for candidate in (run_dir.parent / "judge", run_dir / "judge"):
+    for candidate in (run_dir.parent / JUDGE_DIR, run_dir / JUDGE_DIR):
         if (candidate / JUDGE_FILE).is_file():
             return candidate
     raise UserError(
@@ -350,38 +358,28 @@ def resolve_judge_dir(run_dir: Path, judge_dir: str | Path | None, cfg: Config) 
 
 def _check_run(run_dir: Path) -> Path:
     """The run's latest checkpoint; one-line UserErrors for a missing folder, config or checkpoint."""
-    from uniemo.run_layout import is_export
-    from uniemo.training.checkpoint import require_checkpoint
 
     if not run_dir.is_dir():
         raise UserError(f"run directory {str(run_dir)!r} does not exist; pass a training run folder (runs/<name>)")
     if is_export(run_dir):
         raise UserError(f"{str(run_dir)!r} is an export; evaluate the training run folder it was exported from")
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"{str(run_dir)!r} is not a run folder (no config.yaml); pass runs/<name>")
     return require_checkpoint(run_dir)  # raises "has no checkpoint yet; train it first"
 
 
-def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_overrides: Any = ()) -> dict:
+def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_overrides: Any = ()) -> Evaluation:
     """Evaluate a trained run; writes ``<run_dir>/metrics.json`` and returns its content (module docstring).
 
     ``cfg_overrides`` are dotted ``key=value`` overrides of the run's ``config.yaml`` (``evaluation.*``,
     ``distributed.num_workers``, ``data.num_workers``, ...).
     """
-    from uniemo.config import load_config
-    from uniemo.data.attributes import write_json_atomic
-    from uniemo.distributed.ray_train import absolute_paths
-    from uniemo.evaluation import metrics
-    from uniemo.evaluation.judge import describe, load_judge, same_data
-    from uniemo.training.checkpoint import checkpoint_step
-    from uniemo.training.preflight import check_evaluation_data
 
     started = time.perf_counter()
     run_dir = Path(run_dir).expanduser().resolve()
     step_dir = _check_run(run_dir)
-    cfg = absolute_paths(load_config(run_dir / "config.yaml", list(cfg_overrides)))
+    cfg = absolute_paths(load_config(run_dir / CONFIG_FILE, list(cfg_overrides)))
     if cfg.logging.wandb.mode == "online":
-        from uniemo.distributed.ray_train import _check_wandb
 
         _check_wandb(cfg)  # before the work, not after it
     judge_path = resolve_judge_dir(run_dir, judge_dir, cfg)
@@ -413,7 +411,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     generation, judge_on_run = _judge_generation(cfg, run_dir, judge, notes)
     judge_seconds = time.perf_counter() - t0
 
-    understanding = {
+    understanding: Understanding = {  # type: ignore[typeddict-item]  # the summary spreads its own keys
         "model": f"run:{cfg.run.name}@step-{step}",
         "split": "test",
         **metrics.confusion_summary(confusion),
@@ -421,9 +419,9 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
         "confusion": confusion.tolist(),
         "confusion_axes": "rows = true emotion, columns = predicted emotion (EmoSet order)",
     }
-    wandb_id = run_dir / "wandb_id"
-    result = {
-        "format": METRICS_FORMAT,
+    wandb_id = run_dir / WANDB_ID_FILE
+    result: Evaluation = {
+        "version": EVALUATION_VERSION,
         "run": {
             "dir": str(run_dir),
             "name": cfg.run.name,
@@ -464,15 +462,16 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
         "emotions": list(EMOTIONS), "matrix": confusion.tolist(), "rows": "true", "columns": "predicted",
         "model": understanding["model"],
     })
-    write_json_atomic(run_dir / METRICS_FILE, result)
+    write_json_atomic(run_dir / EVALUATION_FILE, result)
     _log_wandb(cfg, run_dir, result)
     _say(summary_line(result))
     return result
 
 
-def flat_metrics(result: dict) -> dict[str, float]:
-    """The scalar metrics of a ``metrics.json`` under ``eval/...`` names (for wandb)."""
-    flat: dict[str, float] = {}
+def flat_metrics(result: Evaluation) -> dict[str, float | None]:
+    """The scalar metrics of a ``metrics.json`` under ``eval/...`` names (for wandb); None where the evaluation
+    could not compute one."""
+    flat: dict[str, float | None] = {}
     u = result["understanding"]
     flat["eval/test/top1"] = u["top1"]
     flat["eval/test/loss"] = u["loss"]
@@ -495,7 +494,7 @@ def flat_metrics(result: dict) -> dict[str, float]:
     return {k: v for k, v in flat.items() if isinstance(v, (int, float))}
 
 
-def _log_wandb(cfg: Config, run_dir: Path, result: dict) -> None:
+def _log_wandb(cfg: Config, run_dir: Path, result: Evaluation) -> None:
     """Put the metrics into the summary of the run's wandb run, respecting ``logging.wandb.mode``.
 
     The run's own :class:`uniemo.logging.RunLogger` opens it (same wandb id, from ``<run>/wandb_id``; nothing
@@ -504,7 +503,6 @@ def _log_wandb(cfg: Config, run_dir: Path, result: dict) -> None:
     """
     if cfg.logging.wandb.mode == "disabled":
         return
-    from uniemo.logging import RunLogger, read_metrics
 
     last = max([int(r.get("step", 0)) for r in read_metrics(run_dir)] + [int(result["run"]["step"] or 0)])
     logger = RunLogger(cfg, run_dir, resume_step=last)
@@ -521,7 +519,7 @@ def _log_wandb(cfg: Config, run_dir: Path, result: dict) -> None:
         logger.close()
 
 
-def summary_line(result: dict) -> str:
+def summary_line(result: Evaluation) -> str:
     """One line of the headline numbers."""
     u = result["understanding"]
     parts = [f"test top-1 {u['top1']:.3f} ({u['samples']} images)"]
@@ -532,4 +530,4 @@ def summary_line(result: dict) -> str:
         parts.append(f"FID {fid:.2f} ({g['fid']['extractor']})" if fid is not None else "FID n/a")
         sem_d = g["diversity"]["sem_d"]
         parts.append(f"Sem-D {sem_d:.4g}" if sem_d is not None else "Sem-D n/a")
-    return f"{result['run']['dir']}/{METRICS_FILE}: " + ", ".join(parts)
+    return f"{result['run']['dir']}/{EVALUATION_FILE}: " + ", ".join(parts)

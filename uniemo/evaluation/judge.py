@@ -33,15 +33,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS
+from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, TrainingConfig
+from uniemo.data.attributes import write_json_atomic
+from uniemo.data.images import to_rgb
+from uniemo.data.loader import build_loader_from_config
+from uniemo.data.shards import MANIFEST_FILE, ensure_synthetic_shards, file_digest, read_manifest
+from uniemo.data.transforms import SampleTransform
+from uniemo.distributed.env import worker_threads
 from uniemo.errors import UserError
+from uniemo.run_layout import JUDGE_FILE, WEIGHTS_FILE
+from uniemo.training.engine import lr_factor
+from uniemo.training.preflight import check_judge_data
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
     from uniemo.data.transforms import SampleTransform
 
-JUDGE_FILE = "judge.json"
-WEIGHTS_FILE = "model.safetensors"
 JUDGE_FORMAT = 1
 ARCHITECTURE = "cnn4"
 
@@ -82,7 +89,6 @@ class Judge:
     """A trained judge: ``name``, ``info`` (``judge.json``), ``classify`` and ``features`` of images."""
 
     def __init__(self, net: JudgeNet, info: dict[str, Any], path: Path | None = None):
-        from uniemo.data.transforms import SampleTransform
 
         self.net = net.eval()
         self.info = info
@@ -134,7 +140,6 @@ def _as_uint8_images(images: Any) -> list[np.ndarray]:
     """The accepted image inputs of :meth:`Judge.preprocess` as a list of uint8 ``[H,W,3]`` arrays."""
     from PIL import Image
 
-    from uniemo.data.images import to_rgb
 
     if isinstance(images, (list, tuple)):
         out = []
@@ -211,7 +216,6 @@ def load_judge(path: str | Path, device: torch.device | str = "cpu") -> Judge:
 # ---------------------------------------------------------------------------------------------------------
 def _judge_data(cfg: Config) -> dict[str, Any]:
     """What the judge is trained on: the real shard folder and its manifest's digest and split totals."""
-    from uniemo.data.shards import MANIFEST_FILE, ensure_synthetic_shards, file_digest, read_manifest
 
     folder = ensure_synthetic_shards(cfg.data, progress=True).resolve()
     manifest = read_manifest(folder)
@@ -250,12 +254,6 @@ def train_judge(cfg: Config, out_dir: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    from uniemo.config.schema import TrainingConfig
-    from uniemo.data.attributes import write_json_atomic
-    from uniemo.data.loader import build_loader_from_config
-    from uniemo.distributed.env import worker_threads
-    from uniemo.training.engine import lr_factor
-    from uniemo.training.preflight import check_judge_data
 
     ev = cfg.evaluation
     out = Path(out_dir).expanduser()
@@ -323,7 +321,6 @@ def _fit(net: JudgeNet, optimizer: Any, schedule: Any, train: Any, cfg: Config) 
     """``evaluation.judge_steps`` steps of cross-entropy, then the val split: ``(loss EMA, val accuracy, n)``."""
     from tqdm import tqdm
 
-    from uniemo.data.loader import build_loader_from_config
 
     steps = cfg.evaluation.judge_steps
     bar = tqdm(total=steps, desc="judge", unit="step", file=sys.stderr, disable=not cfg.logging.progress,

@@ -43,14 +43,48 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from uniemo.config import load_config
 from uniemo.config.schema import EMOTIONS
+from uniemo.data.images import to_rgb
+from uniemo.data.loader import list_split_shards
+from uniemo.data.shards import MANIFEST_FILE, synthetic_shards_folder
+from uniemo.data.transforms import resize_center_crop
 from uniemo.errors import UserError
+from uniemo.feedback.filtering import REJECTIONS
 from uniemo.logging import image_grid, read_metrics, say
-from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE
+from uniemo.run_files import (
+    EVALUATION_VERSION,
+    REPORT_STATE_VERSION,
+    Evaluation,
+    ReportState,
+    RoundReport,
+    read_round_reports,
+    read_versioned,
+)
+from uniemo.run_layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    EVAL_DIR,
+    EVALUATION_FILE,
+    GENERATED_DIR,
+    JUDGE_DIR,
+    JUDGE_FILE,
+    LATEST_FILE,
+    PIPELINE_FILE,
+    REPORT_DIR,
+    REPORT_INDEX_FILE,
+    REPORT_STATE_FILE,
+    ROUNDS_DIR,
+    SAMPLES_DIR,
+    STEP_METRICS_FILE,
+    TRAINING_STAGES,
+    generated_dir,
+)
+from uniemo.training.inference import load_run
 
 __all__ = [
     "PIPELINE_RUNS",
@@ -64,23 +98,12 @@ __all__ = [
     "write_report",
 ]
 
-REPORT_DIR = "report"
-"""The report folder inside the target (default of ``--out``)."""
-REPORT_FILE = "index.html"
-REPORT_STATE_FILE = "report.json"
 REPORT_FORMAT = "uniemo-report-1"
 """Marks a folder as written by :func:`write_report`, which is then allowed to replace it."""
-PIPELINE_RUNS = ("stage1", "stage2", "feedback", "judge")
-"""Sub-runs of a pipeline folder, in pipeline order (LAYOUT: ``runs/<name>/<stage>``)."""
-EVALUATION_FILE = "metrics.json"
-"""What ``uniemo evaluate`` writes into the evaluated run folder."""
-PIPELINE_STATE_FILE = "pipeline.json"
-GENERATED_DIR = Path("eval") / "generated"
-"""``<run>/eval/generated/<emotion>/*.png``: images ``uniemo evaluate`` generated."""
-ROUNDS_DIR = "rounds"
-JUDGE_FILE = "judge.json"
-"""What ``uniemo train-judge`` writes last into the judge folder (:data:`uniemo.evaluation.judge.JUDGE_FILE`)."""
-"""``<feedback run>/rounds/round-<r>.json`` (as :data:`uniemo.feedback.rounds.ROUNDS_DIR`)."""
+PIPELINE_RUNS = (*TRAINING_STAGES, JUDGE_DIR)
+"""Sub-runs of a pipeline folder, in pipeline order (``runs/<name>/<stage>``)."""
+REPORT_FILE = REPORT_INDEX_FILE
+PIPELINE_STATE_FILE = PIPELINE_FILE
 
 EXAMPLES_PER_EMOTION = 6
 """Real and generated images shown per emotion."""
@@ -98,12 +121,12 @@ Log = Callable[[str], None]
 # ---------------------------------------------------------------------------------------------------------
 def _is_run_dir(path: Path) -> bool:
     return path.is_dir() and any(
-        (path / name).exists() for name in ("config.yaml", STEP_METRICS_FILE, "checkpoints", EVALUATION_FILE)
+        (path / name).exists() for name in (CONFIG_FILE, STEP_METRICS_FILE, CHECKPOINTS_DIR, EVALUATION_FILE)
     )
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "latest").is_file()
+    return (run_dir / CHECKPOINTS_DIR / LATEST_FILE).is_file()
 
 
 @dataclass
@@ -120,7 +143,7 @@ class ReportData:
     """The run folder holding ``metrics.json``."""
     evaluation: dict[str, Any] = field(default_factory=dict)
     """:func:`read_evaluation` of ``evaluated``."""
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[RoundReport] = field(default_factory=list)
     """Round reports of the feedback run, by round index."""
     rounds_run: Path | None = None
     pipeline_state: dict[str, Any] = field(default_factory=dict)
@@ -178,17 +201,6 @@ def _read_metrics_lines(run_dir: Path) -> list[dict[str, Any]]:
         return records
 
 
-def _read_rounds(run_dir: Path) -> list[dict[str, Any]]:
-    rounds = []
-    for path in (run_dir / ROUNDS_DIR).glob("round-*.json"):
-        report = _read_json(path)
-        match = re.fullmatch(r"round-(\d+)\.json", path.name)
-        if isinstance(report, dict) and match:
-            report.setdefault("round", int(match.group(1)))
-            rounds.append(report)
-    return sorted(rounds, key=lambda r: int(r.get("round", 0)))
-
-
 def collect_report_data(target: str | Path) -> ReportData:
     """Find the runs of ``target`` and read their metrics, round reports, evaluation and ``pipeline.json``.
 
@@ -215,12 +227,12 @@ def collect_report_data(target: str | Path) -> ReportData:
     for label in ("feedback", "run"):
         run = runs.get(label)
         if run is not None and (run / ROUNDS_DIR).is_dir():
-            data.rounds = _read_rounds(run)
+            data.rounds = read_round_reports(run)
             data.rounds_run = run
             break
     state = _read_json(root / PIPELINE_STATE_FILE) if pipeline else None
     data.pipeline_state = state if isinstance(state, dict) else {}
-    judge = _read_json(root / "judge" / JUDGE_FILE) if pipeline else None
+    judge = _read_json(root / JUDGE_DIR / JUDGE_FILE) if pipeline else None
     data.judge = judge if isinstance(judge, dict) else {}
     return data
 
@@ -228,147 +240,56 @@ def collect_report_data(target: str | Path) -> ReportData:
 # ---------------------------------------------------------------------------------------------------------
 # metrics.json of `uniemo evaluate`: the one reader of its schema
 # ---------------------------------------------------------------------------------------------------------
-def _lookup(data: Any, *paths: str) -> Any:
-    """The first of ``paths`` present in ``data``: as a flat key ("a.b"), or walked through nested dicts."""
-    if not isinstance(data, dict):
+def _number(value: Any) -> float | None:
+    """A finite number, else None (a metric the evaluation could not compute is null)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    for path in paths:
-        if path in data and data[path] is not None:
-            return data[path]
-        node: Any = data
-        for part in path.split("."):
-            if not isinstance(node, dict) or part not in node:
-                node = None
-                break
-            node = node[part]
-        if node is not None:
-            return node
-    return None
-
-
-def _number(value: Any, *keys: str) -> float | None:
-    """A finite float from a number, or from the first of ``keys`` of a dict (``{"value": 0.3, ...}``)."""
-    if isinstance(value, dict):
-        value = _lookup(value, *(keys or ("value", "mean", "overall", "score")))
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _name(value: Any) -> str | None:
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, dict):
-        found = _lookup(value, "name", "model", "extractor", "path")
-        return found if isinstance(found, str) and found else None
-    return None
-
-
-def _confusion(value: Any) -> tuple[np.ndarray, list[str]] | None:
-    """A [K, K] count matrix (rows: true, columns: predicted) and its labels, from the shapes the file may use."""
-    labels = list(EMOTIONS)
-    if isinstance(value, dict):
-        labels = list(_lookup(value, "labels", "emotions", "classes") or labels)
-        matrix = _lookup(value, "matrix", "counts", "confusion")
-        if matrix is None and all(isinstance(v, dict) for v in value.values()) and value:
-            # {true: {predicted: count}}
-            labels = list(value)
-            matrix = [[value[t].get(p, 0) for p in labels] for t in labels]
-        value = matrix
-    if not isinstance(value, list) or not value:
-        return None
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    if array.ndim != 2 or array.shape[0] != array.shape[1]:
-        return None
-    if len(labels) != array.shape[0]:
-        labels = [str(i) for i in range(array.shape[0])]
-    return array, [str(label) for label in labels]
+    return float(value) if math.isfinite(value) else None
 
 
 def read_evaluation(run_dir: str | Path) -> dict[str, Any]:
-    """The numbers of ``<run_dir>/metrics.json`` (``uniemo evaluate``) in the report's own terms.
+    """The numbers of ``<run_dir>/metrics.json`` (:class:`uniemo.run_files.Evaluation`, written by
+    ``uniemo evaluate``) in the report's own terms; exactly the keys the evaluation writes.
 
-    Returns a dict with whichever of these the file gives: ``top1``, ``per_emotion`` ({emotion: accuracy}),
-    ``confusion`` ((matrix, labels), rows true), ``test_samples``, ``emo_a``, ``judge``, ``fid``,
-    ``fid_extractor``, ``diversity`` ({mean_pairwise_distance, sem_d}), ``diversity_extractor``,
-    ``generated_per_emotion``, ``understanding_model`` (``run:<name>@step-N``), ``notes`` (e.g. what the run
-    left out for data without annotations), ``raw`` (the whole file). The
-    filter funnel is read from the round reports themselves, not from here. Missing or unreadable file: ``{}``. ``<run_dir>/eval/confusion.json`` is read
-    when the file itself holds no confusion matrix.
+    Returns ``top1``, ``per_emotion`` ({emotion: accuracy}), ``confusion`` ((matrix, labels), rows true),
+    ``test_samples``, ``understanding_model`` (``run:<name>@step-N``), ``judge``, and for stage 2 ``emo_a``,
+    ``fid``, ``fid_extractor``, ``diversity`` ({mean_pairwise_distance, sem_d}), ``diversity_extractor``,
+    ``generated_per_emotion``; ``notes`` when there are any; ``raw`` (the whole file). A number the evaluation
+    could not compute (null) is left out. No file: ``{}``.
+
+    Raises:
+        RunFileError: the file is of another version (an older uniemo): one line saying to evaluate again.
     """
-    run_dir = Path(run_dir)
-    raw = _read_json(run_dir / EVALUATION_FILE)
-    if not isinstance(raw, dict):
+    path = Path(run_dir) / EVALUATION_FILE
+    if not path.is_file():
         return {}
-    out: dict[str, Any] = {"raw": raw}
-    und = _lookup(raw, "understanding") or {}
-    gen = _lookup(raw, "generation") or {}
-
-    top1 = _number(_lookup(und, "top1", "top_1", "accuracy", "top1_accuracy"))
-    if top1 is None:
-        top1 = _number(_lookup(raw, "understanding.top1", "understanding/top1", "understanding/accuracy", "top1",
-                               "accuracy"))
-    if top1 is not None:
-        out["top1"] = top1
-    per = _lookup(und, "per_emotion", "per_emotion_accuracy", "per_class")
-    if isinstance(per, dict):
-        out["per_emotion"] = {str(k): v for k, v in ((k, _number(v, "accuracy", "value")) for k, v in per.items())
-                              if v is not None}
-    elif isinstance(per, list) and len(per) == len(EMOTIONS):
-        out["per_emotion"] = {e: _number(v, "accuracy", "value") for e, v in zip(EMOTIONS, per, strict=True)}
-    samples = _number(_lookup(und, "samples", "test_samples", "num_samples", "count"))
-    if samples is not None:
-        out["test_samples"] = int(samples)
-    confusion = _confusion(_lookup(und, "confusion", "confusion_matrix"))
-    if confusion is None:
-        confusion = _confusion(_lookup(raw, "confusion", "confusion_matrix"))
-    if confusion is None:
-        confusion = _confusion(_read_json(run_dir / "eval" / "confusion.json"))
-    if confusion is not None:
-        out["confusion"] = confusion
-
-    emo_a_value = _lookup(gen, "emo_a", "emo-a", "emoa", "emotion_accuracy")
-    emo_a = _number(emo_a_value, "value", "accuracy", "mean", "top1")
-    if emo_a is not None:
-        out["emo_a"] = emo_a
-    judge = _name(_lookup(emo_a_value, "judge", "classifier") if isinstance(emo_a_value, dict) else None)
-    judge = judge or _name(_lookup(gen, "judge", "emo_a_judge", "classifier")) or _name(_lookup(raw, "judge"))
-    if judge:
-        out["judge"] = judge
-    fid_value = _lookup(gen, "fid", "FID")
-    fid = _number(fid_value, "value", "fid", "overall", "pooled")
-    if fid is not None:
-        out["fid"] = fid
-    extractor = _name(_lookup(fid_value, "extractor", "feature_extractor", "features") if isinstance(fid_value, dict)
-                      else None)
-    extractor = extractor or _name(_lookup(gen, "fid_extractor", "feature_extractor", "extractor"))
-    if extractor:
-        out["fid_extractor"] = extractor
-    diversity = _lookup(gen, "diversity")
-    for key in ("mean_pairwise_distance", "sem_d"):
-        value = _number(_lookup(diversity, key)) if isinstance(diversity, dict) else None
-        value = value if value is not None else _number(_lookup(gen, key))
-        if value is not None:
-            out.setdefault("diversity", {})[key] = value
-    if isinstance(diversity, dict) and _name(_lookup(diversity, "extractor")):
-        out["diversity_extractor"] = _name(_lookup(diversity, "extractor"))
-    per_emotion = _number(_lookup(gen, "images_per_emotion", "num_per_emotion", "per_emotion_images"))
-    if per_emotion is not None:
-        out["generated_per_emotion"] = int(per_emotion)
-    model = _name(_lookup(und, "model"))
-    if model:
-        out["understanding_model"] = model
-    notes = raw.get("notes")
-    if isinstance(notes, list) and notes:
-        out["notes"] = [str(n) for n in notes]
-    return out
+    raw = cast(Evaluation, read_versioned(
+        path, EVALUATION_VERSION, "an evaluation", f"evaluate the run again (`uniemo evaluate --run {run_dir}`)"
+    ))
+    und, gen = raw["understanding"], raw["generation"]
+    out: dict[str, Any] = {
+        "raw": raw,
+        "top1": _number(und["top1"]),
+        "per_emotion": {e: v for e, v in und["per_emotion"].items() if _number(v) is not None},
+        "test_samples": int(und["samples"]),
+        "understanding_model": und["model"],
+        "confusion": (np.asarray(und["confusion"], dtype=np.float64), list(raw["emotions"])),
+        "judge": raw["judge"]["name"],
+    }
+    if gen is not None:
+        out.update({
+            "emo_a": _number(gen["emo_a"]["top1"]),
+            "judge": gen["emo_a"]["judge"],
+            "fid": _number(gen["fid"]["pooled"]),
+            "fid_extractor": gen["fid"]["extractor"],
+            "diversity": {k: gen["diversity"][k] for k in ("mean_pairwise_distance", "sem_d")
+                          if _number(gen["diversity"][k]) is not None},
+            "diversity_extractor": gen["diversity"]["extractor"],
+            "generated_per_emotion": int(gen["images_per_emotion"]),
+        })
+    if raw["notes"]:
+        out["notes"] = [str(n) for n in raw["notes"]]
+    return {k: v for k, v in out.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -418,12 +339,8 @@ def accuracy_by_round(data: ReportData) -> list[dict[str, Any]]:
     return points
 
 
-def _kept(report: dict[str, Any]) -> int | None:
-    totals = report.get("totals") or {}
-    value = _number(totals.get("kept"))
-    if value is None:
-        value = _number(report.get("samples"))
-    return None if value is None else int(value)
+def _kept(report: RoundReport) -> int:
+    return report["totals"]["kept"]
 
 
 def _stage_times(state: dict[str, Any]) -> list[tuple[str, float | None, str]]:
@@ -619,20 +536,36 @@ FUNNEL_STEPS = (
 """(rejection counted, what remains after it), in the order of the filter steps (METHOD §5)."""
 
 
-def _funnel(report: dict[str, Any]) -> list[tuple[str, int]]:
+def _funnel(report: RoundReport) -> list[tuple[str, int]]:
     """(stage, candidates remaining) from candidates down to kept."""
-    totals = report.get("totals") or {}
-    rejections = totals.get("rejections") or {}
-    remaining = int(_number(totals.get("candidates")) or 0)
+    totals = report["totals"]
+    remaining = totals["candidates"]
     rows = [("candidates", remaining)]
     for reason, after in FUNNEL_STEPS:
-        count = totals.get("lost_in_flight", 0) if reason == "lost_in_flight" else rejections.get(reason, 0)
-        remaining -= int(_number(count) or 0)
+        remaining -= totals["lost_in_flight"] if reason == "lost_in_flight" else totals["rejections"][reason]
         rows.append((after, remaining))
     return rows
 
 
-def _plot_funnel(rounds: list[dict[str, Any]], path: Path) -> str:
+def _plot_kept_share(rounds: list[RoundReport], path: Path) -> str:
+    """The kept share (kept / candidates) of each emotion, one bar per round: how unevenly the filter keeps."""
+    fig = _figure(8.0, 3.2)
+    ax = fig.add_subplot()
+    width = 0.8 / len(rounds)
+    x = np.arange(len(EMOTIONS))
+    for i, report in enumerate(rounds):
+        shares = [report["emotions"][e]["kept_share"] or 0.0 for e in EMOTIONS]
+        ax.bar(x + (i - (len(rounds) - 1) / 2) * width, shares, width, label=f"round {report['round']}")
+    ax.set_xticks(x, EMOTIONS, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("kept / candidates")
+    ax.set_ylim(0, 1)
+    ax.set_title("Kept share per emotion")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _plot_funnel(rounds: list[RoundReport], path: Path) -> str:
     funnels = [_funnel(r) for r in rounds]
     names = [name for name, _ in funnels[0]]
     fig = _figure(8.0, 3.6)
@@ -655,14 +588,12 @@ def _plot_funnel(rounds: list[dict[str, Any]], path: Path) -> str:
 # Images: real test examples from the shards, generated ones from the run
 # ---------------------------------------------------------------------------------------------------------
 def _run_config(run_dir: Path):
-    from uniemo.config import load_config
 
-    return load_config(run_dir / "config.yaml")
+    return load_config(run_dir / CONFIG_FILE)
 
 
 def _shard_folder(data: ReportData) -> tuple[Path | None, str]:
     """The real shard folder of the runs (``data.shards``, else the synthetic set's cache), or why not."""
-    from uniemo.data.shards import MANIFEST_FILE, synthetic_shards_folder
 
     candidates = [data.evaluated, data.model_run, *data.runs.values()]
     if data.pipeline:
@@ -670,13 +601,13 @@ def _shard_folder(data: ReportData) -> tuple[Path | None, str]:
     seen = set()
     why = "no run folder has a readable config.yaml"
     for run in candidates:
-        if run is None or run in seen or not (run / "config.yaml").is_file():
+        if run is None or run in seen or not (run / CONFIG_FILE).is_file():
             continue
         seen.add(run)
         try:
             cfg = _run_config(run)
         except UserError as e:
-            why = f"{run / 'config.yaml'}: {e}"
+            why = f"{run / CONFIG_FILE}: {e}"
             continue
         folder = Path(cfg.data.shards).expanduser() if cfg.data.shards else synthetic_shards_folder(cfg.data)
         if (folder / MANIFEST_FILE).is_file():
@@ -690,8 +621,6 @@ def read_examples(shards: Path, per_emotion: int) -> tuple[str | None, dict[str,
     test split), in shard order: (split, {emotion: [PIL image]})."""
     from PIL import Image
 
-    from uniemo.data.images import to_rgb
-    from uniemo.data.loader import list_split_shards
 
     found: dict[str, list[Any]] = {e: [] for e in EMOTIONS}
     for split in ("test", "val"):
@@ -736,7 +665,6 @@ def read_examples(shards: Path, per_emotion: int) -> tuple[str | None, dict[str,
 
 
 def _tiles(images: list[Any], size: int = TILE) -> np.ndarray:
-    from uniemo.data.transforms import resize_center_crop
 
     return np.stack([np.asarray(resize_center_crop(image.convert("RGB"), size)) for image in images])
 
@@ -753,7 +681,7 @@ def _generated_images(data: ReportData) -> tuple[str, dict[str, Any]]:
     runs = [data.evaluated, *(data.runs.get(k) for k in ("feedback", "stage2", "run"))]
     runs = [r for i, r in enumerate(runs) if r is not None and r not in runs[:i]]
     for run in runs:
-        folder = run / GENERATED_DIR
+        folder = generated_dir(run)
         if folder.is_dir():
             found = {}
             for emotion in EMOTIONS:
@@ -761,7 +689,7 @@ def _generated_images(data: ReportData) -> tuple[str, dict[str, Any]]:
                 if files:
                     found[emotion] = [_open_rgb(f) for f in files]
             if found:
-                return f"{data.run_label(run)}/{GENERATED_DIR.as_posix()} (uniemo evaluate)", found
+                return f"{data.run_label(run)}/{EVAL_DIR}/{GENERATED_DIR} (uniemo evaluate)", found
     for run in runs:
         folder = run / SAMPLES_DIR
         found = {e: folder / f"{e}.png" for e in EMOTIONS if (folder / f"{e}.png").is_file()}
@@ -776,8 +704,6 @@ def _generated_images(data: ReportData) -> tuple[str, dict[str, Any]]:
 def _plot_attention(run_dir: Path, examples: list[tuple[str, Any]], path: Path) -> str:
     import torch
 
-    from uniemo.data.transforms import resize_center_crop
-    from uniemo.training.inference import load_run
 
     loaded = load_run(run_dir, device="cpu", compute_missing_emotion_space=False)
     model = loaded.understanding
@@ -1022,22 +948,26 @@ class _Builder:
         if not rounds:
             raise _NotAvailable("no feedback rounds (rounds/round-*.json in the feedback run)")
         name = _plot_funnel(rounds, self.out / "funnel.png")
-        reasons = ["lost_in_flight", "fidelity_argmax", "fidelity_threshold", "duplicate", "attribute_cap", "not_selected"]
+        reasons = ["lost_in_flight", *REJECTIONS]
         rows = []
         for report in rounds:
-            totals = report.get("totals") or {}
-            rejections = totals.get("rejections") or {}
-            rows.append([f"round {report['round']}", totals.get("candidates", "?"),
-                         *[totals.get(r, 0) if r == "lost_in_flight" else rejections.get(r, 0) for r in reasons],
-                         totals.get("kept", "?")])
+            totals = report["totals"]
+            rows.append([f"round {report['round']}", totals["candidates"],
+                         *[totals["lost_in_flight"] if r == "lost_in_flight" else totals["rejections"][r]
+                           for r in reasons],
+                         totals["kept"]])
         table = _table(["round", "candidates", *reasons, "kept"], rows)
-        per_emotion = []
-        for report in rounds:
-            emotions = report.get("emotions") or {}
-            per_emotion.append([f"round {report['round']}",
-                                *[(emotions.get(e) or {}).get("kept", "-") for e in EMOTIONS]])
-        kept_table = _table(["kept per emotion", *EMOTIONS], per_emotion)
-        return "\n".join([_img(name, "filter funnel per round"), table, kept_table])
+        parts = [_img(name, "filter funnel per round"), table,
+                 _img(_plot_kept_share(rounds, self.out / "kept_share.png"), "kept share per emotion")]
+        for report in rounds:  # how the kept share differs by emotion, and at which filter step it is lost
+            emotion_rows = []
+            for e in EMOTIONS:
+                row = report["emotions"][e]
+                emotion_rows.append([e, row["candidates"], *[row["passed"][step] for step in REJECTIONS],
+                                     row["kept"], _pct(row["kept_share"])])
+            parts.append(_table([f"round {report['round']}: emotion", "candidates",
+                                 *[f"passed {step}" for step in REJECTIONS], "kept", "kept share"], emotion_rows))
+        return "\n".join(parts)
 
     def attention(self) -> str:
         run = self.data.model_run
@@ -1144,7 +1074,8 @@ def write_report(target: str | Path, out_dir: str | Path | None = None, *, log: 
         problems = check_links(index)
         if problems:
             raise RuntimeError(f"the report links outside its folder: {problems[:3]}")
-        state = {
+        state: ReportState = {
+            "version": REPORT_STATE_VERSION,
             "format": REPORT_FORMAT,
             "target": str(data.target),
             "pipeline": data.pipeline,

@@ -39,7 +39,15 @@ import numpy as np
 import torch
 
 from uniemo.config.schema import EMOTIONS, Config, FeedbackConfig
+from uniemo.data.shards import write_sample_shard
+from uniemo.data.transforms import build_sample_transform
 from uniemo.errors import UserError
+from uniemo.models.conditioner import Conditioner
+from uniemo.models.emotion_space import EmotionSpace
+from uniemo.models.generation import generate
+from uniemo.models.generator import build_generator
+from uniemo.models.understanding import UnderstandingModel, resolve_dims
+from uniemo.training.inference import load_run
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.data.attributes import AttributeTable
@@ -147,10 +155,6 @@ class ModelBundle:
         emotions differ. The generator is built once here (seeded by ``run.seed``, as every actor rebuilds it)
         to embed the attribute base.
         """
-        from uniemo.models.conditioner import Conditioner
-        from uniemo.models.emotion_space import EmotionSpace
-        from uniemo.models.generator import build_generator
-        from uniemo.models.understanding import UnderstandingModel, resolve_dims
 
         attributes = attributes.rebased(cfg.data.min_attribute_count, cfg.data.phi_beta)
         und_cfg = cfg.model.understanding
@@ -194,7 +198,6 @@ class ModelBundle:
 
 def load_bundle(run_dir: str | Path, checkpoint_id: str | None = None) -> ModelBundle:
     """The bundle of a finished stage-2 run (its latest checkpoint) or of an export folder."""
-    from uniemo.training.inference import load_run
 
     run = load_run(run_dir, device="cpu")
     return ModelBundle.from_loaded_run(run, checkpoint_id)
@@ -286,8 +289,6 @@ class GeneratorWorker:
     """Holds the generator, the conditioner and the emotion space of one checkpoint (METHOD §4.2)."""
 
     def __init__(self, bundle: ModelBundle, threads: int = 1, use_gpu: bool = False) -> None:
-        from uniemo.models.conditioner import Conditioner
-        from uniemo.models.generator import build_generator
 
         torch.set_num_threads(max(1, threads))
         cfg = bundle.config
@@ -316,7 +317,6 @@ class GeneratorWorker:
 
     def generate(self, job: GenerationJob) -> tuple[GeneratedMeta, list[bytes]]:
         """Generate the job's candidates; returns the report and the PNG bytes (two Ray return values)."""
-        from uniemo.models.generation import generate
 
         start = time.perf_counter()
         result = generate(
@@ -353,9 +353,6 @@ class FilterWorker:
     """Holds the understanding model and the mappers of one checkpoint; scores candidates (METHOD §5 steps 1-3)."""
 
     def __init__(self, bundle: ModelBundle, threads: int = 1, use_gpu: bool = False) -> None:
-        from uniemo.data.transforms import build_sample_transform
-        from uniemo.models.conditioner import Conditioner
-        from uniemo.models.understanding import UnderstandingModel
 
         torch.set_num_threads(max(1, threads))
         cfg = bundle.config
@@ -466,7 +463,6 @@ def write_shard(path: str, order: list[tuple[int, int]], *groups: list[dict[str,
 
     Returns its manifest entry (:func:`uniemo.data.shards.write_sample_shard`).
     """
-    from uniemo.data.shards import write_sample_shard
 
     samples = (groups[g][i] for g, i in order)
     return write_sample_shard(samples, path, split="train", source="synthetic")

@@ -54,12 +54,32 @@ from typing import Any
 
 from uniemo.config.schema import EMOTIONS, Config
 from uniemo.data.attributes import write_json_atomic
+from uniemo.data.shards import MANIFEST_FILE, manifest_folders
+from uniemo.distributed.ray_train import absolute_paths, ray_session, run_dir_of, run_training
 from uniemo.errors import ConfigError, UserError
 from uniemo.feedback.actors import FeedbackError, ModelBundle
 from uniemo.feedback.filtering import REJECTIONS
 from uniemo.feedback.rounds import _completed_report, pool_cpus, run_round, synthetic_source
-from uniemo.logging import say
-from uniemo.run_layout import LOOP_FILE, ROUNDS_DIR, SYNTHETIC_DIR, round_dir, round_report_path
+from uniemo.logging import read_metrics, say
+from uniemo.run_layout import (
+    EMOTION_SPACE_FILE,
+    LOOP_FILE,
+    ROUNDS_DIR,
+    SYNTHETIC_DIR,
+    round_dir,
+    round_report_path,
+    stop_request_path,
+)
+from uniemo.training.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    read_trainer_state,
+    resolve_checkpoint,
+    step_of,
+)
+from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
+from uniemo.training.inference import load_run
+from uniemo.training.stages import find_latest_run
 
 __all__ = ["format_round_summary", "run_feedback", "training_config"]
 _POLL_S = 0.5
@@ -80,8 +100,6 @@ def is_feedback_run(run_dir: Path) -> bool:
 def resolve_from_run(cfg: Config, run_dir: Path) -> Path:
     """The stage-2 checkpoint folder the loop starts from: ``feedback.from_run`` (a run or a step folder), else the
     newest stage-2 run under ``run.output_dir`` that is neither ``run_dir`` nor another feedback run."""
-    from uniemo.training.checkpoint import CheckpointError, read_trainer_state, resolve_checkpoint
-    from uniemo.training.stages import find_latest_run
 
     if cfg.feedback.from_run:
         try:
@@ -147,8 +165,6 @@ class _Record:
 def _check_start(run_dir: Path, resume: bool) -> bool:
     """Refuse to start over a feedback run without ``resume``; returns whether there is anything to resume (a
     checkpoint or a complete round; ``resume`` on a folder without either starts afresh)."""
-    from uniemo.data.shards import manifest_folders
-    from uniemo.training.checkpoint import latest_checkpoint
 
     started = latest_checkpoint(run_dir) is not None or bool(manifest_folders(run_dir / SYNTHETIC_DIR))
     if started and not resume:
@@ -166,11 +182,9 @@ def bundle_of_run(run_dir: Path, log: Callable[[str], None] = _log) -> ModelBund
     """The pool's models of ``run_dir``'s latest checkpoint, with an emotion space that belongs to it: the run's
     ``emotion_space.safetensors`` when it was written after that checkpoint, else computed here over the real
     train split (a mid-run checkpoint of the feedback run)."""
-    from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
-    from uniemo.training.inference import EMOTION_SPACE_IN_RUN, load_run
 
     run = load_run(run_dir, device="cpu", compute_missing_emotion_space=False)
-    space_file = run_dir / EMOTION_SPACE_IN_RUN
+    space_file = run_dir / EMOTION_SPACE_FILE
     complete = run.source / "COMPLETE"
     fresh = space_file.is_file() and complete.is_file() and space_file.stat().st_mtime >= complete.stat().st_mtime
     if not fresh:
@@ -181,7 +195,6 @@ def bundle_of_run(run_dir: Path, log: Callable[[str], None] = _log) -> ModelBund
 
 def _bundle_of_checkpoint(step_dir: Path, log: Callable[[str], None]) -> ModelBundle:
     """:func:`bundle_of_run` of the run holding ``step_dir``, which must be that run's latest checkpoint."""
-    from uniemo.training.checkpoint import latest_checkpoint
 
     run_dir = step_dir.parent.parent
     latest = latest_checkpoint(run_dir)
@@ -197,7 +210,6 @@ def _bundle_of_checkpoint(step_dir: Path, log: Callable[[str], None]) -> ModelBu
 # Rounds
 # ---------------------------------------------------------------------------------------------------------
 def round_complete(run_dir: Path, index: int) -> bool:
-    from uniemo.data.shards import MANIFEST_FILE
 
     return (round_dir(run_dir, index) / MANIFEST_FILE).is_file()
 
@@ -239,7 +251,6 @@ def _round_entry(report: dict[str, Any], skipped: bool) -> dict[str, Any]:
 
 def _publish_time(run_dir: Path, index: int) -> float:
     """When the round's manifest was written (the round became visible just after)."""
-    from uniemo.data.shards import MANIFEST_FILE
 
     return (round_dir(run_dir, index) / MANIFEST_FILE).stat().st_mtime
 
@@ -248,7 +259,6 @@ def _run_one_round(
     cfg: Config, run_dir: Path, index: int, step_dir: Path, record: _Record, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Build the models of ``step_dir``, run round ``index``, print its summary, record it. Returns the report."""
-    from uniemo.training.checkpoint import step_of
 
     started = time.perf_counter()
     log(f"round {index}: loading the models of {step_dir}")
@@ -280,7 +290,6 @@ def run_feedback(cfg: Config, resume: bool = False) -> dict[str, Any]:
         UserError: no stage-2 run to start from, the run folder holds a feedback run and ``resume`` is off, a
             round cannot run (see :func:`uniemo.feedback.rounds.run_round`), training fails with a user error.
     """
-    from uniemo.distributed.ray_train import absolute_paths, run_dir_of
 
     cfg = absolute_paths(cfg)
     cfg.validate()
@@ -312,8 +321,6 @@ def run_feedback(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 
 def _training_summary(run_dir: Path) -> dict[str, Any]:
-    from uniemo.logging import read_metrics
-    from uniemo.training.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(run_dir)
     records = [r for r in read_metrics(run_dir) if "loss" in r]
@@ -325,15 +332,12 @@ def _training_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _latest_step(run_dir: Path) -> int:
-    from uniemo.training.checkpoint import latest_checkpoint, step_of
 
     latest = latest_checkpoint(run_dir)
     return step_of(latest) if latest is not None else 0
 
 
 def _run_sequential(cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record) -> dict[str, Any]:
-    from uniemo.distributed.ray_train import ray_session, run_training
-    from uniemo.training.checkpoint import latest_checkpoint
 
     fb = cfg.feedback
     trainers = cfg.distributed.num_workers * cfg.distributed.cpus_per_worker
@@ -375,7 +379,6 @@ class _PoolThread(threading.Thread):
         self.rounds: list[dict[str, Any]] = []
 
     def run(self) -> None:
-        from uniemo.run_layout import stop_request_path
 
         try:
             self._rounds()
@@ -388,7 +391,6 @@ class _PoolThread(threading.Thread):
                     break
 
     def _candidate(self) -> Path:
-        from uniemo.training.checkpoint import latest_checkpoint
 
         latest = latest_checkpoint(self.run_dir)
         return latest.resolve() if latest is not None else self.from_ckpt
@@ -429,7 +431,6 @@ class _PoolThread(threading.Thread):
 
 
 def _run_async(cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record) -> dict[str, Any]:
-    from uniemo.distributed.ray_train import ray_session, run_training
 
     fb = cfg.feedback
     train_cfg = training_config(cfg, from_ckpt, run_dir)
@@ -455,7 +456,6 @@ def _run_async(cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record) -> 
                 pool.join()
     if failed:
         pool.join(timeout=60)  # Ray is down: the pool's calls fail and the thread ends
-    from uniemo.run_layout import stop_request_path
 
     stop_request_path(run_dir).unlink(missing_ok=True)  # the pool's request, if it failed, is answered
     if pool.error is not None:

@@ -17,9 +17,13 @@
    round folders by their manifests (``manifest_folders``), so they see the whole round or nothing; a crash at
    any point leaves no partial or unlisted shard in the source, only a staging folder that the next attempt of
    the round removes.
-4. ``<run_dir>/rounds/round-<r>.json`` (also stored in the round's manifest under ``report``) records per
-   emotion: candidates, kept, rejections per filter step, lost in flight, mean p_k, attribute spread; and
-   checks ``candidates = kept + every rejection + lost in flight``.
+4. ``<run_dir>/rounds/round-<r>.json`` (also stored in the round's manifest under ``report``;
+   :class:`uniemo.run_files.RoundReport`) records per emotion: candidates, how many passed each filter step,
+   rejections per step, lost in flight, kept and the kept share, mean p_k, attribute spread; and checks
+   ``candidates = kept + every rejection + lost in flight``.
+
+:func:`_run_round_locked` runs the round in three phases: :func:`_generate_and_filter` (steps 1-2),
+:func:`_write_shards` (step 3) and :func:`_round_report` (step 4), then publishes it.
 
 A round whose folder is complete is not run again: :func:`run_round` returns its report. A file lock
 (``<run_dir>/rounds/.round-<r>.lock``) keeps two processes from running the same round.
@@ -52,12 +56,22 @@ from uniemo.feedback.actors import (
     LostBatch,
     ModelBundle,
     Observer,
+    PoolStats,
     ScoredBatch,
     gather_samples,
     write_shard,
 )
 from uniemo.feedback.filtering import REJECTIONS, derive_seed, filter_pool
 from uniemo.logging import say
+from uniemo.run_files import (
+    ROUND_REPORT_VERSION,
+    EmotionFunnel,
+    EmotionRound,
+    RoundReport,
+    kept_share,
+    passed_after_each_step,
+    upgrade_round_report,
+)
 from uniemo.run_layout import STAGING_DIR, SYNTHETIC_DIR, round_dir, round_lock_path, round_report_path
 
 __all__ = ["plan_jobs", "pool_cpus", "run_round", "synthetic_source"]
@@ -120,7 +134,7 @@ class _EmotionPool:
     jobs_left: int
     scored: list[ScoredBatch] = field(default_factory=list)
     lost: int = 0
-    report: dict[str, Any] | None = None
+    report: EmotionRound | None = None
     samples: Any = None
     """ObjectRef of the kept samples (list of shard-sample dicts), once filtered."""
     kept: int = 0
@@ -222,9 +236,11 @@ def _finish_emotion(
     pool.report = {
         "candidates": scored + pool.lost,
         "scored": scored,
-        "kept": len(picks),
+        "passed": passed_after_each_step(scored, result.rejections, REJECTIONS),
         "rejections": dict(result.rejections),
         "lost_in_flight": pool.lost,
+        "kept": len(picks),
+        "kept_share": kept_share(len(picks), scored + pool.lost),
         "mean_p_k": _mean(result.p_k[result.kept]) if len(result.kept) else None,
         "mean_p_k_candidates": _mean(np.nan_to_num(result.p_k)),
         "mean_s": _mean(result.s[result.kept]) if len(result.kept) else None,
@@ -233,9 +249,9 @@ def _finish_emotion(
     pool.scored = []  # drop the image references: the writer task holds what it needs
 
 
-def _check_counts(report: dict[str, Any]) -> None:
+def _check_counts(report: RoundReport) -> None:
     """candidates = kept + every rejection + lost in flight, per emotion and in total."""
-    rows = [*report["emotions"].items(), ("total", report["totals"])]
+    rows: list[tuple[str, EmotionFunnel]] = [*report["emotions"].items(), ("total", report["totals"])]
     for name, row in rows:
         accounted = row["kept"] + sum(row["rejections"].values()) + row["lost_in_flight"]
         if accounted != row["candidates"]:
@@ -244,16 +260,19 @@ def _check_counts(report: dict[str, Any]) -> None:
             )
 
 
-def _totals(emotions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _totals(emotions: dict[str, EmotionRound]) -> EmotionFunnel:
     rows = list(emotions.values())
-    kept_p = [r["mean_p_k"] * r["kept"] for r in rows if r["kept"]]
+    kept_p = [(r["mean_p_k"] or 0.0) * r["kept"] for r in rows if r["kept"]]
     kept = sum(r["kept"] for r in rows)
+    candidates = sum(r["candidates"] for r in rows)
     return {
-        "candidates": sum(r["candidates"] for r in rows),
+        "candidates": candidates,
         "scored": sum(r["scored"] for r in rows),
-        "kept": kept,
+        "passed": {step: sum(r["passed"][step] for r in rows) for step in REJECTIONS},
         "rejections": {reason: sum(r["rejections"][reason] for r in rows) for reason in REJECTIONS},
         "lost_in_flight": sum(r["lost_in_flight"] for r in rows),
+        "kept": kept,
+        "kept_share": kept_share(kept, candidates),
         "mean_p_k": sum(kept_p) / kept if kept else None,
     }
 
@@ -270,7 +289,7 @@ def run_round(
     extra_gpus: float | None = None,
     observer: Observer | None = None,
     log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> RoundReport:
     """Run feedback round ``round_index`` with ``bundle``'s checkpoint; returns the round report (module doc).
 
     Ray comes from :func:`uniemo.distributed.ray_train.ray_session`: the Ray this process is connected to, the
@@ -311,7 +330,9 @@ def _run_round_locked(
     extra_gpus: float | None,
     observer: Observer | None,
     log: Callable[[str], None] | None,
-) -> dict[str, Any]:
+) -> RoundReport:
+    """The round, in three phases: :func:`_generate_and_filter`, :func:`_write_shards`, :func:`_round_report`;
+    then the round is published (:func:`_publish`)."""
     log = log if log is not None else partial(say, topic="feedback")
     final = round_dir(run_dir, round_index)
     report_path = round_report_path(run_dir, round_index)
@@ -334,124 +355,25 @@ def _run_round_locked(
     shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted attempt never become a round
     fb = cfg.feedback
     jobs = plan_jobs(cfg, round_index)
-    pools = {k: _EmotionPool(k, sum(1 for j in jobs if j.emotion == k)) for k in range(len(EMOTIONS))}
-    started = time.perf_counter()
+    times = {"started": time.perf_counter()}
     succeeded = False
     try:
         gpus = fb.generator_gpus + fb.filter_gpus if extra_gpus is None else extra_gpus
         with ray_session(cfg.distributed, extra_cpus=pool_cpus(cfg), extra_gpus=gpus):
+            # Ray is imported only inside the session: ray_session sets what Ray reads at its first import.
             import ray
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             # Writer tasks run on this (the driver's) node: the staging folder they write is renamed from here.
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             writer = {"num_cpus": fb.writer_cpus, "max_retries": 3, "scheduling_strategy": here}
-            gather_task = ray.remote(gather_samples).options(**writer)
-            write_task = ray.remote(write_shard).options(**writer)
-
-            def submit_gather(picks: list, image_refs: list) -> Any:
-                return gather_task.remote(picks, *image_refs)
-
-            with FeedbackPool(bundle, fb, observer) as pool:
-                ready_at = time.perf_counter()
-                for outcome in pool.process(jobs):
-                    state = pools[outcome.job.emotion]
-                    if isinstance(outcome, LostBatch):
-                        state.lost += len(outcome.job.seeds)
-                    else:
-                        assert isinstance(outcome, ScoredBatch)
-                        state.scored.append(outcome)
-                    state.jobs_left -= 1
-                    if state.jobs_left == 0:
-                        _finish_emotion(state, cfg, bundle, round_index, submit_gather)
-                        r = state.report
-                        log(
-                            f"round {round_index} {EMOTIONS[state.emotion]}: {r['candidates']} candidates, "
-                            f"{r['kept']} kept, {r['lost_in_flight']} lost, rejections {r['rejections']}"
-                        )
-                generated_at = time.perf_counter()
-                pool_stats = pool.stats
-            for state in pools.values():
-                if state.report is None:  # every job ends in process(); a gap is a bug
-                    raise RuntimeError(f"emotion {EMOTIONS[state.emotion]} was never finished")
-
-            # Kept samples of all emotions, shuffled, cut into shards, written in parallel by writer tasks.
-            groups = [pools[k].samples for k in range(len(EMOTIONS)) if pools[k].kept]
-            order = [
-                (g, i)
-                for g, k in enumerate(k for k in range(len(EMOTIONS)) if pools[k].kept)
-                for i in range(pools[k].kept)
-            ]
-            random.Random(derive_seed(cfg.run.seed, "feedback-shards", round_index)).shuffle(order)
-            shard_refs = []
-            for start in range(0, len(order), fb.shard_size):
-                name = f"train-{start // fb.shard_size:06d}.tar"
-                shard_refs.append(
-                    write_task.remote(str(staging / name), order[start : start + fb.shard_size], *groups)
-                )
-            try:
-                entries = ray.get(shard_refs)
-            except BaseException:
-                for ref in shard_refs:  # no writer may recreate the staging folder after it is removed
-                    ray.cancel(ref, force=True)
-                raise
-        written_at = time.perf_counter()
-
-        emotions = {EMOTIONS[k]: pools[k].report for k in range(len(EMOTIONS))}
-        report = {
-            "round": round_index,
-            "checkpoint": bundle.checkpoint_id,
-            "filter": {
-                "candidates_per_emotion": fb.candidates_per_emotion,
-                "tau": fb.tau,
-                "delta": fb.delta,
-                "keep": fb.keep_per_emotion,
-                "attribute_cap": fb.attribute_cap,
-                "seed": cfg.run.seed,
-            },
-            "generation": {
-                "steps": jobs[0].steps if jobs else None,
-                "guidance_scale": jobs[0].guidance_scale if jobs else None,
-                "sampler": jobs[0].sampler if jobs else None,
-                "batch_size": fb.batch_size,
-                "generator_actors": fb.generator_actors,
-                "filter_actors": fb.filter_actors,
-            },
-            "emotions": emotions,
-            "totals": _totals(emotions),
-            "shards": [e["name"] for e in entries],
-            "samples": sum(e["samples"] for e in entries),
-            "pool": {
-                "lost_batches": pool_stats.lost_batches,
-                "lost_jobs": list(pool_stats.lost_jobs),
-                "actor_restarts": pool_stats.restarts,
-                "dead_actors": pool_stats.dead_actors,
-                "generation_seconds": round(pool_stats.generation_seconds, 3),
-                "scoring_seconds": round(pool_stats.scoring_seconds, 3),
-            },
-            "seconds": {
-                "start": round(ready_at - started, 3),
-                "generate_and_filter": round(generated_at - ready_at, 3),
-                "write": round(written_at - generated_at, 3),
-                "total": round(written_at - started, 3),
-            },
-        }
-        _check_counts(report)
-        if report["samples"] != report["totals"]["kept"]:
-            raise RuntimeError(f"{report['totals']['kept']} samples kept but {report['samples']} written")
-
-        # The round becomes visible in one step: manifest (after every shard), then the folder rename.
-        update_manifest(staging, entries, round=round_index, checkpoint=bundle.checkpoint_id, report=report)
-        # A writer task killed mid-shard (and retried) leaves its hidden temporary file behind: never publish it.
-        for leftover in staging.iterdir():
-            if leftover.name.endswith(".tmp"):
-                leftover.unlink()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staging, final)
-        try:
-            staging.parent.rmdir()  # the staging root, when no other round is being written
-        except OSError:
-            pass
+            pools, pool_stats = _generate_and_filter(
+                bundle, cfg, round_index, jobs, ray.remote(gather_samples).options(**writer), observer, log, times
+            )
+            entries = _write_shards(pools, cfg, round_index, staging, ray.remote(write_shard).options(**writer))
+        times["written"] = time.perf_counter()
+        report = _round_report(bundle, cfg, round_index, jobs, pools, entries, pool_stats, times)
+        _publish(staging, final, entries, report, bundle, round_index)
         write_json_atomic(report_path, report)
         succeeded = True
         log(
@@ -464,8 +386,159 @@ def _run_round_locked(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _completed_report(final: Path, report_path: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """The report of a round that already finished (rewritten from its manifest when the file is missing)."""
+def _generate_and_filter(
+    bundle: ModelBundle,
+    cfg: Config,
+    round_index: int,
+    jobs: list[GenerationJob],
+    gather_task: Any,
+    observer: Observer | None,
+    log: Callable[[str], None],
+    times: dict[str, float],
+) -> tuple[dict[int, _EmotionPool], PoolStats]:
+    """Phase 1: the pool generates and scores every job; each emotion is filtered as soon as its last batch
+    ends, and a writer task gathers its kept images. Returns the per-emotion state and the pool's statistics."""
+    pools = {k: _EmotionPool(k, sum(1 for j in jobs if j.emotion == k)) for k in range(len(EMOTIONS))}
+
+    def submit_gather(picks: list, image_refs: list) -> Any:
+        return gather_task.remote(picks, *image_refs)
+
+    with FeedbackPool(bundle, cfg.feedback, observer) as pool:
+        times["ready"] = time.perf_counter()
+        for outcome in pool.process(jobs):
+            state = pools[outcome.job.emotion]
+            if isinstance(outcome, LostBatch):
+                state.lost += len(outcome.job.seeds)
+            else:
+                state.scored.append(outcome)
+            state.jobs_left -= 1
+            if state.jobs_left == 0:
+                _finish_emotion(state, cfg, bundle, round_index, submit_gather)
+                r = state.report
+                assert r is not None
+                log(
+                    f"round {round_index} {EMOTIONS[state.emotion]}: {r['candidates']} candidates, "
+                    f"{r['kept']} kept, {r['lost_in_flight']} lost, rejections {r['rejections']}"
+                )
+        times["generated"] = time.perf_counter()
+        pool_stats = pool.stats
+    for state in pools.values():
+        if state.report is None:  # every job ends in process(); a gap is a bug
+            raise RuntimeError(f"emotion {EMOTIONS[state.emotion]} was never finished")
+    return pools, pool_stats
+
+
+def _write_shards(
+    pools: dict[int, _EmotionPool], cfg: Config, round_index: int, staging: Path, write_task: Any
+) -> list[dict[str, Any]]:
+    """Phase 2: the kept samples of all emotions, shuffled (seeded), cut into shards of ``feedback.shard_size``
+    and written into ``staging`` in parallel by writer tasks. Returns the shards' manifest entries."""
+    import ray  # inside the round's ray_session (see _run_round_locked)
+
+    fb = cfg.feedback
+    groups = [pools[k].samples for k in range(len(EMOTIONS)) if pools[k].kept]
+    order = [
+        (g, i)
+        for g, k in enumerate(k for k in range(len(EMOTIONS)) if pools[k].kept)
+        for i in range(pools[k].kept)
+    ]
+    random.Random(derive_seed(cfg.run.seed, "feedback-shards", round_index)).shuffle(order)
+    shard_refs = []
+    for start in range(0, len(order), fb.shard_size):
+        name = f"train-{start // fb.shard_size:06d}.tar"
+        shard_refs.append(write_task.remote(str(staging / name), order[start : start + fb.shard_size], *groups))
+    try:
+        return ray.get(shard_refs)
+    except BaseException:
+        for ref in shard_refs:  # no writer may recreate the staging folder after it is removed
+            ray.cancel(ref, force=True)
+        raise
+
+
+def _round_report(
+    bundle: ModelBundle,
+    cfg: Config,
+    round_index: int,
+    jobs: list[GenerationJob],
+    pools: dict[int, _EmotionPool],
+    entries: list[dict[str, Any]],
+    pool_stats: PoolStats,
+    times: dict[str, float],
+) -> RoundReport:
+    """Phase 3: the round report (module docstring, step 4), checked: every candidate accounted for, every kept
+    sample written."""
+    fb = cfg.feedback
+    emotions: dict[str, EmotionRound] = {}
+    for k in range(len(EMOTIONS)):
+        row = pools[k].report
+        assert row is not None
+        emotions[EMOTIONS[k]] = row
+    report: RoundReport = {
+        "version": ROUND_REPORT_VERSION,
+        "round": round_index,
+        "checkpoint": bundle.checkpoint_id,
+        "filter": {
+            "candidates_per_emotion": fb.candidates_per_emotion,
+            "tau": fb.tau,
+            "delta": fb.delta,
+            "keep": fb.keep_per_emotion,
+            "attribute_cap": fb.attribute_cap,
+            "seed": cfg.run.seed,
+        },
+        "generation": {
+            "steps": jobs[0].steps if jobs else None,
+            "guidance_scale": jobs[0].guidance_scale if jobs else None,
+            "sampler": jobs[0].sampler if jobs else None,
+            "batch_size": fb.batch_size,
+            "generator_actors": fb.generator_actors,
+            "filter_actors": fb.filter_actors,
+        },
+        "emotions": emotions,
+        "totals": _totals(emotions),
+        "shards": [e["name"] for e in entries],
+        "samples": sum(e["samples"] for e in entries),
+        "pool": {
+            "lost_batches": pool_stats.lost_batches,
+            "lost_jobs": list(pool_stats.lost_jobs),
+            "actor_restarts": pool_stats.restarts,
+            "dead_actors": pool_stats.dead_actors,
+            "generation_seconds": round(pool_stats.generation_seconds, 3),
+            "scoring_seconds": round(pool_stats.scoring_seconds, 3),
+        },
+        "seconds": {
+            "start": round(times["ready"] - times["started"], 3),
+            "generate_and_filter": round(times["generated"] - times["ready"], 3),
+            "write": round(times["written"] - times["generated"], 3),
+            "total": round(times["written"] - times["started"], 3),
+        },
+    }
+    _check_counts(report)
+    if report["samples"] != report["totals"]["kept"]:
+        raise RuntimeError(f"{report['totals']['kept']} samples kept but {report['samples']} written")
+    return report
+
+
+def _publish(
+    staging: Path, final: Path, entries: list[dict[str, Any]], report: RoundReport, bundle: ModelBundle,
+    round_index: int,
+) -> None:
+    """The round becomes visible in one step: its manifest (after every shard), then the folder rename."""
+    update_manifest(staging, entries, round=round_index, checkpoint=bundle.checkpoint_id, report=report)
+    # A writer task killed mid-shard (and retried) leaves its hidden temporary file behind: never publish it.
+    for leftover in staging.iterdir():
+        if leftover.name.endswith(".tmp"):
+            leftover.unlink()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staging, final)
+    try:
+        staging.parent.rmdir()  # the staging root, when no other round is being written
+    except OSError:
+        pass
+
+
+def _completed_report(final: Path, report_path: Path, log: Callable[[str], None]) -> RoundReport:
+    """The report of a round that already finished (rewritten from its manifest when the file is missing); a
+    report of an older uniemo is read as the current version (:func:`uniemo.run_files.upgrade_round_report`)."""
     if report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
     else:
@@ -476,4 +549,4 @@ def _completed_report(final: Path, report_path: Path, log: Callable[[str], None]
             )
         write_json_atomic(report_path, report)
     log(f"round {report.get('round')} is complete already ({final}); not generating it again")
-    return report
+    return upgrade_round_report(report, REJECTIONS)

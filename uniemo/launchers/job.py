@@ -16,11 +16,8 @@ from pathlib import Path
 from uniemo.config.loader import dump_config, from_dict, parse_override, read_yaml, set_dotted
 from uniemo.config.schema import Config
 from uniemo.errors import UserError
-
-LAUNCH_DIR = "launch"
-"""Sub-folder of a run directory with what the launcher wrote: job config, batch script, job logs."""
-
-JOB_CONFIG = "job.yaml"
+from uniemo.run_layout import CHECKPOINTS_DIR, LATEST_FILE, LAUNCH_DIR
+from uniemo.run_layout import JOB_CONFIG_FILE as JOB_CONFIG
 
 PATH_KEYS: tuple[str, ...] = (
     "run.output_dir",
@@ -109,7 +106,7 @@ def absolutize_paths(cfg: Config, base_dir: Path) -> Config:
 
 def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` already holds a checkpoint (``checkpoints/latest``)."""
-    return (Path(run_dir) / "checkpoints" / "latest").is_file()
+    return (Path(run_dir) / CHECKPOINTS_DIR / LATEST_FILE).is_file()
 
 
 def check_run_dirs(jobs: list[Job], resume: bool) -> None:

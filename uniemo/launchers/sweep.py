@@ -35,6 +35,7 @@ import yaml
 from uniemo.config.loader import parse_override, set_dotted
 from uniemo.errors import ConfigError, UserError
 from uniemo.launchers.job import Job, build_raw, config_from_raw
+from uniemo.run_layout import LAUNCH_DIR
 
 SWEEP_KEYS = ("name", "base", "overrides", "grid", "points", "command")
 SWEEP_COMMANDS = ("train", "run")
@@ -62,7 +63,7 @@ class Sweep:
     @property
     def launch_dir(self) -> Path:
         """Where backend-wide files go (the SLURM array script and its batch logs)."""
-        return self.output_dir / "launch"
+        return self.output_dir / LAUNCH_DIR
 
 
 def _error(path: Path, message: str) -> ConfigError:

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from uniemo.config.schema import ModelConfig, UnderstandingConfig
 from uniemo.errors import ConfigError, UserError
+from uniemo.models.generator import check_generator_folder
 from uniemo.models.understanding import UnderstandingDims, UnderstandingModel, resolve_dims
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,6 @@ def check_model_folders(cfg: ModelConfig) -> None:
     ``model.understanding`` and holds safetensors; the generator folder has the diffusers layout with
     safetensors. Raises the same one-line :class:`WeightsError` / :class:`UserError` the loaders raise.
     """
-    from uniemo.models.generator import check_generator_folder
 
     und = cfg.understanding
     if und.clip_path:

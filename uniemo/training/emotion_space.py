@@ -13,7 +13,7 @@ Typical use on every rank of a stage-2 run::
     space = compute_emotion_space(task.understanding, loader, device)
     all_reduce_emotion_space(space, device)     # collective: every rank calls it
     if rank == 0:
-        space.save(run_dir / "emotion_space.safetensors")
+        space.save(run_dir / EMOTION_SPACE_FILE)
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from uniemo.data.loader import build_loader_from_config, list_split_shards
+from uniemo.data.shards import ensure_synthetic_shards
 from uniemo.models.emotion_space import EmotionSpace
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -51,8 +53,6 @@ def emotion_space_loader(
     No ``pixel_values`` (stage-1 transform): only the understanding input is needed. ``num_workers`` defaults to
     ``data.num_workers``, lowered so that every loader worker of every rank gets a shard.
     """
-    from uniemo.data.loader import build_loader_from_config, list_split_shards
-    from uniemo.data.shards import ensure_synthetic_shards
 
     if num_workers is None:
         shards = list_split_shards([ensure_synthetic_shards(cfg.data)], "train", required=True)

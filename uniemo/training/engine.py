@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from uniemo.errors import ConfigError
+from uniemo.training.task import build_param_groups
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config, TrainingConfig
@@ -405,7 +406,6 @@ def build_engine(
 
     The process group must exist (Ray Train's, or one made by the caller); DeepSpeed reuses it.
     """
-    from uniemo.training.task import build_param_groups
 
     prepare_deepspeed()
     import deepspeed

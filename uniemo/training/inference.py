@@ -27,9 +27,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from uniemo.config import load_config
+from uniemo.config.loader import from_dict
 from uniemo.config.schema import EMOTIONS, Config
+from uniemo.data.attributes import AttributeTable
+from uniemo.data.images import load_image_bytes
+from uniemo.data.loader import load_attribute_table
+from uniemo.data.records import RecordProblem
+from uniemo.data.transforms import build_sample_transform
 from uniemo.errors import UserError
 from uniemo.logging import say
+from uniemo.models.conditioner import Conditioner
+from uniemo.models.emotion_space import EmotionSpace
+from uniemo.models.generation import SAMPLERS, generate
+from uniemo.models.generator import Generator
+from uniemo.models.understanding import UnderstandingDims, UnderstandingModel
+from uniemo.models.weights import build_understanding
 from uniemo.run_layout import (
     ATTRIBUTE_BASE_FILE,
     ATTRIBUTES_FILE,
@@ -51,6 +64,8 @@ from uniemo.training.checkpoint import (
     require_checkpoint,
     resolve_checkpoint,
 )
+from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
+from uniemo.training.task import build_stage2_task
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.data.attributes import AttributeTable
@@ -164,9 +179,6 @@ def load_run(
 
 
 def _load_run_dir(run_dir: Path, device: torch.device, compute_missing_emotion_space: bool) -> LoadedRun:
-    from uniemo.config import load_config
-    from uniemo.data.loader import load_attribute_table
-    from uniemo.data.transforms import build_sample_transform
 
     cfg = load_config(run_dir / CONFIG_FILE)
     step_dir = require_checkpoint(run_dir)
@@ -176,14 +188,12 @@ def _load_run_dir(run_dir: Path, device: torch.device, compute_missing_emotion_s
     transform = build_sample_transform(cfg.data, stage=1, training=False)
     torch.manual_seed(cfg.run.seed)  # parameters in no checkpoint (never trained) are rebuilt as at training
     if stage == 1:
-        from uniemo.models.weights import build_understanding
 
         understanding = build_understanding(cfg.model.understanding, len(attributes.scenes), len(attributes.objects))
         _load_into(understanding, _strip(state, "understanding."), step_dir)
         run = LoadedRun(cfg, 1, checkpoint_step(step_dir), step_dir, understanding.eval(), transform, attributes)
         return run.to(device)
 
-    from uniemo.training.task import build_stage2_task
 
     task = build_stage2_task(cfg, attributes)
     # The frozen backbone and head are not in a stage-2 checkpoint: start from the stage-1 weights.
@@ -215,14 +225,12 @@ def _load_run_dir(run_dir: Path, device: torch.device, compute_missing_emotion_s
 
 
 def _run_emotion_space(run: LoadedRun, run_dir: Path, compute: bool) -> EmotionSpace | None:
-    from uniemo.models.emotion_space import EmotionSpace
 
     path = run_dir / EMOTION_SPACE_FILE
     if path.is_file():
         return EmotionSpace.load(path)
     if not compute:
         return None
-    from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
 
     note = f"{path} is missing (stage 2 did not finish): computing it from {run.source} over the train split"
     say(note)
@@ -306,10 +314,6 @@ def _load_into(
 def _load_export(folder: Path) -> LoadedRun:
     from safetensors.torch import load_file
 
-    from uniemo.config.loader import from_dict
-    from uniemo.data.attributes import AttributeTable
-    from uniemo.data.transforms import build_sample_transform
-    from uniemo.models.understanding import UnderstandingDims, UnderstandingModel
 
     try:
         info = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))
@@ -334,9 +338,6 @@ def _load_export(folder: Path) -> LoadedRun:
     if stage == 1:
         return run
 
-    from uniemo.models.conditioner import Conditioner
-    from uniemo.models.emotion_space import EmotionSpace
-    from uniemo.models.generator import Generator
 
     gen_cfg = cfg.model.generator
     generator = Generator.from_pretrained(
@@ -427,7 +428,6 @@ def generate_images(
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from uniemo.models.generation import SAMPLERS, generate
 
     k = emotion_index(emotion)
     _require_stage2(run, "generation")
@@ -510,8 +510,6 @@ def classify_images(run: LoadedRun, paths: list[str | Path], batch_size: int = 1
     Raises:
         UserError: a file is missing or does not decode (the message names it).
     """
-    from uniemo.data.images import load_image_bytes
-    from uniemo.data.records import RecordProblem
 
     if not paths:
         raise UserError("give at least one image file to classify")

@@ -19,8 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from uniemo.data.loader import load_attribute_table
 from uniemo.data.records import SPLITS
+from uniemo.data.shards import ensure_synthetic_shards, read_manifest
 from uniemo.errors import DataError
+from uniemo.training.task import left_out_note, parts_left_out
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
@@ -33,7 +36,6 @@ _SPLIT_HINT = (
 
 def split_samples(folder: Path) -> dict[str, int]:
     """Samples per split listed in the manifest of ``folder`` (0 for a split it does not list)."""
-    from uniemo.data.shards import read_manifest
 
     totals = read_manifest(folder).get("totals", {})
     return {split: int(totals.get(split, {}).get("samples", 0)) for split in SPLITS}
@@ -62,9 +64,6 @@ def require_batches(folder: Path, samples: int, split: str, ranks: int, batch_si
 def check_training_data(cfg: Config, world_size: int) -> list[str]:
     """``uniemo train`` (stage 1 and 2, feedback training): the train split fills a batch on every rank, and
     the val split exists when the run validates. Returns the notes to print (what the data leaves out)."""
-    from uniemo.data.loader import load_attribute_table
-    from uniemo.data.shards import ensure_synthetic_shards
-    from uniemo.training.task import left_out_note
 
     folder = ensure_synthetic_shards(cfg.data)
     samples = split_samples(folder)
@@ -82,7 +81,6 @@ def check_training_data(cfg: Config, world_size: int) -> list[str]:
 def check_judge_data(cfg: Config) -> None:
     """``uniemo train-judge`` (one process): a train batch of ``evaluation.judge_batch_size``, and a val split
     for the accuracy it records at the end."""
-    from uniemo.data.shards import ensure_synthetic_shards
 
     folder = ensure_synthetic_shards(cfg.data, progress=True)
     samples = split_samples(folder)
@@ -95,9 +93,6 @@ def check_judge_data(cfg: Config) -> None:
 def check_evaluation_data(cfg: Config) -> tuple[list[str], list[str]]:
     """``uniemo evaluate``: the test split exists. Returns what the evaluated run left out
     (:func:`uniemo.training.task.parts_left_out`) and the notes for ``metrics.json`` that say so."""
-    from uniemo.data.loader import load_attribute_table
-    from uniemo.data.shards import ensure_synthetic_shards
-    from uniemo.training.task import left_out_note, parts_left_out
 
     folder = ensure_synthetic_shards(cfg.data, progress=True)
     require_split(folder, split_samples(folder), "test", "uniemo evaluate classifies it", "give the data a test split")

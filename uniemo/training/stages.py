@@ -28,8 +28,27 @@ import torch
 from torch import nn
 
 from uniemo.config.schema import EMOTIONS
+from uniemo.data.loader import build_loader_from_config, load_attribute_table
 from uniemo.errors import ConfigError
-from uniemo.training.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint
+from uniemo.models.conditioner import Conditioner
+from uniemo.models.generation import generate
+from uniemo.models.generator import build_generator
+from uniemo.models.weights import build_understanding
+from uniemo.run_layout import CONFIG_FILE, EMOTION_SPACE_FILE, TRAINER_STATE_FILE
+from uniemo.training.checkpoint import (
+    CheckpointError,
+    consolidated_state_dict,
+    latest_checkpoint,
+    read_trainer_state,
+    resolve_checkpoint,
+)
+from uniemo.training.emotion_space import (
+    all_reduce_emotion_space,
+    compute_emotion_space,
+    emotion_space_loader,
+)
+from uniemo.training.generator_task import annotation_note, build_generator_task, finish_generator
+from uniemo.training.task import build_stage1_task, build_stage2_task
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
@@ -37,7 +56,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.distributed.env import DistEnv
     from uniemo.training.trainer import Trainer
 
-EMOTION_SPACE_FILE = "emotion_space.safetensors"
 # Stage-1 parameters that may be absent from a stage-1 checkpoint: frozen there (so not saved, see
 # checkpoint.py) and unused in stage 2 (METHOD §3.1: the contrastive heads are not part of the joint loss).
 _STAGE1_OPTIONAL_ROLES = frozenset({"logit_scales", "projections"})
@@ -70,7 +88,7 @@ def _stage_of_run(run_dir: Path) -> int | None:
     import yaml
 
     try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        data = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
         return int(data["training"]["stage"])
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
         return None
@@ -139,7 +157,6 @@ def load_stage1_understanding(understanding: nn.Module, step_dir: str | Path) ->
     Only the parameters stage 1 may have kept frozen, and stage 2 does not use, may be missing: the logit scales
     and the contrastive projections (they keep their initial values).
     """
-    from uniemo.training.checkpoint import consolidated_state_dict
 
     prefix = "understanding."
     state = {k[len(prefix) :]: v.float() for k, v in consolidated_state_dict(step_dir).items() if k.startswith(prefix)}
@@ -161,7 +178,6 @@ def split_init(step_dir: Path) -> tuple[Path, Path | None]:
     A stage-1 checkpoint is its own first part. A stage-2 checkpoint holds only what stage 2 trains; its frozen
     backbone and head come from the stage-1 checkpoint it records as ``init_from``.
     """
-    from uniemo.training.checkpoint import read_trainer_state
 
     try:
         state = read_trainer_state(step_dir)
@@ -181,7 +197,6 @@ def split_init(step_dir: Path) -> tuple[Path, Path | None]:
 def load_stage2_weights(task: nn.Module, step_dir: str | Path) -> None:
     """Load every weight a stage-2 checkpoint trained into a stage-2 ``task`` (fp32); each trainable parameter of
     ``task`` must be among them."""
-    from uniemo.training.checkpoint import consolidated_state_dict
 
     state = {k: v.float() for k, v in consolidated_state_dict(step_dir).items()}
     own = task.state_dict()
@@ -199,7 +214,6 @@ def load_stage2_weights(task: nn.Module, step_dir: str | Path) -> None:
 
 
 def _build_task(cfg: Config, attributes: Any, init_from: Path | None) -> nn.Module:
-    from uniemo.training.task import build_stage1_task, build_stage2_task
 
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     if cfg.training.stage == 1:
@@ -219,7 +233,6 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
     Rank 0 builds first (it fills the caches: synthetic shards, attribute text features); the others wait at a
     barrier and then read them.
     """
-    from uniemo.data.loader import build_loader_from_config, load_attribute_table
 
     def build() -> nn.Module:
         attributes = load_attribute_table(cfg.data)
@@ -255,8 +268,6 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
 
 def _build_generator_stage(cfg: Config, env: DistEnv) -> StageParts:
     """Generator pretraining (METHOD D15): the task and streams with ``pixel_values`` (the stage-2 transforms)."""
-    from uniemo.data.loader import build_loader_from_config, load_attribute_table
-    from uniemo.training.generator_task import annotation_note, build_generator_task, finish_generator
 
     attributes = _rank0_first(env, lambda: load_attribute_table(cfg.data))
     torch.manual_seed(cfg.run.seed)
@@ -288,7 +299,6 @@ def _rank0_first(env: DistEnv, fn: Callable[[], Any]) -> Any:
 def final_understanding(cfg: Config, parts: StageParts, trained: dict[str, torch.Tensor], device: torch.device):
     """A plain fp32 understanding model with the run's final weights: the initial ones overlaid with the trained
     parameters of ``trained`` (a consolidated checkpoint, task names)."""
-    from uniemo.models.weights import build_understanding
 
     model = _fresh(lambda: build_understanding(cfg.model.understanding, *_attribute_counts(parts.task)))
     state = dict(parts.initial_understanding)
@@ -313,12 +323,6 @@ def _fresh(build: Callable[[], nn.Module]) -> nn.Module:
 
 def finish_stage2(trainer: Trainer) -> None:
     """Emotion space over all ranks (METHOD §4.1, D9) and, on rank 0, sample grids per emotion (METHOD §4.2)."""
-    from uniemo.training.checkpoint import consolidated_state_dict
-    from uniemo.training.emotion_space import (
-        all_reduce_emotion_space,
-        compute_emotion_space,
-        emotion_space_loader,
-    )
 
     cfg, env, parts = trainer.cfg, trainer.env, trainer.parts
     # The exported weights (fp32 masters of the final checkpoint), not the engine's bf16 copies.
@@ -342,9 +346,6 @@ def finish_stage2(trainer: Trainer) -> None:
 def sample_grids(cfg: Config, parts: StageParts, trainer: Trainer, space: Any, understanding: nn.Module,
                  trained: dict[str, torch.Tensor]) -> dict[str, Any]:
     """``logging.sample_images`` generated images per emotion seen in the space, as uint8 ``[N,H,W,3]`` arrays."""
-    from uniemo.models.conditioner import Conditioner
-    from uniemo.models.generation import generate
-    from uniemo.models.generator import build_generator
 
     task = parts.task
     device = trainer.device
@@ -387,7 +388,7 @@ def describe_init(step_dir: Path | None) -> str:
     if step_dir is None:
         return "random initialisation"
     try:
-        state = json.loads((step_dir / "trainer_state.json").read_text())
+        state = json.loads((step_dir / TRAINER_STATE_FILE).read_text())
     except (OSError, ValueError):
         state = {}
     if state.get("stage") == 2:

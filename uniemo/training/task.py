@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from uniemo.errors import ConfigError
 from uniemo.losses import (
     condition_loss,
     diffusion_loss,
@@ -33,6 +34,10 @@ from uniemo.losses import (
     joint_loss,
     understanding_loss,
 )
+from uniemo.models.conditioner import Conditioner, uses_attribute_branches
+from uniemo.models.generator import build_generator
+from uniemo.models.text_features import attribute_text_features
+from uniemo.models.weights import build_understanding
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config, LossConfig, TrainingConfig
@@ -313,7 +318,6 @@ def parts_left_out(cfg: Config, attributes: AttributeTable) -> list[str]:
     empty (c = M_emo(f_cls)), unless alpha is fixed to 1 (D13). Query types switched off by config (D13) are
     not listed: they are the user's choice, not the data's.
     """
-    from uniemo.models.conditioner import uses_attribute_branches
 
     und = cfg.model.understanding
     stage = cfg.training.stage
@@ -431,9 +435,6 @@ def build_stage1_task(cfg: Config, attributes: AttributeTable, cache_dir: str | 
     """The stage-1 task from config: the understanding model (loaded from ``model.understanding.clip_path`` when
     set) and the attribute text features of the scene/object vocabularies (cached in ``cache_dir``, default
     ``data.cache_dir``)."""
-    from uniemo.errors import ConfigError
-    from uniemo.models.text_features import attribute_text_features
-    from uniemo.models.weights import build_understanding
 
     und_cfg = cfg.model.understanding
     understanding = build_understanding(und_cfg, len(attributes.scenes), len(attributes.objects))
@@ -451,7 +452,6 @@ def build_stage1_task(cfg: Config, attributes: AttributeTable, cache_dir: str | 
 
 def _load_understanding_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a stage-1 understanding state dict (bare, or with the task's ``understanding.`` prefix)."""
-    from uniemo.errors import ConfigError
 
     prefix = "understanding."
     if state and all(k.startswith(prefix) for k in state):
@@ -473,10 +473,6 @@ def build_stage2_task(
     diffusers folder at ``model.generator.path`` or a random preset), conditioner, and the attribute base
     embedded in the generator's token space with Φ (D6, recomputed for ``data.min_attribute_count`` /
     ``data.phi_beta``)."""
-    from uniemo.errors import ConfigError
-    from uniemo.models.conditioner import Conditioner
-    from uniemo.models.generator import build_generator
-    from uniemo.models.weights import build_understanding
 
     und_cfg, gen_cfg = cfg.model.understanding, cfg.model.generator
     attributes = attributes.rebased(cfg.data.min_attribute_count, cfg.data.phi_beta)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from uniemo.errors import UserError
 from uniemo.run_layout import stop_request_path
 from uniemo.training.checkpoint import (
     Checkpointer,
@@ -211,8 +212,9 @@ class Trainer:
         self.logger.info(f"step {self.step}: new training shards listed; epoch {loader.epoch} starts with them")
         return True
 
-    def forward_backward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Forward through the engine (the task: model + losses), backward of ``total``; detached float terms."""
+    def forward_backward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """Forward through the engine (the task: model + losses), backward of ``total``; detached float terms.
+        None when the loss is not finite on some rank (nothing was backpropagated)."""
         batch = self.engine.prepare_batch(batch)
         self._last_batch = batch
         out = self.engine.ds_engine(batch)
@@ -226,7 +228,6 @@ class Trainer:
         within ``training.max_bad_steps``; beyond it the run stops with a one-line error, saving nothing, so
         ``checkpoints/latest`` stays the last good checkpoint. (max_bad_steps > 0 implies gradient_accumulation 1,
         so no gradient of another micro-batch is left behind.)"""
-        from uniemo.errors import UserError
 
         self.bad_steps += 1
         if self.bad_steps <= self.cfg.training.max_bad_steps:
