@@ -239,12 +239,18 @@ class GeneratorTrainingConfig:
     """Share of samples trained with the empty caption, so classifier-free guidance works."""
     part_drop: float = 0.25
     """Chance that each caption part (colours, scene, objects) is left out (at least one part stays)."""
+    noise_offset: float = 0.1
+    """Offset noise: ``noise_offset`` x one N(0,1) draw per image and latent channel is added to the diffusion
+    noise of the UNet phase (as diffusers' ``--noise_offset``). Without it the UNet reads an image's colour from
+    the per-channel mean that SD's schedule leaves in even the noisiest latents (sqrt(alpha_T) ~ 0.07), and
+    sampling from pure noise then ignores colour words: the first CPU-world generator never drew blue or purple."""
 
     def validate(self) -> None:
         _positive("training.generator.vae_steps", self.vae_steps)
         for key in ("lr_vae", "lr_unet", "lr_text"):
             _positive(f"training.generator.{key}", getattr(self, key))
         _non_negative("training.generator.kl_weight", self.kl_weight)
+        _non_negative("training.generator.noise_offset", self.noise_offset)
         for key in ("caption_drop", "part_drop"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:

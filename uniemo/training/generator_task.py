@@ -10,8 +10,9 @@ Two phases in one run, one optimiser:
 
 - steps ``[0, vae_steps)``: the ``AutoencoderKL`` (reconstruction MSE + ``kl_weight`` x KL, both per image);
 - steps ``[vae_steps, steps)``: the UNet and the text encoder, on the epsilon loss of METHOD §3.7 with the VAE
-  fixed. At the first step of this phase the latent scaling factor is set to 1 / std of the VAE latents of
-  that batch (averaged over ranks), as SD's 0.18215 was chosen for its VAE; it is a persistent buffer, so it is
+  fixed, with offset noise (``noise_offset``) so that colour comes from the caption, not from the noisy latent.
+  At the first step of this phase the latent scaling factor is set to 1 / std of the VAE latents of that batch
+  (averaged over ranks), as SD's 0.18215 was chosen for its VAE; it is a persistent buffer, so it is
   checkpointed and exported as the VAE's ``scaling_factor``.
 
 Each part's optimiser group has a learning rate only in its own phase (:meth:`role_phases`, read by the engine),
@@ -135,6 +136,9 @@ class GeneratorPretrainTask(_Task):
                                  max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
             hidden = self.text_encoder(input_ids=ids.to(device)).last_hidden_state
             noise = torch.randn_like(latents)
+            if self.settings.noise_offset > 0:  # offset noise (training.generator.noise_offset)
+                noise = noise + self.settings.noise_offset * torch.randn(
+                    latents.shape[0], latents.shape[1], 1, 1, device=device, dtype=noise.dtype)
             timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                       device=device)
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
