@@ -5,9 +5,11 @@
 Per seed s (``run.seed = s``; the data set is the same for every seed, so seeds vary initialisation, data order,
 noise and generation):
 
-(a) stage 1 with the expert queries vs without (``use_scene_queries = use_object_queries = false``): test top-1;
+(a) stage 1 with the expert queries vs without (``use_scene_queries = use_object_queries = false``): test top-1,
+    after the config's steps and stopped early (``--early-steps``, before the set's ceiling);
 (b) stage 2 (joint training from (a)'s with-queries run) vs stage 1 alone: test top-1;
-(c) Emo-A of stage 2's generated images, judged by an independent classifier (one judge, trained once);
+(c) Emo-A and FID of stage 2's generated images, judged by an independent classifier (one judge, trained once),
+    and of the generation-side ablations: alpha fixed, no condition loss, no implicit feedback (METHOD D13);
 (d) continuing stage 2 for the same number of steps with: filtered feedback (the config's METHOD §5 thresholds),
     unfiltered feedback (tau = 0, no near-duplicate removal, no attribute cap, keep all), and no feedback (real
     data only): test top-1 of each.
@@ -29,6 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from uniemo.config import Config, load_config, with_overrides
+
+NO_QUERIES = ["model.understanding.use_scene_queries=false", "model.understanding.use_object_queries=false"]
+GENERATION_ABLATIONS = {
+    "fixed_alpha": ["model.conditioner.fixed_alpha=true"],
+    "no_condition_loss": ["training.losses.condition_loss=false"],
+    "no_implicit_feedback": ["training.losses.implicit_feedback=false"],
+}
+"""Stage-2 variants of check (c): name -> overrides (METHOD D13)."""
 
 
 def _stage_cfg(base: Config, out: Path, name: str, stage_overrides: list[str], extra: list[str]) -> Config:
@@ -84,8 +94,8 @@ def _top1(m: dict[str, Any]) -> float:
     return float(m["understanding"]["top1"])
 
 
-def run_checks(config: str, seeds: list[int], out: Path, overrides: list[str] = (), only_a: bool = False
-               ) -> dict[str, Any]:
+def run_checks(config: str, seeds: list[int], out: Path, overrides: list[str] = (), only_a: bool = False,
+               early_steps: int = 40) -> dict[str, Any]:
     from uniemo.distributed.ray_train import ray_session
     from uniemo.evaluation.judge import train_judge
     from uniemo.feedback.rounds import pool_cpus
@@ -115,9 +125,15 @@ def run_checks(config: str, seeds: list[int], out: Path, overrides: list[str] = 
                                     seed_o + ["training.stage=1"]))
             entry["a_stage1_queries"] = _top1(_evaluate(s1q, judge))
             s1n = _train(_stage_cfg(base, out, f"{tag}/stage1-no-queries", list(pipe.stage1), seed_o + [
-                "training.stage=1", "model.understanding.use_scene_queries=false",
-                "model.understanding.use_object_queries=false"]))
+                "training.stage=1", *NO_QUERIES]))
             entry["a_stage1_no_queries"] = _top1(_evaluate(s1n, judge))
+            # (a) before convergence: both variants stop after `early_steps` (the full budget reaches the
+            # set's ceiling, where the queries cannot show).
+            for key, name, extra in (("a_early_queries", "stage1-queries-early", []),
+                                     ("a_early_no_queries", "stage1-no-queries-early", NO_QUERIES)):
+                run = _train(_stage_cfg(base, out, f"{tag}/{name}", list(pipe.stage1), seed_o + [
+                    "training.stage=1", f"training.steps={early_steps}", *extra]))
+                entry[key] = _top1(_evaluate(run, judge))
             save()
             if only_a:
                 continue
@@ -128,6 +144,15 @@ def run_checks(config: str, seeds: list[int], out: Path, overrides: list[str] = 
             entry["c_emo_a"] = float(m2["generation"]["emo_a"]["top1"])
             entry["c_fid"] = float(m2["generation"]["fid"]["pooled"])
             entry["c_fid_extractor"] = m2["generation"]["fid"]["extractor"]
+            save()
+            # Generation-side ablations (METHOD D13): the same stage 2 with one switch changed.
+            for key, extra in GENERATION_ABLATIONS.items():
+                run = _train(_stage_cfg(base, out, f"{tag}/stage2-{key}", list(pipe.stage2),
+                                        seed_o + ["training.stage=2", f"training.init_from={s1q}", *extra]))
+                m = _evaluate(run, judge)
+                entry[f"c_{key}_emo_a"] = float(m["generation"]["emo_a"]["top1"])
+                entry[f"c_{key}_fid"] = float(m["generation"]["fid"]["pooled"])
+                entry[f"c_{key}_top1"] = _top1(m)
             save()
             fb_common = list(pipe.feedback) + seed_o + [f"feedback.from_run={s2}", "feedback.mode=sequential"]
             filtered = _feedback(_stage_cfg(base, out, f"{tag}/feedback-filtered", fb_common, []))
@@ -161,9 +186,18 @@ def table(results: dict[str, Any]) -> str:
     rows = [
         ("(a) stage 1, with expert queries: test top-1", "a_stage1_queries"),
         ("(a) stage 1, without queries: test top-1", "a_stage1_no_queries"),
+        ("(a) stage 1, with expert queries, early stop: test top-1", "a_early_queries"),
+        ("(a) stage 1, without queries, early stop: test top-1", "a_early_no_queries"),
         ("(b) stage 2 (joint, from (a) with queries): test top-1", "b_stage2"),
         ("(c) Emo-A of stage-2 images (judge; chance 0.125)", "c_emo_a"),
         ("(c) FID of stage-2 images (judge features)", "c_fid"),
+        ("(c) Emo-A, alpha fixed", "c_fixed_alpha_emo_a"),
+        ("(c) Emo-A, no condition loss", "c_no_condition_loss_emo_a"),
+        ("(c) Emo-A, no implicit feedback", "c_no_implicit_feedback_emo_a"),
+        ("(c) FID, alpha fixed", "c_fixed_alpha_fid"),
+        ("(c) FID, no condition loss", "c_no_condition_loss_fid"),
+        ("(c) FID, no implicit feedback", "c_no_implicit_feedback_fid"),
+        ("(b) test top-1 after stage 2, no implicit feedback", "c_no_implicit_feedback_top1"),
         ("(d) + filtered feedback: test top-1", "d_filtered"),
         ("(d) + unfiltered feedback: test top-1", "d_unfiltered"),
         ("(d) + no feedback (real only, same steps): test top-1", "d_no_feedback"),
@@ -213,6 +247,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/science")
     parser.add_argument("--only-a", action="store_true", help="only check (a): stage 1 with and without queries")
+    parser.add_argument("--early-steps", type=int, default=40,
+                        help="stage-1 steps of check (a)'s before-convergence variant (default 40)")
     parser.add_argument("--ablations", metavar="DIR", help="print the table of a finished ablation sweep "
                         "(uniemo sweep configs/sweeps/ablations.yaml --backend local -> runs/ablations) and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. "
@@ -222,7 +258,7 @@ def main() -> int:
         print(ablation_table(Path(args.ablations)))
         return 0
     results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out), args.overrides,
-                         args.only_a)
+                         args.only_a, args.early_steps)
     print(table(results))
     return 0
 
