@@ -90,6 +90,12 @@ def _no_feedback(cfg: Config, from_run: Path) -> Path:
     return _train(plain)
 
 
+def _seed(results: dict[str, Any], seed: int) -> tuple[str, list[str], dict[str, Any]]:
+    """A seed's run-folder tag, its override and its (possibly already filled) results entry."""
+    tag = f"seed-{seed}"
+    return tag, [f"run.seed={seed}"], results["runs"].setdefault(tag, {})
+
+
 def _top1(m: dict[str, Any]) -> float:
     return float(m["understanding"]["top1"])
 
@@ -117,10 +123,9 @@ def run_checks(config: str, seeds: list[int], out: Path, overrides: list[str] = 
         judge = out / "judge"
         if not (judge / "judge.json").is_file():
             train_judge(with_overrides(base, list(pipe.judge)), judge)
+        # Three passes over the seeds, the headline checks first: (a)-(c); the generation ablations; (d).
         for seed in seeds:
-            tag = f"seed-{seed}"
-            seed_o = [f"run.seed={seed}"]
-            entry = results["runs"].setdefault(tag, {})
+            tag, seed_o, entry = _seed(results, seed)
             s1q = _train(_stage_cfg(base, out, f"{tag}/stage1-queries", list(pipe.stage1),
                                     seed_o + ["training.stage=1"]))
             entry["a_stage1_queries"] = _top1(_evaluate(s1q, judge))
@@ -145,6 +150,10 @@ def run_checks(config: str, seeds: list[int], out: Path, overrides: list[str] = 
             entry["c_fid"] = float(m2["generation"]["fid"]["pooled"])
             entry["c_fid_extractor"] = m2["generation"]["fid"]["extractor"]
             save()
+            print(f"seed {seed} (a)-(c): {json.dumps(entry)}", file=sys.stderr, flush=True)
+        for seed in [] if only_a else seeds:
+            tag, seed_o, entry = _seed(results, seed)
+            s1q = out / tag / "stage1-queries"
             # Generation-side ablations (METHOD D13): the same stage 2 with one switch changed.
             for key, extra in GENERATION_ABLATIONS.items():
                 run = _train(_stage_cfg(base, out, f"{tag}/stage2-{key}", list(pipe.stage2),
@@ -153,7 +162,10 @@ def run_checks(config: str, seeds: list[int], out: Path, overrides: list[str] = 
                 entry[f"c_{key}_emo_a"] = float(m["generation"]["emo_a"]["top1"])
                 entry[f"c_{key}_fid"] = float(m["generation"]["fid"]["pooled"])
                 entry[f"c_{key}_top1"] = _top1(m)
-            save()
+                save()
+        for seed in [] if only_a else seeds:
+            tag, seed_o, entry = _seed(results, seed)
+            s2 = out / tag / "stage2"
             fb_common = list(pipe.feedback) + seed_o + [f"feedback.from_run={s2}", "feedback.mode=sequential"]
             filtered = _feedback(_stage_cfg(base, out, f"{tag}/feedback-filtered", fb_common, []))
             entry["d_filtered"] = _top1(_evaluate(filtered, judge))
