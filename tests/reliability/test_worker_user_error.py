@@ -23,6 +23,20 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
+_TRACEBACK = re.compile(r"[^\n]*Traceback \(most recent call last\):\n(?:[^\n]*\n)*?[^\n]*Error:[^\n]*\n")
+
+
+def _without_ray_startup_retries(stderr: str) -> str:
+    """stderr without the tracebacks Ray Train's controller logs when a resource request times out on a loaded
+    machine and is retried (``autoscaling_coordinator_client`` ... ``GetTimeoutError``): Ray's start-up, not
+    the error under test."""
+    return _TRACEBACK.sub(
+        lambda m: "" if "autoscaling_coordinator_client" in m.group(0) and "GetTimeoutError" in m.group(0)
+        else m.group(0),
+        stderr,
+    )
+
+
 def test_a_user_error_in_a_worker_is_one_line_and_not_retried(tmp_path, synth_shards):
     args = [
         "train", "--config", str(REPO / "configs" / "tiny_stage1.yaml"), f"data.shards={synth_shards}",
@@ -38,7 +52,8 @@ def test_a_user_error_in_a_worker_is_one_line_and_not_retried(tmp_path, synth_sh
     try:
         assert out.returncode == 2, out.stderr[-3000:]
         assert len(errors) == 1 and errors[0].startswith("uniemo: error: non-finite loss at step 2"), errors
-        assert "Traceback" not in out.stderr and "Error in training function" not in out.stderr
+        stderr = _without_ray_startup_retries(out.stderr)
+        assert "Traceback" not in stderr and "Error in training function" not in stderr, stderr[-3000:]
         # One worker group ran: rank 0 announces each start of the training loop.
         assert out.stderr.count("uniemo: stage 1: 2 rank(s)") == 1, out.stderr[-3000:]
         kept = re.search(r"; Ray's logs of this run are kept in (\S+)$", errors[0])
