@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -113,15 +114,26 @@ def worker_threads(dist_cfg: DistributedConfig) -> int:
     return max(1, int(dist_cfg.cpus_per_worker))
 
 
+LAUNCH_DIR_ENV = "UNIEMO_LAUNCH_DIR"
+"""The driver's working directory, in the workers' environment (:func:`worker_env_vars`)."""
+
+
+def launch_dir() -> Path:
+    """The working directory the job was launched from: the driver's in a Ray worker, else this process's."""
+    return Path(os.environ.get(LAUNCH_DIR_ENV) or os.getcwd()).resolve()
+
+
 def worker_env_vars(dist_cfg: DistributedConfig) -> dict[str, str]:
     """Environment a training worker needs, for Ray's ``runtime_env``.
 
     ``OMP_NUM_THREADS`` = the worker's CPUs (2 ranks on 2 cores must not run 2 x 2 threads);
     ``DS_ACCELERATOR=cpu`` on CPU workers (DeepSpeed would otherwise probe for a GPU and warn);
     ``TOKENIZERS_PARALLELISM=false`` (the tokenizer's thread pool would be forked into loader workers);
-    ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` (plain ``print`` in Ray Train workers).
+    ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` (plain ``print`` in Ray Train workers); ``UNIEMO_LAUNCH_DIR`` = the
+    driver's working directory (a Ray worker runs elsewhere; files meant to be shipped record paths relative to it).
     """
     env = {
+        LAUNCH_DIR_ENV: os.getcwd(),
         "OMP_NUM_THREADS": str(worker_threads(dist_cfg)),
         "TOKENIZERS_PARALLELISM": "false",
         # Ray Train would route print() through its logger and also tee it to the stream: every line twice.

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniemo.data.captions import batch_captions, caption_vocabulary
+from uniemo.distributed.env import launch_dir
 from uniemo.models.generator import SD15_SCHEDULER_CONFIG, build_random_parts, save_pipeline
 from uniemo.models.tokenizer import build_local_tokenizer
 from uniemo.training.task import _move_batch, _Task
@@ -206,8 +207,8 @@ def finish_generator(trainer: Trainer) -> None:
                      "size": cfg.data.synthetic.size, "shards": cfg.data.shards},
             "latent_scale": float(trained["latent_scale"]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            # Paths inside the working directory are recorded relative to it: a shipped folder names no machine.
-            "config": dump_config(cfg).replace(str(Path.cwd().resolve()) + "/", ""),
+            # Paths inside the launch directory are recorded relative to it: a shipped folder names no machine.
+            "config": dump_config(cfg).replace(str(launch_dir()) + "/", ""),
         }
         (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
         trainer.logger.info(f"pretrained generator (diffusers folder) -> {out}")
