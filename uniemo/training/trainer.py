@@ -144,8 +144,11 @@ class Trainer:
             if terms is None:  # a skipped non-finite step: no update, the step number stays
                 continue
             val = self.maybe_eval()
-            self.maybe_checkpoint()
+            # The step's metrics line goes out before its checkpoint: a checkpoint must never cover a step whose
+            # record is missing (a rank dying between the two would lose that line for good). The other order is
+            # safe, because a resume truncates metrics.jsonl back to the checkpoint's step.
             self.maybe_log(terms, val)
+            self.maybe_checkpoint()
             self.maybe_refresh_sources()
             if self.stop_requested():
                 stopped = True
