@@ -54,7 +54,7 @@ import math
 import random
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -604,8 +604,9 @@ class ShardLoader:
             self._by_source.update(batch["source"])
             yield batch
 
-    def batches(self) -> Iterator[dict[str, Any]]:
-        """Training: an endless stream, epoch after epoch. Evaluation: one pass."""
+    def batches(self) -> Generator[dict[str, Any], None, None]:
+        """Training: an endless stream, epoch after epoch. Evaluation: one pass. A generator: ``close()`` ends the
+        current epoch's DataLoader (the trainer does, when new feedback shards are listed)."""
         if not self.training:
             yield from self
             return
