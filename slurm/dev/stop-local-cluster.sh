@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Stop the one-node SLURM cluster that slurm/dev/start-local-cluster.sh started.
+# Stop the SLURM cluster (one node or --nodes N) that slurm/dev/start-local-cluster.sh started.
 #
 #   bash slurm/dev/stop-local-cluster.sh [--dir DIR] [--purge]
 #
 # DIR: as for the start script (UNIEMO_SLURM_DIR, default /tmp/uniemo-slurm). Cancels the cluster's jobs, then
-# stops slurmd, slurmctld and munged by the pids in DIR/pids (only when the pid still runs that program), SIGTERM
-# first and SIGKILL after 10 s. Idempotent: a stopped cluster, or no DIR at all, is fine. --purge also deletes DIR.
+# stops every slurmd, slurmctld and munged by the pids in DIR/pids (only when the pid still runs that program),
+# SIGTERM first and SIGKILL after 10 s. An N-node cluster: then whatever still runs inside its nodes' namespaces,
+# and the namespaces and links the start script made (listed in DIR/net/created). Idempotent: a stopped cluster,
+# or no DIR at all, is fine; afterwards the cluster can be started again. --purge also deletes DIR.
 set -euo pipefail
 
 DIR="${UNIEMO_SLURM_DIR:-/tmp/uniemo-slurm}"
@@ -14,12 +16,14 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dir) DIR="$2"; shift 2 ;;
         --purge) PURGE=1; shift ;;
-        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "stop-local-cluster.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 
 log() { echo "stop-local-cluster.sh: $*" >&2; }
+# shellcheck source=slurm/dev/local-nodes.sh
+source "$(cd "$(dirname "$0")" && pwd)/local-nodes.sh"
 
 if [ ! -d "$DIR" ]; then
     log "nothing to stop ($DIR does not exist)"
@@ -29,12 +33,12 @@ DIR="$(cd "$DIR" && pwd)"
 PIDS="$DIR/pids"
 export SLURM_CONF="$DIR/slurm.conf"
 
-pid_of() {  # pid_of NAME: the pid in DIR/pids/NAME.pid when that process still runs NAME, else nothing
+pid_of() {  # pid_of NAME: the pid in DIR/pids/NAME.pid when that process still runs NAME's program, else nothing
     local pid_file="$PIDS/$1.pid" pid
     [ -s "$pid_file" ] || return 0
     pid="$(cat "$pid_file")"
     [ -r "/proc/$pid/cmdline" ] || return 0
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$1" || return 0
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "${1%%-*}" || return 0  # slurmd-node1: program slurmd
     echo "$pid"
 }
 
@@ -78,8 +82,14 @@ if [ -n "$(pid_of slurmctld)" ] && command -v squeue >/dev/null; then
     fi
 fi
 
-stop_pids slurmd slurmctld  # together: each takes ~2 s to shut down
+slurmds=()
+for pid_file in "$PIDS"/slurmd*.pid; do [ -e "$pid_file" ] && slurmds+=("$(basename "$pid_file" .pid)"); done
+stop_pids "${slurmds[@]}" slurmctld  # together: each takes ~2 s to shut down
 stop_pids munged
+if [ -f "$DIR/net/created" ]; then
+    net_down "$DIR"
+    log "removed the nodes' namespaces and links"
+fi
 if [ "$PURGE" -eq 1 ]; then
     rm -rf "$DIR"
     log "removed $DIR"
