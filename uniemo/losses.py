@@ -51,19 +51,24 @@ def symmetric_info_nce(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor | float,
     valid: torch.Tensor,
+    invalid_as_negatives: bool = False,
 ) -> torch.Tensor:
     """Symmetric in-batch InfoNCE between image-side and text-side embeddings (METHOD §2.4).
 
     ``L = ½·[CE(S, ℓ) + CE(Sᵀ, ℓ)]`` with ``S = logit_scale · F Tᵀ`` and ``ℓ_i = i``, over the rows AND columns
     where ``valid`` is true (an image without a scene annotation is neither a query nor a negative). The other
     images of the batch are the negatives, even when two share the same attribute string (as in the official
-    code).
+    code). With ``invalid_as_negatives`` the matrix keeps every row and column and only the invalid rows are
+    skipped (``ℓ_i = -1`` with ``ignore_index`` -1, the official code): an image without the annotation is still a
+    negative of the others, through its image embedding and through its text row (the placeholder's features).
 
     Args:
         features: ``[B,E]`` L2-normalised image-side embeddings (``z_s`` or ``z_o``).
         text_features: ``[B,E]`` L2-normalised text embeddings of each row's attribute.
         logit_scale: the (already exponentiated) temperature, a scalar tensor or float.
         valid: ``[B]`` bool, which rows take part.
+        invalid_as_negatives: keep the invalid rows' columns as negatives (``training.losses.
+            unannotated_negatives``).
 
     Returns:
         A scalar tensor; 0 (still attached to ``features``' graph) when no row is valid.
@@ -71,6 +76,14 @@ def symmetric_info_nce(
     valid_B = valid.to(torch.bool)
     if not bool(valid_B.any()):
         return _zero_like_graph(features, logit_scale if isinstance(logit_scale, torch.Tensor) else None)
+    if invalid_as_negatives:
+        logits_BB = logit_scale * (features @ text_features.to(features.dtype).T)
+        targets_B = torch.arange(features.shape[0], device=features.device)
+        targets_B = torch.where(valid_B.to(features.device), targets_B, torch.full_like(targets_B, -1))
+        return 0.5 * (
+            F.cross_entropy(logits_BB, targets_B, ignore_index=-1)
+            + F.cross_entropy(logits_BB.T, targets_B, ignore_index=-1)
+        )
     f_NE = features[valid_B]
     t_NE = text_features[valid_B].to(f_NE.dtype)
     logits_NN = logit_scale * (f_NE @ t_NE.T)
@@ -132,6 +145,7 @@ def understanding_loss(outputs: Any, batch: dict, weights: LossConfig, stage: in
                 batch["scene_text_features"],
                 outputs.logit_scale_scene,
                 batch["scene_idx"].to(emotion_logits_BK.device) >= 0,
+                invalid_as_negatives=weights.unannotated_negatives,
             )
         if outputs.object_embedding is not None:
             terms["object"] = symmetric_info_nce(
@@ -139,6 +153,7 @@ def understanding_loss(outputs: Any, batch: dict, weights: LossConfig, stage: in
                 batch["object_text_features"],
                 outputs.logit_scale_object,
                 batch["object_idx"].to(emotion_logits_BK.device) >= 0,
+                invalid_as_negatives=weights.unannotated_negatives,
             )
     else:
         if outputs.scene_logits is not None:

@@ -83,6 +83,11 @@ class DataConfig:
     """Normalisation of the understanding input: ImageNet mean/std (METHOD §2.6), CLIP's, or [-1, 1]."""
     train_augment: bool = True
     """Random resized crop and horizontal flip on training images (METHOD §2.6)."""
+    crop_resize: int = 0
+    """The shorter side is resized to this before the central ``image_size`` crop of every view without
+    augmentation (evaluation, and training with ``train_augment`` off); 0: ``image_size``. The official stage-1
+    test transform is Resize(224) + CenterCrop(224) (0 at 224 px); the official stage-2 ViT input is Resize(256) +
+    CenterCrop(224) (256; METHOD §2.6, §3.2)."""
     batch_size: int = 16
     """Micro-batch per rank."""
     num_workers: int = 2
@@ -93,12 +98,29 @@ class DataConfig:
     """An attribute enters the attribute base and Phi when seen at least this often (METHOD D6, m)."""
     phi_beta: float = 1.0
     """Additive smoothing of Phi (METHOD D6, beta)."""
+    attributes: Literal["counts", "emogen"] = "counts"
+    """Attribute base and Phi of alpha (METHOD §3.5, D6): ``counts`` derives them from the training annotations
+    (``attributes.json`` of the shards); ``emogen`` takes EmoGen's curated names and classifier-confidence Phi,
+    the official tables, from ``data.attribute_base``."""
+    attribute_base: str = ""
+    """``data.attributes=emogen``: the file written by ``uniemo data attributes --from-emogen DIR --out FILE``."""
 
     def validate(self) -> None:
         _positive("data.batch_size", self.batch_size)
         _positive("data.image_size", self.image_size)
         _positive("data.generator_image_size", self.generator_image_size)
         _non_negative("data.num_workers", self.num_workers)
+        _non_negative("data.crop_resize", self.crop_resize)
+        if self.crop_resize and self.crop_resize < self.image_size:
+            raise ConfigError(
+                f"data.crop_resize ({self.crop_resize}) must be 0 or at least data.image_size ({self.image_size}): "
+                "the centre crop is taken from the resized image"
+            )
+        if self.attributes == "emogen" and not self.attribute_base:
+            raise ConfigError(
+                "data.attributes=emogen needs data.attribute_base=<file>; write it with "
+                "`uniemo data attributes --from-emogen <EmoGen dataset_balance folder> --out <file>`"
+            )
         _positive("data.synthetic.images", self.synthetic.images)
         _positive("data.synthetic.shard_size", self.synthetic.shard_size)
         if self.synthetic.size < 16:
@@ -219,6 +241,10 @@ class LossConfig:
     """Ablation switch (D13): condition loss on/off."""
     implicit_feedback: bool = True
     """Ablation switch (D13): False stops the diffusion gradient at c."""
+    unannotated_negatives: bool = False
+    """Stage 1: images without a scene (object) annotation stay in the InfoNCE matrix as negatives, with the
+    text of the placeholder ``scene`` (``object``), and only their own rows are skipped, as the official code
+    (``ignore_index`` -1, METHOD §2.4); False drops their rows and columns."""
 
 
 @dataclass
@@ -314,6 +340,11 @@ class TrainingConfig:
     """Floor of the ``cosine`` schedule as a fraction of each group's learning rate."""
     cyclic_period: int = 32
     """T_max of ``cyclic_cosine`` (METHOD §2.5: 32; the learning rate returns every 2 x T_max steps)."""
+    cyclic_period_samples: int = 0
+    """When > 0, T_max of ``cyclic_cosine`` counted in samples instead of steps: T_max = cyclic_period_samples /
+    global batch optimizer steps, so the learning rate follows the same curve over the samples seen whatever
+    the global batch (official: 2048 in stage 1, 32 x 4 scheduler steps of 256 images; 32 in stage 2, batch 1;
+    docs/RECIPES.md). Replaces ``cyclic_period``."""
     checkpoint_every: int = 50
     """Save a checkpoint every this many steps (and always at the end); 0: only at the end."""
     keep_checkpoints: int = 3
@@ -340,6 +371,7 @@ class TrainingConfig:
         _positive("training.keep_checkpoints", self.keep_checkpoints)
         _non_negative("training.eval_every", self.eval_every)
         _positive("training.cyclic_period", self.cyclic_period)
+        _non_negative("training.cyclic_period_samples", self.cyclic_period_samples)
         if self.warmup_steps is not None:
             _non_negative("training.warmup_steps", self.warmup_steps)
         if not 0.0 <= self.min_lr_ratio <= 1.0:

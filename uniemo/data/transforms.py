@@ -1,7 +1,8 @@
 """Image transforms of the loader, in PIL and torch (torchvision is deliberately not a dependency).
 
 - Understanding input ``image`` (METHOD §2.6): training = RandomResizedCrop(S) + horizontal flip with
-  torchvision's sampling rule; evaluation = Resize(S) (shorter side) + CenterCrop(S). Normalised by
+  torchvision's sampling rule; evaluation = Resize(R) (shorter side, R = ``data.crop_resize`` or S) +
+  CenterCrop(S). Normalised by
   ``data.normalization``: ImageNet mean/std (the official Stage-1 choice), CLIP's, or ``symmetric`` ([-1, 1],
   the official Stage-2 ``image``, METHOD §3.2).
 - Generator input ``pixel_values`` (stage 2, METHOD §3.2 b): the whole image resized to G x G (aspect ratio
@@ -69,14 +70,16 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size``, then crop the central ``size`` x ``size`` (torchvision rounding)."""
+def resize_center_crop(image: Image.Image, size: int, resize: int = 0) -> Image.Image:
+    """Resize the shorter side to ``resize`` (0: ``size``), then crop the central ``size`` x ``size``
+    (torchvision's ``Resize`` + ``CenterCrop`` rounding)."""
     w, h = image.size
-    if (w, h) != (size, size):
+    side = resize or size
+    if (w, h) != (size, size) or side != size:
         if w <= h:
-            new_w, new_h = size, int(size * h / w)
+            new_w, new_h = side, int(side * h / w)
         else:
-            new_w, new_h = int(size * w / h), size
+            new_w, new_h = int(side * w / h), side
         image = image.resize((new_w, new_h), RESAMPLE)
         top = int(round((new_h - size) / 2.0))
         left = int(round((new_w - size) / 2.0))
@@ -112,6 +115,8 @@ class SampleTransform:
     normalization: str = "imagenet"
     augment: bool = False
     """RandomResizedCrop + horizontal flip (training, METHOD §2.6); else Resize + CenterCrop."""
+    crop_resize: int = 0
+    """Shorter side before the centre crop of a view without augmentation; 0: ``image_size`` (METHOD §3.2: 256)."""
     generator_size: int | None = None
     """Side of ``pixel_values`` (stage 2); None: no ``pixel_values``."""
     flip_pixel_values: bool = False
@@ -136,7 +141,7 @@ class SampleTransform:
             if rng.random() < 0.5:
                 view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
-            view = resize_center_crop(image, self.image_size)
+            view = resize_center_crop(image, self.image_size, self.crop_resize)
         out = {"image": to_normalized_tensor(view, self.normalization)}
         if self.generator_size is not None:
             g = self.generator_size
@@ -153,6 +158,7 @@ def build_sample_transform(data_cfg: Any, *, stage: int, training: bool) -> Samp
         image_size=data_cfg.image_size,
         normalization=data_cfg.normalization,
         augment=training and data_cfg.train_augment,
+        crop_resize=data_cfg.crop_resize,
         generator_size=data_cfg.generator_image_size if stage == 2 else None,
         flip_pixel_values=training,
     )

@@ -136,19 +136,25 @@ def warmup_steps(training_cfg: TrainingConfig, total_steps: int) -> int:
     return int(round(0.05 * total_steps))
 
 
-def lr_factor(training_cfg: TrainingConfig, total_steps: int) -> Callable[[int], float]:
+def lr_factor(training_cfg: TrainingConfig, total_steps: int, global_batch: int = 1) -> Callable[[int], float]:
     """The schedule as a factor on each group's learning rate, a function of completed optimiser steps.
 
     - ``cosine``: linear warm-up ``(s+1)/(W+1)``, then ``r + (1-r)(1+cos(pi p))/2`` with ``p`` the progress
       after warm-up and ``r`` = ``min_lr_ratio``.
     - ``cyclic_cosine``: the closed form of ``CosineAnnealingLR(T_max)`` with eta_min 0, ``(1+cos(pi s/T))/2``,
-      which falls to 0 at T and comes back at 2T (METHOD §2.5; §9.11 "cyclic cosines").
+      which falls to 0 at T and comes back at 2T (METHOD §2.5; §9.11 "cyclic cosines"). T is
+      ``cyclic_period`` steps, or ``cyclic_period_samples / global_batch`` steps when that is set (the official
+      cycle counted in samples, kept at any global batch; docs/RECIPES.md).
     - ``constant``: linear warm-up then 1.
     """
     schedule = training_cfg.lr_schedule
     warm = warmup_steps(training_cfg, total_steps)
     floor = training_cfg.min_lr_ratio
-    period = training_cfg.cyclic_period
+    period = (
+        training_cfg.cyclic_period_samples / global_batch
+        if training_cfg.cyclic_period_samples
+        else training_cfg.cyclic_period
+    )
 
     def factor(step: int) -> float:
         if schedule == "cyclic_cosine":
@@ -164,18 +170,19 @@ def lr_factor(training_cfg: TrainingConfig, total_steps: int) -> Callable[[int],
 
 
 def group_lr_factors(
-    task: nn.Module, groups: list[dict[str, Any]], training_cfg: TrainingConfig, total_steps: int
+    task: nn.Module, groups: list[dict[str, Any]], training_cfg: TrainingConfig, total_steps: int,
+    global_batch: int = 1,
 ) -> Callable[[int], float] | list[Callable[[int], float]]:
     """The schedule of :func:`lr_factor` for every group, or, for a task with ``role_phases(total_steps)`` (role ->
     ``[start, end)``, generator pretraining), one per group: the schedule over the group's own phase and 0 outside
     it, so a part trains only in its phase (weight decay included, since AdamW scales it by the learning rate)."""
     if not hasattr(task, "role_phases"):
-        return lr_factor(training_cfg, total_steps)
+        return lr_factor(training_cfg, total_steps, global_batch)
     phases = task.role_phases(total_steps)
     factors = []
     for group in groups:
         start, end = phases[group["name"].split("/")[0]]
-        factors.append(_phase_factor(lr_factor(training_cfg, max(1, end - start)), start, end))
+        factors.append(_phase_factor(lr_factor(training_cfg, max(1, end - start), global_batch), start, end))
     return factors
 
 
@@ -421,7 +428,9 @@ def build_engine(
     groups = build_param_groups(task, cfg.training)
     group_names = [g["name"] for g in groups]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lr_factors(task, groups, cfg.training, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lr_factors(
+        task, groups, cfg.training, total_steps, global_batch=ds_config["train_batch_size"]
+    ))
     ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=task,
         optimizer=optimizer,

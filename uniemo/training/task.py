@@ -74,8 +74,12 @@ def _move_batch(batch: dict, device: torch.device) -> dict:
     }
 
 
-def _gather_rows(table_NE: torch.Tensor, index_B: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` with -1 (no attribute) mapped to a zero row; the loss masks those rows anyway."""
+def _gather_rows(table_NE: torch.Tensor, index_B: torch.Tensor, placeholder_last: bool = False) -> torch.Tensor:
+    """``table[index]`` with -1 (no attribute) mapped to a zero row (the loss masks those rows), or, with
+    ``placeholder_last``, to the table's last row: the placeholder text's features that
+    :func:`build_stage1_task` appends for ``training.losses.unannotated_negatives`` (METHOD §2.4)."""
+    if placeholder_last:
+        return table_NE[torch.where(index_B >= 0, index_B, torch.full_like(index_B, table_NE.shape[0] - 1))]
     if table_NE.shape[0] == 0:
         return table_NE.new_zeros(index_B.shape[0], table_NE.shape[1])
     rows_BE = table_NE[index_B.clamp(min=0)]
@@ -175,8 +179,9 @@ class Stage1Task(_Task):
         "understanding/total", "total", "metrics/accuracy"}``."""
         batch = _move_batch(batch, self.scene_text_features.device)
         out = self.understanding(batch["image"])
-        batch["scene_text_features"] = _gather_rows(self.scene_text_features, batch["scene_idx"])
-        batch["object_text_features"] = _gather_rows(self.object_text_features, batch["object_idx"])
+        placeholder = self.losses.unannotated_negatives
+        batch["scene_text_features"] = _gather_rows(self.scene_text_features, batch["scene_idx"], placeholder)
+        batch["object_text_features"] = _gather_rows(self.object_text_features, batch["object_idx"], placeholder)
         terms = understanding_loss(out, batch, self.losses, stage=1)
         result = {f"understanding/{k}": v for k, v in terms.items()}
         result["total"] = terms["total"]
@@ -439,8 +444,11 @@ def build_stage1_task(cfg: Config, attributes: AttributeTable, cache_dir: str | 
     und_cfg = cfg.model.understanding
     understanding = build_understanding(und_cfg, len(attributes.scenes), len(attributes.objects))
     cache = cache_dir if cache_dir is not None else cfg.data.cache_dir
-    scene_text = attribute_text_features(und_cfg, list(attributes.scenes), cache)
-    object_text = attribute_text_features(und_cfg, list(attributes.objects), cache)
+    # The official loader gives an image without a scene (object) the text "scene" ("object"), and its column
+    # stays in the InfoNCE matrix (METHOD §2.4): appended as the last row of each table, see _gather_rows.
+    placeholders = cfg.training.losses.unannotated_negatives
+    scene_text = attribute_text_features(und_cfg, [*attributes.scenes, *(["scene"] if placeholders else [])], cache)
+    object_text = attribute_text_features(und_cfg, [*attributes.objects, *(["object"] if placeholders else [])], cache)
     if scene_text.shape[-1] != understanding.embed_dim:
         raise ConfigError(
             f"model.understanding.preset ({und_cfg.preset!r}, embed_dim {understanding.embed_dim}) and "
