@@ -314,6 +314,54 @@ def test_read_evaluation_reads_its_own_keys_and_refuses_old_files(pipeline, tmp_
         read_evaluation(tmp_path)
 
 
+def test_read_evaluation_leaves_out_numbers_the_evaluation_could_not_compute(tmp_path):
+    """A metric written as null (FID without enough images, Emo-A without a judge's verdict) is absent from
+    the report's numbers, and the summary says "not evaluated" instead of printing a number."""
+    from uniemo.evaluation.report import read_evaluation
+    from uniemo.evaluation.report_collect import collect_report_data, summarize
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _evaluation(run, np.random.default_rng(1))
+    raw = json.loads((run / "metrics.json").read_text())
+    raw["generation"]["fid"]["pooled"] = None
+    raw["generation"]["emo_a"]["top1"] = None
+    raw["generation"]["diversity"]["sem_d"] = None
+    raw["notes"] = ["FID needs 2 images per emotion"]
+    (run / "metrics.json").write_text(json.dumps(raw))
+    ev = read_evaluation(run)
+    assert "fid" not in ev and "emo_a" not in ev and list(ev["diversity"]) == ["mean_pairwise_distance"]
+    assert ev["top1"] == raw["understanding"]["top1"] and ev["notes"] == raw["notes"]
+    assert ev["fid_extractor"] == ev["judge"] == "judge:cnn4-w8-32px-0123abcd"
+    lines = summarize(collect_report_data(run))
+    assert lines[1] == "generation: Emo-A not evaluated" and lines[2] == "FID not evaluated"
+    assert lines[0].startswith("understanding: top-1 ") and lines[0].endswith(" on 48 test images (run)")
+
+
+def test_report_of_a_pipeline_in_progress_reads_pipeline_json_as_written(tmp_path):
+    """``pipeline.json`` as :mod:`uniemo.pipeline` writes it while a stage runs (no ``seconds`` for it yet, no
+    total): the summary times what has finished, shows the running stage as such, and every section without
+    data says why; the whole report is written without a model, shards or runs."""
+    from uniemo.evaluation.report import summary_lines, write_report
+
+    root = tmp_path / "demo"
+    root.mkdir()
+    state = {"stages": {"data": {"status": "done", "started": "2026-01-01T00:00:00",
+                                 "finished": "2026-01-01T00:00:12", "seconds": 12.0, "result": {}},
+                        "stage1": {"status": "running", "started": "2026-01-01T00:00:12"}},
+             "root": str(root), "order": ["data", "stage1", "stage2"]}
+    (root / "pipeline.json").write_text(json.dumps(state))
+    assert summary_lines(root)[3:] == ["feedback: no rounds", "time: 12 s (data 12 s, stage1 -)"]
+    index = write_report(root, log=lambda line: None)
+    page = index.read_text()
+    assert "<td>time, stage1</td><td>- (running)</td>" in page and "<td>time, total</td><td>12 s</td>" in page
+    sections = json.loads((index.parent / "report.json").read_text())["sections"]
+    assert sections["summary"] == "ok"
+    assert sections["attention"] == "not available: no run has a checkpoint (checkpoints/latest)"
+    assert sections["images"].startswith("not available: no generated images") and "config.yaml" in sections["images"]
+    assert all(why.startswith("not available: ") for key, why in sections.items() if key != "summary")
+
+
 def test_round_report_funnel_per_emotion_and_kept_share(pipeline, report):
     """Issue 12: per emotion, the round report records candidates, survivors of each filter step, kept and the
     kept share; the report shows how the kept share differs by emotion (a plot and a table per round)."""
