@@ -16,7 +16,9 @@
   ``max_task_retries``) and runs jobs through generate -> score with bounded work in flight: at most one
   generation task per generator actor (so a killed actor loses at most its in-flight batch) and at most
   ``max_in_flight`` batches generated but not yet scored (back-pressure when the filter lags). A task lost with
-  its actor, after Ray's retries, comes back as a :class:`LostBatch`; any other task error aborts.
+  its actor, after Ray's retries, comes back as a :class:`LostBatch`; any other task error aborts. The
+  scheduling is a small state machine: each job has a :class:`JobState`, each actor an :class:`ActorState`,
+  and one method of ``_Schedule`` per transition.
 
 Images travel between actors through the object store (the driver holds only references and scores).
 
@@ -32,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,12 +58,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.models.understanding import UnderstandingDims
 
 __all__ = [
+    "ActorState",
     "FeedbackError",
     "FeedbackPool",
     "FilterWorker",
     "GeneratedMeta",
     "GenerationJob",
     "GeneratorWorker",
+    "JobState",
     "LostBatch",
     "ModelBundle",
     "ScoredBatch",
@@ -415,8 +420,8 @@ class FilterWorker:
             (scene_BD, self.conditioner.mapper_scene, "scene"),
             (object_BD, self.conditioner.mapper_object, "object"),
         ):
-            if feature is None or num_attributes == 0:
-                continue  # a switched-off query branch (D13) retrieves nothing
+            if feature is None or mapper is None or num_attributes == 0:
+                continue  # a switched-off query branch (D13), or no base (no mappers): nothing to retrieve
             mapped_BD = torch.nn.functional.normalize(mapper(feature).float(), dim=-1)
             cos = (mapped_BD @ self.base_AD.T).cpu().numpy()
             columns = (self.kinds == kind) | (self.kinds == "any")
@@ -480,15 +485,57 @@ _RECHECK_SECONDS = 0.5
 """How long the pool waits before asking a restarting actor again whether it is back."""
 
 
+class ActorState(Enum):
+    """Where one actor of the pool stands. An actor runs at most one task, so a dead one loses one batch."""
+
+    IDLE = "idle"
+    """Alive and free: takes the next task (the least-served idle actor of its kind goes first)."""
+    BUSY = "busy"
+    """Runs one task (a generation or a scoring)."""
+    CHECKING = "checking"
+    """Lost its task; its pid is asked: answered once Ray has restarted it, an error once it is dead for good."""
+    RESTARTING = "restarting"
+    """Answered that it is still restarting: asked again at ``recheck_at``."""
+    DEAD = "dead"
+    """Out of restarts (``feedback.max_restarts``): takes nothing more."""
+
+
+class JobState(Enum):
+    """Where one job of :meth:`FeedbackPool.process` stands; SCORED and LOST are final (the job is yielded)."""
+
+    QUEUED = "queued"
+    GENERATING = "generating"
+    GENERATED = "generated"
+    """Its images are in the object store; no filter actor was free yet."""
+    SCORING = "scoring"
+    SCORED = "scored"
+    LOST = "lost"
+    """Its actor died with it in flight (after Ray's retries)."""
+
+
 @dataclass
 class _Actor:
     handle: Any
     pid: int = -1
-    busy: int = 0
-    alive: bool = True
-    ready: bool = True
-    """False while a lost task's actor is being checked (restarting, or dead)."""
+    state: ActorState = ActorState.IDLE
     served: int = 0
+    recheck_at: float = 0.0
+    """When a RESTARTING actor is asked again (``time.monotonic``)."""
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not ActorState.DEAD
+
+
+@dataclass
+class _Item:
+    """One job on its way through the pool."""
+
+    job: GenerationJob
+    state: JobState = JobState.QUEUED
+    meta: GeneratedMeta | None = None
+    images: Any = None
+    """ObjectRef of the PNG list, from the moment its generation is submitted."""
 
 
 @dataclass
@@ -588,132 +635,211 @@ class FeedbackPool:
         Jobs start in the given order. Raises :class:`FeedbackError` when no generator (or filter) actor is
         left alive with work remaining, and re-raises a task's own exception (a bug or a user error).
         """
+        schedule = _Schedule(self, jobs)
+        while schedule.has_work():
+            schedule.start_work()
+            ref = schedule.wait_for_one()
+            if ref is None:
+                continue
+            outcome = schedule.finish(ref)
+            if outcome is not None:
+                yield outcome
+
+
+def _lost_with_actor(exc: BaseException) -> bool:
+    """Whether a task's error means its actor died (after Ray's retries), not that the task itself raised."""
+    from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+
+    return isinstance(exc, (RayActorError, ObjectLostError)) and not isinstance(exc, RayTaskError)
+
+
+def _least_served(actors: list[_Actor]) -> _Actor | None:
+    """The idle actor that has run the fewest tasks (the first such in the list), or None."""
+    idle = [a for a in actors if a.state is ActorState.IDLE]
+    return min(idle, key=lambda a: a.served) if idle else None
+
+
+class _Schedule:
+    """The state of one :meth:`FeedbackPool.process` call: each job's :class:`JobState`, each actor's
+    :class:`ActorState`, and one short method per transition.
+
+    Every turn starts what can start (due re-checks, scoring of generated batches, generation within the
+    in-flight bound), then waits for one Ray result and applies it. Results are taken generation first, then
+    scoring, then actor checks, each in submission order.
+    """
+
+    def __init__(self, pool: FeedbackPool, jobs: Iterable[GenerationJob]) -> None:
+        self.pool = pool
+        self.queued: deque[_Item] = deque(_Item(job) for job in jobs)
+        self.generated: deque[_Item] = deque()
+        """GENERATED jobs, in the order their generation ended."""
+        self.running: dict[Any, tuple[_Item, _Actor]] = {}
+        """GENERATING and SCORING jobs, and the actor of each, by the ref of their task's result."""
+        self.checks: dict[Any, _Actor] = {}
+        """CHECKING actors by the ref of their pid."""
+
+    # -- the turn -----------------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.queued or self.running or self.generated or self.checks or self._restarting())
+
+    def start_work(self) -> None:
+        now = time.monotonic()
+        for actor in self._restarting():
+            if actor.recheck_at <= now:
+                self._check(actor)
+        self._start_scoring()
+        self._start_generation()
+        self._fail_without_actors()
+
+    def wait_for_one(self) -> Any:
+        """The ref of one finished task or check; None when none finished before the next re-check is due."""
         import ray
-        from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError, RayTaskError
 
-        queue = deque(jobs)
-        generating: dict[Any, tuple[GenerationJob, _Actor, Any]] = {}
-        scoring: dict[Any, tuple[GenerationJob, _Actor, GeneratedMeta, Any]] = {}
-        checking: dict[Any, _Actor] = {}
-        rechecks: list[tuple[float, _Actor]] = []  # (when, actor): asked again after "restarting" answers
-        waiting: deque[tuple[GenerationJob, GeneratedMeta, Any]] = deque()  # generated, no filter free yet
+        running = [ref for state in (JobState.GENERATING, JobState.SCORING)
+                   for ref, (item, _) in self.running.items() if item.state is state]
+        pending = running + list(self.checks)
+        restarting = self._restarting()
+        timeout = None
+        if restarting:
+            timeout = max(0.0, restarting[0].recheck_at - time.monotonic())
+        if not pending:
+            time.sleep(timeout or 0.0)
+            return None
+        ready, _ = ray.wait(pending, num_returns=1, timeout=timeout)
+        return ready[0] if ready else None
 
-        def lost_error(exc: BaseException) -> bool:
-            return isinstance(exc, (RayActorError, ObjectLostError)) and not isinstance(exc, RayTaskError)
+    def finish(self, ref: Any) -> ScoredBatch | LostBatch | None:
+        """Apply one result: an actor check's, a generation's or a scoring's. Returns a job that ended."""
+        if ref in self.checks:
+            self._checked(self.checks.pop(ref), ref)
+            return None
+        item, actor = self.running.pop(ref)
+        actor.state = ActorState.IDLE
+        if item.state is JobState.GENERATING:
+            return self._generated(item, actor, ref)
+        return self._scored(item, actor, ref)
 
-        def check(actor: _Actor) -> None:
-            # Ask a possibly restarting actor for its pid: it answers once restarted, or fails when dead for good.
-            actor.ready = False
-            checking[actor.handle.pid.remote()] = actor
+    # -- starting tasks -----------------------------------------------------------------------------------
+    def _start_scoring(self) -> None:
+        """GENERATED -> SCORING on free filter actors."""
+        while self.generated:
+            actor = _least_served(self.pool.filters)
+            if actor is None:
+                return
+            item = self.generated.popleft()
+            self._submit(item, actor, JobState.SCORING, actor.handle.score.remote(item.job.job_id, item.images))
 
-        def lose(job: GenerationJob, actor: _Actor, stage: str, exc: BaseException) -> LostBatch:
-            # The actor died with this batch in flight: count it, ask after the actor, report the batch lost.
-            self.stats.lost_batches += 1
-            self.stats.lost_jobs.append(job.job_id)
-            self._emit("lost", job_id=job.job_id, stage=stage, pid=actor.pid)
-            check(actor)
-            return LostBatch(job, stage, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    def _start_generation(self) -> None:
+        """QUEUED -> GENERATING on free generator actors, while fewer than ``max_in_flight`` batches are
+        generating, generated or scoring (back-pressure when the filter lags)."""
+        while self.queued and len(self.running) + len(self.generated) < self.pool.max_in_flight:
+            actor = _least_served(self.pool.generators)
+            if actor is None:
+                return
+            item = self.queued.popleft()
+            meta_ref, item.images = actor.handle.generate.options(num_returns=2).remote(item.job)
+            self._submit(item, actor, JobState.GENERATING, meta_ref)
+            self.pool._emit("submitted", actor=self.pool.generators.index(actor), pid=actor.pid,
+                            job_id=item.job.job_id, emotion=item.job.emotion)
 
-        while queue or generating or scoring or waiting or checking or rechecks:
-            now = time.monotonic()
-            for due in [r for r in rechecks if r[0] <= now]:
-                rechecks.remove(due)
-                check(due[1])
-            # Hand generated batches to free filter actors (one task each: a dead filter loses one batch).
-            while waiting:
-                free = [a for a in self.filters if a.alive and a.ready and a.busy == 0]
-                if not free:
-                    break
-                actor = min(free, key=lambda a: a.served)
-                job, meta, images = waiting.popleft()
-                ref = actor.handle.score.remote(job.job_id, images)
-                actor.busy += 1
-                actor.served += 1
-                scoring[ref] = (job, actor, meta, images)
-            # Start generation while the in-flight bound allows (back-pressure on a lagging filter).
-            while queue and len(generating) + len(scoring) + len(waiting) < self.max_in_flight:
-                free = [a for a in self.generators if a.alive and a.ready and a.busy == 0]
-                if not free:
-                    break
-                actor = min(free, key=lambda a: a.served)
-                job = queue.popleft()
-                meta_ref, images_ref = actor.handle.generate.options(num_returns=2).remote(job)
-                actor.busy += 1
-                actor.served += 1
-                generating[meta_ref] = (job, actor, images_ref)
-                self._emit(
-                    "submitted",
-                    actor=self.generators.index(actor),
-                    pid=actor.pid,
-                    job_id=job.job_id,
-                    emotion=job.emotion,
-                )
-            if queue and not any(a.alive for a in self.generators):
-                raise FeedbackError(
-                    "every generator actor died (more failures than feedback.max_restarts); see the Ray logs "
-                    "of the dead actors, raise feedback.max_restarts or give the actors more memory"
-                )
-            if waiting and not any(a.alive for a in self.filters):
-                raise FeedbackError(
-                    "every filter actor died (more failures than feedback.max_restarts); see the Ray logs"
-                )
-            pending = list(generating) + list(scoring) + list(checking)
-            timeout = None
-            if rechecks:
-                timeout = max(0.0, min(when for when, _ in rechecks) - time.monotonic())
-            if not pending:
-                time.sleep(timeout or 0.0)
-                continue
-            ready, _ = ray.wait(pending, num_returns=1, timeout=timeout)
-            if not ready:
-                continue
-            ref = ready[0]
-            if ref in checking:
-                actor = checking.pop(ref)
-                try:
-                    pid = int(ray.get(ref))
-                except ActorUnavailableError:
-                    rechecks.append((time.monotonic() + _RECHECK_SECONDS, actor))  # still restarting
-                    continue
-                except (RayActorError, ObjectLostError):
-                    actor.alive = False
-                    self.stats.dead_actors += 1
-                    self._emit("dead", pid=actor.pid)
-                    continue
-                if pid != actor.pid:
-                    self.stats.restarts += 1
-                    self._emit("restarted", old_pid=actor.pid, pid=pid)
-                actor.pid, actor.ready = pid, True
-            elif ref in generating:
-                job, actor, images_ref = generating.pop(ref)
-                actor.busy -= 1
-                try:
-                    meta: GeneratedMeta = ray.get(ref)
-                except Exception as exc:
-                    if not lost_error(exc):
-                        raise
-                    yield lose(job, actor, "generate", exc)
-                    continue
-                if meta.pid != actor.pid:  # Ray restarted the actor and retried the task on it
-                    self.stats.restarts += 1
-                    self._emit("restarted", old_pid=actor.pid, pid=meta.pid)
-                    actor.pid = meta.pid
-                self.stats.generated_batches += 1
-                self.stats.generation_seconds += meta.seconds
-                self._emit("generated", job_id=job.job_id, pid=meta.pid, seconds=meta.seconds)
-                waiting.append((job, meta, images_ref))
-            else:
-                job, actor, meta, images_ref = scoring.pop(ref)
-                actor.busy -= 1
-                try:
-                    scores: BatchScores = ray.get(ref)
-                except Exception as exc:
-                    if not lost_error(exc):
-                        raise
-                    yield lose(job, actor, "score", exc)
-                    continue
-                actor.pid = scores.pid
-                self.stats.scored_batches += 1
-                self.stats.scoring_seconds += scores.seconds
-                self._emit("scored", job_id=job.job_id, pid=scores.pid, seconds=scores.seconds)
-                yield ScoredBatch(job, meta, images_ref, scores)
+    def _submit(self, item: _Item, actor: _Actor, state: JobState, ref: Any) -> None:
+        actor.state = ActorState.BUSY
+        actor.served += 1
+        item.state = state
+        self.running[ref] = (item, actor)
+
+    def _fail_without_actors(self) -> None:
+        if self.queued and not any(a.alive for a in self.pool.generators):
+            raise FeedbackError(
+                "every generator actor died (more failures than feedback.max_restarts); see the Ray logs "
+                "of the dead actors, raise feedback.max_restarts or give the actors more memory"
+            )
+        if self.generated and not any(a.alive for a in self.pool.filters):
+            raise FeedbackError(
+                "every filter actor died (more failures than feedback.max_restarts); see the Ray logs"
+            )
+
+    # -- results --------------------------------------------------------------------------------------------
+    def _generated(self, item: _Item, actor: _Actor, ref: Any) -> LostBatch | None:
+        """GENERATING -> GENERATED, or LOST with its actor."""
+        import ray
+
+        try:
+            meta: GeneratedMeta = ray.get(ref)
+        except Exception as exc:
+            if not _lost_with_actor(exc):
+                raise
+            return self._lose(item, actor, "generate", exc)
+        if meta.pid != actor.pid:  # Ray restarted the actor and retried the task on it
+            self._restarted(actor, meta.pid)
+        stats = self.pool.stats
+        stats.generated_batches += 1
+        stats.generation_seconds += meta.seconds
+        self.pool._emit("generated", job_id=item.job.job_id, pid=meta.pid, seconds=meta.seconds)
+        item.state, item.meta = JobState.GENERATED, meta
+        self.generated.append(item)
+        return None
+
+    def _scored(self, item: _Item, actor: _Actor, ref: Any) -> ScoredBatch | LostBatch:
+        """SCORING -> SCORED, or LOST with its actor."""
+        import ray
+
+        try:
+            scores: BatchScores = ray.get(ref)
+        except Exception as exc:
+            if not _lost_with_actor(exc):
+                raise
+            return self._lose(item, actor, "score", exc)
+        actor.pid = scores.pid
+        stats = self.pool.stats
+        stats.scored_batches += 1
+        stats.scoring_seconds += scores.seconds
+        self.pool._emit("scored", job_id=item.job.job_id, pid=scores.pid, seconds=scores.seconds)
+        item.state = JobState.SCORED
+        assert item.meta is not None  # set when its generation ended
+        return ScoredBatch(item.job, item.meta, item.images, scores)
+
+    def _lose(self, item: _Item, actor: _Actor, stage: str, exc: BaseException) -> LostBatch:
+        """-> LOST: the actor died with this batch in flight; count it, check the actor, report the batch."""
+        stats = self.pool.stats
+        stats.lost_batches += 1
+        stats.lost_jobs.append(item.job.job_id)
+        self.pool._emit("lost", job_id=item.job.job_id, stage=stage, pid=actor.pid)
+        self._check(actor)
+        item.state = JobState.LOST
+        return LostBatch(item.job, stage, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    # -- actor checks ---------------------------------------------------------------------------------------
+    def _restarting(self) -> list[_Actor]:
+        """RESTARTING actors, the one due first first."""
+        actors = [a for a in self.pool.generators + self.pool.filters if a.state is ActorState.RESTARTING]
+        return sorted(actors, key=lambda a: a.recheck_at)
+
+    def _check(self, actor: _Actor) -> None:
+        """-> CHECKING: ask for its pid; it answers once restarted, or fails when dead for good."""
+        actor.state = ActorState.CHECKING
+        self.checks[actor.handle.pid.remote()] = actor
+
+    def _checked(self, actor: _Actor, ref: Any) -> None:
+        """CHECKING -> IDLE (back, maybe restarted), RESTARTING (ask again later) or DEAD."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
+
+        try:
+            pid = int(ray.get(ref))
+        except ActorUnavailableError:  # a RayActorError: caught first
+            actor.state, actor.recheck_at = ActorState.RESTARTING, time.monotonic() + _RECHECK_SECONDS
+            return
+        except (RayActorError, ObjectLostError):
+            actor.state = ActorState.DEAD
+            self.pool.stats.dead_actors += 1
+            self.pool._emit("dead", pid=actor.pid)
+            return
+        if pid != actor.pid:
+            self._restarted(actor, pid)
+        actor.state = ActorState.IDLE
+
+    def _restarted(self, actor: _Actor, pid: int) -> None:
+        self.pool.stats.restarts += 1
+        self.pool._emit("restarted", old_pid=actor.pid, pid=pid)
+        actor.pid = pid
