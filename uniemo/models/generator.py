@@ -21,12 +21,20 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from torch import nn
 
 from uniemo.errors import ConfigError, UserError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    # diffusers' package namespace resolves to its dummy objects under a type checker: the real classes are
+    # imported from their defining modules (here and at run time, where instances are built).
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 PLACEHOLDER_TOKEN = "<emotion>"
 PLACEHOLDER_INIT = "cat"
@@ -123,11 +131,11 @@ class Generator(nn.Module):
 
     def __init__(
         self,
-        unet: nn.Module,
-        vae: nn.Module,
-        text_encoder: nn.Module,
-        tokenizer,
-        scheduler,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: ConfigMixin,
         placeholder_token: str = PLACEHOLDER_TOKEN,
         placeholder_init: str = PLACEHOLDER_INIT,
         train_unet: bool = False,
@@ -139,18 +147,21 @@ class Generator(nn.Module):
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        # The scheduler saved with the pipeline (PNDM for SD-1.5); the training noise is a DDPM scheduler built
-        # from the same config, as in diffusers' text-to-image training script.
+        # The scheduler saved with the pipeline (PNDM for SD-1.5; any diffusers scheduler, only its config is
+        # read); the training noise is a DDPM scheduler built from the same config, as in diffusers'
+        # text-to-image training script. diffusers types a config as a plain dict: keys, not attributes.
         self.scheduler = scheduler
         self.noise_scheduler = DDPMScheduler.from_config(scheduler.config)
-        if self.noise_scheduler.config.prediction_type != "epsilon":
+        prediction_type = self.noise_scheduler.config["prediction_type"]
+        if prediction_type != "epsilon":
             raise ConfigError(
-                f"the generator's scheduler predicts {self.noise_scheduler.config.prediction_type!r}; uniemo's "
+                f"the generator's scheduler predicts {prediction_type!r}; uniemo's "
                 "diffusion loss is epsilon-prediction (METHOD §3.7): use an SD-1.x folder"
             )
-        if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        cross_attention_dim = unet.config["cross_attention_dim"]
+        if cross_attention_dim != text_encoder.config.hidden_size:
             raise ConfigError(
-                f"UNet cross-attention width {unet.config.cross_attention_dim} != text encoder width "
+                f"UNet cross-attention width {cross_attention_dim} != text encoder width "
                 f"{text_encoder.config.hidden_size}: the generator folder mixes incompatible parts"
             )
         self.train_unet = train_unet
@@ -176,12 +187,13 @@ class Generator(nn.Module):
         embedding row; otherwise it is added and initialised from ``placeholder_init``.
         """
         import diffusers
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         root = Path(path)
         check_generator_folder(root)
-        kwargs = {"local_files_only": True, "use_safetensors": True}
+        kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
         if importlib.util.find_spec("accelerate") is None:
             # Without accelerate diffusers falls back to this anyway; saying so silences its warning.
             kwargs["low_cpu_mem_usage"] = False
@@ -189,7 +201,7 @@ class Generator(nn.Module):
             kwargs["torch_dtype"] = torch_dtype
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kwargs)
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs)
-        text_kwargs = {"local_files_only": True, "use_safetensors": True}
+        text_kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
         if torch_dtype is not None:
             text_kwargs["dtype"] = torch_dtype
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **text_kwargs)
@@ -236,13 +248,13 @@ class Generator(nn.Module):
         """Add the placeholder token (if new) and initialise its row from ``init_word`` (METHOD §3.1)."""
         if token not in self.tokenizer.get_vocab():
             self.tokenizer.add_tokens([token])
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        embedding = self.text_encoder.get_input_embeddings()
+        token_id = cast(int, self.tokenizer.convert_tokens_to_ids(token))  # one token in, one id out
+        embedding = token_embedding(self.text_encoder)
         if token_id >= embedding.num_embeddings:
             # The new row is overwritten below; the fork keeps resizing from consuming the global RNG.
             with torch.random.fork_rng(devices=[]):
                 self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-            embedding = self.text_encoder.get_input_embeddings()
+            embedding = token_embedding(self.text_encoder)
             init_ids = self._name_token_ids(init_word)
             with torch.no_grad():
                 embedding.weight[token_id] = embedding.weight[init_ids].mean(dim=0)
@@ -282,21 +294,21 @@ class Generator(nn.Module):
     @property
     def latent_scale(self) -> float:
         """VAE latent scaling factor (0.18215 for SD-1.5)."""
-        return float(self.vae.config.scaling_factor)
+        return float(self.vae.config["scaling_factor"])
 
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along a side (8 for SD-1.5)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return int(self.unet.config["in_channels"])
 
     @property
     def image_size(self) -> int:
         """Native image side: the UNet's sample size times the VAE factor (512 for SD-1.5)."""
-        sample = self.unet.config.sample_size
+        sample = self.unet.config["sample_size"]
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         return int(sample) * self.vae_scale_factor
 
@@ -348,7 +360,7 @@ class Generator(nn.Module):
             c_BLD = condition_BD.to(embeds_BLD.dtype).unsqueeze(1).expand_as(embeds_BLD)
             return torch.where(slot_BL1, c_BLD, embeds_BLD)
 
-        handle = self.text_encoder.get_input_embeddings().register_forward_hook(splice)
+        handle = token_embedding(self.text_encoder).register_forward_hook(splice)
         try:
             return self.text_encoder(input_ids=ids_BL).last_hidden_state
         finally:
@@ -361,7 +373,7 @@ class Generator(nn.Module):
         Each name (underscores read as spaces) is the mean of the input embeddings of its tokens, BOS, EOS and
         padding excluded: the space the mapped vectors e_s, e_o live in.
         """
-        weight = self.text_encoder.get_input_embeddings().weight
+        weight = token_embedding(self.text_encoder).weight
         rows = [weight[self._name_token_ids(name.replace("_", " "))].float().mean(dim=0) for name in names]
         if not rows:
             return weight.new_zeros(0, self.token_dim, dtype=torch.float32)
@@ -394,7 +406,7 @@ class Generator(nn.Module):
         noise = torch.randn(latents.shape, generator=generator, device=rng_device).to(latents.device)
         timesteps = torch.randint(
             0,
-            self.noise_scheduler.config.num_train_timesteps,
+            self.noise_scheduler.config["num_train_timesteps"],
             (latents.shape[0],),
             generator=generator,
             device=rng_device,
@@ -412,12 +424,22 @@ class Generator(nn.Module):
         ).sample.float()
 
 
+def token_embedding(text_encoder: CLIPTextModel) -> nn.Embedding:
+    """The text encoder's token-embedding table (CLIP's ``token_embedding``, [vocab, Dt])."""
+    embedding = text_encoder.get_input_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(f"the text encoder's input embeddings are a {type(embedding).__name__}, not nn.Embedding")
+    return embedding
+
+
 def build_random_parts(
-    preset: str, tokenizer, image_size: int = 64, seed: int = 0
-) -> tuple[nn.Module, nn.Module, nn.Module, object]:
+    preset: str, tokenizer: CLIPTokenizer, image_size: int = 64, seed: int = 0
+) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel, ConfigMixin]:
     """``(text_encoder, vae, unet, scheduler)`` of a small preset, random-initialised with ``seed`` (the global RNG
     is left untouched); the text encoder's vocabulary is ``len(tokenizer)``."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_pndm import PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from uniemo.models.tokenizer import MAX_LENGTH
@@ -479,8 +501,8 @@ def build_random_parts(
     return text_encoder, vae, unet, PNDMScheduler(**SD15_SCHEDULER_CONFIG)
 
 
-def save_pipeline(path: str | Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer,
-                  scheduler) -> None:
+def save_pipeline(path: str | Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
+                  tokenizer: CLIPTokenizer, scheduler: ConfigMixin) -> None:
     """Save the parts through a real ``StableDiffusionPipeline`` (safetensors, no safety checker), the layout
     :meth:`Generator.from_pretrained` and ``StableDiffusionPipeline.from_pretrained`` read."""
     from diffusers import StableDiffusionPipeline
@@ -495,7 +517,9 @@ def save_pipeline(path: str | Path, unet: nn.Module, vae: nn.Module, text_encode
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(str(path), safe_serialization=True)
+    # The name resolves to diffusers' dummy class under a type checker (no save_pretrained); the real class's
+    # constructor types are narrower than what it accepts (scheduler, safety_checker=None), so it is not used.
+    pipeline.save_pretrained(str(path), safe_serialization=True)  # type: ignore[attr-defined]
 
 
 def check_generator_folder(path: str | Path) -> None:

@@ -178,7 +178,7 @@ def attribute_text_features(
     if names:
         features_NE = encode_texts(model, tokenizer, names)
     else:
-        features_NE = torch.zeros(0, model.config.projection_dim)
+        features_NE = torch.zeros(0, model.text_projection.out_features)  # E: the projection width
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write-then-rename: ranks that race on the same cache file each write a whole file.
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

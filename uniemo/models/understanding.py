@@ -18,8 +18,10 @@ K head width, C channels.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,9 @@ from torch.utils.checkpoint import checkpoint
 from uniemo.config.schema import NUM_EMOTIONS, UnderstandingConfig
 from uniemo.errors import ConfigError
 from uniemo.models.outputs import UnderstandingOutput
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from uniemo.models.weights import LoadReport
 
 # ---------------------------------------------------------------------------------------------------------
 # Presets: a small name -> dims registry (MODELS.md table). L1 / L2 are not stored: they default to
@@ -56,7 +61,7 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "quick_gelu": QuickGELU,
     "gelu": nn.GELU,
     "gelu_new": partial(nn.GELU, approximate="tanh"),
@@ -97,7 +102,7 @@ class UnderstandingDims:
         return self.grid * self.grid + 1
 
 
-def resolve_dims(cfg: UnderstandingConfig, base: dict | None = None) -> UnderstandingDims:
+def resolve_dims(cfg: UnderstandingConfig, base: Mapping[str, Any] | None = None) -> UnderstandingDims:
     """Resolve the architecture from ``cfg.preset`` (or ``base``, e.g. read from a CLIP folder) and overrides.
 
     Raises :class:`ConfigError` for an unknown preset or inconsistent sizes, naming the key to change.
@@ -113,15 +118,15 @@ def resolve_dims(cfg: UnderstandingConfig, base: dict | None = None) -> Understa
                 f"model.understanding.preset: unknown preset '{cfg.preset}'; choose one of "
                 f"{', '.join(sorted(PRESETS))} or from_clip"
             )
-        base = PRESETS[cfg.preset]
+    spec: Mapping[str, Any] = PRESETS[cfg.preset] if base is None else base
 
-    def pick(name: str, key: str | None = None):
+    def pick(name: str, key: str | None = None) -> int:
         value = getattr(cfg, name)
-        return base[key or name] if value is None else value
+        return spec[key or name] if value is None else value
 
     width = pick("width")
     depth = pick("depth")
-    mlp_dim = base.get("mlp_dim", 4 * width) if cfg.width is None else 4 * width
+    mlp_dim = spec.get("mlp_dim", 4 * width) if cfg.width is None else 4 * width
     dims = UnderstandingDims(
         image_size=pick("image_size"),
         patch_size=pick("patch_size"),
@@ -134,8 +139,8 @@ def resolve_dims(cfg: UnderstandingConfig, base: dict | None = None) -> Understa
         num_object_queries=pick("num_object_queries", "queries"),
         scene_layer=depth // 3 if cfg.scene_layer is None else cfg.scene_layer,
         object_layer=2 * depth // 3 if cfg.object_layer is None else cfg.object_layer,
-        activation=base.get("activation", "quick_gelu"),
-        layer_norm_eps=base.get("layer_norm_eps", 1e-5),
+        activation=spec.get("activation", "quick_gelu"),
+        layer_norm_eps=spec.get("layer_norm_eps", 1e-5),
     )
     _check_dims(dims)
     return dims
@@ -276,6 +281,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(dims) for _ in range(dims.depth))
 
+    def blocks(self) -> list[EncoderLayer]:
+        """The residual blocks in order (``layers``, typed: every entry is built as an :class:`EncoderLayer`)."""
+        return [cast(EncoderLayer, layer) for layer in self.layers]
+
 
 class InteractiveBlock(nn.Module):
     """Refines expert queries by cross-attention to the visual tokens (METHOD §2.2).
@@ -375,6 +384,8 @@ class UnderstandingModel(nn.Module):
         self.use_scene_queries = cfg.use_scene_queries
         self.use_object_queries = cfg.use_object_queries
         self.gradient_checkpointing = False
+        self.load_report: LoadReport | None = None
+        """What loading a CLIP folder did (:func:`uniemo.models.weights.build_understanding`); None: not loaded."""
 
         d, eps = dims.width, dims.layer_norm_eps
         self.embeddings = VisionEmbeddings(dims)
@@ -382,8 +393,12 @@ class UnderstandingModel(nn.Module):
         self.encoder = Encoder(dims)
         self.post_layernorm = nn.LayerNorm(d, eps=eps)
 
-        self.scene_queries = self.scene_interaction = self.scene_projection = None
-        self.scene_classifier = self.logit_scale_scene = None
+        # A switched-off query type, or one without annotations, leaves these None (class docstring).
+        self.scene_queries: nn.Embedding | None = None
+        self.scene_interaction: InteractiveBlock | None = None
+        self.scene_projection: nn.Linear | None = None
+        self.scene_classifier: nn.Linear | None = None
+        self.logit_scale_scene: nn.Parameter | None = None
         if cfg.use_scene_queries:
             self.scene_queries = nn.Embedding(dims.num_scene_queries, d)
             self.scene_interaction = InteractiveBlock(d, dims.heads, eps)
@@ -391,8 +406,11 @@ class UnderstandingModel(nn.Module):
                 self.scene_projection = nn.Linear(d, dims.embed_dim, bias=False)
                 self.scene_classifier = nn.Linear(d, num_scenes)
                 self.logit_scale_scene = nn.Parameter(torch.tensor(SCENE_LOGIT_SCALE))
-        self.object_queries = self.object_interaction = self.object_projection = None
-        self.object_classifier = self.logit_scale_object = None
+        self.object_queries: nn.Embedding | None = None
+        self.object_interaction: InteractiveBlock | None = None
+        self.object_projection: nn.Linear | None = None
+        self.object_classifier: nn.Linear | None = None
+        self.logit_scale_object: nn.Parameter | None = None
         if cfg.use_object_queries:
             self.object_queries = nn.Embedding(dims.num_object_queries, d)
             self.object_interaction = InteractiveBlock(d, dims.heads, eps)
@@ -419,7 +437,7 @@ class UnderstandingModel(nn.Module):
         nn.init.normal_(self.embeddings.patch_embedding.weight, std=0.02)
         nn.init.normal_(self.embeddings.position_embedding.weight, std=0.02)
         in_std = d**-0.5 * (2 * depth) ** -0.5
-        for layer in self.encoder.layers:
+        for layer in self.encoder.blocks():
             attn, mlp = layer.self_attn, layer.mlp
             for proj, std in (
                 (attn.q_proj, in_std),
@@ -480,13 +498,13 @@ class UnderstandingModel(nn.Module):
             num_scene = scene_BQD.shape[1]
 
         scene_feature = object_feature = scene_attention = object_attention = None
-        for index, layer in enumerate(self.encoder.layers):
+        for index, layer in enumerate(self.encoder.blocks()):
             x_BLD = self._run_layer(layer, x_BLD)
             block = index + 1
             if block == self.dims.scene_layer and (num_scene or self.object_queries is not None):
                 # Step 6: refine + read out the scene queries against the image tokens, then add objects.
                 parts = [x_BLD[:, :num_tokens]]
-                if num_scene:
+                if self.scene_interaction is not None:  # scene queries present (num_scene > 0)
                     scene_BQD, weights = self.scene_interaction(
                         x_BLD[:, num_tokens:], parts[0], return_attention
                     )
@@ -497,7 +515,7 @@ class UnderstandingModel(nn.Module):
                 if self.object_queries is not None:
                     parts.append(_query_tokens(self.object_queries, x_BLD, batch))
                 x_BLD = torch.cat(parts, dim=1)
-            if block == self.dims.object_layer and self.object_queries is not None:
+            if block == self.dims.object_layer and self.object_interaction is not None:
                 # Step 8: refine + read out the object queries.
                 image_BTD = x_BLD[:, :num_tokens]
                 start = num_tokens + num_scene
@@ -517,11 +535,22 @@ class UnderstandingModel(nn.Module):
             scene_attention=scene_attention,
             object_attention=object_attention,
         )
-        if scene_feature is not None and self.scene_projection is not None:
+        # Projection, classifier and logit scale of a query type are built together (class docstring).
+        if (
+            scene_feature is not None
+            and self.scene_projection is not None
+            and self.scene_classifier is not None
+            and self.logit_scale_scene is not None
+        ):
             out.scene_embedding = F.normalize(self.scene_projection(scene_feature), dim=-1)
             out.scene_logits = self.scene_classifier(scene_feature)
             out.logit_scale_scene = self.logit_scale_scene.clamp(max=SCENE_LOGIT_SCALE).exp()
-        if object_feature is not None and self.object_projection is not None:
+        if (
+            object_feature is not None
+            and self.object_projection is not None
+            and self.object_classifier is not None
+            and self.logit_scale_object is not None
+        ):
             out.object_embedding = F.normalize(self.object_projection(object_feature), dim=-1)
             out.object_logits = self.object_classifier(object_feature)
             # Both scales are capped at CLIP's 100 in case they are trained (train_logit_scales).
