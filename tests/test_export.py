@@ -392,3 +392,97 @@ def test_cli_errors_are_one_line(runs, exported, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("uniemo: error:") and needle in err, (argv, err)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Emotion transfer (the official inference_transfer.py): a real image's own features, alpha at the target
+# ---------------------------------------------------------------------------------------------------------
+def _photo(path: Path, seed: int) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_cli_transfer_and_textual_inversion_in_diffusers(exported, loaded_s2, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from uniemo.cli import main
+    from uniemo.training.transfer import image_features
+
+    photo = _photo(tmp_path / "my photo.png", 0)
+    out = tmp_path / "t"
+    argv = ["transfer", "--run", str(exported), "--image", str(photo), "--emotion", "awe", "--object", "bag",
+            "--num", "2", "--seed", "3", "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert "load_textual_inversion" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.png")) == ["my_photo-awe_3.png", "my_photo-awe_4.png"]
+    records = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in records] == [3, 4]
+    assert {r["prompt"] for r in records} == {"<my_photo-awe> bag"} and records[0]["source_image"] == str(photo)
+    assert json.loads(Image.open(out / "my_photo-awe_4.png").text["uniemo"])["object"] == "bag"
+
+    # The embedding is c of THIS image at the target emotion: the conditioner on the image's own features.
+    c = load_file(str(out / "my_photo-awe.safetensors"))["<my_photo-awe>"]
+    feats = image_features(loaded_s2, photo)
+    labels = torch.tensor([1])  # awe
+    with torch.no_grad():
+        expected = loaded_s2.conditioner(feats["cls"], feats.get("scene"), feats.get("object"), labels,
+                                         loaded_s2.attribute_embeddings, loaded_s2.phi).condition[0]
+    torch.testing.assert_close(c, expected, rtol=1e-5, atol=1e-6)
+    # Another image (or another target emotion) gives another condition.
+    other = tmp_path / "o"
+    assert main(["transfer", "--run", str(exported), "--image", str(_photo(tmp_path / "b.png", 1)), "--emotion",
+                 "awe", "--seed", "3", "--steps", "2", "--out", str(other)]) == 0
+    assert not torch.allclose(load_file(str(other / "b-awe.safetensors"))["<b-awe>"], c)
+    assert main(["transfer", "--run", str(exported), "--image", str(photo), "--emotion", "fear", "--seed", "3",
+                 "--steps", "2", "--out", str(other)]) == 0
+    fear = load_file(str(other / "my_photo-fear.safetensors"))["<my_photo-fear>"]
+    with torch.no_grad():
+        fear_expected = loaded_s2.conditioner(feats["cls"], feats.get("scene"), feats.get("object"),
+                                              torch.tensor([6]), loaded_s2.attribute_embeddings,
+                                              loaded_s2.phi).condition[0]
+    torch.testing.assert_close(fear, fear_expected, rtol=1e-5, atol=1e-6)
+
+    # Same image, emotion and seed: the same picture again (D10).
+    again = tmp_path / "again"
+    assert main(["transfer", "--run", str(exported), "--image", str(photo), "--emotion", "awe", "--object", "bag",
+                 "--seed", "4", "--steps", "2", "--out", str(again)]) == 0
+    diff = np.abs(np.array(Image.open(again / "my_photo-awe_4.png")).astype(int)
+                  - np.array(Image.open(out / "my_photo-awe_4.png")).astype(int))
+    assert diff.max() <= 2
+
+    # Plain diffusers: the exported pipeline plus the textual-inversion file encodes the prompt as uniemo does.
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(exported / "pipeline"), safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
+    pipe.load_textual_inversion(str(out / "my_photo-awe.safetensors"))
+    with torch.no_grad():
+        plain, _ = pipe.encode_prompt("<my_photo-awe> bag", "cpu", 1, False)
+        generator = loaded_s2.generator
+        spliced = generator.encode_condition(c[None], f"{generator.placeholder_token} bag")
+    torch.testing.assert_close(plain, spliced, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_transfer_errors_are_one_line(runs, exported, tmp_path, capsys):
+    from uniemo.cli import main
+
+    photo = _photo(tmp_path / "p.png", 0)
+    out = tmp_path / "t"
+    base = ["transfer", "--image", str(photo), "--out", str(out)]
+    cases = [
+        ([*base, "--run", str(exported), "--emotion", "joy"], "amusement, awe"),
+        ([*base, "--run", str(runs / "s1"), "--emotion", "awe"], "stage-2"),
+        ([*base, "--run", str(exported), "--emotion", "awe", "--object", "bag; rm"], "plain word"),
+        ([*base, "--run", str(exported), "--emotion", "awe", "--num", "0"], "--num"),
+        (["transfer", "--run", str(exported), "--image", str(tmp_path / "nope.png"), "--emotion", "awe",
+          "--out", str(out)], "nope.png"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("uniemo: error:") and needle in err, (argv, err)
+    assert not out.exists()  # nothing written on a refused transfer

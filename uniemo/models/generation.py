@@ -128,18 +128,7 @@ def generate(
         prompt: text around the placeholder (default: the bare placeholder, METHOD §4.2).
     """
     k = _emotion_index(emotion)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    if seeds is None:
-        seeds = torch.randint(0, 2**31 - 1, (num,)).tolist()
-    seeds = [int(s) for s in seeds]
-    if len(seeds) != num:
-        raise ValueError(f"got {len(seeds)} seeds for {num} images")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    device = generator.device
-    param = next(conditioner.parameters())
+    seeds = _checked_seeds(seeds, num, sampler, batch_size)
     latent_hw = generator.image_size // generator.vae_scale_factor
     latent_shape = (generator.latent_channels, latent_hw, latent_hw)
 
@@ -151,7 +140,50 @@ def generate(
         for stream, value in emotion_space.sample(k, 1, rng).items():
             draws[stream].append(value)
         latents.append(torch.randn((1, *latent_shape), generator=rng))
+    features = {s: torch.cat(values) for s, values in draws.items()}
+    return render_conditions(
+        generator, conditioner, features, latents, k, seeds, attribute_embeddings, phi,
+        steps=steps, guidance_scale=guidance_scale, sampler=sampler, batch_size=batch_size, prompt=prompt,
+    )
 
+
+def _checked_seeds(seeds: list[int] | None, num: int, sampler: str, batch_size: int) -> list[int]:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if seeds is None:
+        seeds = torch.randint(0, 2**31 - 1, (num,)).tolist()
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != num:
+        raise ValueError(f"got {len(seeds)} seeds for {num} images")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return seeds
+
+
+@torch.no_grad()
+def render_conditions(
+    generator: Generator,
+    conditioner: Conditioner,
+    features: dict[str, torch.Tensor],
+    latents: list[torch.Tensor],
+    emotion: int,
+    seeds: list[int],
+    attribute_embeddings: torch.Tensor,
+    phi: torch.Tensor,
+    *,
+    steps: int,
+    guidance_scale: float,
+    sampler: str,
+    batch_size: int,
+    prompt: str | None,
+) -> GenerationResult:
+    """Map and fuse the understanding features ``features`` (``cls`` and, when present, ``scene``/``object``,
+    each [N,D]) with alpha at ``emotion``, splice c into ``prompt`` and denoise the initial ``latents`` (N tensors
+    [1,C,h,w]); shared by sampled generation (:func:`generate`) and emotion transfer, whose features come from a
+    real image."""
+    device = generator.device
+    param = next(conditioner.parameters())
+    num = len(latents)
     was_training = (conditioner.training, generator.training)
     conditioner.eval()
     generator.eval()
@@ -160,8 +192,8 @@ def generate(
         images, alpha_s, alpha_o, attr_s, attr_o = [], [], [], [], []
         for start in range(0, num, batch_size):
             stop = min(start + batch_size, num)
-            feats = {s: torch.cat(draws[s][start:stop]).to(param.device, param.dtype) for s in draws}
-            labels_B = torch.full((stop - start,), k, dtype=torch.long, device=param.device)
+            feats = {s: value[start:stop].to(param.device, param.dtype) for s, value in features.items()}
+            labels_B = torch.full((stop - start,), emotion, dtype=torch.long, device=param.device)
             out = conditioner(
                 feats["cls"], feats.get("scene"), feats.get("object"), labels_B, attribute_embeddings, phi
             )
@@ -187,7 +219,7 @@ def generate(
     h = w = generator.image_size
     return GenerationResult(
         images=np.concatenate(images) if images else np.zeros((0, h, w, 3), np.uint8),
-        emotion=k,
+        emotion=emotion,
         seeds=seeds,
         alpha_scene=np.concatenate(alpha_s) if alpha_s else np.zeros(0, np.float32),
         alpha_object=np.concatenate(alpha_o) if alpha_o else np.zeros(0, np.float32),

@@ -1,4 +1,4 @@
-"""``uniemo export``, ``uniemo generate``, ``uniemo classify``: using a trained run.
+"""``uniemo export``, ``generate``, ``classify`` and ``transfer``: using a trained run.
 
 ::
 
@@ -6,6 +6,7 @@
     uniemo generate --run DIR --emotion awe [--num 8] --out DIR [--seed S] [--steps N] [--guidance G]
                     [--sampler {unipc,ddim}] [--batch-size B]
     uniemo classify --run DIR IMAGE... [--json FILE]
+    uniemo transfer --run DIR --image IMG --emotion awe [--object bag] --out DIR [--num 1] [--seed S] [--steps N]
 
 ``--run`` is a run folder (``runs/<name>``, its latest checkpoint is used) or a folder written by ``uniemo export``.
 """
@@ -50,6 +51,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     c.set_defaults(func=_classify)
 
+    t = sub.add_parser("transfer", help="render a real image with a target emotion (emotion transfer)")
+    t.add_argument("--run", required=True, help="stage-2 run folder or export folder")
+    t.add_argument("--image", required=True, help="the source image file")
+    t.add_argument("--emotion", required=True, help=f"target emotion: one of {', '.join(EMOTIONS)}")
+    t.add_argument("--object", default=None, dest="object_word",
+                   help="an object word after the emotion token, as in the official '<emotion> bag' (default none)")
+    t.add_argument("--out", required=True,
+                   help="folder for <image>-<emotion>_<seed>.png, its textual-inversion embedding and generations.jsonl")
+    t.add_argument("--num", type=int, default=1, help="number of images (default 1)")
+    t.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i (default random)")
+    t.add_argument("--steps", type=int, default=None, help="denoising steps (default model.generator.sampling_steps)")
+    t.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default model.generator.guidance_scale)")
+    t.add_argument("--sampler", choices=["unipc", "ddim"], default=None, help="default model.generator.sampler")
+    t.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    t.set_defaults(func=_transfer)
+
 
 def _export(args: argparse.Namespace) -> int:
     from uniemo.run_layout import EXPORT_MANIFEST
@@ -75,6 +93,26 @@ def _generate(args: argparse.Namespace) -> int:
     )
     seeds = ", ".join(str(r["seed"]) for r in records)
     print(f"wrote {len(records)} {records[0]['emotion']} image(s) to {args.out} (seeds {seeds}); see generations.jsonl")
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from uniemo.errors import UserError
+    from uniemo.training.inference import emotion_index, load_run
+    from uniemo.training.transfer import check_request, transfer_image
+
+    emotion_index(args.emotion)  # bad arguments or a missing image fail before the models load
+    check_request(args.num, args.object_word, args.seed, args.steps)
+    if not Path(args.image).is_file():
+        raise UserError(f"--image {args.image!r} does not exist; give an image file")
+    run = load_run(args.run, device=_device(args.device), compute_missing_emotion_space=False)
+    records = transfer_image(
+        run, args.image, args.emotion, args.out, num=args.num, object_word=args.object_word, seed=args.seed,
+        steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+    )
+    first = records[0]
+    print(f"wrote {len(records)} {first['emotion']} transfer(s) of {args.image} to {args.out} "
+          f"(prompt {first['prompt']!r}); diffusers: pipe.load_textual_inversion({first['embedding']!r})")
     return 0
 
 

@@ -23,7 +23,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -34,7 +34,7 @@ from uniemo.data.attributes import AttributeTable
 from uniemo.data.images import load_image_bytes
 from uniemo.data.loader import load_attribute_table
 from uniemo.data.records import RecordProblem
-from uniemo.data.transforms import build_sample_transform
+from uniemo.data.transforms import SampleTransform, build_sample_transform
 from uniemo.errors import UserError
 from uniemo.logging import say
 from uniemo.models.conditioner import Conditioner
@@ -66,14 +66,6 @@ from uniemo.training.checkpoint import (
 )
 from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
 from uniemo.training.task import build_stage2_task
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from uniemo.data.attributes import AttributeTable
-    from uniemo.data.transforms import SampleTransform
-    from uniemo.models.conditioner import Conditioner
-    from uniemo.models.emotion_space import EmotionSpace
-    from uniemo.models.generator import Generator
-    from uniemo.models.understanding import UnderstandingModel
 
 __all__ = [
     "LoadedRun",
@@ -121,6 +113,7 @@ class LoadedRun:
                 module.to(device)
         if self.attribute_embeddings is not None:
             self.attribute_embeddings = self.attribute_embeddings.to(device)
+        if self.phi is not None:
             self.phi = self.phi.to(device)
         return self
 
@@ -377,21 +370,39 @@ def emotion_index(name: str) -> int:
     return EMOTIONS.index(key)
 
 
-def _require_stage2(run: LoadedRun, what: str) -> None:
-    if run.stage != 2 or run.generator is None or run.conditioner is None:
+@dataclass(frozen=True)
+class _Stage2Parts:
+    """The stage-2 fields of a :class:`LoadedRun`, all present (what generation needs)."""
+
+    generator: Generator
+    conditioner: Conditioner
+    emotion_space: EmotionSpace
+    attribute_embeddings: torch.Tensor
+    phi: torch.Tensor
+
+
+def _require_stage2(run: LoadedRun, what: str) -> _Stage2Parts:
+    if (
+        run.stage != 2
+        or run.generator is None
+        or run.conditioner is None
+        or run.attribute_embeddings is None
+        or run.phi is None
+    ):
         raise UserError(f"{str(run.source)!r} is a stage-{run.stage} run; {what} needs a stage-2 run (joint training)")
     if run.emotion_space is None:
         raise UserError(
             f"{str(run.source)!r} has no emotion space; finish stage 2 (or export the run, which computes it)"
         )
+    return _Stage2Parts(run.generator, run.conditioner, run.emotion_space, run.attribute_embeddings, run.phi)
 
 
 @torch.no_grad()
 def mean_conditions(run: LoadedRun) -> torch.Tensor:
     """The fused condition of each emotion's MEAN, float32 [8,Dt] (METHOD §4.2 with the draw replaced by μ_k):
     ``c_k = M_emo(μ_cls[k]) + α_s(k)·M_scene(μ_s[k]) + α_o(k)·M_obj(μ_o[k])``, α at the target emotion k."""
-    _require_stage2(run, "a mean condition")
-    space, conditioner = run.emotion_space, run.conditioner
+    parts = _require_stage2(run, "a mean condition")
+    space, conditioner = parts.emotion_space, parts.conditioner
     param = next(conditioner.parameters())
     means = {s: space.mean(s).to(param.device, param.dtype) for s in space.streams}
     labels_K = torch.arange(space.num_emotions, device=param.device)
@@ -399,7 +410,7 @@ def mean_conditions(run: LoadedRun) -> torch.Tensor:
     conditioner.eval()
     try:
         out = conditioner(
-            means["cls"], means.get("scene"), means.get("object"), labels_K, run.attribute_embeddings, run.phi
+            means["cls"], means.get("scene"), means.get("object"), labels_K, parts.attribute_embeddings, parts.phi
         )
     finally:
         conditioner.train(was_training)
@@ -425,12 +436,8 @@ def generate_images(
     ``seed, seed+1, ...`` when ``seed`` is given, else drawn at random; defaults for steps, guidance and sampler
     come from ``model.generator``.
     """
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-
     k = emotion_index(emotion)
-    _require_stage2(run, "generation")
+    parts = _require_stage2(run, "generation")
     gen_cfg = run.config.model.generator
     steps = gen_cfg.sampling_steps if steps is None else int(steps)
     guidance_scale = gen_cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -456,11 +463,11 @@ def generate_images(
         raise UserError(f"--out {str(out)!r} is a file; give a folder for the images")
     out.mkdir(parents=True, exist_ok=True)
     result = generate(
-        run.generator,
-        run.conditioner,
-        run.emotion_space,
-        run.attribute_embeddings,
-        run.phi,
+        parts.generator,
+        parts.conditioner,
+        parts.emotion_space,
+        parts.attribute_embeddings,
+        parts.phi,
         k,
         num,
         seeds=seeds,
@@ -475,7 +482,7 @@ def generate_images(
         return names[index] if 0 <= index < len(names) else None
 
     records = []
-    for i, image in enumerate(result.images):
+    for i in range(len(result.images)):
         name = f"{EMOTIONS[k]}_{result.seeds[i]}.png"
         record = {
             "file": name,
@@ -491,14 +498,24 @@ def generate_images(
             "checkpoint": str(run.source),
             "step": run.step,
         }
-        info = PngInfo()
-        info.add_text("uniemo", json.dumps(record))  # D10: the seed travels with the image too
-        Image.fromarray(image).save(out / name, pnginfo=info)
         records.append(record)
+    save_generations(out, result.images, records)
+    return records
+
+
+def save_generations(out: Path, images: Any, records: list[dict[str, Any]]) -> None:
+    """Write image i as PNG ``records[i]["file"]`` in ``out``, its record in the PNG's ``uniemo`` text chunk (D10:
+    the seed travels with the image), and append the records to ``out/generations.jsonl``."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    for image, record in zip(images, records, strict=True):
+        info = PngInfo()
+        info.add_text("uniemo", json.dumps(record))
+        Image.fromarray(image).save(out / record["file"], pnginfo=info)
     with open(out / GENERATIONS_FILE, "a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    return records
 
 
 @torch.no_grad()
