@@ -9,12 +9,21 @@ images enters the base, and ``Phi[a][k] = (n(a,k) + beta) / (n(a) + 8 beta)`` wh
 training images of emotion ``k`` showing ``a`` (an image counts once per distinct attribute). The raw counts
 are kept in the file, so another ``m`` or ``beta`` (``data.min_attribute_count``, ``data.phi_beta``) is a
 :meth:`AttributeTable.rebased` away, without re-sharding.
+
+EmoGen's own tables, the ones the official stage 2 reads (METHOD §3.5, §8.2), are imported by
+:func:`import_emogen` (``uniemo data attributes --from-emogen DIR``) into a JSON attribute base that
+``data.attributes=emogen`` puts in place of the counted base and Phi (:func:`resolve_attribute_table`). The
+pickles are read by a restricted unpickler that builds only containers, strings, numbers and numpy arrays.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import math
 import os
+import pickle
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +38,16 @@ if TYPE_CHECKING:
     import torch
 
 ATTRIBUTES_FILE = "attributes.json"
+
+EMOGEN_BASE_FILES = ("object_attr.pkl", "scene_attr.pkl")
+"""EmoGen's curated attribute names per emotion, objects then scenes: the base A (METHOD §3.5, 156 + 122 = 278)."""
+EMOGEN_PHI_FILES = ("attr_coefficient_emotion_scene.pkl", "attr_coefficient_emotion_object.pkl")
+"""EmoGen's classifier confidences per attribute name, scenes then objects (an object entry overwrites a scene
+entry of the same name, as the official ``get_coefficient``): Phi over 655 names."""
+EMOGEN_ALL_NAMES_FILE = "all_attribute_object_scene.pkl"
+"""EmoGen's list of every attribute name (655), used by its inference to name an image; optional here."""
+EMOGEN_FORMAT = "uniemo-emogen-attributes"
+EMOGEN_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -50,6 +69,9 @@ class AttributeTable:
     """``"object"`` or ``"scene"`` per base entry (a name may appear once of each kind)."""
     phi_rows: list[list[float]] = field(default_factory=list)
     emotions: list[str] = field(default_factory=lambda: list(EMOTIONS))
+    base_source: str = "counts"
+    """``counts``: base and Phi derived from the counts (D6); ``emogen``: EmoGen's tables (:func:`import_emogen`),
+    which re-basing leaves alone."""
 
     def __post_init__(self) -> None:
         self._scene_index = {name: i for i, name in enumerate(self.scenes)}
@@ -111,8 +133,8 @@ class AttributeTable:
         return cls.from_counts(scene_counts, object_counts, min_count, beta)
 
     def rebased(self, min_count: int, beta: float) -> AttributeTable:
-        """The same counts with another ``m`` and ``beta`` (vocabularies unchanged)."""
-        if min_count == self.min_count and beta == self.beta:
+        """The same counts with another ``m`` and ``beta`` (vocabularies unchanged); an EmoGen base is kept."""
+        if self.base_source != "counts" or (min_count == self.min_count and beta == self.beta):
             return self
         return AttributeTable.from_counts(self.scene_counts, self.object_counts, min_count, beta)
 
@@ -152,6 +174,7 @@ class AttributeTable:
             "beta": self.beta,
             "base": [{"name": n, "kind": k} for n, k in zip(self.base_names, self.base_kinds, strict=True)],
             "phi": self.phi_rows,
+            "base_source": self.base_source,
         }
 
     def save(self, path: str | Path) -> None:
@@ -188,6 +211,7 @@ class AttributeTable:
                 base_names=[b["name"] for b in base],
                 base_kinds=[b["kind"] for b in base],
                 phi_rows=[[float(x) for x in row] for row in data["phi"]],
+                base_source=str(data.get("base_source", "counts")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(
@@ -210,3 +234,175 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# -- EmoGen's tables (METHOD §3.5, §8.2, D6) -----------------------------------------------------------------
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The numpy callables a pickled array or scalar names, under numpy 1.x and 2.x module paths."""
+    import numpy as np
+
+    reconstruct = np.zeros(1).__reduce__()[0]
+    scalar = np.float32(0).__reduce__()[0]
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = reconstruct
+        allowed[(module, "scalar")] = scalar
+    allowed[("_codecs", "encode")] = __import__("codecs").encode  # protocol-2 pickles store bytes through it
+    return allowed
+
+
+class _TableUnpickler(pickle.Unpickler):
+    """Builds plain containers, strings, numbers and numpy arrays; any other global is refused (never run)."""
+
+    def __init__(self, data: bytes, path: Path) -> None:
+        super().__init__(io.BytesIO(data))
+        self._path = path
+        self._allowed = _numpy_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise DataError(
+                f"{self._path}: the pickle asks for {module}.{name}, which an EmoGen attribute table does not "
+                "hold; use the dataset_balance/ files of the EmoGen repository as downloaded"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise DataError(f"{self._path}: a pickle with persistent ids is not an EmoGen attribute table")
+
+
+def _read_pickle(path: Path) -> tuple[Any, str]:
+    """The unpickled content of ``path`` (restricted) and the file's sha256."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} not found; --from-emogen takes EmoGen's dataset_balance/ folder, holding "
+            + ", ".join(EMOGEN_BASE_FILES + EMOGEN_PHI_FILES)
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or e})") from None
+    try:
+        value = _TableUnpickler(data, path).load()
+    except DataError:
+        raise
+    except Exception as e:  # a truncated or foreign file: pickle raises many kinds
+        raise DataError(f"{path} is not a readable pickle ({type(e).__name__}: {e}); download it again") from None
+    return value, hashlib.sha256(data).hexdigest()
+
+
+def _names_by_emotion(value: Any, path: Path) -> list[str]:
+    """EmoGen's ``{attr_<emotion>: [names]}``, flattened in the file's order (the official ``read_attr``)."""
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v)
+        for k, v in value.items()
+    ):
+        raise DataError(f"{path}: expected a dict of attr_<emotion> -> list of names (EmoGen's format)")
+    return [name for names in value.values() for name in names]
+
+
+def _confidences(value: Any, path: Path) -> dict[str, list[float]]:
+    """EmoGen's ``{name: 8 emotion confidences}`` as plain floats, checked."""
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a dict of attribute name -> 8 emotion confidences (EmoGen's format)")
+    table: dict[str, list[float]] = {}
+    for name, row in value.items():
+        try:
+            floats = [float(x) for x in (row.tolist() if hasattr(row, "tolist") else row)]
+        except (TypeError, ValueError):
+            floats = []
+        if not isinstance(name, str) or len(floats) != NUM_EMOTIONS or not all(
+            math.isfinite(x) and x >= 0 for x in floats
+        ):
+            raise DataError(
+                f"{path}: entry {name!r} is not {NUM_EMOTIONS} non-negative confidences ({row!r:.80}); "
+                "use the file of the EmoGen repository as downloaded"
+            )
+        table[name] = floats
+    return table
+
+
+def import_emogen(folder: str | Path) -> dict[str, Any]:
+    """EmoGen's ``dataset_balance/`` tables as uniemo's attribute base (METHOD §3.5, §8.2).
+
+    The base is the names of ``object_attr.pkl`` then ``scene_attr.pkl`` in file order, duplicates kept (278
+    names, 274 distinct, in the official files); Phi is ``attr_coefficient_emotion_scene.pkl`` updated by
+    ``attr_coefficient_emotion_object.pkl`` (655 names). A base name that Phi lacks gets a zero row: alpha 0, as
+    the official code sets it (``carousel``, which EmoSet spells ``carrousel``).
+
+    Returns:
+        The JSON-ready attribute base (see :func:`load_emogen_base`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; give EmoGen's dataset_balance/ folder")
+    sources: dict[str, str] = {}
+    names: list[str] = []
+    kinds: list[str] = []
+    for file_name, kind in zip(EMOGEN_BASE_FILES, ("object", "scene"), strict=True):
+        value, sources[file_name] = _read_pickle(folder / file_name)
+        found = _names_by_emotion(value, folder / file_name)
+        names += found
+        kinds += [kind] * len(found)
+    phi_table: dict[str, list[float]] = {}
+    for file_name in EMOGEN_PHI_FILES:
+        value, sources[file_name] = _read_pickle(folder / file_name)
+        phi_table.update(_confidences(value, folder / file_name))
+    all_names: list[str] | None = None
+    if (folder / EMOGEN_ALL_NAMES_FILE).is_file():
+        value, sources[EMOGEN_ALL_NAMES_FILE] = _read_pickle(folder / EMOGEN_ALL_NAMES_FILE)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
+            raise DataError(f"{folder / EMOGEN_ALL_NAMES_FILE}: expected a list of attribute names (EmoGen's format)")
+        all_names = list(value)
+    if not names:
+        raise DataError(f"{folder}: {' and '.join(EMOGEN_BASE_FILES)} list no attribute names")
+    zero = [0.0] * NUM_EMOTIONS
+    return {
+        "format": EMOGEN_FORMAT,
+        "version": EMOGEN_FORMAT_VERSION,
+        "emotions": list(EMOTIONS),
+        "base": [{"name": n, "kind": k} for n, k in zip(names, kinds, strict=True)],
+        "phi": [list(phi_table.get(n, zero)) for n in names],
+        "without_phi": sorted({n for n in names if n not in phi_table}),
+        "phi_table": phi_table,
+        "all_names": all_names,
+        "sources": sources,
+    }
+
+
+def load_emogen_base(path: str | Path) -> dict[str, Any]:
+    """Read an attribute base written by ``uniemo data attributes --from-emogen`` (checked)."""
+    path = Path(path)
+    hint = "write it with `uniemo data attributes --from-emogen <EmoGen dataset_balance folder> --out <file>`"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"data.attribute_base {path} not found; {hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"data.attribute_base {path} is not readable ({e}); {hint}") from None
+    if not isinstance(data, dict) or data.get("format") != EMOGEN_FORMAT:
+        raise DataError(f"data.attribute_base {path} is not an EmoGen attribute base; {hint}")
+    if data.get("version") != EMOGEN_FORMAT_VERSION or list(data.get("emotions", [])) != list(EMOTIONS):
+        raise DataError(f"data.attribute_base {path} has another version or emotion order; {hint}")
+    return data
+
+
+def resolve_attribute_table(table: AttributeTable, data_cfg: Any) -> AttributeTable:
+    """The run's table: the counted base and Phi re-based for ``data.min_attribute_count`` / ``data.phi_beta``, or,
+    with ``data.attributes=emogen``, EmoGen's base and Phi from ``data.attribute_base`` (vocabularies kept)."""
+    if data_cfg.attributes != "emogen":
+        return table.rebased(data_cfg.min_attribute_count, data_cfg.phi_beta)
+    base = load_emogen_base(data_cfg.attribute_base)
+    return AttributeTable(
+        scenes=list(table.scenes),
+        objects=list(table.objects),
+        scene_counts=table.scene_counts,
+        object_counts=table.object_counts,
+        min_count=table.min_count,
+        beta=table.beta,
+        base_names=[b["name"] for b in base["base"]],
+        base_kinds=[b["kind"] for b in base["base"]],
+        phi_rows=[[float(x) for x in row] for row in base["phi"]],
+        base_source="emogen",
+    )

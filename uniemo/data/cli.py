@@ -6,6 +6,7 @@
     uniemo data shards  --source {emoset,folder} --root DIR --out DIR [--shard-size N] [--workers K]
                         [--on-error {skip,fail}]
     uniemo data inspect DIR
+    uniemo data attributes --from-emogen DIR --out FILE
 
 Neither writer overwrites what it did not make: ``synth`` only re-enters a folder holding a synthetic set of
 the same parameters (``.uniemo-synthetic.json``), ``shards`` only a folder of its own shards from the same
@@ -29,7 +30,7 @@ SYNTH_MARKER = ".uniemo-synthetic.json"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="synthetic set, sharding, inspection")
-    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{synth,shards,inspect}")
+    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{synth,shards,inspect,attributes}")
 
     s = dsub.add_parser("synth", help="draw the synthetic emotion set (EmoSet layout)")
     s.add_argument(
@@ -68,6 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     i = dsub.add_parser("inspect", help="counts per split, emotion and source; shards; skipped records")
     i.add_argument("dir", help="shard folder (or a folder of per-round shard folders)")
     i.set_defaults(func=_inspect)
+
+    a = dsub.add_parser(
+        "attributes", help="import EmoGen's attribute tables (the official alpha's base and Phi, METHOD §3.5)"
+    )
+    a.add_argument(
+        "--from-emogen", required=True, metavar="DIR",
+        help="EmoGen's dataset_balance/ folder (object_attr.pkl, scene_attr.pkl, attr_coefficient_emotion_*.pkl)",
+    )
+    a.add_argument("--out", required=True, help="JSON file to write (a new file); use it as data.attribute_base")
+    a.set_defaults(func=_attributes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,6 +154,28 @@ def _inspect(args: argparse.Namespace) -> int:
         if n:
             print()
         sys.stdout.write(format_inspection(folder, read_manifest(folder)))
+    return 0
+
+
+def _attributes(args: argparse.Namespace) -> int:
+    from uniemo.data.attributes import import_emogen, write_json_atomic
+
+    out = Path(args.out)
+    if out.exists():
+        raise DataError(f"--out {out} exists; give a new file name or delete it")
+    if not out.parent.is_dir():
+        raise DataError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    base = import_emogen(args.from_emogen)
+    write_json_atomic(out, base)
+    kinds = [b["kind"] for b in base["base"]]
+    distinct = len({b["name"] for b in base["base"]})
+    print(
+        f"wrote {out}: attribute base of {len(kinds)} names ({kinds.count('object')} object, {kinds.count('scene')} "
+        f"scene; {distinct} distinct), Phi over {len(base['phi_table'])} names"
+    )
+    if base["without_phi"]:
+        print(f"  without Phi (alpha 0, as the official code): {', '.join(base['without_phi'])}")
+    print(f"next: uniemo train --config <stage-2 config> data.attributes=emogen data.attribute_base={out}")
     return 0
 
 

@@ -65,7 +65,7 @@ import webdataset as wds
 from PIL import Image
 
 from uniemo.config.schema import NUM_EMOTIONS
-from uniemo.data.attributes import AttributeTable
+from uniemo.data.attributes import AttributeTable, resolve_attribute_table
 from uniemo.data.shards import ensure_synthetic_shards, manifest_folders, read_manifest
 from uniemo.data.transforms import SampleTransform, build_sample_transform
 from uniemo.errors import ConfigError, DataError
@@ -783,10 +783,11 @@ def build_loader_from_config(
 
 
 def load_attribute_table(data_cfg: Any) -> AttributeTable:
-    """The attribute table of the run's real shards (making the synthetic set on first use), re-based per config."""
+    """The attribute table of the run's real shards (making the synthetic set on first use), re-based per config,
+    or with EmoGen's base and Phi (``data.attributes=emogen``)."""
 
     folder = ensure_synthetic_shards(data_cfg)
-    return AttributeTable.load(folder).rebased(data_cfg.min_attribute_count, data_cfg.phi_beta)
+    return resolve_attribute_table(AttributeTable.load(folder), data_cfg)
 
 
 def _attribute_folder(source: Source) -> Path:
