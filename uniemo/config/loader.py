@@ -98,7 +98,7 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     for name, tp in get_type_hints(cls).items():
         full = f"{prefix}{name}"
         keys.append(full)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             keys.extend(valid_keys(tp, full + "."))
     return keys
 
@@ -160,7 +160,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, key + ".")
     if tp is bool:
         if not isinstance(value, bool):

@@ -61,6 +61,7 @@ from uniemo.feedback.actors import FeedbackError, ModelBundle
 from uniemo.feedback.filtering import REJECTIONS
 from uniemo.feedback.rounds import _completed_report, pool_cpus, run_round, synthetic_source
 from uniemo.logging import read_metrics, say
+from uniemo.run_files import EmotionFunnel, RoundReport
 from uniemo.run_layout import (
     EMOTION_SPACE_FILE,
     LOOP_FILE,
@@ -214,31 +215,33 @@ def round_complete(run_dir: Path, index: int) -> bool:
     return (round_dir(run_dir, index) / MANIFEST_FILE).is_file()
 
 
-def _completed(run_dir: Path, index: int, log: Callable[[str], None]) -> dict[str, Any]:
+def _completed(run_dir: Path, index: int, log: Callable[[str], None]) -> RoundReport:
     return _completed_report(round_dir(run_dir, index), round_report_path(run_dir, index), log)
 
 
-def format_round_summary(report: dict[str, Any]) -> str:
+def format_round_summary(report: RoundReport) -> str:
     """A table per emotion: candidates, rejections per filter step, lost, kept, mean p_k of the kept."""
     short = {"fidelity_argmax": "argmax", "fidelity_threshold": "tau", "duplicate": "dup",
              "attribute_cap": "cap", "not_selected": "unsel"}
     head = ["emotion", "cand", *[short.get(r, r) for r in REJECTIONS], "lost", "kept", "mean_p_k"]
-    rows = []
+    rows: list[list[Any]] = []
     for name in [*EMOTIONS, "total"]:
-        row = report["totals"] if name == "total" else report["emotions"][name]
+        row: EmotionFunnel = report["totals"]
+        if name != "total":
+            row = report["emotions"][name]
         p = row.get("mean_p_k")
         rows.append([name, row["candidates"], *[row["rejections"][r] for r in REJECTIONS], row["lost_in_flight"],
                      row["kept"], f"{p:.3f}" if isinstance(p, (int, float)) else "-"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     lines = [f"round {report['round']}: kept {report['totals']['kept']} of {report['totals']['candidates']} "
              f"candidates in {len(report['shards'])} shard(s); checkpoint {report['checkpoint']}"]
-    for row in [head, *rows]:
+    for cells in [head, *rows]:
         lines.append("  " + "  ".join(str(x).rjust(w) if i else str(x).ljust(w)
-                                      for i, (x, w) in enumerate(zip(row, widths, strict=True))))
+                                      for i, (x, w) in enumerate(zip(cells, widths, strict=True))))
     return "\n".join(lines)
 
 
-def _round_entry(report: dict[str, Any], skipped: bool) -> dict[str, Any]:
+def _round_entry(report: RoundReport, skipped: bool) -> dict[str, Any]:
     return {
         "round": report["round"],
         "checkpoint": report["checkpoint"],
@@ -257,7 +260,7 @@ def _publish_time(run_dir: Path, index: int) -> float:
 
 def _run_one_round(
     cfg: Config, run_dir: Path, index: int, step_dir: Path, record: _Record, log: Callable[[str], None]
-) -> dict[str, Any]:
+) -> RoundReport:
     """Build the models of ``step_dir``, run round ``index``, print its summary, record it. Returns the report."""
 
     started = time.perf_counter()
@@ -334,7 +337,7 @@ def _training_summary(run_dir: Path) -> dict[str, Any]:
 def _latest_step(run_dir: Path) -> int:
 
     latest = latest_checkpoint(run_dir)
-    return step_of(latest) if latest is not None else 0
+    return (step_of(latest) if latest is not None else None) or 0
 
 
 def _run_sequential(cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record) -> dict[str, Any]:
@@ -416,7 +419,7 @@ class _PoolThread(threading.Thread):
             last_used = report["checkpoint"]
             self.rounds.append(_round_entry(report, skipped=False))
 
-    def _round_with_retry(self, r: int, step_dir: Path) -> dict[str, Any]:
+    def _round_with_retry(self, r: int, step_dir: Path) -> RoundReport:
         """The round; when the checkpoint is rotated away while its models load, again with the newest one."""
         for attempt in range(3):
             try:

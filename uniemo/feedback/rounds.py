@@ -105,7 +105,7 @@ def plan_jobs(cfg: Config, round_index: int) -> list[GenerationJob]:
     steps = fb.sampling_steps if fb.sampling_steps is not None else gen.sampling_steps
     guidance = fb.guidance_scale if fb.guidance_scale is not None else gen.guidance_scale
     sampler = fb.sampler if fb.sampler is not None else gen.sampler
-    jobs = []
+    jobs: list[GenerationJob] = []
     for k in range(len(EMOTIONS)):
         seeds = [
             derive_seed(cfg.run.seed, "feedback", round_index, k, i) for i in range(fb.candidates_per_emotion)
@@ -206,7 +206,7 @@ def _finish_emotion(
         pool_index = batch.job.first_index + i
         seed = int(batch.meta.seeds[i])
         record_id = f"round-{round_index}/{EMOTIONS[k]}/{pool_index:06d}"
-        meta = {
+        meta: dict[str, Any] = {
             "emotion": EMOTIONS[k],
             # The retrieved attribute is a score, not an annotation: no scene/object label (the attribute
             # classifiers mask samples without one, so synthetic images teach the emotion only).
