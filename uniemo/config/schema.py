@@ -61,15 +61,28 @@ class SourceConfig:
     name: str = "real"
     """Name of the source (``real``, ``synthetic``, ...), as recorded in each sample's ``json.source``."""
     path: str = ""
-    """Folder holding ``manifest.json`` and the shards (or a sub-folder per round)."""
+    """Folder holding ``manifest.json`` and the shards (or a sub-folder per round), or a URL of one."""
     weight: float = 1.0
     """Relative sampling weight of this source in training streams."""
 
 
 @dataclass
+class StorageConfig:
+    """How URL shard sources are reached (``http(s)://``, ``s3://``, ``pipe:``; ``uniemo.data.remote``)."""
+
+    endpoint_url: str = ""
+    """S3-compatible endpoint for ``s3://`` sources (e.g. ``http://127.0.0.1:9000``); empty: botocore's own
+    setting (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``~/.aws/config``), else AWS. Credentials are never
+    read from the config: botocore finds them (``AWS_ACCESS_KEY_ID`` ..., config files, instance roles)."""
+    timeout_s: float = 10.0
+    """Timeout of the checks before training (a URL source's manifest, its shards' sizes), in seconds."""
+
+
+@dataclass
 class DataConfig:
     shards: str = ""
-    """Folder with ``manifest.json`` of the real shards. Empty: use the synthetic set (``data.synthetic``)."""
+    """Folder with ``manifest.json`` of the real shards, or a URL of one (``https://host/shards``,
+    ``s3://bucket/shards``, ``pipe:CMD`` with ``{name}``). Empty: use the synthetic set (``data.synthetic``)."""
     cache_dir: str = ".cache/uniemo"
     """Where the synthetic set and its shards are generated on first use."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -98,6 +111,8 @@ class DataConfig:
     """An attribute enters the attribute base and Phi when seen at least this often (METHOD D6, m)."""
     phi_beta: float = 1.0
     """Additive smoothing of Phi (METHOD D6, beta)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """How URL sources are reached (endpoint, timeout of the checks)."""
     attributes: Literal["counts", "emogen"] = "counts"
     """Attribute base and Phi of alpha (METHOD §3.5, D6): ``counts`` derives them from the training annotations
     (``attributes.json`` of the shards); ``emogen`` takes EmoGen's curated names and classifier-confidence Phi,
@@ -110,6 +125,7 @@ class DataConfig:
         _positive("data.image_size", self.image_size)
         _positive("data.generator_image_size", self.generator_image_size)
         _non_negative("data.num_workers", self.num_workers)
+        _positive("data.storage.timeout_s", self.storage.timeout_s)
         _non_negative("data.crop_resize", self.crop_resize)
         if self.crop_resize and self.crop_resize < self.image_size:
             raise ConfigError(

@@ -105,8 +105,8 @@ def read_folder(
     if problems and on_error == "fail":
         raise problems[0]
     if skiplog is not None:
-        for problem in problems:
-            skiplog.add(problem.reason, str(problem))
+        for found in problems:
+            skiplog.add(found.reason, str(found))
     return _iter_records(by_emotion, ratios, seed, on_error, skiplog, source)
 
 
@@ -215,4 +215,4 @@ def _check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
         raise ConfigError(
             f"split ratios must be three non-negative numbers (train, val, test) summing to 1, got {ratios!r}"
         )
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]

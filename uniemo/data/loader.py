@@ -47,6 +47,7 @@ at any batch, mid-epoch included. If any of these differ, the restore keeps the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -66,7 +67,14 @@ from PIL import Image
 
 from uniemo.config.schema import NUM_EMOTIONS
 from uniemo.data.attributes import AttributeTable, resolve_attribute_table
-from uniemo.data.shards import ensure_synthetic_shards, manifest_folders, read_manifest
+from uniemo.data.remote import Storage, join_location, open_stream
+from uniemo.data.shards import (
+    ensure_synthetic_shards,
+    folder_location,
+    manifest_folders,
+    read_manifest,
+    resolve_shard_folder,
+)
 from uniemo.data.transforms import SampleTransform, build_sample_transform
 from uniemo.errors import ConfigError, DataError
 
@@ -96,7 +104,10 @@ class Source:
 @dataclass(frozen=True)
 class ShardRef:
     url: str
+    """A local path or a URL (:mod:`uniemo.data.remote`)."""
     samples: int
+    storage: Storage = Storage()
+    """How to reach ``url`` when it is an ``s3://`` URL (endpoint)."""
 
 
 @dataclass
@@ -129,9 +140,10 @@ def list_split_shards(folders: Sequence[Path], split: str, *, required: bool) ->
         if not found and required:
             read_manifest(folder)  # raises the DataError that names the folder
         for sub in found:
+            base, storage = folder_location(sub)  # a URL source's mirror: its shards are at the URL
             for entry in read_manifest(sub)["shards"]:
                 if entry["split"] == split:
-                    refs.append(ShardRef(str(sub / entry["name"]), int(entry["samples"])))
+                    refs.append(ShardRef(join_location(base, entry["name"]), int(entry["samples"]), storage))
     return refs
 
 
@@ -204,11 +216,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         state = _WorkerState(len(self.plan.shards))
         key = (self.seed, self.plan.epoch, self.rank, worker)
 
-        # manifest -> shard list -> split by node -> split by worker -> tar samples, per source
+        # manifest -> shard list -> split by node -> split by worker -> open (file or URL) -> tar samples,
+        # per source
         per_source = [
             wds.DataPipeline(
                 partial(self._shard_urls, i, worker, num_workers, state, key),
-                wds.tarfile_to_samples(handler=partial(state.tar_error, i)),
+                partial(_open_shards, handler=partial(state.tar_error, i)),
+                partial(wds.tariterators.tar_file_expander, handler=partial(state.tar_error, i)),
+                partial(wds.tariterators.group_by_keys, handler=partial(state.tar_error, i)),
             )
             for i in range(len(self.plan.shards))
         ]
@@ -231,7 +246,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     # -- stages -----------------------------------------------------------------------------------------
     def _shard_urls(
         self, source: int, worker: int, num_workers: int, state: _WorkerState, key: tuple
-    ) -> Iterator[dict[str, str]]:
+    ) -> Iterator[dict[str, Any]]:
         """Evaluation: this (rank, worker)'s slice of the split, once. Training: weighted draws, forever."""
         shards = self.plan.shards[source]
         if not self.training:
@@ -242,12 +257,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 by_worker = by_node[worker::num_workers]  # split by worker
             for ref in by_worker:
                 state.current_read[source] += 1
-                yield {"url": ref.url}
+                yield {"url": ref.url, "storage": ref.storage}
             return
         rng = random.Random(_seed("shards", *key, source))
-        urls = [r.url for r in shards]
         weights = [r.samples for r in shards]
-        patience = max(64, 4 * len(urls))
+        patience = max(64, 4 * len(shards))
         while True:
             if state.empty_reads[source] > patience:
                 raise DataError(
@@ -256,7 +270,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 )
             state.current_read[source] += 1
             state.empty_reads[source] += 1
-            yield {"url": rng.choices(urls, weights)[0]}
+            ref = rng.choices(shards, weights)[0]
+            yield {"url": ref.url, "storage": ref.storage}
 
     def _mix(self, per_source: list, state: _WorkerState, key: tuple) -> Iterator[dict[str, Any]]:
         """Tag samples with their source; training with several sources draws a source per sample by weight."""
@@ -276,7 +291,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             sample["__source__"] = i
             yield sample
 
-    def _decode_transform(self, state: _WorkerState, key: tuple, src: Iterator) -> Iterator[dict[str, Any]]:
+    def _decode_transform(
+        self, state: _WorkerState, key: tuple, src: Iterator
+    ) -> Iterator[tuple[int, dict[str, Any] | None]]:
         fixed = None if self.transform.is_random else random.Random(0)  # deterministic transforms: no seeding
         for index, sample in src:
             item = self._decode(sample, fixed or random.Random(_seed("sample", *key, index)))
@@ -307,7 +324,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not isinstance(objects, list):
             objects = []
         table = self.attributes
-        item = self.transform(image, rng)
+        item: dict[str, Any] = self.transform(image, rng)
         item.update(
             label=label,
             scene_idx=table.scene_index(meta.get("scene")),
@@ -355,6 +372,30 @@ class ShardStream(torch.utils.data.IterableDataset):
         return batch
 
 
+def _open_shards(src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Open each shard's byte stream (a local file or a URL, :func:`uniemo.data.remote.open_stream`) and close it
+    once the next stage has read it; a failure to open or close (a ``pipe:`` or ``curl`` that exited with an
+    error) goes to ``handler``, which counts it against that shard's read."""
+    for item in src:
+        try:
+            stream = open_stream(item["url"], item.get("storage"))
+        except Exception as exn:  # FileNotFoundError, an HTTP or S3 error: the shard's read is counted and skipped
+            if handler(exn):
+                continue
+            return
+        try:
+            yield {"url": item["url"], "stream": stream}
+        except GeneratorExit:  # the consumer stopped mid-shard (a full quota): nothing to report
+            with contextlib.suppress(Exception):
+                stream.close()
+            raise
+        try:
+            stream.close()
+        except Exception as exn:
+            if not handler(exn):
+                return
+
+
 def _every(src: Iterator[dict[str, Any]], start: int, step: int) -> Iterator[dict[str, Any]]:
     """Samples ``start, start + step, ...`` of the stream."""
     for i, sample in enumerate(src):
@@ -369,7 +410,7 @@ def _number(src: Iterator[dict[str, Any]], skip: int = 0) -> Iterator[tuple[int,
             yield index, sample
 
 
-def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+def _as_is(batch: Any) -> Any:
     return batch
 
 
@@ -762,7 +803,8 @@ def build_loader_from_config(
                 raise ConfigError(
                     f"data.extra_sources[{i}].path is empty; give the folder of source {s.name!r}"
                 )
-            sources.append(Source.of(s.name, s.path, s.weight))
+            path = resolve_shard_folder(s.path, data_cfg, key=f"data.extra_sources[{i}].path")
+            sources.append(Source.of(s.name, path, s.weight))
     attributes = AttributeTable.load(folder).rebased(data_cfg.min_attribute_count, data_cfg.phi_beta)
     return build_loader(
         sources,

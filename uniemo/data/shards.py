@@ -39,10 +39,23 @@ from uniemo.data.emoset import read_emoset
 from uniemo.data.folders import read_folder
 from uniemo.data.images import load_image_bytes
 from uniemo.data.records import SPLITS, Record, RecordProblem, SkipLog
+from uniemo.data.remote import (
+    SourceUnavailable,
+    Storage,
+    check_location,
+    fetch,
+    is_url,
+    join_location,
+    sizes_of,
+)
 from uniemo.data.synthetic import generate_synthetic_set
 from uniemo.errors import DISK_FULL_ERRNOS, ConfigError, DataError
 
 MANIFEST_FILE = "manifest.json"
+REMOTE_FILE = "remote.json"
+"""In the local mirror of a URL source: the URL and how to reach it (:func:`mirror_source`)."""
+REMOTE_DIR = "remote"
+"""Under ``data.cache_dir``: one mirror folder per URL source."""
 FORMAT_VERSION = 1
 PROGRESS_DIR = ".progress"
 LOCK_FILE = ".lock"
@@ -204,12 +217,21 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Load and check ``<folder>/manifest.json``; :class:`DataError` naming the folder when absent or malformed."""
     path = Path(folder) / MANIFEST_FILE
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise DataError(
             f"{path} not found: {folder} is not a (complete) shard folder; write it with `uniemo data shards`"
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise DataError(f"{path}: unreadable manifest ({e}); rewrite the shard folder") from None
+    return parse_manifest(data, str(path))
+
+
+def parse_manifest(data: bytes, path: str) -> dict[str, Any]:
+    """Check the bytes of a manifest read from ``path`` (a file or a URL); :class:`DataError` naming it."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: unreadable manifest ({e}); rewrite the shard folder") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise DataError(f"{path}: not a uniemo manifest of format {FORMAT_VERSION}; rewrite the shard folder")
@@ -223,11 +245,20 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def check_shard_files(folder: str | Path) -> dict[str, Any]:
     """Every shard ``<folder>/manifest.json`` lists exists with the size it was written with (a cheap ``stat`` per
-    shard, no reading): :class:`DataError` naming the first missing or truncated shard. Returns the manifest."""
+    shard, no reading): :class:`DataError` naming the first missing or truncated shard. Returns the manifest.
+
+    Shards at URLs (a mirrored URL source, or names that are URLs) are checked by their size as the server
+    reports it (HTTP ``HEAD``, S3 ``HeadObject``; not for ``pipe:``), once per process and manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    base, storage = folder_location(folder)
+    remote: list[tuple[str, dict[str, Any]]] = []
     for entry in manifest["shards"]:
-        path = folder / entry["name"]
+        where = join_location(base, entry["name"])
+        if is_url(where):
+            remote.append((where, entry))
+            continue
+        path = Path(where)
         if not path.is_file():
             raise DataError(
                 f"{folder / MANIFEST_FILE} lists shard {entry['name']}, which is missing; restore it or rewrite "
@@ -239,7 +270,117 @@ def check_shard_files(folder: str | Path) -> dict[str, Any]:
                 f"shard {path} has {size} bytes, the manifest says {expected}: it is truncated or damaged; "
                 "restore it or rewrite the shard folder with `uniemo data shards`"
             )
+    if remote:
+        _check_remote_shards(base, remote, storage)
     return manifest
+
+
+_CHECKED_REMOTE: set[tuple[str, ...]] = set()
+"""Remote shard lists whose sizes this process has checked (every rank and call would otherwise ask again)."""
+
+
+def _check_remote_shards(base: str, shards: list[tuple[str, dict[str, Any]]], storage: Storage) -> None:
+    memo = (base, *(f"{where}:{entry.get('bytes')}" for where, entry in shards))
+    if memo in _CHECKED_REMOTE:
+        return
+    listed = join_location(base, MANIFEST_FILE)
+    for (where, entry), size in zip(shards, sizes_of([w for w, _ in shards], storage), strict=True):
+        if isinstance(size, SourceUnavailable):
+            if size.missing:
+                raise DataError(
+                    f"{listed} lists shard {entry['name']}, which is missing at {where} ({size.reason}); upload "
+                    "it again, or the whole shard folder written by `uniemo data shards`"
+                )
+            raise DataError(
+                f"cannot read shard {where} ({size.reason}); check the address, that the server runs and the "
+                "credentials"
+            )
+        expected = entry.get("bytes")
+        if size is not None and isinstance(expected, int) and size != expected:
+            raise DataError(
+                f"shard {where} has {size} bytes, {listed} says {expected}: it is truncated or damaged; upload "
+                "it again, or the whole shard folder written by `uniemo data shards`"
+            )
+    _CHECKED_REMOTE.add(memo)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# URL sources: a local mirror of their metadata
+# ---------------------------------------------------------------------------------------------------------
+def folder_location(folder: str | Path) -> tuple[str, Storage]:
+    """Where the shards of a shard folder are: the folder itself, or for a URL source's mirror the URL and
+    its :class:`~uniemo.data.remote.Storage` (recorded in ``remote.json``)."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / REMOTE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return str(folder), Storage()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{folder / REMOTE_FILE}: unreadable ({e}); delete {folder} and run again") from None
+    return str(info["location"]), Storage(str(info.get("endpoint_url", "")), float(info.get("timeout_s", 10.0)))
+
+
+def mirror_source(location: str, data_cfg: Any, *, key: str, require_attributes: bool) -> Path:
+    """The local mirror of the URL source ``location``: its ``manifest.json`` (and ``attributes.json``), fetched
+    now into ``<data.cache_dir>/remote/<sha256 of the URL>/`` beside a ``remote.json`` naming the URL.
+
+    Every reader of manifests then reads a local folder, and only the loader's shard opener (and
+    :func:`check_shard_files`) see the URL; shards themselves are streamed, never copied. A missing or
+    unreachable manifest (or a required attribute table) is one :class:`DataError` line naming ``key``.
+    """
+    check_location(location, key)
+    storage = Storage.of(data_cfg)
+    folder = Path(data_cfg.cache_dir).expanduser() / REMOTE_DIR / hashlib.sha256(location.encode()).hexdigest()[:16]
+    files: dict[str, bytes] = {}
+    for name in (MANIFEST_FILE, ATTRIBUTES_FILE):
+        where = join_location(location, name)
+        try:
+            files[name] = fetch(where, storage)
+        except SourceUnavailable as exc:
+            if not exc.missing:
+                raise DataError(
+                    f"{key}={location!r}: cannot read {where} ({exc.reason}); check the address, that the server "
+                    "runs and the credentials"
+                ) from None
+            if name == MANIFEST_FILE or require_attributes:
+                raise DataError(
+                    f"{key}={location!r}: {where} is missing ({exc.reason}); give the URL of a whole shard folder "
+                    f"written by `uniemo data shards` ({MANIFEST_FILE} and {ATTRIBUTES_FILE} included)"
+                ) from None
+    parse_manifest(files[MANIFEST_FILE], join_location(location, MANIFEST_FILE))
+    folder.mkdir(parents=True, exist_ok=True)
+    remote = {"location": location, "endpoint_url": storage.endpoint_url, "timeout_s": storage.timeout_s}
+    _write_if_changed(folder / REMOTE_FILE, json.dumps(remote, indent=1).encode())
+    for name, data in files.items():
+        _write_if_changed(folder / name, data)
+    return folder
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Atomically (temporary file + rename), and only when the content differs: ranks mirror concurrently."""
+    try:
+        if path.read_bytes() == data:
+            return
+    except FileNotFoundError:
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_shard_folder(location: str, data_cfg: Any, *, key: str, require_attributes: bool = False) -> Path:
+    """The local folder whose manifest describes the source ``location`` (a config value, ``key`` names it):
+    the folder itself, or the mirror of a URL source (:func:`mirror_source`, shards checked)."""
+    if not is_url(location):
+        return Path(location).expanduser()
+    folder = mirror_source(location, data_cfg, key=key, require_attributes=require_attributes)
+    check_shard_files(folder)
+    return folder
 
 
 def manifest_folders(folder: str | Path) -> list[Path]:
@@ -640,12 +781,15 @@ def synthetic_shards_folder(data_cfg: Any) -> Path:
 def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
     """The shard folder a run reads: ``data.shards`` when set, else the synthetic set, made on first use.
 
-    With ``data.shards`` set, the folder must hold ``manifest.json`` (:class:`DataError` otherwise). Else the
+    With ``data.shards`` set, the folder must hold ``manifest.json`` (:class:`DataError` otherwise); a URL is
+    mirrored (:func:`mirror_source`) and its shards checked, and the mirror folder is returned. Else the
     synthetic set of ``data.synthetic`` is generated into ``<cache_dir>/synthetic-<images>-<size>-<seed>/raw``
     and sharded into ``.../shards-<shard_size>`` under a file lock, so concurrent processes (several ranks)
     generate it once; a later call finds it complete and returns at once.
     """
     if data_cfg.shards:
+        if is_url(data_cfg.shards):
+            return resolve_shard_folder(data_cfg.shards, data_cfg, key="data.shards", require_attributes=True)
         folder = Path(data_cfg.shards).expanduser()
         if not (folder / MANIFEST_FILE).is_file():
             raise DataError(

@@ -385,7 +385,7 @@ def _draw_scene(rng: np.random.Generator, scene: str, size: int, colors: dict) -
     elif scene == "foggy_field":
         low = rng.random((5, 5)).astype(np.float32)
         t = np.asarray(
-            Image.fromarray((low * 255).astype(np.uint8)).resize((s, s), Image.BILINEAR), np.float32
+            Image.fromarray((low * 255).astype(np.uint8)).resize((s, s), Image.Resampling.BILINEAR), np.float32
         )
         t = (t / 255.0)[..., None]
         arr = (1 - t) * np.array(bg1, np.float32) + t * np.array(bg2, np.float32)
@@ -403,8 +403,8 @@ def _draw_scene(rng: np.random.Generator, scene: str, size: int, colors: dict) -
         n = int(rng.integers(18, 30) * area) + 6
         length = 8 * u
         for _ in range(n):
-            x, y = rng.uniform(-length, s), rng.uniform(-length, s)
-            d.line([(x, y), (x + length * 0.35, y + length)], fill=bg2, width=max(1, int(u)))
+            drop_x, drop_y = rng.uniform(-length, s), rng.uniform(-length, s)
+            d.line([(drop_x, drop_y), (drop_x + length * 0.35, drop_y + length)], fill=bg2, width=max(1, int(u)))
     elif scene == "starry_night":
         dark = tuple(int(c * 0.35) for c in bg2)
         img = Image.new("RGB", (s, s), dark)

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from uniemo.config import save_resolved
 from uniemo.config.loader import from_dict
 from uniemo.config.schema import Config
+from uniemo.data.remote import is_url
 from uniemo.data.shards import ensure_synthetic_shards
 from uniemo.distributed.env import backend_for, read_env, worker_env_vars
 from uniemo.errors import UserError
@@ -86,7 +87,9 @@ class RunPlan:
 
 
 def _absolute(path: str) -> str:
-    return str(Path(path).expanduser().resolve()) if path else path
+    if not path or is_url(path):  # a URL source (data.shards, extra sources) is the same from every worker
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def absolute_paths(cfg: Config) -> Config:

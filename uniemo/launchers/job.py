@@ -15,6 +15,7 @@ from pathlib import Path
 
 from uniemo.config.loader import dump_config, from_dict, parse_override, read_yaml, set_dotted
 from uniemo.config.schema import Config
+from uniemo.data.remote import is_url
 from uniemo.errors import UserError
 from uniemo.run_layout import CHECKPOINTS_DIR, LATEST_FILE, LAUNCH_DIR
 from uniemo.run_layout import JOB_CONFIG_FILE as JOB_CONFIG
@@ -84,8 +85,8 @@ def resolve_job(
 
 
 def _absolute(value: str, base_dir: Path) -> str:
-    if not value:
-        return value  # empty means "not set" for every path key
+    if not value or is_url(value):
+        return value  # empty means "not set" for every path key; a URL source (data.shards) is no path
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 

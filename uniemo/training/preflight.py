@@ -6,7 +6,10 @@ as one :class:`DataError` line (exit 2), instead of failing inside the workers a
 - a split the command reads is empty (train always; val when ``training.eval_every > 0``; test for
   ``uniemo evaluate``);
 - the train split holds fewer samples than one batch per rank (``distributed.num_workers x data.batch_size``):
-  no rank would ever get a full batch.
+  no rank would ever get a full batch;
+- a URL source (``data.shards`` or an extra source at ``http(s)://``, ``s3://``, ``pipe:``) whose manifest is
+  missing or unreachable, or whose shards are missing or of another size than listed (HTTP ``HEAD``, S3
+  ``HeadObject``, each with ``data.storage.timeout_s``): :func:`uniemo.data.shards.resolve_shard_folder`.
 
 Fewer shards than ranks x loader workers is no longer a problem: training draws shards with replacement, and
 evaluation streams deal out samples instead of shards when there are fewer shards than readers
@@ -21,7 +24,8 @@ from typing import TYPE_CHECKING
 
 from uniemo.data.loader import load_attribute_table
 from uniemo.data.records import SPLITS
-from uniemo.data.shards import ensure_synthetic_shards, read_manifest
+from uniemo.data.remote import is_url
+from uniemo.data.shards import ensure_synthetic_shards, read_manifest, resolve_shard_folder
 from uniemo.errors import DataError
 from uniemo.training.task import left_out_note, parts_left_out
 
@@ -61,11 +65,21 @@ def require_batches(folder: Path, samples: int, split: str, ranks: int, batch_si
     )
 
 
+def check_url_sources(cfg: Config) -> None:
+    """The extra training sources given as URLs are there and reachable, with every shard their manifests list
+    (``data.shards`` itself is checked by :func:`ensure_synthetic_shards`). A local extra source may still be
+    empty (a feedback source before its first round), so it is not checked here."""
+    for i, source in enumerate(cfg.data.extra_sources):
+        if is_url(source.path):
+            resolve_shard_folder(source.path, cfg.data, key=f"data.extra_sources[{i}].path")
+
+
 def check_training_data(cfg: Config, world_size: int) -> list[str]:
     """``uniemo train`` (stage 1 and 2, feedback training): the train split fills a batch on every rank, and
     the val split exists when the run validates. Returns the notes to print (what the data leaves out)."""
 
     folder = ensure_synthetic_shards(cfg.data)
+    check_url_sources(cfg)
     samples = split_samples(folder)
     require_split(folder, samples, "train", "training reads it", "give the data a train split")
     require_batches(folder, samples["train"], "train", world_size, cfg.data.batch_size, "data.batch_size")
