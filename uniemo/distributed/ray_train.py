@@ -261,6 +261,8 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0, extra_gpus
     (e.g. the feedback pool's actors); with any GPU asked for, the embedded cluster gets the visible GPUs.
     """
     _keep_embedded_ray_on_loopback(dist_cfg)
+    import logging
+
     import ray
 
     if ray.is_initialized():
@@ -288,7 +290,7 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0, extra_gpus
             num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
             num_gpus=_visible_gpus() if dist_cfg.gpus_per_worker > 0 or extra_gpus > 0 else 0,
             log_to_driver=True,
-            logging_level="warning",
+            logging_level=logging.WARNING,
             runtime_env=job_runtime_env(),
         )
         try:
@@ -403,8 +405,14 @@ def torch_trainer(fn: Callable[[dict[str, Any]], None], loop_config: dict[str, A
     environment of :mod:`uniemo.distributed.env`, whose user errors are final (:class:`UserErrorsAreFinal`).
     Used by training and by the evaluation."""
     _keep_embedded_ray_on_loopback(dist)
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    if TYPE_CHECKING:  # what ray.train exports under Train v2 (Ray's default, which the controller hook needs)
+        from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.v2.torch.torch_trainer import TorchTrainer
+    else:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
 
 
     class Trainer(TorchTrainer):

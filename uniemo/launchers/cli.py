@@ -177,6 +177,7 @@ def _submit_slurm(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(script)
         return 0
+    assert job_id is not None  # submit_jobs returns none only for a dry run
     print(f"submitted SLURM job {job_id}: run {job.run_dir}")
     print(f"  logs: {job.launch_dir}/slurm-{job_id}.out (launcher), {job.launch_dir}/train-{job_id}.log (driver)")
     sys.stdout.flush()
@@ -286,6 +287,7 @@ def _sweep_slurm(sweep, args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(script)
         return 0
+    assert job_id is not None  # submit_jobs returns none only for a dry run
     print(f"submitted SLURM job array {job_id} ({len(jobs)} tasks): sweep {sweep.output_dir}")
     for i, job in enumerate(jobs):
         print(f"  task {job_id}_{i}: {job.run_dir}")
