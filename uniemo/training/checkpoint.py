@@ -184,11 +184,16 @@ def rotate(run_dir: str | Path, keep: int) -> list[Path]:
     root = checkpoints_dir(run_dir)
     latest = latest_checkpoint(run_dir)
     latest_step = step_of(latest) if latest is not None else None
-    folders = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
+    steps: dict[Path, int] = {}
+    for p in root.iterdir():
+        step = step_of(p)
+        if step is not None and p.is_dir():
+            steps[p] = step
+    folders = sorted(steps, key=steps.__getitem__)
     complete = [p for p in folders if is_complete(p)]
     doomed = complete[: max(0, len(complete) - keep)]
     if latest_step is not None:
-        doomed += [p for p in folders if not is_complete(p) and step_of(p) < latest_step]
+        doomed += [p for p in folders if not is_complete(p) and steps[p] < latest_step]
     deleted = []
     for folder in doomed:
         if latest is not None and folder.resolve() == latest.resolve():

@@ -30,18 +30,19 @@ from uniemo.models.emotion_space import EmotionSpace
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
     from uniemo.data.loader import ShardLoader
+    from uniemo.models.understanding import UnderstandingModel
 
 __all__ = ["all_reduce_emotion_space", "compute_emotion_space", "emotion_space_dims", "emotion_space_loader"]
 
 
-def emotion_space_dims(understanding: torch.nn.Module) -> dict[str, int]:
+def emotion_space_dims(understanding: UnderstandingModel) -> dict[str, int]:
     """The streams of the model's emotion space and their widths: ``cls`` always, ``scene`` / ``object`` when
     that query type is on (a switched-off branch, D13, has no stream)."""
-    dims = {"cls": int(understanding.width)}
-    if getattr(understanding, "use_scene_queries", False):
-        dims["scene"] = int(understanding.width)
-    if getattr(understanding, "use_object_queries", False):
-        dims["object"] = int(understanding.width)
+    dims = {"cls": understanding.width}
+    if understanding.use_scene_queries:
+        dims["scene"] = understanding.width
+    if understanding.use_object_queries:
+        dims["object"] = understanding.width
     return dims
 
 
@@ -71,7 +72,7 @@ def emotion_space_loader(
 
 @torch.no_grad()
 def compute_emotion_space(
-    understanding: torch.nn.Module, loader: Iterable[dict[str, Any]], device: torch.device | str | None = None
+    understanding: UnderstandingModel, loader: Iterable[dict[str, Any]], device: torch.device | str | None = None
 ) -> EmotionSpace:
     """This process's emotion-space statistics over ``loader`` (METHOD §4.1): per ground-truth emotion, count,
     sum and sum of squares of ``f_cls``, ``f_scene``, ``f_object``.

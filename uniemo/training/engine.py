@@ -25,13 +25,13 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
 from uniemo.errors import ConfigError
-from uniemo.training.task import build_param_groups
+from uniemo.training.task import Task, build_param_groups
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config, TrainingConfig
@@ -170,15 +170,15 @@ def lr_factor(training_cfg: TrainingConfig, total_steps: int, global_batch: int 
 
 
 def group_lr_factors(
-    task: nn.Module, groups: list[dict[str, Any]], training_cfg: TrainingConfig, total_steps: int,
+    task: Task, groups: list[dict[str, Any]], training_cfg: TrainingConfig, total_steps: int,
     global_batch: int = 1,
 ) -> Callable[[int], float] | list[Callable[[int], float]]:
     """The schedule of :func:`lr_factor` for every group, or, for a task with ``role_phases(total_steps)`` (role ->
     ``[start, end)``, generator pretraining), one per group: the schedule over the group's own phase and 0 outside
     it, so a part trains only in its phase (weight decay included, since AdamW scales it by the learning rate)."""
-    if not hasattr(task, "role_phases"):
-        return lr_factor(training_cfg, total_steps, global_batch)
     phases = task.role_phases(total_steps)
+    if phases is None:
+        return lr_factor(training_cfg, total_steps, global_batch)
     factors = []
     for group in groups:
         start, end = phases[group["name"].split("/")[0]]
@@ -247,7 +247,8 @@ def _patch_scalar_broadcast() -> None:
             for p, data in zip(scalars, saved, strict=True):
                 p.data = data
 
-    def _zero_init_param(self: Any, param: torch.Tensor) -> None:
+    # ``param`` is a ZeRO-3 parameter: DeepSpeed gives it ``ds_*`` attributes that torch's types do not know.
+    def _zero_init_param(self: Any, param: Any) -> None:
         if param.dim() != 0:
             return original_init_param(self, param)
         param.data = param.data.reshape(1)
@@ -296,14 +297,15 @@ class FrozenParts:
     """Detached modules that follow the task's train mode (the stage-2 emotion head with dropout, METHOD §3.1)."""
 
     @classmethod
-    def detach(cls, task: nn.Module) -> FrozenParts:
+    def detach(cls, task: Task) -> FrozenParts:
         keep_training = frozenset(getattr(task, "frozen_modules_in_train_mode", lambda: set())())
         entries: list[_Detached] = []
         for name in task.frozen_modules():
             owner_name, _, attr = name.rpartition(".")
             owner = task.get_submodule(owner_name) if owner_name else task
             order = list(owner._modules)
-            module = owner._modules.pop(attr)
+            module = owner.get_submodule(attr)
+            del owner._modules[attr]
             object.__setattr__(owner, attr, module)
             entries.append(_Detached(owner, attr, module, name, order))
         for owner_name, owner in task.named_modules():
@@ -348,13 +350,23 @@ class FrozenParts:
         """Put everything back into the module tree (in reverse order)."""
         for e in reversed(self.entries):
             e.owner.__dict__.pop(e.attr, None)
-            table = e.owner._parameters if isinstance(e.value, nn.Parameter) else e.owner._modules
-            table[e.attr] = e.value
-            ordered = {k: table[k] for k in e.order if k in table}
-            ordered.update({k: v for k, v in table.items() if k not in ordered})
-            table.clear()
-            table.update(ordered)
+            if isinstance(e.value, nn.Parameter):
+                _insert_in_order(e.owner._parameters, e.attr, e.value, e.order)
+            else:
+                _insert_in_order(e.owner._modules, e.attr, e.value, e.order)
         self.entries = []
+
+
+_Entry = TypeVar("_Entry", nn.Module, nn.Parameter)
+
+
+def _insert_in_order(table: dict[str, _Entry | None], attr: str, value: _Entry, order: list[str]) -> None:
+    """Put ``value`` back into a module's ``_modules`` / ``_parameters`` at its place in ``order``."""
+    table[attr] = value
+    ordered = {k: table[k] for k in order if k in table}
+    ordered.update({k: v for k, v in table.items() if k not in ordered})
+    table.clear()
+    table.update(ordered)
 
 
 # -- the engine -------------------------------------------------------------------------------------------------
@@ -375,7 +387,7 @@ class Engine:
     group_names: list[str]
 
     @property
-    def task(self) -> nn.Module:
+    def task(self) -> Task:
         return self.ds_engine.module
 
     def set_train(self, mode: bool) -> None:
@@ -402,7 +414,7 @@ class Engine:
 
 
 def build_engine(
-    task: nn.Module,
+    task: Task,
     cfg: Config,
     *,
     world_size: int,

@@ -31,15 +31,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from uniemo.data.captions import batch_captions, caption_vocabulary
 from uniemo.distributed.env import launch_dir
 from uniemo.models.generator import SD15_SCHEDULER_CONFIG, build_random_parts, save_pipeline
 from uniemo.models.tokenizer import build_local_tokenizer
-from uniemo.training.task import _move_batch, _Task
+from uniemo.training.task import Task, _move_batch
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    # diffusers' classes come from their defining modules, here and at run time: a type checker reads
+    # ``from diffusers import X`` as the package's torch-less placeholder class.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
     from uniemo.config.schema import Config
     from uniemo.data.attributes import AttributeTable
     from uniemo.training.trainer import Trainer
@@ -53,7 +58,7 @@ PROVENANCE_FILE = "provenance.json"
 """Beside the exported weights: config, code version, steps, data seed, times, quality figures."""
 
 
-class GeneratorPretrainTask(_Task):
+class GeneratorPretrainTask(Task):
     """VAE, then UNet + text encoder on emotion-free captions (module docstring).
 
     Args:
@@ -64,11 +69,13 @@ class GeneratorPretrainTask(_Task):
     """
 
     stage = "generator"
+    latent_scale: torch.Tensor
+    """Persistent buffer (registered in __init__): the latent scaling factor, 0 until the UNet phase sets it."""
 
-    def __init__(self, vae: nn.Module, unet: nn.Module, text_encoder: nn.Module, tokenizer,
+    def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer,
                  scenes: list[str], objects: list[str], settings: Any) -> None:
         super().__init__()
-        from diffusers import DDPMScheduler
+        from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
         self.vae = vae
         self.unet = unet
@@ -97,7 +104,7 @@ class GeneratorPretrainTask(_Task):
         return {ROLE_VAE: (s.lr_vae, weight_decay), ROLE_UNET_PRETRAIN: (s.lr_unet, weight_decay),
                 ROLE_TEXT: (s.lr_text, weight_decay)}
 
-    def role_phases(self, total_steps: int) -> dict[str, tuple[int, int]]:
+    def role_phases(self, total_steps: int) -> dict[str, tuple[int, int]] | None:
         """Role -> ``[start, end)`` optimizer steps in which its learning rate is non-zero."""
         unet_phase = (self.vae_steps, total_steps)
         return {ROLE_VAE: (0, self.vae_steps), ROLE_UNET_PRETRAIN: unet_phase, ROLE_TEXT: unet_phase}
@@ -191,7 +198,8 @@ def finish_generator(trainer: Trainer) -> None:
     env, cfg = trainer.env, trainer.cfg
     if env.is_main:
         task = trainer.parts.task
-        trained = consolidated_state_dict(trainer.last_checkpoint)
+        assert isinstance(task, GeneratorPretrainTask), "finish_generator ends a generator-pretraining run"
+        trained = consolidated_state_dict(trainer.final_checkpoint())
         out = Path(trainer.run_dir) / GENERATOR_FOLDER
         export_generator(task, trained, cfg, out)
         provenance = {
@@ -219,7 +227,7 @@ def finish_generator(trainer: Trainer) -> None:
 def export_generator(task: GeneratorPretrainTask, trained: dict[str, torch.Tensor], cfg: Config,
                      out: Path) -> None:
     """Fresh fp32 parts with the consolidated weights ``trained``, saved as a diffusers folder at ``out``."""
-    from diffusers import PNDMScheduler
+    from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 
     text_encoder, vae, unet, _ = build_random_parts(
         cfg.model.generator.preset, task.tokenizer, cfg.data.generator_image_size, cfg.run.seed

@@ -13,7 +13,9 @@ naming the file, and nothing of it runs.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,10 +26,11 @@ class CheckpointFileError(UserError):
     """A checkpoint file that is not a plain torch file of tensors and DeepSpeed's own state classes."""
 
 
-def _deepspeed_globals() -> list[type]:
+def _deepspeed_globals() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
     """The classes DeepSpeed writes into its checkpoints (model/optimizer states of ZeRO 0-3, fp16/bf16/fp32).
 
-    Each is a plain data holder: an enum, a dataclass, or a loss scaler restored by setting attributes."""
+    Each is a plain data holder: an enum, a dataclass, or a loss scaler restored by setting attributes. The type
+    is what ``torch.serialization.safe_globals`` takes (an entry may also be ``(class, its pickled name)``)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

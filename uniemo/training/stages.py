@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -48,13 +48,18 @@ from uniemo.training.emotion_space import (
     emotion_space_loader,
 )
 from uniemo.training.generator_task import annotation_note, build_generator_task, finish_generator
-from uniemo.training.task import build_stage1_task, build_stage2_task
+from uniemo.training.task import Stage2Task, Task, build_stage1_task, build_stage2_task
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
     from uniemo.data.loader import ShardLoader
     from uniemo.distributed.env import DistEnv
+    from uniemo.models.emotion_space import EmotionSpace
+    from uniemo.models.understanding import UnderstandingModel
     from uniemo.training.trainer import Trainer
+
+_T = TypeVar("_T")
+_M = TypeVar("_M", bound=nn.Module)
 
 # Stage-1 parameters that may be absent from a stage-1 checkpoint: frozen there (so not saved, see
 # checkpoint.py) and unused in stage 2 (METHOD §3.1: the contrastive heads are not part of the joint loss).
@@ -65,7 +70,7 @@ _STAGE1_OPTIONAL_ROLES = frozenset({"logit_scales", "projections"})
 class StageParts:
     """Everything stage-specific the loop needs."""
 
-    task: nn.Module
+    task: Task
     train_loader: ShardLoader
     val_loader: ShardLoader | None
     """Full validation split, evaluation transforms, every sample once over all ranks; None: no validation."""
@@ -151,7 +156,7 @@ def resolve_init_from(cfg: Config, run_dir: Path) -> Path | None:
     return find_latest_stage1_run(cfg.run.output_dir, exclude=run_dir)
 
 
-def load_stage1_understanding(understanding: nn.Module, step_dir: str | Path) -> None:
+def load_stage1_understanding(understanding: UnderstandingModel, step_dir: str | Path) -> None:
     """Load the understanding weights of a stage-1 checkpoint folder into ``understanding`` (fp32).
 
     Only the parameters stage 1 may have kept frozen, and stage 2 does not use, may be missing: the logit scales
@@ -213,14 +218,20 @@ def load_stage2_weights(task: nn.Module, step_dir: str | Path) -> None:
 # -- building a stage ------------------------------------------------------------------------------------------
 
 
-def _build_task(cfg: Config, attributes: Any, init_from: Path | None) -> nn.Module:
+def _stage2_init(init_from: Path | None) -> tuple[Path, Path | None]:
+    """:func:`split_init` of stage 2's ``init_from``, which :func:`resolve_init_from` always finds."""
+    if init_from is None:
+        raise ValueError("stage 2 needs a stage-1 checkpoint (resolve_init_from)")
+    return split_init(init_from)
+
+
+def _build_task(cfg: Config, attributes: Any, init_from: Path | None) -> Task:
 
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     if cfg.training.stage == 1:
         return build_stage1_task(cfg, attributes)
     task = build_stage2_task(cfg, attributes)
-    assert init_from is not None, "stage 2 needs a stage-1 checkpoint (resolve_init_from)"
-    stage1, stage2 = split_init(init_from)
+    stage1, stage2 = _stage2_init(init_from)
     load_stage1_understanding(task.understanding, stage1)
     if stage2 is not None:
         load_stage2_weights(task, stage2)
@@ -234,7 +245,7 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
     barrier and then read them.
     """
 
-    def build() -> nn.Module:
+    def build() -> Task:
         attributes = load_attribute_table(cfg.data)
         return _build_task(cfg, attributes, init_from)
 
@@ -250,11 +261,11 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
         val_loader = build_loader_from_config(
             cfg.data, "val", rank=env.rank, world_size=env.world_size, stage=stage, training=False, seed=cfg.run.seed
         )
-    initial = {}
+    initial: dict[str, torch.Tensor] = {}
     stage1, stage2 = (init_from, None)
-    if stage == 2:  # the frozen weights the final model is rebuilt from (finish_stage2)
+    if isinstance(task, Stage2Task):  # the frozen weights the final model is rebuilt from (finish_stage2)
         initial = {k: v.detach().float().cpu().clone() for k, v in task.understanding.state_dict().items()}
-        stage1, stage2 = split_init(init_from)
+        stage1, stage2 = _stage2_init(init_from)
     return StageParts(
         task=task,
         train_loader=train_loader,
@@ -282,7 +293,7 @@ def _build_generator_stage(cfg: Config, env: DistEnv) -> StageParts:
                       finish=finish_generator, notes=[note] if note else [])
 
 
-def _rank0_first(env: DistEnv, fn: Callable[[], Any]) -> Any:
+def _rank0_first(env: DistEnv, fn: Callable[[], _T]) -> _T:
     distributed = torch.distributed.is_initialized() and env.world_size > 1
     if env.is_main:
         result = fn()
@@ -296,11 +307,14 @@ def _rank0_first(env: DistEnv, fn: Callable[[], Any]) -> Any:
 # -- end of stage 2 --------------------------------------------------------------------------------------------
 
 
-def final_understanding(cfg: Config, parts: StageParts, trained: dict[str, torch.Tensor], device: torch.device):
+def final_understanding(
+    cfg: Config, parts: StageParts, trained: dict[str, torch.Tensor], device: torch.device
+) -> UnderstandingModel:
     """A plain fp32 understanding model with the run's final weights: the initial ones overlaid with the trained
     parameters of ``trained`` (a consolidated checkpoint, task names)."""
 
-    model = _fresh(lambda: build_understanding(cfg.model.understanding, *_attribute_counts(parts.task)))
+    counts = _attribute_counts(_stage2_task(parts).understanding)
+    model = _fresh(lambda: build_understanding(cfg.model.understanding, *counts))
     state = dict(parts.initial_understanding)
     prefix = "understanding."
     state.update({k[len(prefix) :]: v.float() for k, v in trained.items() if k.startswith(prefix)})
@@ -308,14 +322,19 @@ def final_understanding(cfg: Config, parts: StageParts, trained: dict[str, torch
     return model.to(device).eval()
 
 
-def _attribute_counts(task: nn.Module) -> tuple[int, int]:
-    und = task.understanding
+def _stage2_task(parts: StageParts) -> Stage2Task:
+    if not isinstance(parts.task, Stage2Task):
+        raise TypeError(f"the end of stage 2 needs the stage-2 task, got {type(parts.task).__name__}")
+    return parts.task
+
+
+def _attribute_counts(und: UnderstandingModel) -> tuple[int, int]:
     scenes = und.scene_classifier.out_features if und.scene_classifier is not None else 0
     objects = und.object_classifier.out_features if und.object_classifier is not None else 0
     return scenes, objects
 
 
-def _fresh(build: Callable[[], nn.Module]) -> nn.Module:
+def _fresh(build: Callable[[], _M]) -> _M:
     """Build a module without touching the global RNG (its initial values are overwritten anyway)."""
     with torch.random.fork_rng(devices=[]):
         return build()
@@ -326,7 +345,7 @@ def finish_stage2(trainer: Trainer) -> None:
 
     cfg, env, parts = trainer.cfg, trainer.env, trainer.parts
     # The exported weights (fp32 masters of the final checkpoint), not the engine's bf16 copies.
-    trained = consolidated_state_dict(trainer.last_checkpoint)
+    trained = consolidated_state_dict(trainer.final_checkpoint())
     understanding = final_understanding(cfg, parts, trained, trainer.device)
     loader = emotion_space_loader(cfg, rank=env.rank, world_size=env.world_size)
     space = compute_emotion_space(understanding, loader, trainer.device)
@@ -343,11 +362,11 @@ def finish_stage2(trainer: Trainer) -> None:
         torch.distributed.barrier()
 
 
-def sample_grids(cfg: Config, parts: StageParts, trainer: Trainer, space: Any, understanding: nn.Module,
-                 trained: dict[str, torch.Tensor]) -> dict[str, Any]:
+def sample_grids(cfg: Config, parts: StageParts, trainer: Trainer, space: EmotionSpace,
+                 understanding: UnderstandingModel, trained: dict[str, torch.Tensor]) -> dict[str, Any]:
     """``logging.sample_images`` generated images per emotion seen in the space, as uint8 ``[N,H,W,3]`` arrays."""
 
-    task = parts.task
+    task = _stage2_task(parts)
     device = trainer.device
     if cfg.model.generator.train_unet:
         # The trained UNet lives in the engine (partitioned under ZeRO-3): a fresh fp32 generator + its weights.

@@ -42,12 +42,15 @@ from uniemo.models.weights import build_understanding
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config, LossConfig, TrainingConfig
     from uniemo.data.attributes import AttributeTable
+    from uniemo.models.generator import Generator
+    from uniemo.models.understanding import UnderstandingModel
 
 __all__ = [
     "ROLE_UNET",
     "ROLE_MAPPERS",
     "Stage1Task",
     "Stage2Task",
+    "Task",
     "build_param_groups",
     "build_stage1_task",
     "build_stage2_task",
@@ -99,11 +102,27 @@ def _frozen_submodules(module: nn.Module, prefix: str = "") -> Iterator[str]:
             yield from _frozen_submodules(child, prefix=f"{full}.")
 
 
-class _Task(nn.Module):
-    """What both stages share: parameter roles, frozen-module bookkeeping, eval mode for frozen modules."""
+class Task(nn.Module):
+    """What every task shares: parameter roles, frozen-module bookkeeping, eval mode for frozen modules, and the
+    hooks the engine and the loop call (no-ops here; generator pretraining overrides them)."""
 
-    stage: int = 0
-    """1 or 2; subclasses also define ``parameter_roles() -> {parameter name: role}`` (see build_param_groups)."""
+    stage: int | str = 0
+    """``training.stage``: 1, 2 or ``"generator"``."""
+
+    def parameter_roles(self) -> dict[str, str]:
+        """``{parameter name: role}`` for every parameter (see :func:`build_param_groups`)."""
+        raise NotImplementedError
+
+    def role_hyperparameters(self, weight_decay: float) -> dict[str, tuple[float, float]]:
+        """Role -> (learning rate, weight decay) of roles of the task's own, beside the stages' roles."""
+        return {}
+
+    def role_phases(self, total_steps: int) -> dict[str, tuple[int, int]] | None:
+        """Role -> ``[start, end)`` optimizer steps in which its learning rate is non-zero; None: every step."""
+        return None
+
+    def set_step(self, step: int) -> None:
+        """The trainer's step before a training forward (for a forward that depends on it)."""
 
     def frozen_modules(self) -> list[str]:
         """Dotted names of the frozen sub-models (all parameters ``requires_grad=False``).
@@ -120,7 +139,7 @@ class _Task(nn.Module):
         the frozen parts outside the module tree, :class:`uniemo.training.engine.FrozenParts`)."""
         return set(self._modules_in_train_mode_when_frozen())
 
-    def train(self, mode: bool = True) -> _Task:
+    def train(self, mode: bool = True) -> Task:
         """Train/eval like any module, but frozen sub-models stay in eval mode (module docstring)."""
         super().train(mode)
         if mode:
@@ -131,7 +150,7 @@ class _Task(nn.Module):
         return self
 
 
-class Stage1Task(_Task):
+class Stage1Task(Task):
     """Stage-1 understanding task: ``L_U = λ3·CE + λ1·InfoNCE_scene + λ2·InfoNCE_object`` (METHOD §2.4).
 
     Args:
@@ -143,10 +162,13 @@ class Stage1Task(_Task):
     """
 
     stage = 1
+    # Buffers (registered in __init__).
+    scene_text_features: torch.Tensor
+    object_text_features: torch.Tensor
 
     def __init__(
         self,
-        understanding: nn.Module,
+        understanding: UnderstandingModel,
         scene_text_features: torch.Tensor,
         object_text_features: torch.Tensor,
         losses: LossConfig,
@@ -191,7 +213,7 @@ class Stage1Task(_Task):
         return result
 
 
-class Stage2Task(_Task):
+class Stage2Task(Task):
     """Stage-2 joint task: ``L_joint = γ3·L(θ) + γ1·L_U' + L_cond`` (METHOD §3.3-§3.8).
 
     Args:
@@ -205,12 +227,15 @@ class Stage2Task(_Task):
     """
 
     stage = 2
+    # Buffers (registered in __init__).
+    attribute_embeddings: torch.Tensor
+    phi: torch.Tensor
 
     def __init__(
         self,
-        understanding: nn.Module,
-        generator: nn.Module,
-        conditioner: nn.Module,
+        understanding: UnderstandingModel,
+        generator: Generator,
+        conditioner: Conditioner,
         attribute_embeddings: torch.Tensor,
         phi: torch.Tensor,
         losses: LossConfig,
@@ -375,7 +400,7 @@ def _decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim > 1 and not name.endswith(".bias")
 
 
-def build_param_groups(task: nn.Module, training_cfg: TrainingConfig) -> list[dict[str, Any]]:
+def build_param_groups(task: Task, training_cfg: TrainingConfig) -> list[dict[str, Any]]:
     """AdamW parameter groups for a task (METHOD §2.5, §3.1).
 
     Groups by role, each split into a decaying and a ``/no_decay`` part: stage 1 ``backbone``
@@ -393,8 +418,7 @@ def build_param_groups(task: nn.Module, training_cfg: TrainingConfig) -> list[di
             two groups, or a frozen one in any group.
     """
     hyper = _role_hyperparameters(training_cfg)
-    if hasattr(task, "role_hyperparameters"):  # a task with roles of its own (generator pretraining)
-        hyper.update(task.role_hyperparameters(training_cfg.weight_decay))
+    hyper.update(task.role_hyperparameters(training_cfg.weight_decay))  # a task's own roles (generator pretraining)
     roles = task.parameter_roles()
     groups: dict[str, dict[str, Any]] = {}
     placed: dict[int, str] = {}

@@ -30,12 +30,14 @@ import hashlib
 import math
 import time
 from collections import Counter
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from uniemo.errors import UserError
+from uniemo.logging import NullRunLogger
 from uniemo.run_layout import stop_request_path
 from uniemo.training.checkpoint import (
     Checkpointer,
@@ -49,7 +51,6 @@ from uniemo.training.engine import Engine, check_batch_arithmetic
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
     from uniemo.distributed.env import DistEnv
-    from uniemo.logging import NullRunLogger
     from uniemo.training.stages import StageParts
 
 
@@ -89,14 +90,15 @@ class Trainer:
         self.global_batch = check_batch_arithmetic(cfg, env.world_size)
         self.checkpointer = Checkpointer(run_dir, env, cfg.training.keep_checkpoints)
         self.compat = compat_keys(cfg, env.world_size)
-        self.logger: NullRunLogger | None = None
+        self.logger: NullRunLogger = NullRunLogger()
+        """The run's logger, set by :meth:`train` (a null object before, STYLE 14)."""
         self.step = 0
         self.samples_seen = 0
         self.bad_steps = 0
         """Steps skipped for a non-finite loss so far (``training.max_bad_steps``), over the whole run."""
         self.last_checkpoint: Path | None = None
         self._saved_step = -1
-        self._batches = None
+        self._batches: Generator[dict[str, Any], None, None] | None = None
         self._last_batch: dict[str, Any] | None = None
         self._loss_keys: list[str] = ["total"]
         self._metric_keys: set[str] = {"metrics/accuracy"}
@@ -170,9 +172,7 @@ class Trainer:
         None for a step skipped because its loss was not finite on some rank (:meth:`skip_bad_step`)."""
         accum = self.cfg.training.gradient_accumulation
         sums: dict[str, torch.Tensor] = {}
-        set_step = getattr(self.engine.task, "set_step", None)
-        if set_step is not None:  # a task whose forward depends on the step (generator pretraining's phases)
-            set_step(self.step)
+        self.engine.task.set_step(self.step)  # a task whose forward depends on it: generator pretraining's phases
         for micro in range(accum):
             terms = self.forward_backward(self._next_batch())
             if terms is None:
@@ -194,6 +194,7 @@ class Trainer:
         # torch's DataLoader draws a seed from the global RNG whenever it starts an iterator (at the first batch
         # of every epoch and after a resume). Forking keeps the training RNG (dropout, noise) independent of
         # when that happens, so a resumed run draws exactly what the uninterrupted one draws.
+        assert self._batches is not None, "train() starts the batch stream"
         with torch.random.fork_rng(devices=[]):
             batch = next(self._batches)
         self._source_window.update(batch["source"])
@@ -209,6 +210,7 @@ class Trainer:
         loader = self.parts.train_loader
         if not self._any_rank(loader.listing_changed()):
             return False
+        assert self._batches is not None, "train() starts the batch stream"
         self._batches.close()  # stops this epoch's DataLoader; the position counts delivered batches only
         loader.set_epoch(loader.epoch + 1)  # the next iteration lists the manifests again
         self._batches = loader.batches()
@@ -234,11 +236,10 @@ class Trainer:
 
         self.bad_steps += 1
         if self.bad_steps <= self.cfg.training.max_bad_steps:
-            if self.logger is not None:
-                self.logger.info(
-                    f"step {self.step + 1}: non-finite loss, step skipped "
-                    f"({self.bad_steps} of training.max_bad_steps={self.cfg.training.max_bad_steps})"
-                )
+            self.logger.info(
+                f"step {self.step + 1}: non-finite loss, step skipped "
+                f"({self.bad_steps} of training.max_bad_steps={self.cfg.training.max_bad_steps})"
+            )
             return
         kept = self.last_checkpoint.name if self.last_checkpoint is not None else "none (no checkpoint yet)"
         raise UserError(
@@ -264,6 +265,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The full validation split, every sample once over all ranks; sums reduced across ranks."""
+        val_loader = self.parts.val_loader
+        if val_loader is None:
+            raise ValueError("evaluate() needs the stage's validation stream (StageParts.val_loader is None)")
         self.engine.set_train(False)
         zero3 = self.cfg.distributed.zero_stage == 3
         sums: dict[str, torch.Tensor] = {}
@@ -273,7 +277,7 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             # Deterministic validation (stage-2 noise and timesteps), without moving the training RNG.
             torch.manual_seed(_derived_seed(self.cfg.run.seed, "val", self.env.rank))
-            batches = iter(self.parts.val_loader)
+            batches = iter(val_loader)
             while True:
                 batch = next(batches, None)
                 if not self._any_rank(batch is not None):
@@ -294,7 +298,7 @@ class Trainer:
         vector = self._all_reduce(vector)
         total = float(vector[-1])
         self.engine.set_train(True)
-        result = {"val/samples": int(total)}
+        result: dict[str, float] = {"val/samples": int(total)}
         if "metrics/accuracy" in self._metric_keys:
             result["val/accuracy"] = float(vector[-2]) / max(total, 1.0)
         for key, value in zip(keys, vector[:-2].tolist(), strict=True):
@@ -323,6 +327,12 @@ class Trainer:
             self.engine.ds_engine, self.step, state, self.parts.train_loader.state_dict()
         )
         self._saved_step = self.step
+        return self.last_checkpoint
+
+    def final_checkpoint(self) -> Path:
+        """The checkpoint a stage's end hook reads the trained weights from (the final one, written before)."""
+        if self.last_checkpoint is None:
+            raise RuntimeError("no checkpoint has been written or restored yet; the end hook runs after the final one")
         return self.last_checkpoint
 
     # -- logging ----------------------------------------------------------------------------------------------------
