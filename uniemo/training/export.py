@@ -34,6 +34,7 @@ from uniemo.config.loader import code_version, to_dict
 from uniemo.config.schema import EMOTIONS
 from uniemo.errors import UserError
 from uniemo.logging import say
+from uniemo.models.generator import save_pipeline, token_embedding
 from uniemo.run_layout import (
     ATTRIBUTE_BASE_FILE,
     ATTRIBUTES_FILE,
@@ -43,7 +44,7 @@ from uniemo.run_layout import (
     WEIGHTS_FILE,
     is_export,
 )
-from uniemo.training.inference import EXPORT_FORMAT, LoadedRun, load_run, mean_conditions
+from uniemo.training.inference import EXPORT_FORMAT, LoadedRun, _require_stage2, load_run, mean_conditions
 
 __all__ = ["emotion_token", "export_run", "write_export", "write_pipeline"]
 
@@ -136,15 +137,16 @@ def write_export(run: LoadedRun, folder: str | Path) -> None:
         "files": {"weights": WEIGHTS_FILE, "attributes": ATTRIBUTES_FILE},
     }
     if run.stage == 2:
+        parts = _require_stage2(run, "an export")
         save_file(
-            {"embeddings": run.attribute_embeddings.detach().float().contiguous(),
-             "phi": run.phi.detach().float().contiguous()},
+            {"embeddings": parts.attribute_embeddings.detach().float().contiguous(),
+             "phi": parts.phi.detach().float().contiguous()},
             str(folder / ATTRIBUTE_BASE_FILE),
         )
-        run.emotion_space.save(folder / EMOTION_SPACE_FILE)
+        parts.emotion_space.save(folder / EMOTION_SPACE_FILE)
         conditions = write_pipeline(run, folder / PIPELINE_DIR)
-        counts = run.emotion_space.counts("cls").tolist()
-        info["token_dim"] = int(run.generator.token_dim)
+        counts = parts.emotion_space.counts("cls").tolist()
+        info["token_dim"] = int(parts.generator.token_dim)
         info["emotion_tokens"] = {e: emotion_token(e) for e in EMOTIONS}
         info["emotion_space_counts"] = dict(zip(EMOTIONS, counts, strict=True))
         info["emotions_without_samples"] = [e for e, n in zip(EMOTIONS, counts, strict=True) if n < 1]
@@ -164,12 +166,11 @@ def write_pipeline(run: LoadedRun, folder: str | Path) -> torch.Tensor:
     The pipeline uses the run's generator (VAE, UNet, text encoder) and UniPC from its scheduler config (D10);
     the text encoder and tokenizer are copies, so ``run.generator`` is not changed.
     """
-    from diffusers import (  # heavy: only when exporting stage 2
-        StableDiffusionPipeline,
-        UniPCMultistepScheduler,
-    )
+    # Heavy: only when exporting stage 2. From the defining module, which a type checker reads as the real class
+    # (``from diffusers import X`` it reads as diffusers' torch-less placeholder).
+    from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 
-    generator = run.generator
+    generator = _require_stage2(run, "a pipeline").generator
     conditions_KD = mean_conditions(run)
     tokenizer = copy.deepcopy(generator.tokenizer)
     text_encoder = copy.deepcopy(generator.text_encoder)
@@ -178,22 +179,14 @@ def write_pipeline(run: LoadedRun, folder: str | Path) -> torch.Tensor:
     if new:
         tokenizer.add_tokens(new)
     ids = tokenizer.convert_tokens_to_ids(tokens)
-    if max(ids) >= text_encoder.get_input_embeddings().num_embeddings:
+    assert isinstance(ids, list), "a list of tokens converts to a list of ids"
+    if max(ids) >= token_embedding(text_encoder).num_embeddings:
         with torch.random.fork_rng(devices=[]):  # the new rows are overwritten below; keep the global RNG as is
             text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    weight = text_encoder.get_input_embeddings().weight
+    weight = token_embedding(text_encoder).weight
     with torch.no_grad():
         for token_id, condition_D in zip(ids, conditions_KD, strict=True):
             weight[token_id] = condition_D.to(weight.dtype, copy=True)
-    pipeline = StableDiffusionPipeline(
-        vae=generator.vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=generator.unet,
-        scheduler=UniPCMultistepScheduler.from_config(generator.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(str(folder), safe_serialization=True)
+    scheduler = UniPCMultistepScheduler.from_config(generator.scheduler.config)
+    save_pipeline(folder, generator.unet, generator.vae, text_encoder, tokenizer, scheduler)
     return conditions_KD
