@@ -19,6 +19,7 @@ A training run folder ``runs/<name>/``::
     rounds/round-R.json         feedback: round R's report                      ROUNDS_DIR, round_report_path()
     rounds/loop.json            feedback: the loop's record                     LOOP_FILE
     workers/rank-R.pid          the pid of each Ray Train worker                WORKERS_DIR
+    workers/placement.jsonl     the Ray node of every trainer and pool actor    PLACEMENT_FILE
     wandb/, wandb_id            wandb's files and the run's id                  WANDB_ID_FILE
 
 A pipeline folder ``runs/<name>/`` (``uniemo run``) holds ``config.yaml``, ``pipeline.json``, one training run
@@ -44,6 +45,9 @@ RNG_DIR = "rng"
 STOP_REQUEST_FILE = ".stop-requested"
 """File in the run directory by which a driver asks its workers to checkpoint and stop (SIGTERM, preemption)."""
 WORKERS_DIR = "workers"
+PLACEMENT_FILE = Path(WORKERS_DIR) / "placement.jsonl"
+"""One JSON line per started trainer (``role`` trainer, ``rank``) and feedback actor (``role`` generator or
+filter, ``index``, ``round``): the Ray node it ran on (:func:`uniemo.distributed.env.ray_node_record`)."""
 STEP_METRICS_FILE = "metrics.jsonl"
 """One JSON line per logged training step (:mod:`uniemo.logging`)."""
 WANDB_ID_FILE = "wandb_id"

@@ -401,6 +401,17 @@ class TrainingConfig:
                 )
 
 
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")
+
+
+def _check_resource_name(key: str, name: str) -> None:
+    """A custom Ray resource name (the label a node is started with), or empty."""
+    if name and (name in RAY_BUILTIN_RESOURCES or name.startswith("node:") or not name.strip() or name != name.strip()):
+        raise ConfigError(
+            f"{key} must name a custom Ray resource (as given to `ray start --resources`), not {name!r}"
+        )
+
+
 @dataclass
 class DistributedConfig:
     num_workers: int = 2
@@ -423,8 +434,16 @@ class DistributedConfig:
     """Start the Ray dashboard of the embedded cluster (on ``bind_host``)."""
     ray_temp_dir: str = ""
     """Session folder of the embedded Ray; empty: a fresh folder under the system temp dir, removed on success."""
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
+    """How Ray places the workers on the cluster's nodes (Ray's placement-group strategies): ``pack`` as few nodes
+    as possible, ``spread`` over as many as possible; ``strict_*`` waits rather than bend the rule (``strict_spread``:
+    one worker per node)."""
+    worker_resource: str = ""
+    """A custom Ray resource every worker asks for (a tiny share): workers run only on nodes started with it
+    (``ray start --resources '{"trainers": 1}'``); empty: any node."""
 
     def validate(self) -> None:
+        _check_resource_name("distributed.worker_resource", self.worker_resource)
         _positive("distributed.num_workers", self.num_workers)
         _non_negative("distributed.max_failures", self.max_failures)
         _positive("distributed.cpus_per_worker", self.cpus_per_worker)
@@ -497,8 +516,12 @@ class FeedbackConfig:
     trainer_cpus: float | None = None
     """``async`` mode: CPUs Ray reserves per trainer worker, fractions allowed so that trainers and pool share the
     cores; None: ``distributed.cpus_per_worker``."""
+    actor_resource: str = ""
+    """A custom Ray resource every generator and filter actor asks for (a tiny share): the pool runs only on nodes
+    started with it, e.g. other nodes than the trainers' (``distributed.worker_resource``); empty: any node."""
 
     def validate(self) -> None:
+        _check_resource_name("feedback.actor_resource", self.actor_resource)
         _positive("feedback.rounds", self.rounds)
         _positive("feedback.candidates_per_emotion", self.candidates_per_emotion)
         if not 0.0 <= self.tau <= 1.0:

@@ -20,7 +20,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -121,6 +121,33 @@ LAUNCH_DIR_ENV = "UNIEMO_LAUNCH_DIR"
 def launch_dir() -> Path:
     """The working directory the job was launched from: the driver's in a Ray worker, else this process's."""
     return Path(os.environ.get(LAUNCH_DIR_ENV) or os.getcwd()).resolve()
+
+
+def ray_node_record(**fields: Any) -> dict[str, Any]:
+    """Where this process runs on the Ray cluster it is part of: ``fields`` plus the Ray node id, the node's address
+    and custom resources (the labels ``ray start --resources`` gave it), host name, pid and time. What a run's
+    placement record holds per trainer and feedback actor (:func:`uniemo.distributed.ray_train.record_placement`)."""
+    import time
+
+    import ray
+
+    from uniemo.config.schema import RAY_BUILTIN_RESOURCES
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node: dict[str, Any] = next((n for n in ray.nodes() if n.get("NodeID") == node_id), {})
+    labels = sorted(
+        name for name in node.get("Resources", {})
+        if name not in RAY_BUILTIN_RESOURCES and not name.startswith(("node:", "accelerator_type:"))
+    )
+    return {
+        **fields,
+        "node_id": node_id,
+        "node_ip": node.get("NodeManagerAddress", ""),
+        "node_resources": labels,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": time.time(),
+    }
 
 
 def worker_env_vars(dist_cfg: DistributedConfig) -> dict[str, str]:

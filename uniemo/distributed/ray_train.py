@@ -25,19 +25,31 @@
    without the worker's traceback in the log (:func:`quiet_ray_internals`), and an embedded cluster's logs are
    kept and named in that line.
 
-Workers write their pid to ``<run_dir>/workers/rank-<r>.pid`` (a test kills one, for real).
+Workers write their pid to ``<run_dir>/workers/rank-<r>.pid`` (a test kills one, for real), and every start of a
+worker appends where it runs (Ray node id, address, the node's custom resources) to
+``<run_dir>/workers/placement.jsonl`` (:func:`record_placement`; the feedback pool's actors too).
+
+**Placement on a cluster of several nodes.** ``distributed.placement`` is Ray's placement-group strategy for the
+workers (``pack``, ``spread``, ``strict_pack``, ``strict_spread``); ``distributed.worker_resource`` names a custom
+resource each worker asks a tiny share of (:data:`RESOURCE_SHARE`), so workers run only on nodes started with it
+(``ray start --resources '{"trainers": 1}'``). A resource no node has is a one-line error before training starts
+(:func:`check_custom_resource`). When a node dies mid-run (its raylet is gone), its workers die with it and Ray
+Train restarts the group from ``checkpoints/latest`` (``distributed.max_failures``); with ``strict_spread`` the new
+group waits for enough nodes, so the run continues once the node (or another) is back. Measured on one machine
+with two ``ray start`` nodes (``tests/test_two_node_ray.py``).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +60,11 @@ from uniemo.config.loader import from_dict
 from uniemo.config.schema import Config
 from uniemo.data.remote import is_url
 from uniemo.data.shards import ensure_synthetic_shards
-from uniemo.distributed.env import backend_for, read_env, worker_env_vars
+from uniemo.distributed.env import backend_for, ray_node_record, read_env, worker_env_vars
 from uniemo.errors import UserError
 from uniemo.logging import read_metrics, say
 from uniemo.models.weights import check_model_folders
-from uniemo.run_layout import WORKERS_DIR, stop_request_path
+from uniemo.run_layout import PLACEMENT_FILE, WORKERS_DIR, stop_request_path
 from uniemo.training.checkpoint import (
     CheckpointError,
     check_compatible,
@@ -320,6 +332,52 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
+RESOURCE_SHARE = 0.001
+"""The share of a custom resource (``distributed.worker_resource``, ``feedback.actor_resource``) one worker or
+actor asks for: the resource selects nodes and never limits how many run there."""
+
+PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK",
+                        "strict_spread": "STRICT_SPREAD"}
+"""``distributed.placement`` -> Ray's placement-group strategy of the workers."""
+
+
+def record_placement(run_dir: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append ``records`` (:func:`uniemo.distributed.env.ray_node_record`) to ``<run_dir>/workers/placement.jsonl``,
+    one JSON line each, in one ``O_APPEND`` write (processes on several nodes append to the same file)."""
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+    if not data:
+        return
+    path = Path(run_dir) / PLACEMENT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_placement(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``<run_dir>/workers/placement.jsonl``, oldest first (none: an empty list)."""
+    path = Path(run_dir) / PLACEMENT_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def check_custom_resource(name: str, key: str) -> None:
+    """One line when no node of the connected Ray cluster offers the custom resource ``name`` (set as ``key``):
+    the workers or actors asking for it would wait forever."""
+    if not name:
+        return
+    import ray
+
+    if ray.cluster_resources().get(name, 0) <= 0:
+        raise UserError(
+            f"{key}={name}: no node of the Ray cluster has the custom resource {name!r}; start the nodes meant for "
+            f"it with `ray start ... --resources '{{\"{name}\": 1}}'`, or set {key}= (empty) to use any node"
+        )
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (picklable by reference: a module-level function)."""
 
@@ -331,6 +389,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     tmp = pid_file.with_name(f".{pid_file.name}.tmp")
     tmp.write_text(f"{os.getpid()}\n")
     tmp.replace(pid_file)
+    record_placement(run_dir, [ray_node_record(role="trainer", rank=env.rank)])
     cfg = from_dict(Config, loop_config["config"])
     run_worker(cfg, run_dir, init_from=loop_config.get("init_from"))
 
@@ -401,7 +460,8 @@ class UserErrorsAreFinal:
 def torch_trainer(fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], dist: DistributedConfig, *,
                   name: str, storage_path: str | Path, max_failures: int) -> Any:
     """A Ray Train ``TorchTrainer`` running ``fn(loop_config)`` on ``distributed.num_workers`` workers of
-    ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs), with the process-group backend and worker
+    ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs, and a share of ``worker_resource``), placed by
+    ``distributed.placement`` (:data:`PLACEMENT_STRATEGIES`), with the process-group backend and worker
     environment of :mod:`uniemo.distributed.env`, whose user errors are final (:class:`UserErrorsAreFinal`).
     Used by training and by the evaluation."""
     _keep_embedded_ray_on_loopback(dist)
@@ -423,11 +483,14 @@ def torch_trainer(fn: Callable[[dict[str, Any]], None], loop_config: dict[str, A
     resources: dict[str, float] = {"CPU": dist.cpus_per_worker}
     if dist.gpus_per_worker > 0:
         resources["GPU"] = dist.gpus_per_worker
+    if dist.worker_resource:
+        resources[dist.worker_resource] = RESOURCE_SHARE
     return Trainer(
         fn,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=dist.num_workers, use_gpu=dist.gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=dist.num_workers, use_gpu=dist.gpus_per_worker > 0, resources_per_worker=resources,
+            placement_strategy=PLACEMENT_STRATEGIES[dist.placement],
         ),
         torch_config=TorchConfig(backend=backend_for(dist)),
         run_config=RunConfig(
@@ -471,6 +534,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
     stop_file = stop_request_path(plan.run_dir)
     stop_file.unlink(missing_ok=True)  # a request left by an earlier, killed driver is not for this run
     with ray_session(dist), _stop_on_sigterm(stop_file):
+        check_custom_resource(dist.worker_resource, "distributed.worker_resource")
         fit(trainer)
     stopped = stop_file.exists()
     stop_file.unlink(missing_ok=True)

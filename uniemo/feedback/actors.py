@@ -44,6 +44,8 @@ import torch
 from uniemo.config.schema import EMOTIONS, Config, FeedbackConfig
 from uniemo.data.shards import write_sample_shard
 from uniemo.data.transforms import build_sample_transform
+from uniemo.distributed.env import ray_node_record
+from uniemo.distributed.ray_train import RESOURCE_SHARE, check_custom_resource
 from uniemo.errors import UserError
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.emotion_space import EmotionSpace
@@ -554,6 +556,11 @@ class PoolStats:
     lost_jobs: list[int] = field(default_factory=list)
 
 
+def _where(actor: object, role: str, index: int) -> dict[str, Any]:
+    """Run inside an actor (``__ray_call__``): the node it runs on."""
+    return ray_node_record(role=role, index=index)
+
+
 class FeedbackPool:
     """Generator and filter actors of one checkpoint, and the scheduling of jobs through them.
 
@@ -570,7 +577,10 @@ class FeedbackPool:
         self.stats = PoolStats()
         self.checkpoint_id = bundle.checkpoint_id
         self.bundle_ref = ray.put(bundle)  # once; every actor (and every restart) reads it from the store
-        common = {"max_restarts": cfg.max_restarts, "max_task_retries": cfg.max_task_retries}
+        common: dict[str, Any] = {"max_restarts": cfg.max_restarts, "max_task_retries": cfg.max_task_retries}
+        if cfg.actor_resource:  # only on the nodes started with it (e.g. not the trainers')
+            check_custom_resource(cfg.actor_resource, "feedback.actor_resource")
+            common["resources"] = {cfg.actor_resource: RESOURCE_SHARE}
         generator_cls = ray.remote(GeneratorWorker).options(
             num_cpus=cfg.generator_cpus, num_gpus=cfg.generator_gpus, **common
         )
@@ -597,6 +607,13 @@ class FeedbackPool:
             ) from exc
         for actor, pid in zip(self.generators + self.filters, pids, strict=True):
             actor.pid = int(pid)
+        roles = [("generator", i) for i in range(len(self.generators))] + [
+            ("filter", i) for i in range(len(self.filters))]
+        self.placement: list[dict[str, Any]] = ray.get([
+            a.handle.__ray_call__.remote(_where, role, index)
+            for a, (role, index) in zip(self.generators + self.filters, roles, strict=True)])
+        """Where each actor started (:func:`uniemo.distributed.env.ray_node_record`); also the ``started`` event."""
+        self._emit("started", actors=self.placement)
         self.max_in_flight = cfg.max_in_flight or 2 * cfg.generator_actors
 
     # -- life ---------------------------------------------------------------------------------------------

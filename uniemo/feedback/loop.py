@@ -55,7 +55,13 @@ from typing import Any
 from uniemo.config.schema import EMOTIONS, Config
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.shards import MANIFEST_FILE, manifest_folders
-from uniemo.distributed.ray_train import absolute_paths, ray_session, run_dir_of, run_training
+from uniemo.distributed.ray_train import (
+    absolute_paths,
+    ray_session,
+    record_placement,
+    run_dir_of,
+    run_training,
+)
 from uniemo.errors import ConfigError, UserError
 from uniemo.feedback.actors import FeedbackError, ModelBundle
 from uniemo.feedback.filtering import REJECTIONS
@@ -258,6 +264,12 @@ def _publish_time(run_dir: Path, index: int) -> float:
     return (round_dir(run_dir, index) / MANIFEST_FILE).stat().st_mtime
 
 
+def _record_actors(run_dir: Path, index: int, event: str, info: dict[str, Any]) -> None:
+    """Pool observer: where round ``index``'s actors started, into the run's placement record."""
+    if event == "started":
+        record_placement(run_dir, [{**actor, "round": index} for actor in info["actors"]])
+
+
 def _run_one_round(
     cfg: Config, run_dir: Path, index: int, step_dir: Path, record: _Record, log: Callable[[str], None]
 ) -> RoundReport:
@@ -268,7 +280,7 @@ def _run_one_round(
     bundle = _bundle_of_checkpoint(step_dir, log)
     log(f"round {index}: generating {cfg.feedback.candidates_per_emotion} candidates per emotion "
         f"({cfg.feedback.generator_actors} generator, {cfg.feedback.filter_actors} filter actor(s))")
-    report = run_round(bundle, cfg, run_dir, index, log=log)
+    report = run_round(bundle, cfg, run_dir, index, log=log, observer=partial(_record_actors, run_dir, index))
     del bundle
     say(format_round_summary(report), topic="feedback")
     record.set_round(

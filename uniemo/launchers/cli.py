@@ -5,7 +5,8 @@
     uniemo submit slurm --config FILE [key=value ...] [--nodes N] [--gpus-per-node G] [--partition P]
                         [--time T] [--account A] [--qos Q] [--mem M] [--sbatch ARG ...] [--resume]
                         [--dry-run] [--wait]
-    uniemo submit ray   --address ADDRESS --config FILE [key=value ...] [--resume] [--wait]
+    uniemo submit ray   --address ADDRESS --config FILE [key=value ...] [--command train|feedback] [--resume]
+                        [--wait]
     uniemo submit ray   --address ADDRESS --logs JOB_ID
     uniemo sweep FILE [key=value ...] --backend {local,slurm,ray} [--dry-run] [--resume] [--wait]
                       [SLURM options] [--address ADDRESS]
@@ -25,6 +26,8 @@ from uniemo.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from uniemo.launchers.ray_jobs import JOB_COMMANDS
+
     submit = sub.add_parser("submit", help="submit one training run to SLURM or to a Ray cluster")
     ssub = submit.add_subparsers(dest="submit_cmd", required=True, metavar="{slurm,ray}")
 
@@ -47,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--config", default=None, help="YAML config file")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.steps=10")
     r.add_argument("--logs", metavar="JOB_ID", default=None, help="follow the logs of a submitted job until it ends")
+    r.add_argument("--command", choices=list(JOB_COMMANDS), default="train",
+                   help="what the job runs on the config: uniemo train (default) or uniemo feedback")
     _add_ray_options(r)
     r.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/latest")
     r.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 0 on success")
@@ -203,7 +208,8 @@ def _submit_ray(args: argparse.Namespace) -> int:
     job = resolve_job(args.config, args.overrides)
     check_run_dirs([job], resume=args.resume)
     client = connect(args.address)
-    job_id = submit_job(client, job, working_dir=args.working_dir, resume=args.resume, python=args.job_python)
+    job_id = submit_job(client, job, working_dir=args.working_dir, resume=args.resume, python=args.job_python,
+                        command=args.command)
     write_job_config(job)
     print(f"submitted Ray job {job_id}: run {job.run_dir}")
     print(f"  follow: uniemo submit ray --address {args.address} --logs {job_id}")

@@ -28,6 +28,7 @@ PATH_KEYS: tuple[str, ...] = (
     "model.generator.path",
     "training.init_from",
     "distributed.ray_temp_dir",
+    "feedback.from_run",
 )
 """Config keys holding file system paths; made absolute on submission (plus ``data.extra_sources[*].path``)."""
 

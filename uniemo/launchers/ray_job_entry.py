@@ -1,5 +1,6 @@
 """The entry point a Ray job runs (``python -m uniemo.launchers.ray_job_entry``, :mod:`uniemo.launchers.ray_jobs`):
-write the resolved config from the job's environment into ``<run_dir>/launch/job.yaml``, then ``uniemo train``.
+write the resolved config from the job's environment into ``<run_dir>/launch/job.yaml``, then ``uniemo train`` (or
+the command the job was submitted with, ``uniemo feedback``).
 
 Apart from :mod:`uniemo.launchers.ray_jobs` because it runs the console script (:func:`uniemo.cli.main`), which
 itself reaches the submitter through ``uniemo submit``.
@@ -15,15 +16,18 @@ import yaml
 
 from uniemo.cli import main as cli_main
 from uniemo.launchers.job import JOB_CONFIG, LAUNCH_DIR, load_job_config
-from uniemo.launchers.ray_jobs import CONFIG_ENV, RESUME_ENV
+from uniemo.launchers.ray_jobs import COMMAND_ENV, CONFIG_ENV, JOB_COMMANDS, RESUME_ENV
 from uniemo.logging import say
 
 
 def main() -> int:
-    """Write the config from the environment into the run, then ``uniemo train`` (``--resume`` when asked)."""
+    """Write the config from the environment into the run, then ``uniemo train`` or ``uniemo feedback``
+    (``--resume`` when asked)."""
     text = os.environ.get(CONFIG_ENV)
-    if not text:
-        say(f"error: {CONFIG_ENV} is not set; submit jobs with `uniemo submit ray`")
+    command = os.environ.get(COMMAND_ENV) or "train"
+    if not text or command not in JOB_COMMANDS:
+        say(f"error: {CONFIG_ENV} is not set or {COMMAND_ENV} is not one of {', '.join(JOB_COMMANDS)}; submit jobs "
+            "with `uniemo submit ray`")
         return 2
     raw = yaml.safe_load(text)
     run_dir = Path(raw["run"]["output_dir"]) / raw["run"]["name"]
@@ -32,7 +36,7 @@ def main() -> int:
     run_launch.mkdir(parents=True, exist_ok=True)
     config_path.write_text(text)
     load_job_config(config_path)  # fail here, with the key named, if the config does not fit this checkout
-    argv = ["train", "--config", str(config_path)]
+    argv = [command, "--config", str(config_path)]
     if os.environ.get(RESUME_ENV) == "1":
         argv.append("--resume")
     return cli_main(argv)

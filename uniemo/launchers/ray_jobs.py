@@ -1,6 +1,6 @@
 """Ray job submission: one resolved config → one Ray job on an existing cluster (Ray's job-submission API).
 
-``uniemo submit ray --address ADDRESS --config FILE [key=value ...]``:
+``uniemo submit ray --address ADDRESS --config FILE [--command train|feedback] [key=value ...]``:
 
 - ADDRESS is the cluster's dashboard (job API) address, ``http://HOST:8265`` (``HOST:8265`` is accepted);
 - the current folder is the job's ``working_dir`` (uploaded by Ray; ``.venv``, ``.git``, ``runs``, ``.cache``,
@@ -9,7 +9,8 @@
   ``distributed.ray_address=auto`` (the driver joins the cluster it runs on). Paths must be visible to the
   cluster (one machine, or a shared file system);
 - the entry point, ``python -m uniemo.launchers.ray_job_entry``, writes that config to ``<run_dir>/launch/job.yaml``
-  and runs ``uniemo train`` on it.
+  and runs ``uniemo train`` on it (``--command feedback``: ``uniemo feedback``, the feedback loop, e.g. async with
+  its pool on other nodes than the trainers: ``feedback.actor_resource``, ``distributed.worker_resource``).
 
 Ray 2.60 clusters started with ``ray start`` use token authentication: the client sends the token Ray finds
 (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``). Right after ``ray start`` the API can
@@ -35,6 +36,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 CONFIG_ENV = "UNIEMO_JOB_CONFIG"
 """Environment variable carrying the job's resolved config (YAML)."""
 RESUME_ENV = "UNIEMO_JOB_RESUME"
+COMMAND_ENV = "UNIEMO_JOB_COMMAND"
+"""Environment variable naming the ``uniemo`` command the job runs (one of :data:`JOB_COMMANDS`)."""
+JOB_COMMANDS = ("train", "feedback")
+"""What a Ray job can run on its config: a training run, or the feedback loop."""
 
 UPLOAD_EXCLUDES = [".venv", ".git", "runs", ".cache", "wandb", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache",
                    ".ruff_cache"]
@@ -78,15 +83,18 @@ def submission_id_for(job: Job) -> str:
     return f"uniemo-{job.name}-{secrets.token_hex(3)}"
 
 
-def runtime_env_for(job: Job, working_dir: str | Path, resume: bool = False) -> dict:
-    """The job's runtime environment: this folder as ``working_dir`` and the resolved config in the environment."""
+def runtime_env_for(job: Job, working_dir: str | Path, resume: bool = False, command: str = "train") -> dict:
+    """The job's runtime environment: this folder as ``working_dir``, the resolved config and the command in the
+    environment."""
+    if command not in JOB_COMMANDS:
+        raise UserError(f"a Ray job runs one of {', '.join(JOB_COMMANDS)}, not {command!r}")
     cfg = copy.deepcopy(job.config)
     cfg.distributed.ray_address = "auto"  # the driver joins the cluster the job runs on
     text = job_config_text(Job(config=cfg, name=job.name))
     return {
         "working_dir": str(Path(working_dir).resolve()),
         "excludes": list(UPLOAD_EXCLUDES),
-        "env_vars": {CONFIG_ENV: text, RESUME_ENV: "1" if resume else "0"},
+        "env_vars": {CONFIG_ENV: text, RESUME_ENV: "1" if resume else "0", COMMAND_ENV: command},
     }
 
 
@@ -98,10 +106,11 @@ def submit_job(
     resume: bool = False,
     python: str = "python",
     retry_s: float = 60.0,
+    command: str = "train",
 ) -> str:
-    """Submit ``job``; retry while the cluster has "No available agent" (just after ``ray start``). Returns the
-    Ray job (submission) id."""
-    runtime_env = runtime_env_for(job, working_dir, resume)
+    """Submit ``job`` (``uniemo <command>`` on its config); retry while the cluster has "No available agent" (just
+    after ``ray start``). Returns the Ray job (submission) id."""
+    runtime_env = runtime_env_for(job, working_dir, resume, command)
     submission_id = submission_id_for(job)
     deadline = time.monotonic() + retry_s
     while True:
