@@ -302,6 +302,39 @@ def test_killed_generator_actor_loses_only_its_batch(ray_local, bundle, tmp_path
 
 
 @pytest.mark.slow
+def test_generator_actor_out_of_restarts_ends_the_round_with_one_line(ray_local, bundle, tmp_path):
+    """The one generator actor is killed with no restart left: the pool finds it dead (not restarting), stops
+    with jobs still queued and names the fix; nothing of the round remains."""
+    from uniemo.feedback.actors import FeedbackError
+
+    cfg = _config()
+    cfg.feedback.generator_actors = 1
+    cfg.feedback.sampling_steps = 12  # a job of ~1 s: the kill lands while it runs
+    cfg.feedback.max_restarts = 0
+    cfg.feedback.max_task_retries = 0
+    run_dir = tmp_path / "run"
+    killed: dict = {}
+    events: list = []
+
+    def observer(event, info):
+        events.append((event, dict(info)))
+        if event == "submitted" and info["job_id"] == 2 and not killed:
+            time.sleep(0.3)  # let the actor start the job
+            os.kill(info["pid"], signal.SIGKILL)
+            killed.update(info)
+
+    with pytest.raises(FeedbackError, match="every generator actor died.*raise feedback.max_restarts"):
+        run_round(bundle, cfg, run_dir, 0, observer=observer, log=lambda line: None)
+    assert killed
+    names = [event for event, _ in events]
+    assert ("dead", {"pid": killed["pid"]}) in events and "restarted" not in names
+    assert [info["job_id"] for event, info in events if event == "lost"] == [2]
+    assert max(info["job_id"] for event, info in events if event == "submitted") == 2  # nothing after the kill
+    assert not round_dir(run_dir, 0).exists() and not (run_dir / STAGING_DIR / "round-0").exists()
+    assert not round_report_path(run_dir, 0).exists()
+
+
+@pytest.mark.slow
 def test_failure_while_writing_shards_leaves_no_round(ray_local, bundle, tmp_path):
     """A writer fails after another shard of the round is complete: nothing of the round may remain."""
     run_dir = tmp_path / "run"
