@@ -97,3 +97,30 @@ def test_stage1_task_gives_unannotated_images_the_placeholder_text(tmp_path):
     assert torch.isfinite(out["understanding/scene"]) and torch.isfinite(out["understanding/object"])
     rows = _gather_rows(task.scene_text_features, batch["scene_idx"], placeholder_last=True)
     assert torch.equal(rows[1], task.scene_text_features[-1]) and torch.equal(rows[0], task.scene_text_features[1])
+
+
+def test_stage2_at_batch_one_with_the_official_hard_negative(synth_shards):
+    """The official stage-2 setting: batch 1, the hard negative from the understanding logits, Resize(256)-style
+    view (here 40 -> 32), no clipping; one forward + backward reaches the mappers and the queries."""
+    from uniemo.config.schema import Config
+    from uniemo.data.attributes import AttributeTable
+    from uniemo.data.loader import build_loader
+    from uniemo.data.transforms import build_sample_transform
+    from uniemo.training.task import build_stage2_task
+
+    cfg = Config()
+    cfg.data.image_size = cfg.data.generator_image_size = cfg.model.understanding.image_size = 32
+    cfg.data.crop_resize, cfg.data.train_augment = 40, False
+    cfg.training.losses.condition_negative = "understanding"
+    loader = build_loader(synth_shards, "train", rank=0, world_size=1, batch_size=1, num_workers=0,
+                          transform=build_sample_transform(cfg.data, stage=2, training=True), training=True, seed=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (1, 3, 32, 32)
+    torch.manual_seed(0)
+    task = build_stage2_task(cfg, AttributeTable.load(synth_shards / "attributes.json"))
+    out = task(batch)
+    out["total"].backward()
+    grads = {name: p.grad for name, p in task.named_parameters() if p.requires_grad}
+    assert torch.isfinite(out["total"])
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "mapper" in n)
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "quer" in n)
