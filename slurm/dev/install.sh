@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the SLURM packages the local one-node cluster needs (Debian/Ubuntu, as root or with sudo).
+# Install the SLURM packages the local clusters need (Debian/Ubuntu, as root or with sudo): slurmctld, slurmd, the
+# clients and munge, and iproute2 for the namespaces of a several-node cluster (start-local-cluster.sh --nodes N).
 #
 #   bash slurm/dev/install.sh
 #
@@ -7,10 +8,10 @@
 # slurm/dev/start-local-cluster.sh starts the daemons directly.
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge)
+PACKAGES=(slurmctld slurmd slurm-client munge iproute2)
 
 if command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-    && command -v munged >/dev/null; then
+    && command -v munged >/dev/null && command -v ip >/dev/null; then
     echo "slurm/dev/install.sh: SLURM already installed ($(slurmd -V))"
     exit 0
 fi
@@ -41,4 +42,4 @@ if [ ! -e "$POLICY" ]; then
 fi
 trap '[ "$ADDED_POLICY" = 1 ] && $SUDO rm -f "$POLICY"' EXIT
 $SUDO apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
-echo "slurm/dev/install.sh: installed $(slurmd -V) and munge; start a cluster with slurm/dev/start-local-cluster.sh"
+echo "slurm/dev/install.sh: installed $(slurmd -V), munge and iproute2; start a cluster with slurm/dev/start-local-cluster.sh"

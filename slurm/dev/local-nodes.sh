@@ -45,7 +45,7 @@ net_check() {
 _net_made() { echo "$1 $2" >>"$NET_DIR/created"; }
 
 # net_up DIR SUBNET N: the namespaces, links and per-node hosts files of an N-node cluster.
-net_up() {
+net_up() {  # every step checked: this runs in an `||` list, where set -e does not act
     local dir="$1" subnet="$2" n="$3" c sw i ns
     c="${subnet##*.}"
     NET_DIR="$dir/net"
@@ -53,15 +53,15 @@ net_up() {
     : >"$NET_DIR/created"
     sw="uniemo-$c-sw"
     ip netns add "$sw" && _net_made netns "$sw" || return 1
-    ip -n "$sw" link set lo up
-    ip -n "$sw" link add br0 type bridge
-    ip -n "$sw" link set br0 up
+    ip -n "$sw" link set lo up || return 1
+    ip -n "$sw" link add br0 type bridge || return 1
+    ip -n "$sw" link set br0 up || return 1
     # This machine's end: made in the switch's namespace, then moved here (no name can clash while it is made).
-    ip -n "$sw" link add host type veth peer name "uniemo-$c"
-    ip -n "$sw" link set "uniemo-$c" netns 1 && _net_made link "uniemo-$c"
-    ip -n "$sw" link set host master br0 up
-    ip addr add "$subnet.1/24" dev "uniemo-$c"
-    ip link set "uniemo-$c" up
+    ip -n "$sw" link add host type veth peer name "uniemo-$c" || return 1
+    ip -n "$sw" link set "uniemo-$c" netns "$$" && _net_made link "uniemo-$c" || return 1  # into this shell's
+    ip -n "$sw" link set host master br0 up || return 1
+    ip addr add "$subnet.1/24" dev "uniemo-$c" || return 1
+    ip link set "uniemo-$c" up || return 1
     {
         echo "127.0.0.1 localhost"
         echo "::1 localhost"
@@ -71,12 +71,12 @@ net_up() {
     for i in $(seq 1 "$n"); do
         ns="uniemo-$c-node$i"
         ip netns add "$ns" && _net_made netns "$ns" || return 1
-        ip -n "$sw" link add "n$i" type veth peer name eth0 netns "$ns"
-        ip -n "$sw" link set "n$i" master br0 up
-        ip -n "$ns" link set lo up
-        ip -n "$ns" addr add "$subnet.$((i + 1))/24" dev eth0
-        ip -n "$ns" link set eth0 up
-        ip -n "$ns" route add default via "$subnet.254" dev eth0 onlink
+        ip -n "$sw" link add "n$i" type veth peer name eth0 netns "$ns" || return 1
+        ip -n "$sw" link set "n$i" master br0 up || return 1
+        ip -n "$ns" link set lo up || return 1
+        ip -n "$ns" addr add "$subnet.$((i + 1))/24" dev eth0 || return 1
+        ip -n "$ns" link set eth0 up || return 1
+        ip -n "$ns" route add default via "$subnet.254" dev eth0 onlink || return 1
     done
 }
 

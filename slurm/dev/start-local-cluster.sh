@@ -13,8 +13,9 @@
 #                        /etc/hosts naming all nodes, bind-mounted inside the namespace only); the namespaces meet on
 #                        a bridge inside a further namespace of ours, and this machine reaches them through one veth
 #                        pair with address SUBNET.1, where slurmctld listens. Nothing is routed off the machine
-#                        (see "Networking of --nodes N" below). The Debian build of slurmd has no multiple-slurmd
-#                        support (it refuses two nodes of one host), hence the namespaces.
+#                        (see "Networking of --nodes N" below). Namespaces, not Slurm's multiple-slurmd mode:
+#                        those nodes would share one host name and 127.0.0.1, while Ray and gloo find a node's
+#                        address from its host name and routes, as on a real cluster.
 #   --subnet A.B.C       the nodes' /24 (UNIEMO_SLURM_SUBNET, default: the first free 10.213.C, C = 1..254)
 #   --dir DIR            state folder: slurm.conf, daemon state, spool, logs, pid files
 #                        (UNIEMO_SLURM_DIR, default /tmp/uniemo-slurm; keep it short, munge puts a socket in it)
@@ -57,7 +58,7 @@ while [ $# -gt 0 ]; do
         --nodes) NODES="$2"; shift 2 ;;
         --subnet) SUBNET="$2"; shift 2 ;;
         --keep-state) KEEP_STATE=1; shift ;;
-        -h|--help) sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) usage_error "unknown option $1 (see --help)" ;;
     esac
 done
