@@ -149,7 +149,7 @@ def test_mismatched_or_unusable_folders_are_user_errors(clip_dir, tmp_path):
     pickled.mkdir()
     (pickled / "config.json").write_text((clip_dir / "config.json").read_text())
     (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
-    with pytest.raises(UserError, match="pickled weights are never loaded"):
+    with pytest.raises(UserError, match=r"holds only pickled weights \(pytorch_model.bin\), which uniemo never unpickles"):
         build_understanding(_cfg(pickled), SCENES, OBJECTS)
     partial = tmp_path / "partial"
     partial.mkdir()

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     from uniemo.evaluation import report_cli
     from uniemo.feedback import cli as feedback_cli
     from uniemo.launchers import cli as launchers_cli
+    from uniemo.models import convert_cli
     from uniemo.training import cli as training_cli
     from uniemo.training import export_cli
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     report_cli.register(sub)
     export_cli.register(sub)
     launchers_cli.register(sub)
+    convert_cli.register(sub)  # uniemo convert: downloaded weights -> the folders uniemo loads
     return parser
 
 

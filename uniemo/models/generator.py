@@ -27,6 +27,13 @@ import torch
 from torch import nn
 
 from uniemo.errors import ConfigError, UserError
+from uniemo.models.weight_files import (
+    DIFFUSERS_STEM,
+    TRANSFORMERS_STEM,
+    find_safetensors,
+    resave_command,
+    single_file_generator_error,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     # diffusers' package namespace resolves to its dummy objects under a type checker: the real classes are
@@ -183,7 +190,8 @@ class Generator(nn.Module):
     ) -> Generator:
         """Load the parts from a local diffusers-format folder (``StableDiffusionPipeline.save_pretrained``).
 
-        Only local files are read (METHOD D3). A placeholder token already in the saved tokenizer keeps its saved
+        Only local files are read (METHOD D3). Each weighted part may hold the plain files or only one variant
+        (``*.fp16.safetensors``); weights are cast to ``torch_dtype`` (None: float32). A placeholder token already in the saved tokenizer keeps its saved
         embedding row; otherwise it is added and initialised from ``placeholder_init``.
         """
         import diffusers
@@ -191,20 +199,24 @@ class Generator(nn.Module):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        root = Path(path)
-        check_generator_folder(root)
-        kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+        root = Path(path).expanduser()
+        variants = check_generator_folder(root)
+        # A folder of fp16 variants is read in fp16 and cast: the parts live in `torch_dtype` (float32 unless
+        # asked otherwise; DeepSpeed casts for a bf16/fp16 run), whatever the files hold.
+        dtype = torch_dtype or torch.float32
+        kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "torch_dtype": dtype}
         if importlib.util.find_spec("accelerate") is None:
             # Without accelerate diffusers falls back to this anyway; saying so silences its warning.
             kwargs["low_cpu_mem_usage"] = False
-        if torch_dtype is not None:
-            kwargs["torch_dtype"] = torch_dtype
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs)
-        text_kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
-        if torch_dtype is not None:
-            text_kwargs["dtype"] = torch_dtype
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **text_kwargs)
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant=variants["unet"], **kwargs)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", variant=variants["vae"], **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(
+            root / "text_encoder",
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=dtype,
+            variant=variants["text_encoder"],
+        )
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
         scheduler_config = diffusers.DDPMScheduler.load_config(
             root, subfolder="scheduler", local_files_only=True
@@ -522,27 +534,34 @@ def save_pipeline(path: str | Path, unet: nn.Module, vae: nn.Module, text_encode
     pipeline.save_pretrained(str(path), safe_serialization=True)  # type: ignore[attr-defined]
 
 
-def check_generator_folder(path: str | Path) -> None:
-    """A one-line :class:`UserError` unless ``path`` is a diffusers Stable Diffusion folder with safetensors weights
-    (``StableDiffusionPipeline.save_pretrained`` layout). Pickled ``*.bin`` weights are never loaded."""
+GENERATOR_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_WEIGHT_STEMS = {"unet": DIFFUSERS_STEM, "vae": DIFFUSERS_STEM, "text_encoder": TRANSFORMERS_STEM}
+
+
+def check_generator_folder(path: str | Path) -> dict[str, str | None]:
+    """The weight variant of each weighted part (``unet``, ``vae``, ``text_encoder``: None for the plain layout,
+    ``"fp16"`` for a folder holding only ``*.fp16.safetensors``), or a one-line :class:`UserError` unless ``path``
+    is a diffusers Stable Diffusion folder with safetensors weights (``StableDiffusionPipeline.save_pretrained``
+    layout). A single checkpoint file gets the conversion to run; pickled weights are never loaded."""
     root = Path(path).expanduser()
+    if root.is_file():
+        raise single_file_generator_error(root)
     if not root.is_dir():
         raise UserError(
             f"generator folder {str(root)!r} does not exist: set model.generator.path to a "
             "diffusers-format Stable Diffusion folder, or leave it empty for a random preset"
         )
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    for sub in GENERATOR_PARTS:
         if not (root / sub).is_dir():
             raise UserError(
                 f"generator folder {str(root)!r} has no {sub}/ sub-folder: expected the "
                 "StableDiffusionPipeline.save_pretrained layout"
             )
-    for sub in ("unet", "vae", "text_encoder"):
-        if not any((root / sub).glob("*.safetensors")):
-            raise UserError(
-                f"generator folder {str(root / sub)!r} has no *.safetensors weights (pickled *.bin files are never "
-                "loaded); re-save the pipeline with save_pretrained(..., safe_serialization=True)"
-            )
+    resave = resave_command(root, "diffusers.StableDiffusionPipeline")
+    return {
+        sub: find_safetensors(root / sub, stem, "generator part", resave).variant
+        for sub, stem in _WEIGHT_STEMS.items()
+    }
 
 
 def build_generator(cfg, image_size: int = 64, seed: int = 0) -> Generator:

@@ -1,8 +1,9 @@
 """Loading CLIP weights into the understanding model, from local transformers-format folders only (D3).
 
 A folder written by ``CLIPModel.save_pretrained`` (or ``CLIPVisionModel.save_pretrained``) holds ``config.json``
-and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``). Only safetensors are read: pickled
-``pytorch_model.bin`` files are refused, never unpickled. The understanding model's backbone carries CLIP's own
+and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``, or one variant of either such as
+``model.fp16.safetensors``). Only safetensors are read: pickled ``pytorch_model.bin`` files and OpenAI's
+``ViT-L-14.pt`` are refused with the conversion to run, never unpickled. The understanding model's backbone carries CLIP's own
 parameter names, so the mapping is the checkpoint key minus ``vision_model.``; CLIP's ``logit_scale`` becomes
 the scene logit scale, as in the official code (METHOD §2.3). Everything else the model owns (queries,
 interactive blocks, heads, projections, the object logit scale) is new and listed in the :class:`LoadReport`.
@@ -23,12 +24,16 @@ from uniemo.config.schema import ModelConfig, UnderstandingConfig
 from uniemo.errors import ConfigError, UserError
 from uniemo.models.generator import check_generator_folder
 from uniemo.models.understanding import UnderstandingDims, UnderstandingModel, resolve_dims
+from uniemo.models.weight_files import (
+    TRANSFORMERS_STEM,
+    find_safetensors,
+    resave_command,
+    single_file_clip_error,
+)
 
 log = logging.getLogger(__name__)
 
 VISION_PREFIX = "vision_model."
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 _VISION_DEFAULTS = dict(  # transformers' CLIPVisionConfig defaults, for keys a config.json leaves out
     hidden_size=768,
     intermediate_size=3072,
@@ -76,6 +81,8 @@ class ClipFolder:
 def read_clip_folder(clip_dir: str | Path) -> ClipFolder:
     """Parse a transformers CLIP folder's ``config.json`` (``CLIPModel`` or ``CLIPVisionModel`` layout)."""
     path = Path(clip_dir).expanduser()
+    if path.is_file():
+        raise single_file_clip_error(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise WeightsError(
@@ -168,6 +175,8 @@ def check_model_folders(cfg: ModelConfig) -> None:
     und = cfg.understanding
     if und.clip_path:
         path = Path(und.clip_path).expanduser()
+        if path.is_file():
+            raise single_file_clip_error(path)
         if not path.is_dir():
             raise WeightsError(
                 f"model.understanding.clip_path {path} does not exist; put a transformers CLIP folder there "
@@ -181,31 +190,21 @@ def check_model_folders(cfg: ModelConfig) -> None:
 
 
 def safetensors_files(path: Path) -> list[Path]:
-    single = path / SAFETENSORS_FILE
-    if single.is_file():
-        return [single]
-    index = path / SAFETENSORS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return [path / name for name in sorted(set(weight_map.values()))]
-    pickles = sorted(p.name for p in path.glob("*.bin"))
-    hint = (
-        f" (found {', '.join(pickles)}: pickled weights are never loaded; re-save with "
-        "save_pretrained(..., safe_serialization=True))"
-        if pickles
-        else ""
-    )
-    raise WeightsError(f"CLIP folder {path} has no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}{hint}")
+    """The safetensors files of a CLIP folder: ``model.safetensors``, the shards of its index, or the same of its
+    one variant (``model.fp16.safetensors``); pickles only are a :class:`WeightsError`, never unpickled."""
+    try:
+        found = find_safetensors(
+            path, TRANSFORMERS_STEM, "CLIP folder", resave_command(path, "transformers.CLIPModel")
+        )
+    except UserError as exc:  # the same line, as this module's error type
+        raise WeightsError(str(exc)) from None
+    return list(found.files)
 
 
 def read_safetensors(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Read the tensors of a (possibly sharded) safetensors folder whose key passes ``keep`` (None: all)."""
     tensors: dict[str, torch.Tensor] = {}
     for file in safetensors_files(path):
-        if not file.is_file():
-            raise WeightsError(
-                f"shard {file} listed in {SAFETENSORS_INDEX} is missing; re-download the folder"
-            )
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if keep is None or keep(key):
@@ -213,10 +212,13 @@ def read_safetensors(path: Path, keep: Callable[[str], bool] | None = None) -> d
     return tensors
 
 
-def _target_name(key: str, model: UnderstandingModel) -> str | None:
-    """The model parameter a checkpoint key maps to, or None."""
+def _target_name(key: str, model: UnderstandingModel, bare: bool = False) -> str | None:
+    """The model parameter a checkpoint key maps to, or None. ``bare``: a vision-only folder whose keys carry no
+    ``vision_model.`` prefix (a ``CLIPVisionModel`` built and saved by transformers 5 writes them so)."""
     if key.startswith(VISION_PREFIX):
         return key[len(VISION_PREFIX) :]
+    if bare:
+        return key
     if key == "logit_scale" and model.logit_scale_scene is not None:
         # METHOD §2.3: the scene contrastive logits use CLIP's own (pretrained) logit scale.
         return "logit_scale_scene"
@@ -232,11 +234,12 @@ def load_clip_into_understanding(model: UnderstandingModel, clip_dir: str | Path
     folder = read_clip_folder(clip_dir)
     _check_fits(model.dims, folder)
     checkpoint = read_safetensors(folder.path)
+    bare = not folder.has_text and not any(k.startswith(VISION_PREFIX) for k in checkpoint)
     params = dict(model.named_parameters())
     loaded, ignored = [], []
     with torch.no_grad():
         for key, tensor in checkpoint.items():
-            name = _target_name(key, model)
+            name = _target_name(key, model, bare)
             if name is None or name not in params:
                 ignored.append(key)
                 continue
