@@ -8,8 +8,9 @@ What is unusual here:
   (METHOD §3.8, §9.12) and any batch size. The hook keeps us on the library's own forward (causal mask, attention
   implementation) across transformers versions.
 - Everything loads from a local diffusers-format folder (``StableDiffusionPipeline.save_pretrained`` layout,
-  plain or fp16-variant files, METHOD D3; a single-file checkpoint converts with ``uniemo convert``) or is built at random from the small presets below; random presets are saved through a real
-  ``StableDiffusionPipeline`` so tests load them through the same code a real user does.
+  plain or fp16-variant files, METHOD D3; a single-file checkpoint converts with ``uniemo convert``) or is built
+  at random from the small presets below; random presets are saved through a real ``StableDiffusionPipeline`` so
+  tests load them through the same code a real user does.
 - VAE, text encoder and (unless ``train_unet``, D8) UNet are frozen: ``requires_grad_(False)`` and kept in eval
   mode even when the module is put in train mode.
 
