@@ -9,7 +9,12 @@ and random crops. Each measurement is the best of ``--repeats`` full passes, wor
 and CPU milliseconds per sample over the main process and its workers (robust to other jobs on the machine;
 "vs bare (CPU)" is bare CPU per sample / uniemo CPU per sample, so above 1 means uniemo does less work).
 
-    .venv/bin/python benchmarks/loader.py --images 3000 --workers 2
+A second table streams the same shards from URLs (issue 13): an HTTP server (``python -m http.server``) and an
+S3-compatible server (moto, with the shards uploaded to a bucket), each its own process on 127.0.0.1, read by
+the same uniemo loader; "vs local" compares with the local folder. Its CPU column is the loader's side (main
+process, loader workers and their ``curl`` children), not the server's.
+
+    .venv/bin/python benchmarks/loader.py --images 3000 --workers 2 [--sources local,http,s3]
 
 Writes nothing outside ``--data`` (default: a temporary folder, removed at exit).
 """
@@ -23,16 +28,22 @@ import platform
 import random
 import resource
 import shutil
+import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from uniemo.config.schema import DataConfig, StorageConfig
 from uniemo.data.loader import build_loader
-from uniemo.data.shards import read_manifest, write_shards
+from uniemo.data.shards import ensure_synthetic_shards, read_manifest, write_shards
 from uniemo.data.synthetic import generate_synthetic_set
 from uniemo.data.transforms import SampleTransform
 
@@ -95,6 +106,72 @@ def time_pass(make_iter, repeats: int) -> tuple[int, float, float]:
     return count, best_wall, best_cpu
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _server(args: list[str], port: int) -> Iterator[str]:
+    """A server process listening on ``127.0.0.1:port``; yields its base URL and stops it afterwards."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{args[:3]} exited with {proc.returncode}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{args[:3]} did not listen on port {port}")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def url_sources(kinds: list[str], base: Path, shards: Path, stack: ExitStack) -> dict[str, DataConfig]:
+    """``data`` sections reading ``shards`` from each of ``kinds``: ``local``, ``http`` (``python -m
+    http.server`` serving ``base``), ``s3`` (a moto server, the shards uploaded to a bucket; AWS test
+    credentials in this process's environment, which the loader workers inherit)."""
+    cache = str(base / "cache")
+    out: dict[str, DataConfig] = {}
+    for kind in kinds:
+        if kind == "local":
+            out[kind] = DataConfig(shards=str(shards), cache_dir=cache)
+        elif kind == "http":
+            port = _free_port()
+            root = stack.enter_context(_server(
+                [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(base), str(port)],
+                port,
+            ))
+            out[kind] = DataConfig(shards=f"{root}/{shards.name}", cache_dir=cache)
+        elif kind == "s3":
+            import boto3
+
+            for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                               ("AWS_DEFAULT_REGION", "us-east-1")):
+                os.environ.setdefault(key, value)
+            port = _free_port()
+            endpoint = stack.enter_context(_server(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port
+            ))
+            client = boto3.client("s3", endpoint_url=endpoint)
+            client.create_bucket(Bucket="bench")
+            for path in sorted(shards.iterdir()):
+                if path.is_file():
+                    client.upload_file(str(path), "bench", f"shards/{path.name}")
+            out[kind] = DataConfig(
+                shards="s3://bench/shards", cache_dir=cache, storage=StorageConfig(endpoint_url=endpoint)
+            )
+        else:
+            raise SystemExit(f"--sources: unknown source {kind!r}; use local, http and s3")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3000, help="synthetic images (all splits)")
@@ -104,6 +181,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--sources", default="local,http,s3", help="sources of the second table (local, http, s3); empty: none"
+    )
     parser.add_argument(
         "--data", default="", help="folder for the synthetic set and shards (kept); default: temporary"
     )
@@ -179,9 +259,50 @@ def main() -> None:
                 f"| {label} | {name} | {n} | {t:.2f} | {rate:.0f} | {rate / (n0 / t0):.2f}x "
                 f"| {cpu:.2f} | {(1000 * c0 / n0) / cpu:.2f}x |"
             )
+        kinds = [k for k in args.sources.split(",") if k]
+        if kinds:
+            with ExitStack() as stack:
+                print_url_table(args, url_sources(kinds, base, shards, stack))
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_url_table(args: argparse.Namespace, sources: dict[str, DataConfig]) -> None:
+    """The uniemo loader on each source, both streams; rates relative to the first source (local)."""
+    rows = []
+    for label, transform, training in (
+        ("evaluation stream", SampleTransform(args.image_size), False),
+        ("training stream", SampleTransform(args.image_size, augment=True), True),
+    ):
+        first = None
+        for kind, data in sources.items():
+            folder = ensure_synthetic_shards(data)  # a URL source: its manifest mirrored, shard sizes checked
+
+            def ours(folder=folder, transform=transform, training=training):
+                return build_loader(
+                    folder,
+                    "train",
+                    rank=0,
+                    world_size=1,
+                    batch_size=args.batch_size,
+                    num_workers=args.workers,
+                    transform=transform,
+                    training=training,
+                )
+
+            n, t, c = time_pass(ours, args.repeats)
+            first = first or (n, t, c)
+            rows.append((label, kind, data.shards, n, t, c, *first))
+    print("\nThe same train shards from URLs on 127.0.0.1 (each server its own process):\n")
+    print("| stream | source | samples | seconds | samples/s | vs local | CPU ms/sample | vs local (CPU) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, kind, _, n, t, c, n0, t0, c0 in rows:
+        rate, cpu = n / t, 1000 * c / n
+        print(
+            f"| {label} | {kind} | {n} | {t:.2f} | {rate:.0f} | {rate / (n0 / t0):.2f}x | {cpu:.2f} "
+            f"| {(1000 * c0 / n0) / cpu:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -185,6 +185,25 @@ def test_url_extra_source_is_mixed_in(sources, http_root, tmp_path):
     assert names == {"real", "mirror"}
 
 
+def test_local_manifest_may_list_shards_at_urls(sources, synth_shards, http_root, tmp_path):
+    """A local folder whose manifest names its shards by URL (here HTTP) streams them; their sizes are checked."""
+    folder = tmp_path / "listing"
+    folder.mkdir()
+    shutil.copy(synth_shards / "attributes.json", folder)
+    manifest = read_manifest(synth_shards)
+    for entry in manifest["shards"]:
+        entry["name"] = f"{http_root}/shards/{entry['name']}"
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert ensure_synthetic_shards(_data_cfg(str(folder), tmp_path)) == folder
+    args = dict(rank=0, world_size=1, batch_size=8, num_workers=1, transform=EVAL, training=False)
+    got = [b["key"] for b in build_loader(folder, "val", **args)]
+    assert got == [b["key"] for b in build_loader(synth_shards, "val", **args)] and got
+    manifest["shards"][0]["name"] = f"{http_root}/shards/gone.tar"
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="lists shard .*gone.tar, which is missing"):
+        ensure_synthetic_shards(_data_cfg(str(folder), tmp_path))
+
+
 def test_missing_or_unreachable_urls_are_one_line(sources, http_root, s3_endpoint, tmp_path):
     dead = f"http://127.0.0.1:{free_ports(1)[0]}"
     cases = [

@@ -67,7 +67,7 @@ from PIL import Image
 
 from uniemo.config.schema import NUM_EMOTIONS
 from uniemo.data.attributes import AttributeTable, resolve_attribute_table
-from uniemo.data.remote import Storage, join_location, open_stream
+from uniemo.data.remote import Storage, join_location, open_stream, preload_clients
 from uniemo.data.shards import (
     ensure_synthetic_shards,
     folder_location,
@@ -601,6 +601,8 @@ class ShardLoader:
         if self.training and self._batches_in_epoch == 0:
             self._shards, self._digest = self._list_shards()  # new feedback rounds join at epoch starts
         plan = self._epoch_plan()
+        if self.num_workers:
+            preload_clients(ref.url for refs in plan.shards for ref in refs)
         stream = ShardStream(
             plan,
             split=self.split,
