@@ -44,7 +44,7 @@ from uniemo.run_layout import (
     WEIGHTS_FILE,
     is_export,
 )
-from uniemo.training.inference import EXPORT_FORMAT, LoadedRun, _require_stage2, load_run, mean_conditions
+from uniemo.training.inference import EXPORT_FORMAT, LoadedRun, load_run, mean_conditions, require_stage2
 
 __all__ = ["emotion_token", "export_run", "write_export", "write_pipeline"]
 
@@ -137,7 +137,7 @@ def write_export(run: LoadedRun, folder: str | Path) -> None:
         "files": {"weights": WEIGHTS_FILE, "attributes": ATTRIBUTES_FILE},
     }
     if run.stage == 2:
-        parts = _require_stage2(run, "an export")
+        parts = require_stage2(run, "an export")
         save_file(
             {"embeddings": parts.attribute_embeddings.detach().float().contiguous(),
              "phi": parts.phi.detach().float().contiguous()},
@@ -170,7 +170,7 @@ def write_pipeline(run: LoadedRun, folder: str | Path) -> torch.Tensor:
     # (``from diffusers import X`` it reads as diffusers' torch-less placeholder).
     from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 
-    generator = _require_stage2(run, "a pipeline").generator
+    generator = require_stage2(run, "a pipeline").generator
     conditions_KD = mean_conditions(run)
     tokenizer = copy.deepcopy(generator.tokenizer)
     text_encoder = copy.deepcopy(generator.text_encoder)

@@ -105,7 +105,7 @@ def _transfer(args: argparse.Namespace) -> int:
     check_request(args.num, args.object_word, args.seed, args.steps)
     if not Path(args.image).is_file():
         raise UserError(f"--image {args.image!r} does not exist; give an image file")
-    run = load_run(args.run, device=_device(args.device), compute_missing_emotion_space=False)
+    run = load_run(args.run, device=_device(args.device))
     records = transfer_image(
         run, args.image, args.emotion, args.out, num=args.num, object_word=args.object_word, seed=args.seed,
         steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,

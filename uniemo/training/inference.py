@@ -69,12 +69,15 @@ from uniemo.training.task import build_stage2_task
 
 __all__ = [
     "LoadedRun",
+    "Stage2Parts",
     "classify_images",
     "default_device",
     "emotion_index",
     "generate_images",
     "load_run",
     "mean_conditions",
+    "require_stage2",
+    "save_generations",
 ]
 
 EXPORT_FORMAT = "uniemo-export-1"
@@ -371,7 +374,7 @@ def emotion_index(name: str) -> int:
 
 
 @dataclass(frozen=True)
-class _Stage2Parts:
+class Stage2Parts:
     """The stage-2 fields of a :class:`LoadedRun`, all present (what generation needs)."""
 
     generator: Generator
@@ -381,7 +384,7 @@ class _Stage2Parts:
     phi: torch.Tensor
 
 
-def _require_stage2(run: LoadedRun, what: str) -> _Stage2Parts:
+def require_stage2(run: LoadedRun, what: str) -> Stage2Parts:
     if (
         run.stage != 2
         or run.generator is None
@@ -394,14 +397,14 @@ def _require_stage2(run: LoadedRun, what: str) -> _Stage2Parts:
         raise UserError(
             f"{str(run.source)!r} has no emotion space; finish stage 2 (or export the run, which computes it)"
         )
-    return _Stage2Parts(run.generator, run.conditioner, run.emotion_space, run.attribute_embeddings, run.phi)
+    return Stage2Parts(run.generator, run.conditioner, run.emotion_space, run.attribute_embeddings, run.phi)
 
 
 @torch.no_grad()
 def mean_conditions(run: LoadedRun) -> torch.Tensor:
     """The fused condition of each emotion's MEAN, float32 [8,Dt] (METHOD §4.2 with the draw replaced by μ_k):
     ``c_k = M_emo(μ_cls[k]) + α_s(k)·M_scene(μ_s[k]) + α_o(k)·M_obj(μ_o[k])``, α at the target emotion k."""
-    parts = _require_stage2(run, "a mean condition")
+    parts = require_stage2(run, "a mean condition")
     space, conditioner = parts.emotion_space, parts.conditioner
     param = next(conditioner.parameters())
     means = {s: space.mean(s).to(param.device, param.dtype) for s in space.streams}
@@ -437,7 +440,7 @@ def generate_images(
     come from ``model.generator``.
     """
     k = emotion_index(emotion)
-    parts = _require_stage2(run, "generation")
+    parts = require_stage2(run, "generation")
     gen_cfg = run.config.model.generator
     steps = gen_cfg.sampling_steps if steps is None else int(steps)
     guidance_scale = gen_cfg.guidance_scale if guidance_scale is None else float(guidance_scale)

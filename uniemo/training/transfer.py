@@ -29,7 +29,7 @@ from uniemo.data.records import RecordProblem
 from uniemo.errors import UserError
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.generation import SAMPLERS, render_conditions
-from uniemo.training.inference import LoadedRun, emotion_index, save_generations
+from uniemo.training.inference import LoadedRun, emotion_index, require_stage2, save_generations
 
 __all__ = ["check_request", "image_features", "transfer_image", "transfer_token"]
 
@@ -102,11 +102,8 @@ def transfer_image(
     from safetensors.torch import save_file
 
     k = emotion_index(emotion)
-    generator, conditioner = run.generator, run.conditioner
-    base, phi = run.attribute_embeddings, run.phi
-    if generator is None or conditioner is None or base is None or phi is None:
-        raise UserError(f"{str(run.source)!r} is a stage-{run.stage} run; emotion transfer needs a stage-2 run "
-                        "(joint training) or its export")
+    parts = require_stage2(run, "emotion transfer")
+    generator, conditioner, base, phi = parts.generator, parts.conditioner, parts.attribute_embeddings, parts.phi
     gen_cfg = run.config.model.generator
     steps = gen_cfg.sampling_steps if steps is None else int(steps)
     guidance_scale = gen_cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
