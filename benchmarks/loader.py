@@ -36,13 +36,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from uniemo.config.schema import DataConfig, StorageConfig
-from uniemo.data.loader import build_loader
+from uniemo.data.loader import ShardLoader, build_loader
 from uniemo.data.shards import ensure_synthetic_shards, read_manifest, write_shards
 from uniemo.data.synthetic import generate_synthetic_set
 from uniemo.data.transforms import SampleTransform
@@ -86,6 +87,22 @@ def cpu_seconds() -> float:
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
     return total
+
+
+def uniemo_train_split(
+    folder: Path, args: argparse.Namespace, transform: SampleTransform, training: bool
+) -> ShardLoader:
+    """The uniemo loader of ``folder``'s train split with the benchmark's batch size and workers, one rank."""
+    return build_loader(
+        folder,
+        "train",
+        rank=0,
+        world_size=1,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        transform=transform,
+        training=training,
+    )
 
 
 def time_pass(make_iter, repeats: int) -> tuple[int, float, float]:
@@ -223,18 +240,7 @@ def main() -> None:
                     BareTarStream(urls, transform), batch_size=args.batch_size, num_workers=args.workers
                 )
 
-            def ours(transform=transform, training=training):
-                return build_loader(
-                    shards,
-                    "train",
-                    rank=0,
-                    world_size=1,
-                    batch_size=args.batch_size,
-                    num_workers=args.workers,
-                    transform=transform,
-                    training=training,
-                )
-
+            ours = partial(uniemo_train_split, shards, args, transform, training)
             n_bare, t_bare, c_bare = time_pass(bare, args.repeats)
             n_ours, t_ours, c_ours = time_pass(ours, args.repeats)
             mode = "training stream" if training else "evaluation stream"
@@ -278,20 +284,7 @@ def print_url_table(args: argparse.Namespace, sources: dict[str, DataConfig]) ->
         first = None
         for kind, data in sources.items():
             folder = ensure_synthetic_shards(data)  # a URL source: its manifest mirrored, shard sizes checked
-
-            def ours(folder=folder, transform=transform, training=training):
-                return build_loader(
-                    folder,
-                    "train",
-                    rank=0,
-                    world_size=1,
-                    batch_size=args.batch_size,
-                    num_workers=args.workers,
-                    transform=transform,
-                    training=training,
-                )
-
-            n, t, c = time_pass(ours, args.repeats)
+            n, t, c = time_pass(partial(uniemo_train_split, folder, args, transform, training), args.repeats)
             first = first or (n, t, c)
             rows.append((label, kind, data.shards, n, t, c, *first))
     print("\nThe same train shards from URLs on 127.0.0.1 (each server its own process):\n")

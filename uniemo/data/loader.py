@@ -602,7 +602,7 @@ class ShardLoader:
             self._shards, self._digest = self._list_shards()  # new feedback rounds join at epoch starts
         plan = self._epoch_plan()
         if self.num_workers:
-            preload_clients(ref.url for refs in plan.shards for ref in refs)
+            preload_clients((ref.url, ref.storage) for refs in plan.shards for ref in refs)
         stream = ShardStream(
             plan,
             split=self.split,

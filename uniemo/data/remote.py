@@ -4,9 +4,8 @@
 (file) or a URL. This module is the one place that tells the two apart and opens bytes from either:
 
 - ``http://host/path`` and ``https://``: a source's manifest is ``<base>/manifest.json`` and a shard
-  ``<base>/<name>``. Shards stream through ``curl`` (webdataset's ``gopen``, with its retries); the small
-  files (manifest, attribute table) and the size checks go through :mod:`urllib` with a short timeout.
-- ``s3://bucket/prefix``: the same layout, through fsspec/s3fs. The endpoint is ``data.storage.endpoint_url``
+  ``<base>/<name>``, all read with :mod:`urllib` (the checks before training with a short timeout).
+- ``s3://bucket/prefix``: the same layout, through botocore (streaming GETs). The endpoint is ``data.storage.endpoint_url``
   when set, else botocore's own settings (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``~/.aws/config``);
   credentials come only from botocore's usual places (``AWS_ACCESS_KEY_ID`` ..., config files, instance
   roles), never from uniemo's config.
@@ -21,7 +20,10 @@ with a URL source (a local mirror of its metadata) is in :func:`uniemo.data.shar
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -35,8 +37,9 @@ from uniemo.errors import ConfigError
 URL_PREFIXES = ("http://", "https://", "s3://", "pipe:")
 NAME_FIELD = "{name}"
 """Placeholder of a ``pipe:`` source where a file name goes."""
-_S3_BLOCK = 8 << 20
-"""Read-ahead block of an s3 shard stream: a few round trips per shard, little memory per loader worker."""
+_STREAM_TIMEOUT_S = 120.0
+"""An HTTP shard stream that sends nothing for this long fails (and is counted as a corrupt shard)."""
+_HTTP_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -96,23 +99,102 @@ def check_location(location: str, key: str) -> None:
 # Byte streams (the loader's shard opener)
 # ---------------------------------------------------------------------------------------------------------
 def open_stream(location: str, storage: Storage | None = None) -> IO[bytes]:
-    """A binary stream of the whole file at ``location``, read front to back (a shard)."""
+    """A binary stream of the whole file at ``location``, read front to back (a shard).
+
+    ``http(s)://`` is read in this process (:mod:`urllib`; a ``curl`` process per shard cost 0.1 CPU ms per
+    sample more), retrying the request a few times on a connection error or a 5xx answer; an absent file
+    raises :class:`FileNotFoundError` as a missing local shard does. ``pipe:`` runs through webdataset's
+    ``gopen``, ``s3://`` as a botocore streaming GET.
+    """
     if location.startswith("s3://"):
-        return _s3(storage or Storage()).open(location, "rb", block_size=_S3_BLOCK, cache_type="readahead")
-    if is_url(location):
+        return _open_s3(location, storage or Storage())
+    if location.startswith("pipe:"):
         from webdataset.gopen import gopen
 
         stream: IO[bytes] = gopen(location, "rb")
         return stream
+    if is_url(location):
+        return _open_http(location)
     return open(location, "rb")
 
 
-def preload_clients(locations: Iterable[str]) -> None:
-    """Import the S3 client in this process when any of ``locations`` needs it, before loader workers fork:
-    each worker would otherwise import s3fs and aiobotocore again (about 0.3 CPU seconds) at every epoch."""
-    if any(loc.startswith("s3://") for loc in locations):
-        with contextlib.suppress(ImportError):  # open_stream names the missing package when it is needed
-            import s3fs  # noqa: F401
+def _open_http(location: str) -> IO[bytes]:
+    request = urllib.request.Request(location, headers={"User-Agent": "uniemo"})
+    for attempt in range(_HTTP_ATTEMPTS):
+        last = attempt == _HTTP_ATTEMPTS - 1
+        try:
+            response: IO[bytes] = urllib.request.urlopen(request, timeout=_STREAM_TIMEOUT_S)
+            return response
+        except urllib.error.HTTPError as exc:
+            if exc.code in (404, 410):
+                raise FileNotFoundError(f"{location}: HTTP {exc.code} {exc.reason}") from None
+            if exc.code < 500 or last:
+                raise OSError(f"{location}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            if last:
+                raise OSError(f"{location}: {getattr(exc, 'reason', exc)}") from None
+        time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+_BOTO: dict[Any, Any] = {}
+"""``"session"``: one botocore session with the S3 model loaded; ``("template", endpoint)``: a client made by
+:func:`preload_clients` and never used where it was made, which a forked loader worker adopts as its own;
+``(pid, endpoint)``: the client of that process (its connections are never shared across a fork)."""
+
+
+_CHECK_LOCK = threading.Lock()
+
+
+def _s3_client(storage: Storage) -> Any:
+    """This process's botocore S3 client for ``storage`` (credentials and region from botocore's sources)."""
+    key = (os.getpid(), storage.endpoint_url)
+    if key not in _BOTO:
+        template = _BOTO.get(("template", storage.endpoint_url))
+        if template is not None and template[0] != os.getpid():  # a worker forked after preload_clients
+            _BOTO[key] = template[1]
+        else:
+            _BOTO[key] = _new_s3_client(storage)
+    return _BOTO[key]
+
+
+def _new_s3_client(storage: Storage) -> Any:
+    if "session" not in _BOTO:
+        try:
+            import botocore.session
+        except ImportError:
+            raise ConfigError(
+                "s3:// shard sources need botocore; install it with pip install 'uniemo[cloud]'"
+            ) from None
+        _BOTO["session"] = botocore.session.get_session()
+    return _BOTO["session"].create_client("s3", endpoint_url=storage.endpoint_url or None)
+
+
+def _open_s3(location: str, storage: Storage) -> IO[bytes]:
+    """A streaming GET of ``s3://bucket/key`` (botocore's StreamingBody, read in this process)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = location[len("s3://") :].partition("/")
+    try:
+        body: IO[bytes] = _s3_client(storage).get_object(Bucket=bucket, Key=key)["Body"]
+        return body
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            raise FileNotFoundError(f"{location}: {code}") from None
+        raise OSError(f"{location}: {exc}") from None
+    except BotoCoreError as exc:
+        raise OSError(f"{location}: {exc}") from None
+
+
+def preload_clients(locations: Iterable[tuple[str, Storage]]) -> None:
+    """Before loader workers fork: make an S3 client for each endpoint that ``locations`` (URL, storage) read
+    from, for the workers to adopt. A client costs about 0.2 CPU seconds (botocore's models and endpoint
+    rules), which every worker would otherwise pay again at every epoch."""
+    for storage in {storage for url, storage in locations if url.startswith("s3://")}:
+        if ("template", storage.endpoint_url) not in _BOTO:
+            with contextlib.suppress(ConfigError):  # open_stream names the missing package when it is needed
+                _BOTO[("template", storage.endpoint_url)] = (os.getpid(), _new_s3_client(storage))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,7 +203,8 @@ def preload_clients(locations: Iterable[str]) -> None:
 def fetch(location: str, storage: Storage) -> bytes:
     """The whole (small) file at URL ``location``; :class:`SourceUnavailable` when absent or unreachable."""
     if location.startswith("s3://"):
-        return _s3_call(location, storage, lambda fs: fs.cat_file(location))
+        data: bytes = _s3_call(location, storage, "get_object")
+        return data
     if location.startswith("pipe:"):
         return _run_pipe(location, storage)
     body, _ = _http(location, "GET", storage)
@@ -133,7 +216,7 @@ def size_of(location: str, storage: Storage) -> int | None:
     if location.startswith("pipe:"):
         return None
     if location.startswith("s3://"):
-        return int(_s3_call(location, storage, lambda fs: fs.info(location))["size"])
+        return int(_s3_call(location, storage, "head_object")["ContentLength"])
     _, length = _http(location, "HEAD", storage)
     return length
 
@@ -185,41 +268,39 @@ def _run_pipe(location: str, storage: Storage) -> bytes:
     return done.stdout
 
 
-def _s3(storage: Storage, quick: bool = False) -> Any:
-    """An s3fs filesystem for ``storage``; ``quick``: one attempt with the storage timeout (checks)."""
-    try:
-        import s3fs
-    except ImportError:
-        raise ConfigError(
-            "s3:// shard sources need s3fs; install it with pip install 'uniemo[cloud]'"
-        ) from None
-    kwargs: dict[str, Any] = {}
-    if storage.endpoint_url:
-        kwargs["endpoint_url"] = storage.endpoint_url
-    if quick:
-        kwargs["config_kwargs"] = {
-            "connect_timeout": storage.timeout_s,
-            "read_timeout": storage.timeout_s,
-            "retries": {"max_attempts": 1},
-        }
-    return s3fs.S3FileSystem(**kwargs)
+def _s3_call(location: str, storage: Storage, method: str) -> Any:
+    """One S3 request (``get_object`` or ``head_object``) of the checks: one attempt, the storage timeout."""
+    from botocore.config import Config
+    from botocore.exceptions import ClientError, NoCredentialsError
 
-
-def _s3_call(location: str, storage: Storage, call: Any) -> Any:
+    bucket, _, key = location[len("s3://") :].partition("/")
+    with _CHECK_LOCK:  # sizes_of asks from several threads; one client (thread-safe) serves them all
+        cache_key = ("check", os.getpid(), storage)
+        if cache_key not in _BOTO:
+            _new_s3_client(storage)  # the session (and a clear ConfigError when botocore is missing)
+            config = Config(
+                connect_timeout=storage.timeout_s, read_timeout=storage.timeout_s, retries={"max_attempts": 1}
+            )
+            _BOTO[cache_key] = _BOTO["session"].create_client(
+                "s3", endpoint_url=storage.endpoint_url or None, config=config
+            )
+        client = _BOTO[cache_key]
     try:
-        return call(_s3(storage, quick=True))
-    except FileNotFoundError:
-        raise SourceUnavailable(location, "no such object", missing=True) from None
-    except PermissionError as exc:
-        raise SourceUnavailable(
-            location, f"access denied ({exc}); check the AWS credentials (AWS_ACCESS_KEY_ID ...)", missing=True
-        ) from None
-    except ConfigError:
-        raise
-    except Exception as exc:  # botocore and aiohttp raise many types for an endpoint that does not answer
-        if type(exc).__name__ == "NoCredentialsError":
-            reason = "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
-        else:
-            text = str(exc).strip()
-            reason = f"unreachable: {text.splitlines()[0] if text else type(exc).__name__}"
+        response = getattr(client, method)(Bucket=bucket, Key=key)
+        return response["Body"].read() if method == "get_object" else response
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            raise SourceUnavailable(location, f"no such object ({code})", missing=True) from None
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise SourceUnavailable(
+                location, f"access denied ({code}); check the AWS credentials (AWS_ACCESS_KEY_ID ...)", missing=True
+            ) from None
+        raise SourceUnavailable(location, f"S3 error {code}", missing=False) from None
+    except NoCredentialsError:
+        reason = "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        raise SourceUnavailable(location, reason, missing=False) from None
+    except Exception as exc:  # botocore and urllib3 raise many types for an endpoint that does not answer
+        text = str(exc).strip()
+        reason = f"unreachable: {text.splitlines()[0] if text else type(exc).__name__}"
         raise SourceUnavailable(location, reason, missing=False) from None
