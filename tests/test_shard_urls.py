@@ -224,6 +224,19 @@ def test_missing_or_unreachable_urls_are_one_line(sources, http_root, s3_endpoin
         assert time.monotonic() - started < 30
 
 
+def test_a_shard_gone_from_the_server_is_skipped_and_counted(synth_shards, http_root, tmp_path):
+    """Past the checks (a shard deleted while training runs), a 404 counts as a missing shard, as a local one."""
+    from uniemo.data.shards import mirror_source
+
+    folder = mirror_source(f"{http_root}/broken", _data_cfg("", tmp_path), key="data.shards", require_attributes=True)
+    loader = build_loader(folder, "train", rank=0, world_size=1, batch_size=8, num_workers=1, transform=EVAL,
+                          training=False)
+    samples = sum(len(b["key"]) for b in loader)
+    entries = [e for e in read_manifest(synth_shards)["shards"] if e["split"] == "train"]
+    assert samples == sum(e["samples"] for e in entries) - entries[1]["samples"]
+    assert loader.stats()["skipped"]["by_reason"] == {"missing_shard": 1}
+
+
 def test_truncated_remote_shard_is_named(synth_shards, tmp_path):
     """A shard the server holds with another size than the manifest lists (HTTP HEAD) is one line."""
     served = tmp_path / "www" / "shards"

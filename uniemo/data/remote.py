@@ -5,15 +5,17 @@
 
 - ``http://host/path`` and ``https://``: a source's manifest is ``<base>/manifest.json`` and a shard
   ``<base>/<name>``, all read with :mod:`urllib` (the checks before training with a short timeout).
-- ``s3://bucket/prefix``: the same layout, through botocore (streaming GETs). The endpoint is ``data.storage.endpoint_url``
-  when set, else botocore's own settings (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``~/.aws/config``);
-  credentials come only from botocore's usual places (``AWS_ACCESS_KEY_ID`` ..., config files, instance
-  roles), never from uniemo's config.
+- ``s3://bucket/prefix``: the same layout, through botocore (streaming GETs; botocore comes with the
+  ``cloud`` extra). The endpoint is ``data.storage.endpoint_url`` when set, else botocore's own settings
+  (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``~/.aws/config``); credentials come only from botocore's
+  usual places (``AWS_ACCESS_KEY_ID`` ..., config files, instance roles), never from uniemo's config.
 - ``pipe:CMD``: a shell command that writes one file to stdout, with ``{name}`` where the file's name goes
   (``pipe:aws s3 cp s3://bucket/shards/{name} -``). A pipe source has no cheap size check: its manifest is
   read through the command, its shards' sizes are not checked before training.
 
-A shard name that is itself a URL is used as it is, whatever the source's base. What readers of manifests do
+Shards are read in the loader worker's own process (no ``curl`` per shard, one S3 client per worker made
+before the fork): over loopback that costs 0.90-0.99x (HTTP) and 0.85-0.89x (S3) of a local read's CPU per
+sample (BENCHMARKS.md). A shard name that is itself a URL is used as it is, whatever the source's base. What readers of manifests do
 with a URL source (a local mirror of its metadata) is in :func:`uniemo.data.shards.resolve_shard_folder`.
 """
 
