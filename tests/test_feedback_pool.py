@@ -173,6 +173,15 @@ def _no_stray_files(folder: Path) -> None:
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
+def _kill_while_running(pid: int, events: list) -> None:
+    """SIGKILL actor process ``pid`` (for real) while it runs the job just submitted to it: after half the
+    shortest generation seen so far, so that the job has reached the actor and has not ended yet. A fixed wait
+    missed the job on a quiet machine (done before the kill: the next job was lost instead)."""
+    seconds = [info["seconds"] for event, info in events if event == "generated"]
+    time.sleep(min(seconds) / 2 if seconds else 0.3)
+    os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_round_end_to_end(ray_local, bundle, synth_shards, tmp_path):
     import webdataset as wds
@@ -274,8 +283,7 @@ def test_killed_generator_actor_loses_only_its_batch(ray_local, bundle, tmp_path
     def observer(event, info):
         events.append((event, dict(info)))
         if event == "submitted" and info["job_id"] == 6 and not killed:
-            time.sleep(0.3)  # let the actor start the job
-            os.kill(info["pid"], signal.SIGKILL)  # for real: the pid the actor reported
+            _kill_while_running(info["pid"], events)  # the pid the actor reported
             killed.update(info)
 
     report = run_round(bundle, cfg, run_dir, 1, observer=observer, log=lambda line: None)
@@ -309,7 +317,6 @@ def test_generator_actor_out_of_restarts_ends_the_round_with_one_line(ray_local,
 
     cfg = _config()
     cfg.feedback.generator_actors = 1
-    cfg.feedback.sampling_steps = 12  # a job of ~1 s: the kill lands while it runs
     cfg.feedback.max_restarts = 0
     cfg.feedback.max_task_retries = 0
     run_dir = tmp_path / "run"
@@ -319,7 +326,7 @@ def test_generator_actor_out_of_restarts_ends_the_round_with_one_line(ray_local,
     def observer(event, info):
         events.append((event, dict(info)))
         if event == "submitted" and info["job_id"] == 2 and not killed:
-            time.sleep(0.3)  # let the actor start the job
+            # At once: with no restart left, the job fails whether or not it has reached the actor yet.
             os.kill(info["pid"], signal.SIGKILL)
             killed.update(info)
 
