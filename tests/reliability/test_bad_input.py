@@ -283,7 +283,7 @@ CASES = [
          r"generator folder '\S*no-such-sd' does not exist"),
     Case("wrong-architecture-weights", _wrong_architecture,
          r"CLIP folder \S*clip-b16 does not fit model\.understanding: width \d+ vs checkpoint hidden_size=768"),
-    Case("pickled-weights-only", _pickled_clip, r"clip-pickled has no model\.safetensors .*pytorch_model\.bin"),
+    Case("pickled-weights-only", _pickled_clip, r"clip-pickled holds only pickled weights \(pytorch_model\.bin\), which uniemo never unpickles; convert"),
     Case("unknown-emotion-name",
          lambda w: ["generate", "--run", str(w.tmp / "runs" / "x"), "--emotion", "joy", "--out", str(w.tmp / "gen")],
          r"unknown emotion 'joy'; choose one of amusement, awe"),

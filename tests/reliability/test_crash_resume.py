@@ -151,7 +151,9 @@ def test_killed_during_checkpoint_save_resumes_from_the_previous_one(synth_shard
     assert latest_checkpoint(run).name == "step-000002"  # `latest` still names the previous complete one
     half = _listing(run)["step-000004"]
     assert "ds" in half and "rng" in half and "trainer_state.json" not in half and "COMPLETE" not in half
-    assert _steps(run) == [1, 2, 3]  # step 4's line comes after its checkpoint
+    # Step 4's line goes out before its checkpoint (a checkpoint never covers a step without its line); the resume
+    # from step 2 drops it again.
+    assert _steps(run) == [1, 2, 3, 4]
 
     # 2. Resumed from step 2, killed in the save of step 6 after COMPLETE, before `latest` moves.
     out = _killed_in_save("resume", overrides, "latest", 6, tmp_path / "kill2")
@@ -159,7 +161,7 @@ def test_killed_during_checkpoint_save_resumes_from_the_previous_one(synth_shard
     assert latest_checkpoint(run).name == "step-000004"  # rewritten in full by the resumed run
     assert "COMPLETE" in _listing(run)["step-000006"]  # complete, but never published
     assert "step-000002" not in _listing(run)  # rotated (keep_checkpoints=1) once step 4 was published
-    assert _steps(run) == [1, 2, 3, 4, 5]
+    assert _steps(run) == [1, 2, 3, 4, 5, 6]  # 3-4 written again after the truncation to step 2
 
     # 3. Resumed again: from step 4 (not from the unpublished step 6) to the end.
     done = _worker("resume", overrides)

@@ -172,9 +172,11 @@ def test_pickled_weights_are_refused_before_they_run(tmp_path, synth_shards):
     common = ["train", "--config", TINY, f"run.output_dir={tmp_path / 'runs'}", f"data.shards={synth_shards}"]
 
     out = _cli(*common, f"model.understanding.clip_path={clip}", "model.understanding.preset=from_clip")
-    assert "pytorch_model.bin: pickled weights are never loaded" in _error_line(out)
+    assert f"{clip} holds only pickled weights (pytorch_model.bin), which uniemo never unpickles" in _error_line(out)
     out = _cli(*common, "training.stage=2", f"model.generator.path={sd}")
-    assert f"{sd / 'unet'}' has no *.safetensors weights (pickled *.bin files are never loaded)" in _error_line(out)
+    assert f"{sd / 'unet'} holds only pickled weights (diffusion_pytorch_model.bin), which uniemo never unpickles" in (
+        _error_line(out)
+    )
     assert not marker.exists()
 
 
