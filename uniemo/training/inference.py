@@ -76,7 +76,9 @@ __all__ = [
     "generate_images",
     "load_run",
     "mean_conditions",
+    "request_seeds",
     "require_stage2",
+    "sampling_settings",
     "save_generations",
 ]
 
@@ -442,9 +444,7 @@ def generate_images(
     k = emotion_index(emotion)
     parts = require_stage2(run, "generation")
     gen_cfg = run.config.model.generator
-    steps = gen_cfg.sampling_steps if steps is None else int(steps)
-    guidance_scale = gen_cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
-    sampler = gen_cfg.sampler if sampler is None else sampler
+    steps, guidance_scale, sampler = sampling_settings(run, steps, guidance_scale, sampler)
     batch_size = gen_cfg.generation_batch_size if batch_size is None else int(batch_size)
     if num < 1:
         raise UserError(f"--num must be >= 1, got {num}")
@@ -452,14 +452,7 @@ def generate_images(
         raise UserError(f"--steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if seed is None:
-        seeds = random.SystemRandom().sample(range(2**31 - 1), num)
-    else:
-        if seed < 0:
-            raise UserError(f"--seed must be a non-negative integer, got {seed}")
-        seeds = [seed + i for i in range(num)]
+    seeds = request_seeds(seed, num)
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -504,6 +497,29 @@ def generate_images(
         records.append(record)
     save_generations(out, result.images, records)
     return records
+
+
+def sampling_settings(
+    run: LoadedRun, steps: int | None, guidance_scale: float | None, sampler: str | None
+) -> tuple[int, float, str]:
+    """Steps, guidance and sampler of a request, each defaulting to ``model.generator``'s; an unknown sampler is a
+    UserError."""
+    gen_cfg = run.config.model.generator
+    steps = gen_cfg.sampling_steps if steps is None else int(steps)
+    guidance = gen_cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+    sampler = gen_cfg.sampler if sampler is None else sampler
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    return steps, guidance, sampler
+
+
+def request_seeds(seed: int | None, num: int) -> list[int]:
+    """``seed, seed+1, ...`` for ``num`` images, or ``num`` random seeds when ``seed`` is None (D10)."""
+    if seed is None:
+        return random.SystemRandom().sample(range(2**31 - 1), num)
+    if seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {seed}")
+    return [seed + i for i in range(num)]
 
 
 def save_generations(out: Path, images: Any, records: list[dict[str, Any]]) -> None:

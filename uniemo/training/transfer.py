@@ -28,8 +28,15 @@ from uniemo.data.images import load_image_bytes
 from uniemo.data.records import RecordProblem
 from uniemo.errors import UserError
 from uniemo.models.conditioner import Conditioner
-from uniemo.models.generation import SAMPLERS, render_conditions
-from uniemo.training.inference import LoadedRun, emotion_index, require_stage2, save_generations
+from uniemo.models.generation import render_conditions
+from uniemo.training.inference import (
+    LoadedRun,
+    emotion_index,
+    request_seeds,
+    require_stage2,
+    sampling_settings,
+    save_generations,
+)
 
 __all__ = ["check_request", "image_features", "transfer_image", "transfer_token"]
 
@@ -104,14 +111,9 @@ def transfer_image(
     k = emotion_index(emotion)
     parts = require_stage2(run, "emotion transfer")
     generator, conditioner, base, phi = parts.generator, parts.conditioner, parts.attribute_embeddings, parts.phi
-    gen_cfg = run.config.model.generator
-    steps = gen_cfg.sampling_steps if steps is None else int(steps)
-    guidance_scale = gen_cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
-    sampler = gen_cfg.sampler if sampler is None else sampler
     check_request(num, object_word, seed, steps)
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    seeds = random.SystemRandom().sample(range(2**31 - 1), num) if seed is None else [seed + i for i in range(num)]
+    steps, guidance_scale, sampler = sampling_settings(run, steps, guidance_scale, sampler)
+    seeds = request_seeds(seed, num)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder for the images")
