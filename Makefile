@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.uniemo-installed
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing uniemo and its dependencies into $(VENV) (first time: ~2 min) ..."
+	@echo "installing uniemo and its dependencies into $(VENV) (first time: ~3 min) ..."
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,cloud]"
 	@touch $(STAMP)
 
