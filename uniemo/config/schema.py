@@ -119,6 +119,10 @@ class DataConfig:
     the official tables, from ``data.attribute_base``."""
     attribute_base: str = ""
     """``data.attributes=emogen``: the file written by ``uniemo data attributes --from-emogen DIR --out FILE``."""
+    generator_resample: Literal["bicubic", "bilinear"] = "bicubic"
+    """Filter of the whole-image resize to ``generator_image_size`` (the VAE input, METHOD §3.2): ``bicubic`` is what
+    the official ``image.resize((512, 512))`` does (PIL's default filter, Pillow >= 7; EmoGen pins 9.4);
+    ``bilinear`` is torchvision's default, used for the understanding views."""
 
     def validate(self) -> None:
         _positive("data.batch_size", self.batch_size)
@@ -225,6 +229,14 @@ class ConditionerConfig:
     dropout: float = 0.0
     fixed_alpha: bool = False
     """Ablation switch (D13): alpha_s = alpha_o = 1."""
+    attribute_space: Literal["token_embeddings", "clip_text"] = "token_embeddings"
+    """Space in which alpha retrieves the nearest attribute (METHOD §3.5, D6): ``token_embeddings``, each name as the
+    mean of the generator's input token embeddings (D6, the space the mapped vectors live in); ``clip_text``, the
+    official one: CLIP's projected text features (``get_text_features``) of the raw names, from
+    ``attribute_clip_path``."""
+    attribute_clip_path: str = ""
+    """``attribute_space=clip_text``: the transformers CLIP folder (``CLIPModel.save_pretrained``, text tower and
+    tokenizer) whose text features embed the names; empty: ``model.understanding.clip_path``."""
 
 
 @dataclass
@@ -320,6 +332,11 @@ class TrainingConfig:
     """Weight decay of the backbone group (METHOD §2.5); 1-D parameters and biases never decay."""
     weight_decay: float = 1e-2
     """Weight decay of every other group (METHOD §2.5, §3.1); 1-D parameters and biases never decay."""
+    emotion_space_view: Literal["eval", "official"] = "eval"
+    """The images the emotion space is computed from (METHOD §4.1, D9), one pass over the train split on all ranks:
+    ``eval``, the evaluation view (Resize + CenterCrop, ``data.normalization``); ``official``, the official
+    ``cal_emotion_space`` view, the stage-1 training transform: RandomResizedCrop + horizontal flip with ImageNet
+    mean/std (seeded per sample)."""
     stage2_head_dropout: bool = True
     """Stage 2: run the frozen emotion head in train mode, dropout active, as the official code (METHOD §3.1);
     False keeps it in eval mode like the other frozen modules."""
