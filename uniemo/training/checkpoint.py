@@ -286,11 +286,27 @@ def compat_keys(cfg: Config, world_size: int) -> dict[str, Any]:
     return keys
 
 
+_NO_DEFAULT = object()
+
+
+def _model_defaults() -> dict[str, Any]:
+    from uniemo.config.schema import ModelConfig
+
+    return _flatten("model", dataclasses.asdict(ModelConfig()))
+
+
+_MODEL_DEFAULTS = _model_defaults()
+"""Every ``model.*`` key at its schema default: a key added to the schema after a checkpoint was saved is
+compatible with it when the resumed run leaves the key at its default (the behaviour of the older code)."""
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], step_dir: Path) -> None:
     """Raise a one-line :class:`CheckpointError` naming the first key that changed since ``step_dir`` was saved."""
     # The run-level keys first (a stage change would otherwise surface as some model key), then the model's.
     first = [k for k in current if not k.startswith("model.")]
     for key in first + sorted((set(saved) | set(current)) - set(first)):
+        if key not in saved and current[key] == _MODEL_DEFAULTS.get(key, _NO_DEFAULT):
+            continue  # a key newer than the checkpoint, at its default: the saved run trained with that behaviour
         if saved.get(key) != current.get(key):
             raise CheckpointError(
                 f"cannot resume from {step_dir}: {key} was {saved.get(key)!r} there and is {current.get(key)!r} "
