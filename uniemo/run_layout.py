@@ -68,7 +68,7 @@ EVAL_DIR = "eval"
 UNDERSTANDING_FILE = "understanding.json"
 CONFUSION_FILE = "confusion.json"
 GENERATED_DIR = "generated"
-"""``eval/generated/<emotion>/*.png``."""
+"""``eval/generated/<emotion>/*.png`` (``*.jpg`` with ``evaluation.image_format=jpg``)."""
 GENERATIONS_FILE = "generations.jsonl"
 """Beside generated images: one line per image (emotion, seed, file)."""
 
