@@ -138,6 +138,50 @@ def test_training_streams_give_every_rank_the_same_number_of_batches(small_shard
     assert per_rank[0] != per_rank[1] != per_rank[2]
 
 
+def test_a_training_epoch_delivers_each_sample_once_over_2_ranks_x_2_workers(small_shards):
+    """296 train samples, 2 ranks x 8: 18 batches per rank, 288 distinct samples, 8 left out; the next epoch
+    leaves out others. A position saved mid-epoch, restored in a fresh loader, gives the same batches."""
+    all_keys = set(_keys_of_split(small_shards, "train"))
+    left_out = []
+    for epoch in range(2):
+        seen: Counter = Counter()
+        for rank in range(2):
+            loader = _loader(small_shards, rank=rank, world_size=2, batch_size=8, num_workers=2, epoch=epoch)
+            batches = [b["key"] for b in loader]
+            assert len(batches) == loader.batches_per_epoch == 18
+            for keys in batches:
+                seen.update(keys)
+        assert set(seen.values()) == {1} and len(seen) == 2 * 18 * 8
+        left_out.append(all_keys - set(seen))
+        assert len(left_out[-1]) == 296 - 288
+    assert left_out[0] != left_out[1]
+
+    kw = dict(rank=1, world_size=2, batch_size=8, num_workers=2)
+    reference = [(b["key"], b["image"]) for b in _loader(small_shards, **kw)]
+    first = _loader(small_shards, **kw)
+    head = []
+    for b in first:
+        head.append((b["key"], b["image"]))
+        if len(head) == 7:  # odd: the restored epoch starts at the second worker
+            break
+    tail = [(b["key"], b["image"]) for b in _loader(small_shards, position=first.state_dict(), **kw)]
+    assert [k for k, _ in head + tail] == [k for k, _ in reference]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(head + tail, reference, strict=True))
+
+
+def test_reader_slices_cover_a_pass_in_proportion_to_the_batches_owed():
+    from uniemo.data.loader import reader_slice
+
+    for total, bpe, world, workers in [(296, 18, 2, 2), (1000, 7, 3, 2), (50, 5, 1, 3), (37, 4, 2, 4)]:
+        slices = [reader_slice(total, bpe, r, world, w, workers) for r in range(world) for w in range(workers)]
+        owed = [len(range(w, bpe, workers)) for _ in range(world) for w in range(workers)]
+        assert slices[0][0] == 0 and slices[-1][1] == total  # the whole pass, cut without gaps or overlaps
+        assert [a for a, _ in slices[1:]] == [b for _, b in slices[:-1]]
+        for (a, b), n in zip(slices, owed, strict=True):
+            assert b - a >= total * n // (world * bpe)  # in proportion to the batches owed
+    assert reader_slice(3, 10, 0, 2, 0, 2) == (0, 3)  # a source of fewer samples than readers: the whole pass
+
+
 def test_sources_mix_by_weight_and_rounds_join_as_sub_folders(small_shards, synth_root, tmp_path):
     feedback = tmp_path / "feedback"
     keys = set()

@@ -2,10 +2,10 @@
 
 The stream is one visible list of stages (STYLE.md 11; read :meth:`ShardStream.__iter__`):
 
-    manifest -> shard list -> split by node -> split by worker -> tar samples -> (mix, shuffle) -> decode
+    manifest -> shard list -> split by node -> split by worker -> tar samples -> (shuffle) -> mix -> decode
     -> transforms -> batches
 
-built on ``webdataset`` (``DataPipeline``, ``tarfile_to_samples``, ``shuffle``) inside torch ``DataLoader``
+built on ``webdataset`` (``DataPipeline``, its tar reading and grouping) inside torch ``DataLoader``
 workers. Two kinds of stream:
 
 **Evaluation** (``training=False``). The split's shards, in manifest order, are dealt out
@@ -16,14 +16,23 @@ all the split's shards and keeps samples ``i`` with ``i % readers == rank * num_
 way every sample of the split is seen exactly once across ranks and workers. Ranks may yield different
 numbers of batches, a rank none.
 
-**Training** (``training=True``). Each (rank, worker) draws shards with replacement, weighted by their sample
-counts, from a generator seeded by ``(seed, epoch, rank, worker, source)``; sources (``real``, feedback
-rounds, ...) are mixed sample by sample by weight; a seeded shuffle buffer mixes shards. An epoch is
-``batches_per_epoch = floor(train_samples / (world_size * batch_size))`` batches on **every** rank, where
-``train_samples`` is the number of train samples over all sources listed in the manifests when the epoch
-starts (new feedback rounds join at the next epoch; :meth:`ShardLoader.listing_changed` lets a trainer end an
-epoch early when a round appears). Worker ``w`` of a rank yields batches ``w, w+W, ...`` of the epoch, which is
-the order in which ``DataLoader`` returns them.
+**Training** (``training=True``). An epoch is ``batches_per_epoch = floor(train_samples / (world_size *
+batch_size))`` batches on **every** rank, where ``train_samples`` is the number of train samples over all sources
+listed in the manifests when the epoch starts (new feedback rounds join at the next epoch;
+:meth:`ShardLoader.listing_changed` lets a trainer end an epoch early when a round appears). Worker ``w`` of a
+rank yields batches ``w, w+W, ...`` of the epoch, which is the order in which ``DataLoader`` returns them.
+Each source is read in **passes without replacement**: pass ``p`` of an epoch puts the source's shards in an
+order seeded by ``(seed, epoch, source, p)``, the same on every rank, and the samples of that sequence are cut
+into one contiguous slice per reader (rank x worker), sized in proportion to the batches the reader owes
+(:func:`reader_slice`); a reader that finishes its slice goes on with its slice of the next pass. With one source
+(the real data, no feedback), every sample is therefore delivered **at most once per epoch** over all ranks and
+workers, and all but ``train_samples - world_size x batches_per_epoch x batch_size`` (fewer than ``world_size x
+batch_size``) are delivered: exactly once per epoch, the samples left out changing from epoch to epoch. (A shard
+that turns out corrupt leaves its reader short, which then reads into its next pass.) A seeded shuffle buffer mixes
+the samples of each pass, and is emptied before the next pass begins (a buffer filled across passes would take
+samples beyond the slice). Sources (``real``, feedback rounds, ...) are mixed sample by sample by weight. Earlier
+versions drew shards with replacement, which left about a third of the samples of an EmoSet-sized set out of each
+epoch (BENCHMARKS.md, EmoSet scale).
 
 **Skipped samples.** A shard that cannot be opened (``missing_shard``) or read to its end (``corrupt_shard``,
 e.g. a truncated tar) and a sample that is incomplete (``incomplete_sample``), has a bad label or JSON
@@ -35,8 +44,8 @@ removed before the batch is yielded; a worker with counts left and no batch send
 
 **Position.** :meth:`ShardLoader.state_dict` holds the epoch, the batches delivered in it and, per worker, how
 many raw samples its stream has consumed (``_cursor``, also carried in batches). Every random choice of a
-worker - shard draws, mixing, shuffle, and each sample's augmentation (seeded by its position in the worker's
-stream) - depends only on ``(seed, epoch, rank, worker)``; so :meth:`ShardLoader.load_state_dict` replays the
+worker - the pass orders (shared by all readers), mixing, shuffle, and each sample's augmentation (seeded by its
+position in the worker's stream) - depends only on ``(seed, epoch, rank, worker)``; so :meth:`ShardLoader.load_state_dict` replays the
 epoch's raw stream, drops the consumed samples **without decoding them**, and re-assigns logical workers so the
 round-robin continues where it stopped. Guarantee: with the same shard manifests, ``world_size``,
 ``batch_size``, ``num_workers`` and ``seed``, the batches after a restore equal the uninterrupted stream's,
@@ -50,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import math
 import random
@@ -127,6 +137,8 @@ class EpochPlan:
     """Per logical worker: raw samples its stream already consumed (dropped undecoded on restore)."""
     split_samples: bool = False
     """Evaluation with fewer shards than readers: deal out samples, not shards (module docstring)."""
+    epoch_batches: int = 0
+    """Training: batches per rank in the whole epoch (every reader's slice of a pass is sized from it)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,24 +228,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         state = _WorkerState(len(self.plan.shards))
         key = (self.seed, self.plan.epoch, self.rank, worker)
 
-        # manifest -> shard list -> split by node -> split by worker -> open (file or URL) -> tar samples,
-        # per source
-        per_source = [
-            wds.DataPipeline(
+        # manifest -> shard list -> split by node -> split by worker -> open (file or URL) -> tar samples ->
+        # (training) shuffle within each pass, before decoding: the buffer holds bytes; per source
+        per_source = []
+        for i in range(len(self.plan.shards)):
+            source_stages: list[Callable] = [
                 partial(self._shard_urls, i, worker, num_workers, state, key),
-                partial(_open_shards, handler=partial(state.tar_error, i)),
-                partial(wds.tariterators.tar_file_expander, handler=partial(state.tar_error, i)),
-                partial(wds.tariterators.group_by_keys, handler=partial(state.tar_error, i)),
-            )
-            for i in range(len(self.plan.shards))
-        ]
-        # mix sources by weight -> (training) shuffle across shards, before decoding: the buffer holds bytes
+                partial(_read_pieces, handler=partial(state.tar_error, i)),
+            ]
+            if self.training:
+                rng = random.Random(_seed("shuffle", *key, i))
+                source_stages.append(partial(_shuffle_within_passes, size=self.shuffle_buffer, rng=rng))
+            per_source.append(wds.DataPipeline(*source_stages))
+        # mix sources by weight
         stages: list[Callable] = [partial(self._mix, per_source, state, key)]
         if self.plan.split_samples:  # evaluation, fewer shards than readers: this reader's share of samples
             stages.append(partial(_every, start=self.rank * num_workers + worker, step=self.world_size * num_workers))
-        if self.training:
-            shuffle_rng = random.Random(_seed("shuffle", *key))
-            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=shuffle_rng))
         # number samples (drop those a restored position already consumed) -> decode + transforms -> batches
         skip = self.plan.cursors[worker] if self.plan.cursors else 0
         stages += [
@@ -247,7 +257,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _shard_urls(
         self, source: int, worker: int, num_workers: int, state: _WorkerState, key: tuple
     ) -> Iterator[dict[str, Any]]:
-        """Evaluation: this (rank, worker)'s slice of the split, once. Training: weighted draws, forever."""
+        """Evaluation: this (rank, worker)'s slice of the split's shards, once. Training: this reader's slice of
+        each pass over the source (module docstring), pass after pass, as pieces of shards."""
         shards = self.plan.shards[source]
         if not self.training:
             if self.plan.split_samples:
@@ -257,21 +268,33 @@ class ShardStream(torch.utils.data.IterableDataset):
                 by_worker = by_node[worker::num_workers]  # split by worker
             for ref in by_worker:
                 state.current_read[source] += 1
-                yield {"url": ref.url, "storage": ref.storage}
+                yield {"url": ref.url, "storage": ref.storage, "start": 0, "stop": None}
             return
-        rng = random.Random(_seed("shards", *key, source))
-        weights = [r.samples for r in shards]
+        counts = [r.samples for r in shards]
+        start, stop = reader_slice(sum(counts), self.plan.epoch_batches, self.rank, self.world_size, worker,
+                                   num_workers)
         patience = max(64, 4 * len(shards))
-        while True:
-            if state.empty_reads[source] > patience:
-                raise DataError(
-                    f"source {self.plan.names[source]!r}: {patience} shard reads in a row gave no sample (every "
-                    f"shard corrupt?); check the folder with `uniemo data inspect`"
-                )
-            state.current_read[source] += 1
-            state.empty_reads[source] += 1
-            ref = rng.choices(shards, weights)[0]
-            yield {"url": ref.url, "storage": ref.storage}
+        for npass in itertools.count():
+            order = list(range(len(shards)))
+            random.Random(_seed("pass", self.seed, self.plan.epoch, source, npass)).shuffle(order)
+            first = 0  # index of the pass's sequence where the current shard begins
+            for i in order:
+                lo, hi = max(start, first), min(stop, first + counts[i])
+                first += counts[i]
+                if lo >= hi:
+                    if first >= stop:
+                        break
+                    continue
+                if state.empty_reads[source] > patience:
+                    raise DataError(
+                        f"source {self.plan.names[source]!r}: {patience} shard reads in a row gave no sample "
+                        "(every shard corrupt?); check the folder with `uniemo data inspect`"
+                    )
+                state.current_read[source] += 1
+                state.empty_reads[source] += 1
+                ref = shards[i]
+                yield {"url": ref.url, "storage": ref.storage, "start": lo - (first - counts[i]),
+                       "stop": hi - (first - counts[i]), "pass": npass}
 
     def _mix(self, per_source: list, state: _WorkerState, key: tuple) -> Iterator[dict[str, Any]]:
         """Tag samples with their source; training with several sources draws a source per sample by weight."""
@@ -372,6 +395,41 @@ class ShardStream(torch.utils.data.IterableDataset):
         return batch
 
 
+def reader_slice(
+    total: int, epoch_batches: int, rank: int, world_size: int, worker: int, num_workers: int
+) -> tuple[int, int]:
+    """``[start, stop)`` of the samples of a pass (``total`` of them) that reader ``(rank, worker)`` reads.
+
+    Readers are ordered rank by rank, worker by worker; each one's slice is in proportion to the batches it owes
+    in an epoch (worker ``w`` yields batches ``w, w + W, ...`` of its rank's ``epoch_batches``), so when the pass
+    holds at least the epoch's samples every reader's slice holds at least its batches. A reader whose slice
+    would be empty (a source of fewer samples than readers) reads the whole pass."""
+    w = max(1, num_workers)
+    owed = [len(range(j, epoch_batches, w)) for j in range(w)]
+    everyone = world_size * epoch_batches
+    if everyone < 1:
+        return 0, total
+    before = rank * epoch_batches + sum(owed[:worker])
+    start, stop = total * before // everyone, total * (before + owed[worker]) // everyone
+    return (start, stop) if stop > start else (0, total)
+
+
+def _read_pieces(src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Open -> tar samples for each piece ``{url, storage, start, stop}``: the piece's shard, samples ``start``
+    to ``stop`` (``None``: to the end). Samples before ``start`` are read past, not decoded."""
+    for piece in src:
+        samples = wds.tariterators.group_by_keys(
+            wds.tariterators.tar_file_expander(_open_shards(iter([piece]), handler), handler=handler),
+            handler=handler,
+        )
+        try:
+            for sample in itertools.islice(samples, piece["start"], piece["stop"]):
+                sample["__pass__"] = piece.get("pass", 0)
+                yield sample
+        finally:
+            samples.close()  # a piece that ends inside its shard closes the shard's stream now
+
+
 def _open_shards(src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """Open each shard's byte stream (a local file or a URL, :func:`uniemo.data.remote.open_stream`) and close it
     once the next stage has read it; a failure to open or close (a ``pipe:`` or ``curl`` that exited with an
@@ -394,6 +452,31 @@ def _open_shards(src: Iterator[dict[str, Any]], handler: Callable[[Exception], b
         except Exception as exn:
             if not handler(exn):
                 return
+
+
+def _shuffle_within_passes(
+    src: Iterator[dict[str, Any]], size: int, rng: random.Random
+) -> Iterator[dict[str, Any]]:
+    """A shuffle buffer of ``size`` samples that is emptied whenever the pass (``__pass__``) changes, so a reader
+    never takes a sample of its next pass while its slice of this one lasts."""
+    buffer: list[dict[str, Any]] = []
+    current = None
+
+    def take() -> dict[str, Any]:
+        i = rng.randrange(len(buffer))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        return buffer.pop()
+
+    for sample in src:
+        if sample["__pass__"] != current:
+            while buffer:
+                yield take()
+            current = sample["__pass__"]
+        buffer.append(sample)
+        if len(buffer) >= size:
+            yield take()
+    while buffer:
+        yield take()
 
 
 def _every(src: Iterator[dict[str, Any]], start: int, step: int) -> Iterator[dict[str, Any]]:
@@ -594,6 +677,7 @@ class ShardLoader:
             done = self._batches_in_epoch
             plan.offset = done % w
             plan.batches = [len(range(j, bpe - done, w)) for j in range(w)]
+            plan.epoch_batches = bpe
             plan.cursors = list(self._cursors)
         return plan
 
