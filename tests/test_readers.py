@@ -320,3 +320,32 @@ def test_broken_images_raise_record_problems(tmp_path):
             load_image_bytes(tmp_path / name)
         assert info.value.reason == reason
         assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
+
+
+# --- memory-bounded reading (EmoSet scale) ------------------------------------------------------------------
+
+
+def test_split_files_are_parsed_one_entry_at_a_time_across_chunk_boundaries(tmp_path, monkeypatch):
+    from uniemo.data import emoset
+
+    rows = [[EMOTIONS[i % 8], f"id_{i}", f"image/{i}.jpg", {"nested": [i, "x" * (i % 7)]}] for i in range(200)]
+    monkeypatch.setattr(emoset, "_CHUNK", 37)  # every entry crosses a chunk boundary somewhere
+    for text in (json.dumps(rows), json.dumps(rows, indent=2), "\n  " + json.dumps(rows) + "\n\n", "[]", " [ ] "):
+        path = tmp_path / "split.json"
+        path.write_text(text)
+        assert list(emoset._json_list_items(path)) == json.loads(text)
+    for bad in ('[[1, 2], [3', '[1 2]', '[1, 2] 3', '{"a": 1}', '', '[1,]'):
+        path.write_text(bad)
+        with pytest.raises((json.JSONDecodeError, ValueError)):
+            list(emoset._json_list_items(path))
+
+
+def test_compact_string_set_finds_repeats_with_their_tag():
+    from uniemo.data.records import CompactStringSet
+
+    seen = CompactStringSet()
+    names = [f"amusement_{i:05d}" for i in range(5000)]  # several times its first capacity: it grows
+    assert all(seen.add(name, i % 3) is None for i, name in enumerate(names))
+    assert len(seen) == 5000
+    assert [seen.add(name, 3) for name in names[::997]] == [i % 3 for i in range(0, 5000, 997)]
+    assert seen.add("not seen yet") is None and len(seen) == 5001

@@ -104,7 +104,7 @@ def test_interrupted_run_resumes_to_the_same_result(synth_root, synth_shards, tm
     script = (
         "import time, uniemo.data.shards as S\n"
         "load = S.load_image_bytes\n"
-        "def slow(p):\n    time.sleep(0.02)\n    return load(p)\n"
+        "def slow(p, **kw):\n    time.sleep(0.02)\n    return load(p, **kw)\n"
         "S.load_image_bytes = slow\n"
         f"S.write_shards(source='emoset', root={str(synth_root)!r}, out={str(out)!r}, shard_size=25, workers=1,"
         " progress=False)\n"
@@ -241,3 +241,67 @@ def test_ensure_synthetic_shards_makes_the_set_once(tmp_path):
     assert ensure_synthetic_shards(DataConfig(shards=str(folder))) == folder
     with pytest.raises(DataError, match="holds no manifest.json"):
         ensure_synthetic_shards(DataConfig(shards=str(tmp_path)))
+
+
+def _subset_view(root: Path, out: Path, keep: int) -> Path:
+    """``root`` (an EmoSet-layout folder) with the first ``keep`` rows of each split file; images shared."""
+    out.mkdir()
+    for name in ("image", "annotation"):
+        (out / name).symlink_to(root / name)
+    shutil.copy(root / "info.json", out / "info.json")
+    for split in ("train", "val", "test"):
+        rows = json.loads((root / f"{split}.json").read_text())
+        (out / f"{split}.json").write_text(json.dumps(rows[: keep * len(rows) // 400]))
+    return out
+
+
+def test_planning_memory_does_not_grow_with_the_records(synth_root, tmp_path):
+    """The writer's plan (read, check, spool, cut and digest every record) keeps no record in memory: twice the
+    records add under 128 bytes each to the peak of Python allocations (a list of records costs about 1 KB each).
+    What does grow: three 8-byte offsets per record (the split's list, its shuffled order, the shard's list) and
+    one job object per shard (name, digest, array: about 600 bytes per 25 records)."""
+    import tracemalloc
+
+    from uniemo.data.shards import plan_dataset, plan_digest, read_job
+
+    peaks = {}
+    for n in (200, 400):
+        root = _subset_view(synth_root, tmp_path / f"view-{n}", n)
+        tracemalloc.start()
+        plan = plan_dataset("emoset", root, tmp_path / f"records-{n}.tmp", on_error="skip", shard_size=25,
+                            shuffle_seed=0)
+        jobs = plan.jobs()
+        plan_digest(jobs)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert plan.records == sum(j.size for j in jobs) == n
+        assert len({key for j in jobs for key, *_ in read_job(j)}) == n  # every record once, read back
+        plan.close()
+        assert not (tmp_path / f"records-{n}.tmp").exists()
+    assert peaks[400] - peaks[200] < 200 * 128, peaks
+
+
+def test_shards_are_written_as_tarfile_writes_them(tmp_path):
+    """The writer's own tar headers are the bytes tarfile writes (PAX format, our fixed fields), long names
+    included, and the size estimate is exact."""
+    import io
+
+    from uniemo.data.shards import _TarWriter, tar_bytes
+
+    for name in ("real_a.jpg", "k" * 96 + ".json", "k" * 120 + ".png"):
+        for size in (0, 1, 511, 512, 70_000):
+            data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+            expected = io.BytesIO()
+            with tarfile.open(fileobj=expected, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for _ in range(2):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "uniemo", "uniemo"
+                    tar.addfile(info, io.BytesIO(data))
+            got, writer = io.BytesIO(), _TarWriter()
+            for _ in range(2):
+                writer.add(got, name, data)
+            writer.close(got)
+            assert got.getvalue() == expected.getvalue()
+            assert writer.sha256.hexdigest() == hashlib.sha256(expected.getvalue()).hexdigest()
+            if len(name) <= 100:
+                assert tar_bytes([size, size]) == writer.size

@@ -25,3 +25,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Invalid or missing data: a missing folder, a malformed record, too few shards."""
+
+
+class DiskFullError(DataError):
+    """A write failed for lack of space (a full disk or a quota). The message names the path and the space still
+    needed (:mod:`uniemo.diskspace`); what was complete before stays, so freeing space and re-running (``--resume``
+    for a run) finishes the job. One message argument only: it crosses process boundaries (Ray, process pools)."""

@@ -125,11 +125,7 @@ class AttributeTable:
         scene_counts: dict[str, list[int]] = {}
         object_counts: dict[str, list[int]] = {}
         for record in records:
-            k = EMOTION_INDEX[record.emotion]
-            if record.scene:
-                scene_counts.setdefault(record.scene, [0] * NUM_EMOTIONS)[k] += 1
-            for name in dict.fromkeys(o for o in record.objects if o):  # an image counts once per object
-                object_counts.setdefault(name, [0] * NUM_EMOTIONS)[k] += 1
+            count_attributes(scene_counts, object_counts, EMOTION_INDEX[record.emotion], record.scene, record.objects)
         return cls.from_counts(scene_counts, object_counts, min_count, beta)
 
     def rebased(self, min_count: int, beta: float) -> AttributeTable:
@@ -217,6 +213,29 @@ class AttributeTable:
             raise DataError(
                 f"{path}: malformed attribute table ({e!r}); rewrite it with `uniemo data shards`"
             ) from None
+
+
+def count_attributes(
+    scene_counts: dict[str, list[int]],
+    object_counts: dict[str, list[int]],
+    label: int,
+    scene: str | None,
+    objects: Iterable[str],
+) -> None:
+    """Add one train image of emotion ``label`` to the per-emotion counts (METHOD D6: an image counts once per
+    distinct attribute). The shard writer counts shard by shard with it, and merges with :func:`merge_counts`."""
+    if scene:
+        scene_counts.setdefault(scene, [0] * NUM_EMOTIONS)[label] += 1
+    for name in dict.fromkeys(o for o in objects if o):
+        object_counts.setdefault(name, [0] * NUM_EMOTIONS)[label] += 1
+
+
+def merge_counts(total: dict[str, list[int]], part: Mapping[str, list[int]]) -> None:
+    """Add the per-emotion counts ``part`` into ``total``."""
+    for name, counts in part.items():
+        row = total.setdefault(name, [0] * NUM_EMOTIONS)
+        for k, n in enumerate(counts):
+            row[k] += int(n)
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:

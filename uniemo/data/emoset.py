@@ -6,8 +6,12 @@ Reads ``<root>/{train,val,test}.json`` in both entry forms that exist in the wil
 - UniEmo's loaders (and EmoSym's ``generate_train_json``): ``[emotion, "image/...", "annotation/..."]``,
   the id being the image file's stem.
 
-Both forms yield identical records. Every record is validated here except image decoding, which the shard
+Both forms yield identical records. Every record is validated here except the image's content, which the shard
 writer checks per record (:func:`uniemo.data.images.load_image_bytes`) because it needs the bytes anyway.
+
+Memory stays small for EmoSet-118K and beyond: the split files are parsed one entry at a time, never whole, and
+ids are checked for repeats in a :class:`~uniemo.data.records.CompactStringSet` (about 11 bytes per id), so the
+reader holds no per-record state beyond that (BENCHMARKS.md, EmoSet scale).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from uniemo.config.schema import EMOTIONS
-from uniemo.data.records import SPLITS, Record, RecordProblem, SkipLog, check_emotion
+from uniemo.data.records import SPLITS, CompactStringSet, Record, RecordProblem, SkipLog, check_emotion
 from uniemo.errors import ConfigError, DataError
 
 _EXPECTED = "expected an EmoSet folder with info.json, train.json/val.json/test.json, image/ and annotation/"
@@ -48,8 +52,10 @@ def read_emoset(
             raise ConfigError(f"unknown split {split!r}; expected some of {', '.join(SPLITS)}")
     root = Path(root)
     _check_root(root)
-    rows_by_split = {split: _read_split_file(root, split) for split in splits}
-    return _iter_records(root, rows_by_split, on_error, skiplog, source)
+    for split in splits:  # every split file is read through once first: a broken one fails before any record
+        for _ in _split_rows(root, split):
+            pass
+    return _iter_records(root, splits, on_error, skiplog, source)
 
 
 def read_info(root: str | Path) -> dict[str, Any] | None:
@@ -94,13 +100,91 @@ def _check_root(root: Path) -> None:
     read_info(root)
 
 
-def _read_split_file(root: Path, split: str) -> list[Any]:
+def _split_rows(root: Path, split: str) -> Iterator[Any]:
+    """The entries of ``<root>/<split>.json``, parsed one at a time (the module docstring's memory bound)."""
     path = root / f"{split}.json"
     if not path.is_file():
         raise DataError(
             f"split file {path} is missing; add it (a JSON list of [emotion, id, image, annotation] entries) "
             f"or read only the splits that exist"
         )
+    try:
+        yield from _json_list_items(path)
+    except (UnicodeDecodeError, json.JSONDecodeError, _NotAList):
+        _explain_bad_split_file(path)
+        raise
+    except OSError as e:
+        raise DataError(f"{path}: not valid JSON ({_one_line(e)}); restore the split file") from None
+
+
+class _NotAList(ValueError):
+    pass
+
+
+_CHUNK = 1 << 20
+
+
+def _json_list_items(path: Path) -> Iterator[Any]:
+    """The items of the JSON list in ``path``, decoded one by one from a buffer of about a megabyte.
+
+    The buffer keeps at least :data:`_CHUNK` characters past the item being decoded until the end of the file,
+    so a value is never cut at a chunk boundary (an item longer than that is decoded once more data is in)."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buf, pos, eof = "", 0, False
+
+        def fill() -> None:
+            nonlocal buf, pos, eof
+            more = f.read(_CHUNK)
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+
+        def skip_space() -> None:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return
+                fill()
+
+        fill()
+        skip_space()
+        if pos >= len(buf) or buf[pos] != "[":
+            raise _NotAList
+        pos += 1
+        skip_space()
+        if pos < len(buf) and buf[pos] == "]":
+            pos += 1
+        else:
+            while True:
+                if not eof and len(buf) - pos < _CHUNK:
+                    fill()
+                try:
+                    item, pos = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError:
+                    if eof:
+                        raise
+                    fill()
+                    continue
+                yield item
+                skip_space()
+                if pos < len(buf) and buf[pos] == ",":
+                    pos += 1
+                    skip_space()
+                    continue
+                if pos < len(buf) and buf[pos] == "]":
+                    pos += 1
+                    break
+                raise json.JSONDecodeError("Expecting ',' delimiter", buf, pos)
+        skip_space()
+        if pos < len(buf):
+            raise json.JSONDecodeError("Extra data", buf, pos)
+
+
+def _explain_bad_split_file(path: Path) -> None:
+    """A split file that is not a JSON list: the :class:`DataError` of the whole file's parse (its message
+    names the position in the file, or the type of what the file holds). Reads the whole file: only on error."""
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -109,28 +193,27 @@ def _read_split_file(root: Path, split: str) -> list[Any]:
         raise DataError(
             f"{path}: expected a JSON list of entries, got {type(rows).__name__}; restore the split file"
         )
-    return rows
 
 
 def _iter_records(
     root: Path,
-    rows_by_split: dict[str, list[Any]],
+    splits: tuple[str, ...],
     on_error: str,
     skiplog: SkipLog | None,
     source: str,
 ) -> Iterator[Record]:
-    seen: dict[str, str] = {}
-    for split, rows in rows_by_split.items():
+    seen = CompactStringSet()  # ids so far, each tagged with its split's index in SPLITS
+    for split in splits:
         split_file = root / f"{split}.json"
-        for i, row in enumerate(rows):
+        for i, row in enumerate(_split_rows(root, split)):
             try:
                 record = _parse_row(root, split, split_file, i, row, source)
-                if record.id in seen:
+                first = seen.add(record.id, SPLITS.index(split))
+                if first is not None:
                     raise RecordProblem(
                         "duplicate_id",
-                        f"{split_file} entry {i}: id {record.id!r} already used by an entry of {seen[record.id]}.json",
+                        f"{split_file} entry {i}: id {record.id!r} already used by an entry of {SPLITS[first]}.json",
                     )
-                seen[record.id] = split
             except RecordProblem as problem:
                 if on_error == "fail":
                     raise

@@ -5,6 +5,16 @@ the source bytes. Other formats PIL can read (WebP, AVIF, BMP, GIF, TIFF, ...) a
 :func:`to_rgb` of their (first) frame, because the training loader only promises to decode ``jpg`` and ``png``
 members.
 
+The shard writer checks JPEG and PNG files by their structure instead of decoding their pixels
+(:func:`load_image_bytes` with ``decode=False``): decoding every image cost more than twice a bare tar-writing
+loop's whole work per image at 128 px, and far more at photo sizes (BENCHMARKS.md, EmoSet scale). PIL's decoding
+rejects truncated files and broken markers but lets almost every corruption inside the compressed data pass
+(libjpeg only warns), and the structural check rejects the same truncated files: a JPEG must hold its frame
+header, a scan and the end-of-image marker after the scan; a PNG its chunks, whole and with matching CRCs, from
+``IHDR`` to ``IEND``. A file that fails it goes through the full decode, which gives PIL's own reason (or accepts
+it). An image that passes the check and still does not decode is skipped and counted by the loader
+(``undecodable_image``), like any sample that breaks after sharding.
+
 :func:`to_rgb` is what every reader of real images applies after decoding (the training loader's transforms,
 the judge, the report, ``uniemo classify``), so a photo looks the same everywhere:
 
@@ -19,13 +29,20 @@ the judge, the report, ``uniemo classify``), so a photo looks the same everywher
 from __future__ import annotations
 
 import io
+import struct
+import sys
 import warnings
+import zlib
 from pathlib import Path
-
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from typing import TYPE_CHECKING
 
 from uniemo.data.records import RecordProblem
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# PIL and numpy are imported where pixels are touched: the shard writer's processes check JPEG and PNG files
+# without them (their import was a third of a worker's start-up).
 
 BACKGROUND = (255, 255, 255)
 """The colour transparent pixels are composited on (white)."""
@@ -39,12 +56,13 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
 
 
-def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
+def load_image_bytes(path: str | Path, *, decode: bool = True) -> tuple[bytes, str]:
     """Read an image file and return ``(bytes, ext)`` with ``ext`` in ``{"jpg", "png"}``.
 
     The file must decode completely (a truncated JPEG fails) and convert to RGB (:func:`to_rgb`). JPEG/PNG bytes
     come back unchanged; any other format PIL reads comes back as the PNG of :func:`to_rgb` of its first frame.
-    Raises :class:`RecordProblem` with reason ``missing_image``,
+    With ``decode=False`` a JPEG or PNG whose structure is whole is accepted without decoding its pixels
+    (module docstring; the shard writer's check). Raises :class:`RecordProblem` with reason ``missing_image``,
     ``empty_image`` or ``undecodable_image`` and a one-line message naming the path.
     """
     path = Path(path)
@@ -58,6 +76,12 @@ def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
         raise RecordProblem("missing_image", f"{path}: cannot read image file ({_one_line(e)})") from None
     if not data:
         raise RecordProblem("empty_image", f"{path}: image file is empty (0 bytes)")
+    if not decode:
+        ext = whole_jpeg_or_png(data)
+        if ext is not None:
+            return data, ext
+
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
@@ -82,6 +106,88 @@ def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
         raise RecordProblem("undecodable_image", f"{path}: image does not decode ({reason})") from None
 
 
+_PIL_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # PIL.Image.MAX_IMAGE_PIXELS by default
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn carry no length
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MODES = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # colour type: bit depths
+
+
+def whole_jpeg_or_png(data: bytes) -> str | None:
+    """``"jpg"`` or ``"png"`` when ``data`` is a JPEG or PNG file whose structure is whole (module docstring),
+    else None (another format, or a damaged file). Reads the markers or chunks only, never the pixels."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg" if _whole_jpeg(data) else None
+    if data[:8] == _PNG_SIGNATURE:
+        return "png" if _whole_png(data) else None
+    return None
+
+
+def _whole_jpeg(data: bytes) -> bool:
+    """Frame header (sane size and components), then a scan, then the end-of-image marker after it."""
+    pos, size, frame = 2, len(data), False
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            return False
+        while pos < size and data[pos] == 0xFF:  # fill bytes before a marker
+            pos += 1
+        if pos + 3 > size:
+            return False
+        marker = data[pos]
+        pos += 1
+        if marker in _STANDALONE_MARKERS:
+            continue
+        (length,) = struct.unpack_from(">H", data, pos)
+        if length < 2 or pos + length > size:
+            return False
+        if marker in _SOF_MARKERS:
+            if length < 8:
+                return False
+            height, width, components = struct.unpack_from(">HHB", data, pos + 3)
+            frame = _decodable_size(width, height) and components in (1, 3, 4)
+            if not frame:
+                return False
+        elif marker == 0xDA:  # start of scan: compressed data follows, up to the end-of-image marker
+            return frame and data.rfind(b"\xff\xd9", pos + length) >= 0
+        elif marker == 0xD9:
+            return False  # the image ends before any scan
+        pos += length
+    return False
+
+
+def _decodable_size(width: int, height: int) -> bool:
+    """Not empty, and below PIL's decompression-bomb limit (a larger image fails its full decode: the error is
+    PIL's to give)."""
+    pil = sys.modules.get("PIL.Image")  # PIL's limit as the user set it, or its default when PIL is not loaded
+    limit = pil.MAX_IMAGE_PIXELS if pil is not None else _PIL_MAX_IMAGE_PIXELS
+    return width > 0 and height > 0 and (limit is None or width * height <= 2 * limit)
+
+
+def _whole_png(data: bytes) -> bool:
+    """Chunks from ``IHDR`` (a valid size, colour type and bit depth) to ``IEND``, each whole with its CRC."""
+    pos, size, first = 8, len(data), True
+    while pos + 12 <= size:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length
+        if end > size:
+            return False
+        body = data[pos + 4 : end - 4]
+        (crc,) = struct.unpack_from(">I", data, end - 4)
+        if zlib.crc32(body) != crc:
+            return False
+        if first:
+            if kind != b"IHDR" or length != 13:
+                return False
+            width, height, depth, colour = struct.unpack_from(">IIBB", data, pos + 8)
+            if not _decodable_size(width, height) or depth not in _PNG_MODES.get(colour, ()):
+                return False
+            first = False
+        elif kind == b"IEND":
+            return True
+        pos = end
+    return False
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` as the 8-bit RGB picture a person sees (module docstring): a new, loaded image, so it outlives
     ``image`` (e.g. one opened in a ``with`` block).
@@ -89,6 +195,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Raises:
         ValueError: a mode PIL cannot convert to RGB.
     """
+    from PIL import Image, ImageOps
+
     source = image
     if _orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
@@ -113,6 +221,9 @@ def _orientation(image: Image.Image) -> int:
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
     """An ``I``/``I;16*`` (16-bit range) or ``F`` image as mode ``L``, scaled rather than clipped."""
+    import numpy as np
+    from PIL import Image
+
     values = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
         scale = 255.0 if values.size and float(np.nanmax(values)) <= 1.0 else 1.0

@@ -17,7 +17,6 @@ Records from a reader become plain WebDataset tars ``{split}-{NNNNNN}.tar`` plus
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -26,19 +25,25 @@ import re
 import shutil
 import tarfile
 import tempfile
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from errno import ENOSPC
 from pathlib import Path
 from typing import Any
 
 from uniemo.config.schema import NUM_EMOTIONS
-from uniemo.data.attributes import ATTRIBUTES_FILE, AttributeTable, write_json_atomic
-from uniemo.data.emoset import read_emoset
-from uniemo.data.folders import read_folder
+from uniemo.data.attributes import (
+    ATTRIBUTES_FILE,
+    AttributeTable,
+    count_attributes,
+    merge_counts,
+    write_json_atomic,
+)
 from uniemo.data.images import load_image_bytes
-from uniemo.data.records import SPLITS, Record, RecordProblem, SkipLog
+from uniemo.data.records import SPLITS, CompactStringSet, Record, RecordProblem, SkipLog
 from uniemo.data.remote import (
     SourceUnavailable,
     Storage,
@@ -48,8 +53,8 @@ from uniemo.data.remote import (
     join_location,
     sizes_of,
 )
-from uniemo.data.synthetic import generate_synthetic_set
-from uniemo.errors import DISK_FULL_ERRNOS, ConfigError, DataError
+from uniemo.diskspace import human_bytes, space_report
+from uniemo.errors import DISK_FULL_ERRNOS, ConfigError, DataError, DiskFullError
 
 MANIFEST_FILE = "manifest.json"
 REMOTE_FILE = "remote.json"
@@ -104,6 +109,10 @@ def write_sample_shard(
     fsynced and renamed onto ``path`` only when complete, so a reader (or a crash) never sees a partial shard.
     ``source`` defaults to the ``json.source`` of the first sample. The entry is
     ``{name, split, source, samples, bytes, sha256, emotion_counts}``.
+
+    Raises:
+        DiskFullError: no space for the shard (the temporary file is removed first); the message names ``path``
+            and the shard's size so far.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,33 +120,31 @@ def write_sample_shard(
     tmp = Path(tmp_name)
     emotion_counts = [0] * NUM_EMOTIONS
     n = 0
+    writer = _TarWriter()
     try:
         with os.fdopen(fd, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for sample in samples:
-                    members = _encode_sample(sample)
-                    label = int(members["cls"])
-                    if not 0 <= label < NUM_EMOTIONS:
-                        raise DataError(
-                            f"sample {sample['__key__']}: cls {label} is not an emotion index 0-7"
-                        )
-                    if source is None:
-                        source = str(json.loads(members["json"]).get("source", ""))
-                    emotion_counts[label] += 1
-                    n += 1
-                    for ext in sorted(members):
-                        _add_member(tar, f"{sample['__key__']}.{ext}", members[ext])
+            for sample in samples:
+                members = _encode_sample(sample)
+                label = int(members["cls"])
+                if not 0 <= label < NUM_EMOTIONS:
+                    raise DataError(f"sample {sample['__key__']}: cls {label} is not an emotion index 0-7")
+                if source is None:
+                    source = str(json.loads(members["json"]).get("source", ""))
+                emotion_counts[label] += 1
+                n += 1
+                for ext in sorted(members):
+                    writer.add(f, f"{sample['__key__']}.{ext}", members[ext])
+            writer.close(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        size, digest = file_digest(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno in DISK_FULL_ERRNOS:
-            raise DataError(
-                f"cannot write shard {path} ({os.strerror(exc.errno)}); free some space and re-run the same "
-                "command (complete shards are kept)"
+            raise DiskFullError(
+                f"cannot write shard {path} ({os.strerror(exc.errno)}); it had {human_bytes(writer.size)} when the "
+                "write failed; free some space and run again (complete shards are kept)"
             ) from exc
         raise
     except BaseException:
@@ -148,8 +155,8 @@ def write_sample_shard(
         "split": split,
         "source": source or "",
         "samples": n,
-        "bytes": size,
-        "sha256": digest,
+        "bytes": writer.size,
+        "sha256": writer.sha256.hexdigest(),
         "emotion_counts": emotion_counts,
     }
 
@@ -177,13 +184,77 @@ def _encode_sample(sample: dict[str, Any]) -> dict[str, bytes]:
     return members
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = _TAR_MTIME
-    info.mode = 0o444
-    info.uname = info.gname = _TAR_OWNER
-    tar.addfile(info, io.BytesIO(data))
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_NUL = b"\0"
+# The fixed parts of a member's ustar header (tarfile's layout): mode 0444, uid and gid 0, mtime _TAR_MTIME, a
+# regular file, no link, "ustar" magic, owner _TAR_OWNER, no device numbers, no prefix.
+_HEAD_IDS = b"0000444\0" + b"0000000\0" * 2
+_HEAD_MTIME = b"%011o\0" % _TAR_MTIME
+_HEAD_TAIL = (
+    tarfile.REGTYPE + _NUL * 100 + tarfile.POSIX_MAGIC + _TAR_OWNER.encode().ljust(32, _NUL) * 2 + _NUL * (16 + 155)
+)
+_HEAD_SUM = 256 + sum(_HEAD_IDS) + sum(_HEAD_MTIME) + sum(_HEAD_TAIL)  # 256: the checksum field as 8 spaces
+
+
+class _TarWriter:
+    """Writes tar members with fixed headers straight to a file, hashing what it writes.
+
+    The bytes are what ``tarfile`` writes in ``PAX_FORMAT`` for these fields (ustar headers, a pax header only
+    for a name over 100 bytes, two zero blocks and padding to a 10 KiB record at the end); building each header
+    from a template costs a fraction of ``tarfile.addfile``, which was the largest cost per sample of writing a
+    shard (BENCHMARKS.md, EmoSet scale). The sha256 is computed on the way, so the shard is not read back."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+
+    def add(self, f: Any, name: str, data: bytes) -> None:
+        header = _ustar_header(name, len(data))
+        pad = -len(data) % _BLOCK
+        self._write(f, header + data + _NUL * pad if len(data) < 1 << 16 else header)
+        if len(data) >= 1 << 16:  # large members: no copy
+            self._write(f, data)
+            self._write(f, _NUL * pad)
+
+    def close(self, f: Any) -> None:
+        end = self.size + 2 * _BLOCK
+        self._write(f, _NUL * (2 * _BLOCK + -end % _RECORD))
+
+    def _write(self, f: Any, chunk: bytes) -> None:
+        f.write(chunk)
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """The header block(s) ``tarfile`` writes for a member of ours (class :class:`_TarWriter`)."""
+    raw = name.encode("ascii", "surrogateescape") if name.isascii() else b""
+    if not raw or len(raw) > 100 or size >= 8**11:  # tarfile adds a pax header here: let it
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, _TAR_MTIME, 0o444
+        info.uname = info.gname = _TAR_OWNER
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    name_field = raw.ljust(100, _NUL)
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_HEAD_SUM + sum(name_field) + sum(size_field))
+    return b"".join(
+        (name_field, _HEAD_IDS, size_field, _HEAD_MTIME, checksum, _HEAD_TAIL, _NUL * 12)
+    )
+
+
+def sample_shard_bytes(samples: Iterable[dict[str, Any]]) -> int:
+    """The size of the shard :func:`write_sample_shard` writes from ``samples`` (without writing it)."""
+    return tar_bytes(len(data) for sample in samples for data in _encode_sample(sample).values())
+
+
+def tar_bytes(member_sizes: Iterable[int]) -> int:
+    """The size of a tar holding members of these sizes, as :class:`_TarWriter` writes it (names within 100
+    bytes): a header block per member, data padded to 512 bytes, two end blocks, padding to 10 KiB."""
+    total = 2 * _BLOCK
+    for size in member_sizes:
+        total += _BLOCK + size + -size % _BLOCK
+    return total + -total % _RECORD
 
 
 def file_digest(path: Path) -> tuple[int, str]:
@@ -436,34 +507,117 @@ def update_manifest(
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class ShardJob:
-    """One shard to write: its name and its records, fixed before any writing starts."""
+    """One shard to write, fixed before any writing starts: its name and its records, as the byte offsets of
+    their lines in the plan's spool file (:class:`DatasetPlan`), in shard order."""
 
     name: str
     split: str
-    records: list[Record]
+    spool: str
+    offsets: array
     digest: str
     """sha256 over the shard's keys, labels, metadata and image paths: a changed plan redoes the shard."""
 
+    @property
+    def size(self) -> int:
+        return len(self.offsets)
 
-def plan_shards(records: list[Record], shard_size: int, shuffle_seed: int | None = 0) -> list[ShardJob]:
-    """Cut records into shards per split (train, val, test order), shuffled per split unless the seed is None."""
-    jobs: list[ShardJob] = []
-    for split in SPLITS:
-        rows = [r for r in records if r.split == split]
-        if shuffle_seed is not None:
-            random.Random(f"uniemo-shards:{shuffle_seed}:{split}").shuffle(rows)
-        for i in range(0, len(rows), shard_size):
-            chunk = rows[i : i + shard_size]
-            h = hashlib.sha256()
-            for r in chunk:
-                h.update(
-                    json.dumps(
-                        [sample_key(r.source, r.id), r.label, sample_metadata(r), str(r.image_path)]
-                    ).encode()
-                )
-                h.update(b"\n")
-            jobs.append(ShardJob(f"{split}-{i // shard_size:06d}.tar", split, chunk, h.hexdigest()))
-    return jobs
+
+class DatasetPlan:
+    """The records of a dataset, checked, and written one line each to a spool file; their cut into shards.
+
+    A line is ``[key, label, metadata, image path]`` as JSON: exactly what a shard's digest covers and what its
+    writer needs, so the workers read their records from the spool and no record stays in memory. Per record the
+    plan holds the 8-byte offset of its line, and while cutting one split its shuffled order (the same
+    permutation ``random.shuffle`` gives a list of that length: shards equal those of earlier versions). Made by
+    :func:`plan_dataset`; :meth:`close` removes the spool.
+    """
+
+    def __init__(self, spool: Path, offsets: dict[str, array], shard_size: int, shuffle_seed: int | None,
+                 log: SkipLog, ignored: SkipLog) -> None:
+        self.spool = spool
+        self.offsets = offsets
+        self.shard_size = shard_size
+        self.shuffle_seed = shuffle_seed
+        self.log = log
+        self.ignored = ignored
+
+    @property
+    def records(self) -> int:
+        return sum(len(o) for o in self.offsets.values())
+
+    def jobs(self) -> list[ShardJob]:
+        """Shards per split (train, val, test order), each split shuffled unless the seed is None."""
+        jobs: list[ShardJob] = []
+        with open(self.spool, "rb") as f:
+            for split in SPLITS:
+                lines = self.offsets[split]
+                order = array("Q", range(len(lines)))
+                if self.shuffle_seed is not None:
+                    random.Random(f"uniemo-shards:{self.shuffle_seed}:{split}").shuffle(order)
+                for i in range(0, len(order), self.shard_size):
+                    offsets = array("Q", (lines[k] for k in order[i : i + self.shard_size]))
+                    h = hashlib.sha256()
+                    for offset in offsets:
+                        f.seek(offset)
+                        h.update(f.readline())
+                    name = f"{split}-{i // self.shard_size:06d}.tar"
+                    jobs.append(ShardJob(name, split, str(self.spool), offsets, h.hexdigest()))
+        return jobs
+
+    def close(self) -> None:
+        self.spool.unlink(missing_ok=True)
+
+
+def plan_dataset(
+    source: str,
+    root: Path,
+    spool: Path,
+    *,
+    on_error: str,
+    shard_size: int,
+    shuffle_seed: int | None,
+    folder_seed: int = 0,
+) -> DatasetPlan:
+    """Read and check every record of ``root`` with the ``source`` reader into a :class:`DatasetPlan` spooled to
+    ``spool``. A record whose key repeats an earlier one's is a ``duplicate_key`` problem."""
+    log, ignored = SkipLog(), SkipLog()
+    offsets = {split: array("Q") for split in SPLITS}
+    keys = CompactStringSet()
+    position = 0
+    try:
+        with open(spool, "wb") as f:
+            for r in _read_records(source, root, on_error, log, folder_seed, ignored):
+                key = sample_key(r.source, r.id)
+                if keys.add(key) is not None:  # two ids can map to one key after sanitising (a.b and a_b)
+                    problem = RecordProblem(
+                        "duplicate_key", f"record {r.id!r} gives sample key {key!r}, which an earlier record has"
+                    )
+                    if on_error == "fail":
+                        raise problem
+                    log.add(problem.reason, str(problem))
+                    continue
+                line = json.dumps([key, r.label, sample_metadata(r), str(r.image_path)]).encode() + b"\n"
+                offsets[r.split].append(position)
+                f.write(line)
+                position += len(line)
+    except BaseException:
+        spool.unlink(missing_ok=True)
+        raise
+    return DatasetPlan(spool, offsets, shard_size, shuffle_seed, log, ignored)
+
+
+def plan_digest(jobs: Iterable[ShardJob]) -> str:
+    """The ``plan_sha256`` of a manifest: which record goes to which shard."""
+    return hashlib.sha256("".join(j.name + j.digest for j in jobs).encode()).hexdigest()
+
+
+def read_job(job: ShardJob) -> Iterator[tuple[str, int, dict[str, Any], str]]:
+    """``(key, label, metadata, image path)`` of each record of ``job``, in shard order, from the spool."""
+    with open(job.spool, "rb") as f:
+        for offset in job.offsets:
+            f.seek(offset)
+            key, label, metadata, image = json.loads(f.readline())
+            yield key, label, metadata, image
 
 
 def write_shards(
@@ -484,16 +638,25 @@ def write_shards(
 
     Writes ``{split}-{NNNNNN}.tar`` (``shard_size`` records each, in ``workers`` processes, each writing
     whole shards), ``attributes.json`` from the train samples, and last ``manifest.json``; returns the
-    manifest. Records that a reader rejects, or whose image does not decode, are skipped and counted by
-    reason (``on_error="skip"``) or stop the run with a :class:`DataError` naming the problem (``"fail"``).
+    manifest. Records that a reader rejects, or whose image is damaged (:func:`load_image_bytes` with
+    ``decode=False``), are skipped and counted by reason (``on_error="skip"``) or stop the run with a
+    :class:`DataError` naming the problem (``"fail"``).
 
     ``shuffle_seed`` shuffles each split before cutting (None keeps the reader's order): readers list
     records emotion by emotion, and a shard of one emotion would fill the training shuffle buffer with one
     class. ``min_attribute_count`` and ``phi_beta`` are ``m`` and ``beta`` of METHOD D6 for attributes.json.
 
+    Memory does not grow with the dataset beyond a few bytes per record (:class:`DatasetPlan`): records are
+    spooled to a hidden file in ``out`` and read back by the shard's worker; the attribute counts are made per
+    shard and summed.
+
     Re-running the same call resumes: finished shards are kept (their sha256 is checked), partial
     temporary files are removed, the rest is written; the result is identical to an uninterrupted run.
     ``out`` holding shards of another source, root or shard size, or other files, is an error.
+
+    Raises:
+        DiskFullError: the disk of ``out`` is full; one line naming ``out`` and the space the unfinished shards
+            need. Complete shards stay (with their progress records), temporary files are removed.
     """
     if source not in READERS:
         raise ConfigError(f"unknown shard source {source!r}; expected one of {', '.join(READERS)}")
@@ -530,6 +693,17 @@ def write_shards(
         lock.release()  # the lock file stays: unlinking it could let two later writers lock different inodes
 
 
+@dataclass
+class _Progress:
+    """What a run of the writer has finished so far (for its results, and for a disk-full message)."""
+
+    jobs: list[ShardJob] = field(default_factory=list)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: str = ""
+    """The shard (or file) of ``out`` whose write ran out of space."""
+    errno: int = ENOSPC
+
+
 def _write_shards_locked(
     origin: dict,
     root: Path,
@@ -541,20 +715,58 @@ def _write_shards_locked(
     min_attribute_count: int,
     phi_beta: float,
 ) -> dict[str, Any]:
-    reader_log, ignored = SkipLog(), SkipLog()
-    records = list(_read_records(origin["reader"], root, on_error, reader_log, folder_seed, ignored))
-    records = _drop_duplicate_keys(records, on_error, reader_log)
-    if not records:
-        raise DataError(
-            f"no usable records under {root} ({reader_log.total} skipped); check the folder layout"
-        )
-    jobs = plan_shards(records, origin["shard_size"], origin["shuffle_seed"])
-    plan_digest = hashlib.sha256("".join(j.name + j.digest for j in jobs).encode()).hexdigest()
+    # Remove leftovers of a killed run first: temporary files (shards, spools) never become anything.
+    for p in out.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+    done = _Progress()
+    plan: DatasetPlan | None = None
+    spool = out / f".records.{os.getpid()}.tmp"
+    try:
+        plan = plan_dataset(origin["reader"], root, spool, on_error=on_error, shard_size=origin["shard_size"],
+                            shuffle_seed=origin["shuffle_seed"], folder_seed=folder_seed)
+        return _write_planned(plan, origin, root, out, workers, on_error, progress, min_attribute_count, phi_beta,
+                              done)
+    except (OSError, DiskFullError) as exc:
+        if not isinstance(exc, DiskFullError) and exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        needed = _unfinished_bytes(done) if done.jobs else _source_bytes(origin["reader"], root)
+        spool.unlink(missing_ok=True)  # before measuring what is free
+        errno = exc.errno if isinstance(exc, OSError) and exc.errno else done.errno
+        failed = out / done.failed if done.failed else spool if not done.jobs else out
+        what = "shard " if SHARD_NAME.match(failed.name) else "the record list " if failed == spool else ""
+        unfinished = f"the {len(done.jobs) - len(done.results)} unfinished shards" if done.jobs else "all shards"
+        raise DiskFullError(
+            f"cannot write {what}{failed} ({os.strerror(errno)}): about {space_report(out, needed)} for "
+            f"{unfinished}; free some space and run the same command again (the {len(done.results)} complete "
+            "shards are kept)"
+        ) from None
+    finally:
+        if plan is not None:
+            plan.close()
+
+
+def _write_planned(
+    plan: DatasetPlan,
+    origin: dict,
+    root: Path,
+    out: Path,
+    workers: int,
+    on_error: str,
+    progress: bool,
+    min_attribute_count: int,
+    phi_beta: float,
+    done: _Progress,
+) -> dict[str, Any]:
+    if not plan.records:
+        raise DataError(f"no usable records under {root} ({plan.log.total} skipped); check the folder layout")
+    jobs = done.jobs = plan.jobs()
+    digest = plan_digest(jobs)
 
     existing = out / MANIFEST_FILE
     if existing.exists():
         manifest = read_manifest(out)
-        if manifest.get("plan_sha256") != plan_digest:
+        if manifest.get("plan_sha256") != digest:
             raise DataError(
                 f"the records under {root} changed since {out} was written; write the new shards into an "
                 f"empty --out folder, or delete {out}"
@@ -566,11 +778,7 @@ def _write_shards_locked(
         # A listed shard is missing or changed: rewrite the folder (no sidecars left, so every shard).
         existing.unlink()
 
-    # Remove leftovers of a killed run: temporary files never become shards.
-    for p in out.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            p.unlink(missing_ok=True)
-    results: dict[str, dict[str, Any]] = {}
+    results = done.results
     todo: list[ShardJob] = []
     for job in jobs:
         sidecar = _load_sidecar(out, job)
@@ -581,15 +789,18 @@ def _write_shards_locked(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(records), unit="img", desc=f"shards -> {out}", disable=not progress)
-    bar.update(sum(len(j.records) for j in jobs if j.name in results))
+    bar = tqdm(total=plan.records, unit="img", desc=f"shards -> {out}", disable=not progress)
+    bar.update(sum(j.size for j in jobs if j.name in results))
     try:
         for job, result in _run_jobs(todo, out, on_error, workers):
             if "error" in result:
                 reason, message = result["error"]
                 raise RecordProblem(reason, f"{message}; fix or remove it, or use --on-error skip")
+            if "disk_full" in result:
+                done.failed, done.errno = job.name, result["errno"]
+                raise DiskFullError(result["disk_full"])
             results[job.name] = result
-            bar.update(len(job.records))
+            bar.update(job.size)
     finally:
         bar.close()
 
@@ -599,57 +810,73 @@ def _write_shards_locked(
         if SHARD_NAME.match(p.name) and p.name not in planned:
             p.unlink()
 
-    skipped = SkipLog(Counter(reader_log.counts), {k: list(v) for k, v in reader_log.examples.items()})
-    skipped_keys: set[str] = set()
-    for job in jobs:
-        for reason, detail, key in results[job.name]["skipped"]:
-            skipped.add(reason, detail)
-            skipped_keys.add(key)
-    train = [r for r in records if r.split == "train" and sample_key(r.source, r.id) not in skipped_keys]
-    AttributeTable.from_records(train, min_attribute_count, phi_beta).save(out / ATTRIBUTES_FILE)
+    skipped = SkipLog(Counter(plan.log.counts), {k: list(v) for k, v in plan.log.examples.items()})
+    scene_counts: dict[str, list[int]] = {}
+    object_counts: dict[str, list[int]] = {}
+    for job in jobs:  # in plan order: the skip examples are the first ones, whatever order shards finished in
+        result = results[job.name]
+        for reason, count in result["skipped"]["by_reason"].items():
+            skipped.counts[reason] += count
+            examples = skipped.examples.setdefault(reason, [])
+            examples += result["skipped"]["examples"].get(reason, [])[: max(0, 5 - len(examples))]
+        merge_counts(scene_counts, result["attributes"]["scenes"])
+        merge_counts(object_counts, result["attributes"]["objects"])
+    done.failed = ATTRIBUTES_FILE
+    table = AttributeTable.from_counts(scene_counts, object_counts, min_attribute_count, phi_beta)
+    table.save(out / ATTRIBUTES_FILE)
 
     entries = [results[j.name]["entry"] for j in jobs]
     manifest = {
         "format": FORMAT_VERSION,
         **origin,
-        "plan_sha256": plan_digest,
+        "plan_sha256": digest,
         "shards": entries,
         "totals": compute_totals(entries),
         "skipped": skipped.as_dict(),
-        "ignored": ignored.as_dict(),
+        "ignored": plan.ignored.as_dict(),
     }
+    done.failed = MANIFEST_FILE
     write_json_atomic(out / MANIFEST_FILE, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     return manifest
 
 
+def _unfinished_bytes(done: _Progress) -> int:
+    """What the shards not written yet will take: each one's tar of its images (JPEG and PNG are stored as they
+    are on disk), labels and metadata, plus room for the attribute table and the manifest."""
+    total = 64 * 1024 + 1024 * len(done.jobs)
+    for job in done.jobs:
+        if job.name in done.results:
+            continue
+        sizes = []
+        for _, label, metadata, image in read_job(job):
+            try:
+                sizes.append(os.stat(image).st_size)
+            except OSError:
+                continue
+            sizes += [len(str(label)), len(json.dumps(metadata, ensure_ascii=False).encode())]
+        total += tar_bytes(sizes)
+    return total
+
+
+def _source_bytes(reader: str, root: Path) -> int:
+    """About what the shards of a whole dataset take: its image files plus 10 % (a disk filled while planning)."""
+    from uniemo.diskspace import folder_bytes
+
+    images = root / "image" if reader == "emoset" else root
+    return int(folder_bytes(images.resolve()) * 1.1)
+
+
 def _read_records(
     reader: str, root: Path, on_error: str, log: SkipLog, folder_seed: int, ignored: SkipLog
 ) -> Iterator[Record]:
+    # Imported here: the shard writer's worker processes import this module and need no reader.
+    from uniemo.data.emoset import read_emoset
+    from uniemo.data.folders import read_folder
+
     if reader == "emoset":
-
         return read_emoset(root, on_error=on_error, skiplog=log)
-
     return read_folder(root, seed=folder_seed, on_error=on_error, skiplog=log, ignored=ignored)
-
-
-def _drop_duplicate_keys(records: list[Record], on_error: str, log: SkipLog) -> list[Record]:
-    """Two ids can map to one key after sanitising (``a.b`` and ``a_b``); the second is a problem."""
-    seen: dict[str, str] = {}
-    kept = []
-    for r in records:
-        key = sample_key(r.source, r.id)
-        if key in seen:
-            problem = RecordProblem(
-                "duplicate_key", f"record {r.id!r} and {seen[key]!r} both give sample key {key!r}"
-            )
-            if on_error == "fail":
-                raise problem
-            log.add(problem.reason, str(problem))
-            continue
-        seen[key] = r.id
-        kept.append(r)
-    return kept
 
 
 def _check_out_folder(out: Path, origin: dict) -> None:
@@ -689,12 +916,12 @@ def _shard_matches(path: Path, entry: dict[str, Any]) -> bool:
     return file_digest(path)[1] == entry.get("sha256")
 
 
+SIDECAR_VERSION = 2
+"""Sidecars of version 1 (no attribute counts) are not reused: their shards are written again."""
+
+
 def _sidecar_path(out: Path, name: str) -> Path:
     return out / PROGRESS_DIR / f"{name}.json"
-
-
-def _save_sidecar(out: Path, name: str, digest: str, entry: dict, skipped: list) -> None:
-    write_json_atomic(_sidecar_path(out, name), {"plan": digest, "entry": entry, "skipped": skipped})
 
 
 def _load_sidecar(out: Path, job: ShardJob) -> dict[str, Any] | None:
@@ -704,6 +931,8 @@ def _load_sidecar(out: Path, job: ShardJob) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if not isinstance(sidecar, dict) or sidecar.get("plan") != job.digest:
+        return None
+    if sidecar.get("version") != SIDECAR_VERSION:
         return None
     if not _shard_matches(out / job.name, sidecar.get("entry", {})):
         return None
@@ -718,7 +947,7 @@ def _run_jobs(
         for job in jobs:
             result = write_job(job, out, on_error)
             yield job, result
-            if "error" in result:
+            if "error" in result or "disk_full" in result:
                 return
         return
     # spawn: the parent may hold threads (torch, a progress bar); a forked child could deadlock on their locks.
@@ -737,35 +966,54 @@ def _run_jobs(
 
 
 def write_job(job: ShardJob, out: Path, on_error: str) -> dict[str, Any]:
-    """Write one planned shard and its sidecar. Runs in a worker process; returns plain data.
+    """Write one planned shard and its sidecar. Runs in a worker process; returns plain data: the shard's entry,
+    its skipped records (counts and examples) and the attribute counts of its samples (train shards).
 
     A :class:`RecordProblem` with ``on_error="fail"`` comes back as ``{"error": (reason, message)}``
-    (exceptions with custom constructors do not survive pickling between processes).
+    (exceptions with custom constructors do not survive pickling between processes), a full disk as
+    ``{"disk_full": message, "errno": errno}`` (the shard's temporary file removed).
     """
-    skipped: list[tuple[str, str, str]] = []
+    skipped = SkipLog()
+    scenes: dict[str, list[int]] = {}
+    objects: dict[str, list[int]] = {}
+    source = ""
 
     def samples() -> Iterator[dict[str, Any]]:
-        for r in job.records:
-            key = sample_key(r.source, r.id)
+        nonlocal source
+        for n, (key, label, metadata, image) in enumerate(read_job(job)):
+            if n == 0:
+                source = str(metadata.get("source", ""))
             try:
-                data, ext = load_image_bytes(r.image_path)
+                data, ext = load_image_bytes(image, decode=False)
             except RecordProblem as problem:
                 if on_error == "fail":
                     raise
-                skipped.append((problem.reason, f"{r.id}: {problem}", key))
+                skipped.add(problem.reason, f"{metadata.get('id')}: {problem}")
                 continue
-            yield {"__key__": key, ext: data, "cls": r.label, "json": sample_metadata(r)}
+            if job.split == "train":
+                count_attributes(scenes, objects, label, metadata.get("scene"), metadata.get("objects") or [])
+            yield {"__key__": key, ext: data, "cls": label, "json": metadata}
 
     try:
         entry = write_sample_shard(samples(), out / job.name, split=job.split, source=_job_source(job))
+        result = {"version": SIDECAR_VERSION, "plan": job.digest, "entry": entry, "skipped": skipped.as_dict(),
+                  "attributes": {"scenes": scenes, "objects": objects}}
+        write_json_atomic(_sidecar_path(out, job.name), result)
     except RecordProblem as problem:
         return {"error": (problem.reason, str(problem))}
-    _save_sidecar(out, job.name, job.digest, entry, skipped)
-    return {"plan": job.digest, "entry": entry, "skipped": skipped}
+    except (OSError, DiskFullError) as exc:  # the shard (a DiskFullError from its OSError) or its sidecar
+        cause = exc.__cause__ if isinstance(exc, DiskFullError) else exc
+        errno = cause.errno if isinstance(cause, OSError) else None
+        if isinstance(exc, DiskFullError) or errno in DISK_FULL_ERRNOS:
+            return {"disk_full": str(exc), "errno": errno or ENOSPC}
+        raise
+    return result
 
 
 def _job_source(job: ShardJob) -> str:
-    return job.records[0].source if job.records else ""
+    for _, _, metadata, _ in read_job(job):
+        return str(metadata.get("source", ""))
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -811,6 +1059,7 @@ def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
             return shards
         raw, done = base / "raw", base / "raw.done"
         if not done.is_file():
+            from uniemo.data.synthetic import generate_synthetic_set
 
             shutil.rmtree(raw, ignore_errors=True)  # a partial set of a killed run
             generate_synthetic_set(
