@@ -61,7 +61,7 @@ from uniemo.config.schema import Config
 from uniemo.data.remote import is_url
 from uniemo.data.shards import ensure_synthetic_shards
 from uniemo.distributed.env import backend_for, ray_node_record, read_env, worker_env_vars
-from uniemo.errors import UserError
+from uniemo.errors import DiskFullError, UserError
 from uniemo.logging import read_metrics, say
 from uniemo.models.weights import check_model_folders
 from uniemo.run_layout import PLACEMENT_FILE, WORKERS_DIR, stop_request_path
@@ -71,6 +71,7 @@ from uniemo.training.checkpoint import (
     compat_keys,
     latest_checkpoint,
     read_trainer_state,
+    remove_unpublished,
 )
 from uniemo.training.engine import check_batch_arithmetic
 from uniemo.training.preflight import check_training_data
@@ -536,7 +537,11 @@ def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
     stop_file.unlink(missing_ok=True)  # a request left by an earlier, killed driver is not for this run
     with ray_session(dist), _stop_on_sigterm(stop_file):
         check_custom_resource(dist.worker_resource, "distributed.worker_resource")
-        fit(trainer)
+        try:
+            fit(trainer)
+        except DiskFullError:
+            remove_unpublished(plan.run_dir)  # a save's partial folder: the ranks have stopped, free its space
+            raise
     stopped = stop_file.exists()
     stop_file.unlink(missing_ok=True)
     latest = latest_checkpoint(plan.run_dir)

@@ -42,11 +42,11 @@ import numpy as np
 import torch
 
 from uniemo.config.schema import EMOTIONS, Config, FeedbackConfig
-from uniemo.data.shards import write_sample_shard
+from uniemo.data.shards import sample_shard_bytes, write_sample_shard
 from uniemo.data.transforms import build_sample_transform
 from uniemo.distributed.env import ray_node_record
 from uniemo.distributed.ray_train import RESOURCE_SHARE, check_custom_resource
-from uniemo.errors import UserError
+from uniemo.errors import DiskFullError, UserError
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.emotion_space import EmotionSpace
 from uniemo.models.generation import generate
@@ -468,11 +468,16 @@ def gather_samples(
 def write_shard(path: str, order: list[tuple[int, int]], *groups: list[dict[str, Any]]) -> dict[str, Any]:
     """Write one shard at ``path`` (atomically) from samples ``groups[g][i]`` for ``(g, i)`` in ``order``.
 
-    Returns its manifest entry (:func:`uniemo.data.shards.write_sample_shard`).
+    Returns its manifest entry (:func:`uniemo.data.shards.write_sample_shard`), or for a full disk
+    ``{"disk_full": message, "needed": bytes of the shard}`` (its temporary file removed): the round adds up what
+    all its shards need (:func:`uniemo.feedback.rounds.run_round`).
     """
 
-    samples = (groups[g][i] for g, i in order)
-    return write_sample_shard(samples, path, split="train", source="synthetic")
+    samples = [groups[g][i] for g, i in order]
+    try:
+        return write_sample_shard(iter(samples), path, split="train", source="synthetic")
+    except DiskFullError as exc:
+        return {"disk_full": str(exc), "needed": sample_shard_bytes(samples)}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@
    renamed to ``<run_dir>/shards/synthetic/round-<r>/`` in one atomic step. Readers list the synthetic source's
    round folders by their manifests (``manifest_folders``), so they see the whole round or nothing; a crash at
    any point leaves no partial or unlisted shard in the source, only a staging folder that the next attempt of
-   the round removes.
+   the round removes. A full disk ends the round with one :class:`~uniemo.errors.DiskFullError` line naming the
+   shards folder and the space the round's shards need (writer tasks report it instead of raising inside Ray);
+   the staging folder is removed, earlier rounds stay, and ``--resume`` runs the round again.
 4. ``<run_dir>/rounds/round-<r>.json`` (also stored in the round's manifest under ``report``;
    :class:`uniemo.run_files.RoundReport`) records per emotion: candidates, how many passed each filter step,
    rejections per step, lost in flight, kept and the kept share, mean p_k, attribute spread; and checks
@@ -48,7 +50,9 @@ import numpy as np
 from uniemo.config.schema import EMOTIONS, Config, SourceConfig
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.shards import MANIFEST_FILE, read_manifest, sample_key, update_manifest
+from uniemo.diskspace import space_report
 from uniemo.distributed.ray_train import ray_session
+from uniemo.errors import DISK_FULL_ERRNOS, DiskFullError
 from uniemo.feedback.actors import (
     FeedbackError,
     FeedbackPool,
@@ -373,7 +377,18 @@ def _run_round_locked(
             entries = _write_shards(pools, cfg, round_index, staging, ray.remote(write_shard).options(**writer))
         times["written"] = time.perf_counter()
         report = _round_report(bundle, cfg, round_index, jobs, pools, entries, pool_stats, times)
-        _publish(staging, final, entries, report, bundle, round_index)
+        try:
+            _publish(staging, final, entries, report, bundle, round_index)
+        except OSError as exc:  # the manifest of a round whose shards just fitted
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            needed = sum(e["bytes"] for e in entries) + 64 * 1024
+            raise DiskFullError(
+                f"cannot write feedback round {round_index}'s manifest into {staging}: no space left on device, about "
+                f"{space_report(staging.parent.parent, needed)} for the round; free some space and run again with "
+                "--resume (earlier rounds and checkpoints are kept)"
+            ) from None
         write_json_atomic(report_path, report)
         succeeded = True
         log(
@@ -448,11 +463,21 @@ def _write_shards(
         name = f"train-{start // fb.shard_size:06d}.tar"
         shard_refs.append(write_task.remote(str(staging / name), order[start : start + fb.shard_size], *groups))
     try:
-        return ray.get(shard_refs)
+        results = ray.get(shard_refs)
     except BaseException:
         for ref in shard_refs:  # no writer may recreate the staging folder after it is removed
             ray.cancel(ref, force=True)
         raise
+    if any("disk_full" in r for r in results):
+        # The round is written again as a whole on --resume: it needs the space of all its shards.
+        needed = sum(r["needed"] if "disk_full" in r else r["bytes"] for r in results)
+        shutil.rmtree(staging, ignore_errors=True)  # before measuring what is free
+        raise DiskFullError(
+            f"cannot write feedback round {round_index}'s shards into {staging.parent.parent}: no space left on "
+            f"device, about {space_report(staging.parent.parent, needed)} for the round; free some space and run "
+            "again with --resume (earlier rounds and checkpoints are kept)"
+        )
+    return results
 
 
 def _round_report(

@@ -18,7 +18,11 @@ rank writes its DeepSpeed shard and RNG file; loader positions are gathered to r
 ``trainer_state.json``; barrier; rank 0 writes ``COMPLETE``, then replaces ``latest`` atomically (write a
 temporary file, fsync, ``os.replace``) and deletes all but the newest ``training.keep_checkpoints`` folders.
 A crash at any point before the ``os.replace`` leaves the previous ``latest`` and its folder intact; a folder
-without ``COMPLETE`` never becomes ``latest`` and is removed by the next rotation.
+without ``COMPLETE`` never becomes ``latest`` and is removed by the next rotation. A full disk during the save
+(an ``OSError`` of ``ENOSPC``, or torch's writer failing while the disk has less free space than a checkpoint
+takes) is a :class:`~uniemo.errors.DiskFullError` on the rank that hit it: one line naming the folder and the
+space a checkpoint needs; the driver removes the unpublished folder (:func:`remove_unpublished`) once the ranks
+have stopped, and ``--resume`` continues from ``latest``.
 
 Reading (the one owner of it; file names in :mod:`uniemo.run_layout`): :func:`latest_checkpoint` (None when the
 run has none yet), :func:`require_checkpoint` (the same, but a run without a checkpoint is a user error),
@@ -47,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from uniemo.errors import UserError
+from uniemo.diskspace import folder_bytes, is_disk_full, space_report
+from uniemo.errors import DiskFullError, UserError
 from uniemo.run_layout import (
     CHECKPOINTS_DIR,
     COMPLETE_FILE,
@@ -163,11 +168,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new content, never a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary file
+        raise
     _fsync_dir(path.parent)
 
 
@@ -175,6 +184,24 @@ def publish(run_dir: str | Path, step_dir: Path) -> None:
     """Mark ``step_dir`` complete and make it ``latest`` (rank 0, after every rank finished writing)."""
     atomic_write_text(step_dir / COMPLETE_FILE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
     atomic_write_text(checkpoints_dir(run_dir) / LATEST_FILE, step_dir.name + "\n")
+
+
+def remove_unpublished(run_dir: str | Path) -> list[Path]:
+    """Delete the step folders newer than ``latest`` that are not complete: what a failed save (a full disk, a
+    crash) left. Called by the driver once every rank has stopped; the next save of such a step would clear it
+    anyway, but its space is needed now. Returns the deleted folders."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    latest = latest_checkpoint(run_dir)
+    newest = (step_of(latest) if latest is not None else None) or -1
+    deleted = []
+    for p in root.iterdir():
+        step = step_of(p)
+        if step is not None and step > newest and p.is_dir() and not is_complete(p):
+            shutil.rmtree(p, ignore_errors=True)
+            deleted.append(p)
+    return deleted
 
 
 def rotate(run_dir: str | Path, keep: int) -> list[Path]:
@@ -355,24 +382,37 @@ class Checkpointer:
         published = latest_checkpoint(self.run_dir)
         if published is not None and published.name == folder.name:
             raise RuntimeError(f"step {step} is already the published checkpoint {published}; not overwriting it")
-        if self.env.is_main:
-            if folder.exists():
-                shutil.rmtree(folder)  # a crashed save of this step, or a re-run of it after a restart
-            folder.mkdir(parents=True)
-        _barrier()
-        engine.save_checkpoint(str(folder), tag=DS_TAG, exclude_frozen_parameters=True)
-        rng_dir = folder / RNG_DIR
-        rng_dir.mkdir(exist_ok=True)
-        torch.save(rng_state(), rng_dir / f"rank-{self.env.rank:05d}.pt")
-        positions = _gather_objects(loader_state, self.env.world_size)
-        if self.env.is_main:
-            state = dict(trainer_state, step=step, version=STATE_VERSION, loader_positions=positions,
-                         world_size=self.env.world_size, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            atomic_write_text(folder / TRAINER_STATE_FILE, json.dumps(state, indent=1, sort_keys=True) + "\n")
-        _barrier()  # every rank has finished writing
-        if self.env.is_main:
-            publish(self.run_dir, folder)
-            rotate(self.run_dir, self.keep)
+        try:
+            if self.env.is_main:
+                if folder.exists():
+                    shutil.rmtree(folder)  # a crashed save of this step, or a re-run of it after a restart
+                folder.mkdir(parents=True)
+            _barrier()
+            engine.save_checkpoint(str(folder), tag=DS_TAG, exclude_frozen_parameters=True)
+            rng_dir = folder / RNG_DIR
+            rng_dir.mkdir(exist_ok=True)
+            torch.save(rng_state(), rng_dir / f"rank-{self.env.rank:05d}.pt")
+            positions = _gather_objects(loader_state, self.env.world_size)
+            if self.env.is_main:
+                state = dict(trainer_state, step=step, version=STATE_VERSION, loader_positions=positions,
+                             world_size=self.env.world_size, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                atomic_write_text(folder / TRAINER_STATE_FILE, json.dumps(state, indent=1, sort_keys=True) + "\n")
+            _barrier()  # every rank has finished writing
+            if self.env.is_main:
+                publish(self.run_dir, folder)
+                rotate(self.run_dir, self.keep)
+        except Exception as exc:
+            needed = _checkpoint_bytes(engine, published)
+            if not is_disk_full(exc, folder, needed):
+                raise
+            # The other ranks wait in a collective until the driver ends the group; the driver then removes this
+            # unpublished folder (remove_unpublished): deleting it here could fail their writes with another error.
+            keep = f"checkpoints/latest is still {published.name}" if published else "no checkpoint was published"
+            size = f"the size of {published.name}" if published else "16 bytes per trainable parameter"
+            raise DiskFullError(
+                f"cannot save checkpoint {folder}: no space left on device, about {space_report(folder, needed)} "
+                f"({size}); free some space and resume with --resume ({keep})"
+            ) from None
         _barrier()  # nobody reads `latest` (or exits) before it is published
         return folder
 
@@ -400,6 +440,16 @@ class Checkpointer:
         rng_file = folder / RNG_DIR / f"rank-{self.env.rank:05d}.pt"
         set_rng_state(torch.load(rng_file, weights_only=True))
         return state, positions[self.env.rank]
+
+
+def _checkpoint_bytes(engine: Any, published: Path | None) -> int:
+    """About what one checkpoint of this run takes: the published one's size, else 16 bytes per trainable parameter
+    (the weights, an fp32 master copy and AdamW's two moments)."""
+    if published is not None:
+        return folder_bytes(published)
+    module = getattr(engine, "module", None)
+    params = module.parameters() if module is not None else []
+    return 16 * sum(p.numel() for p in params if p.requires_grad)
 
 
 def read_trainer_state(folder: str | Path) -> dict[str, Any]:
