@@ -205,7 +205,7 @@ def test_incompatible_resume_is_one_line():
 
 
 def test_driver_refuses_fresh_run_over_checkpoints_and_bad_resume(tmp_path, synth_shards):
-    from uniemo.distributed.ray_train import prepare_run
+    from uniemo.training.driver import prepare_run
 
     cfg = _cfg(f"run.output_dir={tmp_path}", "run.name=r", f"data.shards={synth_shards}",
                "logging.wandb.mode=disabled")
@@ -226,7 +226,7 @@ def test_driver_refuses_fresh_run_over_checkpoints_and_bad_resume(tmp_path, synt
 
 
 def test_stage2_without_stage1_run_names_the_fix(tmp_path, synth_shards):
-    from uniemo.distributed.ray_train import prepare_run
+    from uniemo.training.driver import prepare_run
 
     cfg = _cfg(f"run.output_dir={tmp_path}", "run.name=s2", "training.stage=2", f"data.shards={synth_shards}")
     with pytest.raises(UserError, match="training.init_from"):
@@ -234,7 +234,7 @@ def test_stage2_without_stage1_run_names_the_fix(tmp_path, synth_shards):
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):
-    from uniemo.distributed.ray_train import absolute_paths
+    from uniemo.config.paths import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = absolute_paths(_cfg("data.cache_dir=.cache/x", "run.output_dir=runs"))

@@ -46,7 +46,7 @@ def _base(shards: str | Path, root: Path) -> list[str]:
 def _build_start_run(shards: str, root: Path, stage: int) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     from uniemo.config import load_config
-    from uniemo.distributed.ray_train import prepare_run
+    from uniemo.training.driver import prepare_run
     from uniemo.training.worker import run_worker
 
     cfg = load_config(None, [*_base(shards, root), f"run.name=s{stage}", f"training.stage={stage}",
@@ -267,9 +267,8 @@ def test_resume_skips_the_completed_round(sequential_run, start_runs, synth_shar
 def test_async_pool_delivers_rounds_to_the_running_training(start_runs, synth_shards):
     """Trainers and pool in one Ray session: round 0 from the start run, round 1 from a checkpoint of the running
     job; the job consumes synthetic samples only after a round's manifest is written, and goes on training."""
-    from uniemo.distributed.ray_train import run_dir_of
     from uniemo.feedback.loop import run_feedback
-    from uniemo.run_layout import round_dir, stop_request_path
+    from uniemo.run_layout import round_dir, run_dir_of, stop_request_path
     from uniemo.training.checkpoint import latest_checkpoint
 
     cfg = _config(

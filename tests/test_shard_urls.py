@@ -282,7 +282,7 @@ def ray_with_aws_env(s3_endpoint, ray_cluster):
 def _train(sources: dict[str, DataConfig], kind: str, runs: Path, name: str, *extra: str,
            resume: bool = False) -> Path:
     from uniemo.config import load_config
-    from uniemo.distributed.ray_train import run_training
+    from uniemo.training.driver import run_training
 
     data = sources[kind]
     cfg = load_config(None, [

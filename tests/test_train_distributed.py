@@ -64,7 +64,7 @@ def base(synth_shards, tmp_path_factory) -> list[str]:
 
 
 def _train(base: list[str], name: str, *extra: str, resume: bool = False) -> dict:
-    from uniemo.distributed.ray_train import run_training
+    from uniemo.training.driver import run_training
 
     cfg = load_config(None, [*base, f"run.name={name}", *extra])
     started = time.perf_counter()
@@ -175,7 +175,7 @@ def _kill_rank_mid_run(run_dir: Path, rank: int, final: str, timeout: float = 30
 
 
 def test_killed_worker_restarts_from_latest(stage1_run, base):
-    from uniemo.distributed.ray_train import run_dir_of
+    from uniemo.run_layout import run_dir_of
 
     run = run_dir_of(load_config(None, [*base, "run.name=k"]))
     thread, killed = _kill_rank_mid_run(run, rank=1, final=f"step-{STEPS:06d}")

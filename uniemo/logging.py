@@ -29,12 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from uniemo.errors import UserError
+from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE, WANDB_ID_FILE
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
 
     from uniemo.config.schema import Config
-
-from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE, WANDB_ID_FILE
 
 
 def say(message: str, topic: str = "") -> None:
@@ -42,6 +43,21 @@ def say(message: str, topic: str = "") -> None:
     command's own lines (``topic="feedback"``). Every module of uniemo writes its messages to the user here."""
     sys.stderr.write(f"uniemo{' ' + topic if topic else ''}: {message}\n")
     sys.stderr.flush()
+
+
+def check_wandb_credentials(cfg: Config) -> None:
+    """With ``logging.wandb.mode=online``: one line when no wandb credentials are found (before any work)."""
+    if cfg.logging.wandb.mode != "online":
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    raise UserError(
+        "logging.wandb.mode=online needs wandb credentials (WANDB_API_KEY or `wandb login`); "
+        "use logging.wandb.mode=offline (sync later with `wandb sync`) or disabled"
+    )
 
 
 def _jsonable(value: Any) -> Any:

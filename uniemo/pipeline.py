@@ -116,8 +116,8 @@ def _stage_data(p: Pipeline, resume: bool) -> dict[str, Any]:
 
 def _train_stage(stage: str) -> Callable[[Pipeline, bool], dict[str, Any]]:
     def run(p: Pipeline, resume: bool) -> dict[str, Any]:
-        from uniemo.distributed.ray_train import run_training
         from uniemo.training.checkpoint import latest_checkpoint
+        from uniemo.training.driver import run_training
 
         cfg = p.stage_config(stage)
         again = resume and latest_checkpoint(p.run_dir(stage)) is not None
@@ -235,7 +235,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     state["order"] = p.stages
     _write_state(p.root, state)
 
-    from uniemo.distributed.ray_train import ray_session
+    from uniemo.distributed.ray_session import ray_session
     from uniemo.feedback.rounds import pool_cpus
 
     extra = pool_cpus(cfg) if "feedback" in p.stages else 0.0

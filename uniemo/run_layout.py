@@ -29,6 +29,10 @@ folder per training stage (``stage1/``, ``stage2/``, ``feedback/``), ``judge/`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from uniemo.config.schema import Config
 
 # -- a training run folder ------------------------------------------------------------------------------------
 CONFIG_FILE = "config.yaml"
@@ -101,6 +105,13 @@ EXPORT_MANIFEST = "uniemo_export.json"
 ATTRIBUTES_FILE = "attributes.json"
 ATTRIBUTE_BASE_FILE = "attribute_base.safetensors"
 PIPELINE_DIR = "pipeline"
+
+
+def run_dir_of(cfg: Config) -> Path:
+    """The run folder of a config: ``<run.output_dir>/<run.name>``, absolute (workers may start in another
+    folder). The one place a run folder is computed from a config (training, the feedback loop, the pipeline and
+    the launchers)."""
+    return (Path(cfg.run.output_dir).expanduser() / cfg.run.name).resolve()
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:

@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _train_judge(args: argparse.Namespace) -> int:
     from uniemo.config import load_config
-    from uniemo.distributed.ray_train import run_dir_of
     from uniemo.evaluation.judge import describe, load_judge, train_judge
+    from uniemo.run_layout import run_dir_of
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or cfg.evaluation.judge or run_dir_of(cfg) / JUDGE_DIR)

@@ -38,16 +38,18 @@ import numpy as np
 
 from uniemo.config import load_config
 from uniemo.config.loader import from_dict
+from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, Config
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.loader import build_loader, build_loader_from_config, load_attribute_table
 from uniemo.data.shards import ensure_synthetic_shards
 from uniemo.distributed.env import apply_worker_env, backend_for, device_for, ensure_process_group, read_env
-from uniemo.distributed.ray_train import _check_wandb, absolute_paths, fit, ray_session, torch_trainer
+from uniemo.distributed.ray_session import ray_session
+from uniemo.distributed.ray_trainer import fit, torch_trainer
 from uniemo.errors import UserError
 from uniemo.evaluation import metrics
 from uniemo.evaluation.judge import describe, load_judge, same_data
-from uniemo.logging import RunLogger, read_metrics, say
+from uniemo.logging import RunLogger, check_wandb_credentials, read_metrics, say
 from uniemo.run_files import (
     EVALUATION_VERSION,
     EmotionFunnel,
@@ -381,7 +383,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     cfg = absolute_paths(load_config(run_dir / CONFIG_FILE, list(cfg_overrides)))
     if cfg.logging.wandb.mode == "online":
 
-        _check_wandb(cfg)  # before the work, not after it
+        check_wandb_credentials(cfg)  # before the work, not after it
     judge_path = resolve_judge_dir(run_dir, judge_dir, cfg)
     judge = load_judge(judge_path)
     left_out, notes = check_evaluation_data(cfg)  # the test split exists; what data without annotations left out

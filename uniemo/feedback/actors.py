@@ -45,7 +45,7 @@ from uniemo.config.schema import EMOTIONS, Config, FeedbackConfig
 from uniemo.data.shards import write_sample_shard
 from uniemo.data.transforms import build_sample_transform
 from uniemo.distributed.env import ray_node_record
-from uniemo.distributed.ray_train import RESOURCE_SHARE, check_custom_resource
+from uniemo.distributed.placement import RESOURCE_SHARE, check_custom_resource
 from uniemo.errors import UserError
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.emotion_space import EmotionSpace

@@ -2,7 +2,7 @@
 
 :func:`run_feedback` (``uniemo feedback --config FILE``) continues a finished stage-2 run (``feedback.from_run``;
 empty: the newest stage-2 run under ``run.output_dir`` that is not a feedback run) in ONE new training run, the
-feedback run ``<run.output_dir>/<run.name>/`` (:func:`uniemo.distributed.ray_train.run_dir_of`)::
+feedback run ``<run.output_dir>/<run.name>/`` (:func:`uniemo.run_layout.run_dir_of`)::
 
     config.yaml, checkpoints/, metrics.jsonl, ...   an ordinary stage-2 training run (one continuous curve)
     shards/synthetic/round-<r>/*.tar + manifest     round r's kept images (:func:`uniemo.feedback.rounds.run_round`)
@@ -52,16 +52,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import EMOTIONS, Config
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.shards import MANIFEST_FILE, manifest_folders
-from uniemo.distributed.ray_train import (
-    absolute_paths,
-    ray_session,
-    record_placement,
-    run_dir_of,
-    run_training,
-)
+from uniemo.distributed.placement import record_placement
+from uniemo.distributed.ray_session import ray_session
 from uniemo.errors import ConfigError, UserError
 from uniemo.feedback.actors import FeedbackError, ModelBundle
 from uniemo.feedback.filtering import REJECTIONS
@@ -75,6 +71,7 @@ from uniemo.run_layout import (
     SYNTHETIC_DIR,
     round_dir,
     round_report_path,
+    run_dir_of,
     stop_request_path,
 )
 from uniemo.training.checkpoint import (
@@ -84,6 +81,7 @@ from uniemo.training.checkpoint import (
     resolve_checkpoint,
     step_of,
 )
+from uniemo.training.driver import run_training
 from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
 from uniemo.training.inference import load_run
 from uniemo.training.stages import find_latest_run

@@ -48,7 +48,7 @@ import numpy as np
 from uniemo.config.schema import EMOTIONS, Config, SourceConfig
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.shards import MANIFEST_FILE, read_manifest, sample_key, update_manifest
-from uniemo.distributed.ray_train import ray_session
+from uniemo.distributed.ray_session import ray_session
 from uniemo.feedback.actors import (
     FeedbackError,
     FeedbackPool,
@@ -292,7 +292,7 @@ def run_round(
 ) -> RoundReport:
     """Run feedback round ``round_index`` with ``bundle``'s checkpoint; returns the round report (module doc).
 
-    Ray comes from :func:`uniemo.distributed.ray_train.ray_session`: the Ray this process is connected to, the
+    Ray comes from :func:`uniemo.distributed.ray_session.ray_session`: the Ray this process is connected to, the
     cluster at ``distributed.ray_address``, or an embedded local one for the round with the pool's CPUs (and the
     visible GPUs when the pool's actors ask for GPUs; ``extra_gpus`` overrides how many it asks for). ``observer`` sees pool events (``submitted`` with the generator
     actor's pid, ``lost``, ...). ``log`` gets one line per finished emotion (default: stderr).
