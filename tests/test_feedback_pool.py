@@ -80,9 +80,9 @@ def test_bundle_from_a_loaded_run_generates_and_scores_as_the_run(bundle, synth_
     import io
 
     from PIL import Image
-    from uniemo.training.inference import LoadedRun
 
     from uniemo.data.transforms import build_sample_transform
+    from uniemo.inference.runs import LoadedRun
     from uniemo.models.generation import generate
     from uniemo.training.task import build_stage2_task
 

@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     from uniemo.evaluation import cli as evaluation_cli
     from uniemo.evaluation import report_cli
     from uniemo.feedback import cli as feedback_cli
+    from uniemo.inference import cli as inference_cli
     from uniemo.launchers import cli as launchers_cli
     from uniemo.models import convert_cli
     from uniemo.training import cli as training_cli
-    from uniemo.training import export_cli
 
     parser = _Parser(
         prog="uniemo",
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     feedback_cli.register(sub)
     evaluation_cli.register(sub)  # train-judge, evaluate
     report_cli.register(sub)
-    export_cli.register(sub)
+    inference_cli.register(sub)  # export, generate, classify, transfer
     launchers_cli.register(sub)
     convert_cli.register(sub)  # uniemo convert: downloaded weights -> the folders uniemo loads
     return parser

@@ -5,7 +5,7 @@
 1. **The run's model, on the run's workers** (:func:`evaluate_rank`, one per rank). With
    ``distributed.num_workers`` > 1 the ranks are Ray Train workers (``TorchTrainer``, as ``uniemo train`` starts
    them, gloo on CPU / NCCL on GPU); with 1 the rank runs in this process. Each rank loads the run
-   (:func:`uniemo.training.inference.load_run`) and
+   (:func:`uniemo.inference.runs.load_run`) and
 
    - classifies its part of the **test** split: the loader's evaluation stream deals the split's shards out
      ``[rank::world_size]`` so every test sample is seen exactly once; the confusion matrices and loss sums are
@@ -49,6 +49,7 @@ from uniemo.distributed.ray_trainer import fit, torch_trainer
 from uniemo.errors import UserError
 from uniemo.evaluation import metrics
 from uniemo.evaluation.judge import describe, load_judge, same_data
+from uniemo.inference.runs import default_device, generate_images, load_run
 from uniemo.logging import RunLogger, check_wandb_credentials, read_metrics, say
 from uniemo.run_files import (
     EVALUATION_VERSION,
@@ -72,7 +73,6 @@ from uniemo.run_layout import (
     is_export,
 )
 from uniemo.training.checkpoint import checkpoint_step, require_checkpoint
-from uniemo.training.inference import default_device, generate_images, load_run
 from uniemo.training.preflight import check_evaluation_data
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -80,7 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from uniemo.config.schema import Config
     from uniemo.evaluation.judge import Judge
-    from uniemo.training.inference import LoadedRun
+    from uniemo.inference.runs import LoadedRun
 
 
 

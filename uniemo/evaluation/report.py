@@ -18,7 +18,7 @@ Sections, each shown when its data exists and replaced by a one-line "not availa
   grids) beside **real test images** read from the run's shards;
 - **filter funnel** of each round (candidates, what each filter step rejected, kept);
 - **attention maps** of the scene and object queries over the patches of a few test images (the run's latest
-  checkpoint through :func:`uniemo.training.inference.load_run`, METHOD §2.2).
+  checkpoint through :func:`uniemo.inference.runs.load_run`, METHOD §2.2).
 
 ``report.json`` beside the page records each section's state (``ok`` or the reason it is missing) and the
 summary numbers. :func:`summary_lines` gives the five lines the pipeline prints at its end.

@@ -20,8 +20,8 @@ from PIL import Image
 from uniemo.config.schema import EMOTIONS
 from uniemo.data.transforms import resize_center_crop
 from uniemo.evaluation.report_collect import CHANCE, NotAvailable, ReportData, series
+from uniemo.inference.runs import load_run
 from uniemo.run_files import RoundReport
-from uniemo.training.inference import load_run
 
 __all__ = [
     "FUNNEL_STEPS",

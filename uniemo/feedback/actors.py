@@ -2,7 +2,7 @@
 
 - :class:`ModelBundle` is what a round needs from a checkpoint (trained states, emotion space, attribute base),
   picklable and put once in the Ray object store. Built from a finished run (:func:`load_bundle`, through
-  :func:`uniemo.training.inference.load_run`) or at random from config (:meth:`ModelBundle.random`, tests). The
+  :func:`uniemo.inference.runs.load_run`) or at random from config (:meth:`ModelBundle.random`, tests). The
   generator's frozen Stable Diffusion parts are not in it: each generator actor rebuilds them from
   ``model.generator.path`` or the seeded random preset, as training did.
 - :class:`GeneratorWorker` (generator + conditioner + emotion space) turns a :class:`GenerationJob` (an emotion
@@ -47,12 +47,12 @@ from uniemo.data.transforms import build_sample_transform
 from uniemo.distributed.env import ray_node_record
 from uniemo.distributed.placement import RESOURCE_SHARE, check_custom_resource
 from uniemo.errors import UserError
+from uniemo.inference.runs import load_run
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.emotion_space import EmotionSpace
 from uniemo.models.generation import generate
 from uniemo.models.generator import build_generator
 from uniemo.models.understanding import UnderstandingModel, resolve_dims
-from uniemo.training.inference import load_run
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.data.attributes import AttributeTable
@@ -122,7 +122,7 @@ class ModelBundle:
 
     @classmethod
     def from_loaded_run(cls, run: Any, checkpoint_id: str | None = None) -> ModelBundle:
-        """From a stage-2 :class:`uniemo.training.inference.LoadedRun` (its models moved to CPU copies)."""
+        """From a stage-2 :class:`uniemo.inference.runs.LoadedRun` (its models moved to CPU copies)."""
         if getattr(run, "stage", None) != 2 or run.conditioner is None or run.generator is None:
             raise FeedbackError(
                 f"{run.source} is not a stage-2 checkpoint: the feedback pool needs the generator side; "

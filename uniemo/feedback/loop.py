@@ -62,6 +62,7 @@ from uniemo.errors import ConfigError, UserError
 from uniemo.feedback.actors import FeedbackError, ModelBundle
 from uniemo.feedback.filtering import REJECTIONS
 from uniemo.feedback.rounds import _completed_report, pool_cpus, run_round, synthetic_source
+from uniemo.inference.runs import load_run
 from uniemo.logging import read_metrics, say
 from uniemo.run_files import EmotionFunnel, RoundReport
 from uniemo.run_layout import (
@@ -83,7 +84,6 @@ from uniemo.training.checkpoint import (
 )
 from uniemo.training.driver import run_training
 from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
-from uniemo.training.inference import load_run
 from uniemo.training.stages import find_latest_run
 
 __all__ = ["format_round_summary", "run_feedback", "training_config"]

@@ -26,7 +26,7 @@ run has none yet), :func:`require_checkpoint` (the same, but a run without a che
 :func:`consolidated_state_dict`, which turns one step folder into fp32 tensors: ZeRO 1-3 through DeepSpeed's own
 ``zero_to_fp32``, ZeRO 0 from the model-states file (with the fp32 master copies when the run was bf16/fp16).
 Checkpoints are saved with ``exclude_frozen_parameters=True``, so one holds only what its stage trains (plus
-persistent buffers); :func:`uniemo.training.inference.load_run` puts the frozen pieces back.
+persistent buffers); :func:`uniemo.inference.runs.load_run` puts the frozen pieces back.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from uniemo.inference.export import export_run
     from uniemo.run_layout import EXPORT_MANIFEST
-    from uniemo.training.export import export_run
 
     out = export_run(args.run, args.out)
     info = json.loads((out / EXPORT_MANIFEST).read_text(encoding="utf-8"))
@@ -83,7 +83,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from uniemo.training.inference import emotion_index, generate_images, load_run
+    from uniemo.inference.runs import emotion_index, generate_images, load_run
 
     emotion_index(args.emotion)  # a bad name fails before the models load
     run = load_run(args.run, device=_device(args.device))
@@ -98,8 +98,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _transfer(args: argparse.Namespace) -> int:
     from uniemo.errors import UserError
-    from uniemo.training.inference import emotion_index, load_run
-    from uniemo.training.transfer import check_request, transfer_image
+    from uniemo.inference.runs import emotion_index, load_run
+    from uniemo.inference.transfer import check_request, transfer_image
 
     emotion_index(args.emotion)  # bad arguments or a missing image fail before the models load
     check_request(args.num, args.object_word, args.seed, args.steps)
@@ -117,7 +117,7 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from uniemo.training.inference import classify_images, load_run
+    from uniemo.inference.runs import classify_images, load_run
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:

@@ -11,7 +11,7 @@
   config's seed. Parameters that never train and are in no checkpoint (the contrastive logit scales, frozen
   projections) are rebuilt from config and the run seed; neither generation nor classification reads them.
 
-or from an export folder (:mod:`uniemo.training.export`), which is self-contained.
+or from an export folder (:mod:`uniemo.inference.export`), which is self-contained.
 
 Generation samples a condition per image from the emotion space (METHOD §4.2, D10) through
 :func:`uniemo.models.generation.generate`; classification runs the understanding model with evaluation transforms.
@@ -83,7 +83,7 @@ __all__ = [
 ]
 
 EXPORT_FORMAT = "uniemo-export-1"
-"""The format of ``uniemo_export.json`` this module reads (and :mod:`uniemo.training.export` writes)."""
+"""The format of ``uniemo_export.json`` this module reads (and :mod:`uniemo.inference.export` writes)."""
 
 
 @dataclass

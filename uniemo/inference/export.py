@@ -1,6 +1,6 @@
 """``uniemo export``: a run's weights as safetensors, the emotion space, and a diffusers pipeline.
 
-The run is loaded by :func:`uniemo.training.inference.load_run`, which puts the checkpoint's trained weights and
+The run is loaded by :func:`uniemo.inference.runs.load_run`, which puts the checkpoint's trained weights and
 the frozen parts back together (checkpoints are read by :mod:`uniemo.training.checkpoint`).
 
 An export folder (:func:`export_run`)::
@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from uniemo.config.loader import code_version, to_dict
 from uniemo.config.schema import EMOTIONS
 from uniemo.errors import UserError
+from uniemo.inference.runs import EXPORT_FORMAT, LoadedRun, load_run, mean_conditions, require_stage2
 from uniemo.logging import say
 from uniemo.models.generator import save_pipeline, token_embedding
 from uniemo.run_layout import (
@@ -44,7 +45,6 @@ from uniemo.run_layout import (
     WEIGHTS_FILE,
     is_export,
 )
-from uniemo.training.inference import EXPORT_FORMAT, LoadedRun, load_run, mean_conditions, require_stage2
 
 __all__ = ["emotion_token", "export_run", "write_export", "write_pipeline"]
 

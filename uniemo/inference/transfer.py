@@ -27,9 +27,7 @@ from uniemo.config.schema import EMOTIONS
 from uniemo.data.images import load_image_bytes
 from uniemo.data.records import RecordProblem
 from uniemo.errors import UserError
-from uniemo.models.conditioner import Conditioner
-from uniemo.models.generation import render_conditions
-from uniemo.training.inference import (
+from uniemo.inference.runs import (
     LoadedRun,
     emotion_index,
     request_seeds,
@@ -37,6 +35,8 @@ from uniemo.training.inference import (
     sampling_settings,
     save_generations,
 )
+from uniemo.models.conditioner import Conditioner
+from uniemo.models.generation import render_conditions
 
 __all__ = ["check_request", "image_features", "transfer_image", "transfer_token"]
 
