@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,6 @@ from torch.utils.checkpoint import checkpoint
 from uniemo.config.schema import NUM_EMOTIONS, UnderstandingConfig
 from uniemo.errors import ConfigError
 from uniemo.models.outputs import UnderstandingOutput
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from uniemo.models.weights import LoadReport
 
 # ---------------------------------------------------------------------------------------------------------
 # Presets: a small name -> dims registry (MODELS.md table). L1 / L2 are not stored: they default to
@@ -384,8 +381,6 @@ class UnderstandingModel(nn.Module):
         self.use_scene_queries = cfg.use_scene_queries
         self.use_object_queries = cfg.use_object_queries
         self.gradient_checkpointing = False
-        self.load_report: LoadReport | None = None
-        """What loading a CLIP folder did (:func:`uniemo.models.weights.build_understanding`); None: not loaded."""
 
         d, eps = dims.width, dims.layer_norm_eps
         self.embeddings = VisionEmbeddings(dims)

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from uniemo.config.schema import Config
     from uniemo.data.attributes import AttributeTable
-    from uniemo.training.trainer import Trainer
+    from uniemo.training.parts import FinishedTraining
 
 ROLE_VAE = "generator_vae"
 ROLE_UNET_PRETRAIN = "generator_unet"
@@ -190,7 +190,7 @@ def annotation_note(attributes: AttributeTable) -> str | None:
     return f"the training data has no {' or '.join(missing)} annotations: captions hold {kept}"
 
 
-def finish_generator(trainer: Trainer) -> None:
+def finish_generator(trainer: FinishedTraining) -> None:
     """Rank 0: the trained parts as a diffusers folder ``<run>/generator/`` plus ``provenance.json``."""
     from uniemo.config.loader import code_version, dump_config
     from uniemo.training.checkpoint import consolidated_state_dict

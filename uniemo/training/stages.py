@@ -1,7 +1,7 @@
 """What makes stage 1 and stage 2 different: the task, its data, its initialisation, and what happens at the end.
 
 The loop (:mod:`uniemo.training.trainer`) is the same for both stages; :func:`build_stage` hands it a
-:class:`StageParts`:
+:class:`uniemo.training.parts.StageParts`:
 
 - **stage 1** (METHOD §2): :func:`uniemo.training.task.build_stage1_task`, the train and validation streams.
 - **stage 2** (METHOD §3): :func:`uniemo.training.task.build_stage2_task` with the understanding model loaded from
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,15 +47,14 @@ from uniemo.training.emotion_space import (
     emotion_space_loader,
 )
 from uniemo.training.generator_task import annotation_note, build_generator_task, finish_generator
+from uniemo.training.parts import FinishedTraining, StageParts
 from uniemo.training.task import Stage2Task, Task, build_stage1_task, build_stage2_task
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
-    from uniemo.data.loader import ShardLoader
     from uniemo.distributed.env import DistEnv
     from uniemo.models.emotion_space import EmotionSpace
     from uniemo.models.understanding import UnderstandingModel
-    from uniemo.training.trainer import Trainer
 
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=nn.Module)
@@ -64,26 +62,6 @@ _M = TypeVar("_M", bound=nn.Module)
 # Stage-1 parameters that may be absent from a stage-1 checkpoint: frozen there (so not saved, see
 # checkpoint.py) and unused in stage 2 (METHOD §3.1: the contrastive heads are not part of the joint loss).
 _STAGE1_OPTIONAL_ROLES = frozenset({"logit_scales", "projections"})
-
-
-@dataclass
-class StageParts:
-    """Everything stage-specific the loop needs."""
-
-    task: Task
-    train_loader: ShardLoader
-    val_loader: ShardLoader | None
-    """Full validation split, evaluation transforms, every sample once over all ranks; None: no validation."""
-    init_from: str | None = None
-    """Stage 2: the stage-1 checkpoint folder the understanding model came from."""
-    continued_from: str | None = None
-    """Stage 2 continuing a stage-2 run (feedback): that run's checkpoint, the source of every trained weight."""
-    initial_understanding: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Stage 2: fp32 CPU copy of the understanding weights before training (the frozen ones never change)."""
-    finish: Callable[[Trainer], None] | None = None
-    """Called on every rank after the final checkpoint."""
-    notes: list[str] = field(default_factory=list)
-    """One-line remarks about the run's set-up, logged once at the start (e.g. annotations the data lacks)."""
 
 
 # -- stage-2 initialisation -----------------------------------------------------------------------------------
@@ -340,7 +318,7 @@ def _fresh(build: Callable[[], _M]) -> _M:
         return build()
 
 
-def finish_stage2(trainer: Trainer) -> None:
+def finish_stage2(trainer: FinishedTraining) -> None:
     """Emotion space over all ranks (METHOD §4.1, D9) and, on rank 0, sample grids per emotion (METHOD §4.2)."""
 
     cfg, env, parts = trainer.cfg, trainer.env, trainer.parts
@@ -362,7 +340,7 @@ def finish_stage2(trainer: Trainer) -> None:
         torch.distributed.barrier()
 
 
-def sample_grids(cfg: Config, parts: StageParts, trainer: Trainer, space: EmotionSpace,
+def sample_grids(cfg: Config, parts: StageParts, trainer: FinishedTraining, space: EmotionSpace,
                  understanding: UnderstandingModel, trained: dict[str, torch.Tensor]) -> dict[str, Any]:
     """``logging.sample_images`` generated images per emotion seen in the space, as uint8 ``[N,H,W,3]`` arrays."""
 

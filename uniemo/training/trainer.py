@@ -12,7 +12,7 @@
       maybe_refresh_sources()       every feedback.refresh_every steps: new feedback rounds start a new epoch
     finish                          the stage's end hook (stage 2: emotion space, sample grids)
 
-Stage 1 and 2 differ only by the :class:`uniemo.training.stages.StageParts` (task, data, end hook) and config.
+Stage 1 and 2 differ only by the :class:`uniemo.training.parts.StageParts` (task, data, end hook) and config.
 A rank's whole job (process group, stage, engine, logger, this loop) is :func:`uniemo.training.worker.run_worker`.
 
 Reductions across ranks: logged training terms are the mean over ranks (and over the steps since the last
@@ -51,7 +51,7 @@ from uniemo.training.engine import Engine, check_batch_arithmetic
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
     from uniemo.distributed.env import DistEnv
-    from uniemo.training.stages import StageParts
+    from uniemo.training.parts import StageParts
 
 
 def _derived_seed(*parts: Any) -> int:
