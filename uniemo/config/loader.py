@@ -1,12 +1,18 @@
-"""YAML + dotted overrides → a validated :class:`Config`.
+"""YAML + dotted overrides → a validated :class:`Config` whose paths are absolute.
 
 Order of precedence: schema defaults < YAML file < ``key=value`` overrides. YAML is read with
 ``yaml.safe_load`` only. Every error names the full key path and, for unknown keys, suggests the nearest valid
-one.
+one. Relative paths follow the rule of :mod:`uniemo.config.paths`: a file's own against its folder (the
+repository for the shipped configs), overrides and defaults against the current directory.
+
+The pieces, for a caller that builds a config from several files (a sweep): :func:`read_config_file` (a file's
+mapping, paths resolved), :func:`set_override` / :func:`apply_overrides` (dotted values, paths resolved against
+a given folder), :func:`build_config` (check, validate, resolve what is left against the current directory).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import subprocess
@@ -18,6 +24,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from uniemo import __version__
+from uniemo.config.paths import config_base, resolve_paths
 from uniemo.config.schema import Config
 from uniemo.errors import ConfigError
 from uniemo.run_layout import CONFIG_FILE
@@ -27,24 +34,47 @@ _MISSING = object()
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build the config from defaults, an optional YAML file and dotted overrides, then validate it."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_yaml(path)
-    return _build(raw, overrides)
+    raw: dict[str, Any] = read_config_file(path) if path is not None else {}
+    return build_config(raw, overrides)
 
 
 def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """A new config: ``cfg`` with dotted overrides applied (checked and validated like the command line's)."""
-    return _build(to_dict(cfg), overrides)
+    return build_config(to_dict(cfg), overrides)
 
 
-def _build(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Config:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of a YAML config file, its relative paths made absolute against :func:`config_base`."""
+    return resolve_paths(read_yaml(path), config_base(path), Config)
+
+
+def set_override(raw: dict[str, Any], key: str, value: Any, base: str | Path | None = None) -> None:
+    """Set dotted ``key`` of ``raw`` to ``value``; relative paths in it resolve against ``base`` (default: the
+    current directory)."""
+    scratch: dict[str, Any] = {}
+    set_dotted(scratch, key, value)
+    scratch = resolve_paths(scratch, Path.cwd() if base is None else base, Config)
+    node: Any = scratch
+    for part in key.split("."):
+        node = node[part]
+    set_dotted(raw, key, node)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], base: str | Path | None = None) -> None:
+    """Apply ``key=value`` strings to ``raw`` in order (:func:`set_override`)."""
     for item in overrides:
         key, value = parse_override(item)
-        set_dotted(raw, key, value)
+        set_override(raw, key, value, base)
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """``raw`` plus command-line ``overrides``, checked (keys, types) and validated; paths still relative (the
+    defaults) resolve against the current directory."""
+    raw = copy.deepcopy(raw)
+    apply_overrides(raw, overrides)
     cfg = from_dict(Config, raw)
     cfg.validate()
-    return cfg
+    return resolve_paths(cfg, Path.cwd())
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -4,7 +4,9 @@ Every field has a default and a comment. YAML files only override defaults; dott
 the command line come last (see :mod:`uniemo.config.loader`). Cross-field checks live in ``validate`` methods
 and raise :class:`uniemo.errors.ConfigError` naming the full key path.
 
-Ownership: each section is one dataclass. Later issues extend their own section.
+Ownership: each section is one dataclass. A field holding a file system path is tagged ``metadata=PATH``: relative
+paths resolve by the rule of :mod:`uniemo.config.paths` (a config file's folder, the repository for the shipped
+configs, the current directory for the command line and defaults).
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ EMOTIONS: tuple[str, ...] = (
 
 NUM_EMOTIONS = len(EMOTIONS)
 
+PATH_FIELD = "path"
+PATH = {PATH_FIELD: True}
+"""Field metadata of a file system path (:func:`uniemo.config.paths.path_keys` lists them)."""
+
 
 @dataclass
 class RunConfig:
     name: str = "run"
     """Run directory name; the run lives in ``<output_dir>/<name>/``."""
-    output_dir: str = "runs"
+    output_dir: str = field(default="runs", metadata=PATH)
     """Parent folder of run directories."""
     seed: int = 0
     """Global seed (data order, initialisation, sampling)."""
@@ -60,7 +66,7 @@ class SourceConfig:
 
     name: str = "real"
     """Name of the source (``real``, ``synthetic``, ...), as recorded in each sample's ``json.source``."""
-    path: str = ""
+    path: str = field(default="", metadata=PATH)
     """Folder holding ``manifest.json`` and the shards (or a sub-folder per round), or a URL of one."""
     weight: float = 1.0
     """Relative sampling weight of this source in training streams."""
@@ -80,10 +86,10 @@ class StorageConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = ""
+    shards: str = field(default="", metadata=PATH)
     """Folder with ``manifest.json`` of the real shards, or a URL of one (``https://host/shards``,
     ``s3://bucket/shards``, ``pipe:CMD`` with ``{name}``). Empty: use the synthetic set (``data.synthetic``)."""
-    cache_dir: str = ".cache/uniemo"
+    cache_dir: str = field(default=".cache/uniemo", metadata=PATH)
     """Where the synthetic set and its shards are generated on first use."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     extra_sources: list[SourceConfig] = field(default_factory=list)
@@ -117,7 +123,7 @@ class DataConfig:
     """Attribute base and Phi of alpha (METHOD §3.5, D6): ``counts`` derives them from the training annotations
     (``attributes.json`` of the shards); ``emogen`` takes EmoGen's curated names and classifier-confidence Phi,
     the official tables, from ``data.attribute_base``."""
-    attribute_base: str = ""
+    attribute_base: str = field(default="", metadata=PATH)
     """``data.attributes=emogen``: the file written by ``uniemo data attributes --from-emogen DIR --out FILE``."""
 
     def validate(self) -> None:
@@ -152,7 +158,7 @@ class UnderstandingConfig:
 
     preset: str = "tiny"
     """Backbone preset: ``vit-l14`` (CLIP ViT-L/14, 224 px), ``vit-b16``, ``small``, ``tiny``, ``from_clip`` (clip_path's)."""
-    clip_path: str = ""
+    clip_path: str = field(default="", metadata=PATH)
     """transformers-format CLIP folder (``CLIPModel.save_pretrained``) to load; empty: random init."""
     image_size: int | None = None
     """Overrides the preset's image size."""
@@ -194,7 +200,7 @@ class GeneratorConfig:
 
     preset: str = "tiny"
     """Used when ``path`` is empty: ``tiny`` builds a small random UNet/VAE/text encoder."""
-    path: str = ""
+    path: str = field(default="", metadata=PATH)
     """diffusers-format folder (``StableDiffusionPipeline.save_pretrained`` layout); empty: random preset."""
     train_unet: bool = False
     """Fine-tune the UNet (D8); frozen by default as in the official run."""
@@ -325,7 +331,7 @@ class TrainingConfig:
     False keeps it in eval mode like the other frozen modules."""
     losses: LossConfig = field(default_factory=LossConfig)
     generator: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
-    init_from: str = ""
+    init_from: str = field(default="", metadata=PATH)
     """Stage 2: checkpoint or run directory of stage 1; empty: the latest stage-1 run."""
     epochs: int = 0
     """When > 0, train this many epochs of the train split instead of ``training.steps`` (steps are derived)."""
@@ -432,7 +438,7 @@ class DistributedConfig:
     """Address the embedded Ray binds its services (and dashboard) to."""
     dashboard: bool = False
     """Start the Ray dashboard of the embedded cluster (on ``bind_host``)."""
-    ray_temp_dir: str = ""
+    ray_temp_dir: str = field(default="", metadata=PATH)
     """Session folder of the embedded Ray; empty: a fresh folder under the system temp dir, removed on success."""
     placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
     """How Ray places the workers on the cluster's nodes (Ray's placement-group strategies): ``pack`` as few nodes
@@ -504,7 +510,7 @@ class FeedbackConfig:
     """Times Ray restarts a dead generator or filter actor (Ray ``max_restarts``)."""
     max_task_retries: int = 1
     """Times a task of a dead actor is retried on its restarted actor; 0: its batch is lost (and counted)."""
-    from_run: str = ""
+    from_run: str = field(default="", metadata=PATH)
     """The finished stage-2 run the loop starts from (its latest checkpoint); empty: the newest stage-2 run under
     ``run.output_dir`` that is not itself a feedback run (no ``rounds/`` folder)."""
     steps_per_round: int = 50
@@ -566,9 +572,9 @@ class EvaluationConfig:
 
     images_per_emotion: int = 8
     """M: generated images per emotion for generation metrics."""
-    judge: str = ""
+    judge: str = field(default="", metadata=PATH)
     """Folder of the evaluation classifier (``uniemo train-judge``); empty: ``<run>/../judge`` when it exists."""
-    inception_weights: str = ""
+    inception_weights: str = field(default="", metadata=PATH)
     """Local safetensors file of Inception-v3 (torchvision layout) for FID; empty: FID on the judge's features."""
     sampling_steps: int | None = None
     """Denoising steps of the evaluation images; None: model.generator.sampling_steps."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import yaml
 
 from uniemo.cli import main as cli_main
-from uniemo.launchers.job import JOB_CONFIG, LAUNCH_DIR, load_job_config
+from uniemo.config.loader import from_dict
+from uniemo.config.schema import Config
+from uniemo.errors import ConfigError
+from uniemo.launchers.job import Job, write_job_config
 from uniemo.launchers.ray_jobs import COMMAND_ENV, CONFIG_ENV, JOB_COMMANDS, RESUME_ENV
 from uniemo.logging import say
 
@@ -29,13 +31,12 @@ def main() -> int:
         say(f"error: {CONFIG_ENV} is not set or {COMMAND_ENV} is not one of {', '.join(JOB_COMMANDS)}; submit jobs "
             "with `uniemo submit ray`")
         return 2
-    raw = yaml.safe_load(text)
-    run_dir = Path(raw["run"]["output_dir"]) / raw["run"]["name"]
-    run_launch = run_dir / LAUNCH_DIR
-    config_path = run_launch / JOB_CONFIG
-    run_launch.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(text)
-    load_job_config(config_path)  # fail here, with the key named, if the config does not fit this checkout
+    try:  # fail here, with the key named, if the config does not fit this checkout
+        cfg = from_dict(Config, yaml.safe_load(text))
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return 2
+    config_path = write_job_config(Job(config=cfg, name=cfg.run.name))
     argv = [command, "--config", str(config_path)]
     if os.environ.get(RESUME_ENV) == "1":
         argv.append("--resume")
