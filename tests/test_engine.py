@@ -225,6 +225,22 @@ def test_driver_refuses_fresh_run_over_checkpoints_and_bad_resume(tmp_path, synt
         prepare_run(changed, resume=True)
 
 
+def test_the_data_source_is_resolved_once_per_driver(tmp_path, synth_shards, monkeypatch):
+    """``prepare_run`` checks the data in several places (the batch per rank, every split a run reads), and each
+    reads the same shard folder: it is resolved (checked shard by shard, or mirrored from a URL) once."""
+    from uniemo.data import source
+    from uniemo.training.driver import prepare_run
+
+    calls = []
+    resolve = source.ensure_synthetic_shards
+    monkeypatch.setattr(source, "_RESOLVED", {})
+    monkeypatch.setattr(source, "ensure_synthetic_shards",
+                        lambda data_cfg, progress=False: calls.append(data_cfg.shards) or resolve(data_cfg, progress))
+    prepare_run(_cfg(f"run.output_dir={tmp_path}", "run.name=once", f"data.shards={synth_shards}",
+                     "training.eval_every=5", "logging.wandb.mode=disabled"))
+    assert calls == [str(synth_shards)]
+
+
 def test_stage2_without_stage1_run_names_the_fix(tmp_path, synth_shards):
     from uniemo.training.driver import prepare_run
 

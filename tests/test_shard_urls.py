@@ -163,6 +163,34 @@ def test_url_streams_equal_the_local_folder(sources, kind):
 
 
 @pytest.mark.parametrize("kind", ["http", "s3"])
+def test_report_reads_real_images_from_a_url_source(sources, kind, tmp_path):
+    """The report's real test images come through the loader's stages, so a run trained on a URL source shows the
+    same pictures as one trained on the local folder."""
+    import dataclasses
+
+    import numpy as np
+
+    from uniemo.config import save_resolved
+    from uniemo.config.schema import Config
+    from uniemo.evaluation.report_collect import ReportData
+    from uniemo.evaluation.report_images import read_examples, shard_folder
+
+    shown = {}
+    for name in ("local", kind):
+        run = tmp_path / name
+        save_resolved(dataclasses.replace(Config(), data=sources[name]), run)
+        folder, why = shard_folder(ReportData(target=run, pipeline=False, runs={"run": run}))
+        assert folder is not None, why
+        split, found = read_examples(folder, 2)
+        assert split == "test" and sum(len(v) for v in found.values()) > 8
+        shown[name] = {e: [np.asarray(i) for i in images] for e, images in found.items()}
+    assert shown["local"].keys() == shown[kind].keys()
+    for emotion, images in shown["local"].items():
+        assert len(images) == len(shown[kind][emotion])
+        assert all(np.array_equal(a, b) for a, b in zip(images, shown[kind][emotion], strict=True))
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
 def test_training_stream_from_url_resumes_exactly(sources, kind):
     """A position saved mid-epoch (3 batches, 2 workers) continues with the uninterrupted stream's batches."""
     cfg = sources[kind]

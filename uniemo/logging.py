@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uniemo.errors import UserError
-from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE, WANDB_ID_FILE
+from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE, WANDB_ID_FILE, sample_grid_path
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -289,14 +289,14 @@ class RunLogger(NullRunLogger):
         rows = []
         for emotion, batch in images.items():
             grid = image_grid(batch)
-            path = folder / f"{emotion}.png"
+            path = sample_grid_path(self.run_dir, emotion)
             Image.fromarray(grid).save(path)
             written.append(path)
             rows.append(grid)
         if rows:
             width = max(r.shape[1] for r in rows)
             padded = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-            overview = folder / "grid.png"
+            overview = sample_grid_path(self.run_dir)
             Image.fromarray(np.concatenate(padded)).save(overview)
             written.append(overview)
         if self._wandb is not None and rows:

@@ -24,7 +24,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from uniemo import __version__
-from uniemo.config.paths import config_base, resolve_paths
+from uniemo.config.paths import config_base, paths_for_run_file, resolve_paths
 from uniemo.config.schema import Config
 from uniemo.errors import ConfigError
 from uniemo.run_layout import CONFIG_FILE
@@ -245,11 +245,13 @@ def dump_config(cfg: Config) -> str:
 
 
 def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
-    """Write ``config.yaml`` (resolved config + ``code_version``) into the run directory."""
+    """Write ``config.yaml`` (resolved config + ``code_version``) into the run directory, its paths into the run's
+    parent folder relative to the run folder (:func:`uniemo.config.paths.paths_for_run_file`): the folder reads
+    back the same wherever it is copied."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / CONFIG_FILE
-    text = f"# code_version: {code_version()}\n" + dump_config(cfg)
+    text = f"# code_version: {code_version()}\n" + dump_config(paths_for_run_file(cfg, run_dir))
     tmp = out.with_suffix(".yaml.tmp")
     tmp.write_text(text)
     tmp.replace(out)

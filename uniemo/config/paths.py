@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from uniemo.config.schema import PATH_FIELD, Config
 from uniemo.data.remote import is_url
+from uniemo.run_layout import path_for_run_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout this uniemo runs from (the folder holding ``uniemo/``)."""
@@ -75,8 +78,9 @@ def path_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _walk(cls: type, node: Any, base: Path) -> None:
-    """Make the path fields of ``node`` (a ``cls`` instance or the raw mapping of one) absolute, in place."""
+def _walk(cls: type, node: Any, change: Callable[[Any], Any]) -> None:
+    """Replace each path field's value of ``node`` (a ``cls`` instance or the raw mapping of one) by
+    ``change(value)``, in place."""
     is_raw = isinstance(node, dict)
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -85,25 +89,40 @@ def _walk(cls: type, node: Any, base: Path) -> None:
         value = node[f.name] if is_raw else getattr(node, f.name)
         tp = hints[f.name]
         if f.metadata.get(PATH_FIELD):
-            value = absolute(value, base)
+            value = change(value)
             if is_raw:
                 node[f.name] = value
             else:
                 setattr(node, f.name, value)
         elif (sub := _dataclass_of(tp)) is not None and (isinstance(value, dict) or not is_raw):
-            _walk(sub, value, base)
+            _walk(sub, value, change)
         elif (item := _list_item_dataclass(tp)) is not None and isinstance(value, list):
             for element in value:
                 if isinstance(element, dict) or dataclasses.is_dataclass(element):
-                    _walk(item, element, base)
+                    _walk(item, element, change)
 
 
 def resolve_paths(tree: Any, base: str | Path, cls: type = Config) -> Any:
     """A copy of ``tree`` (a :class:`Config`, another schema section given as ``cls``, or the raw mapping of one)
     whose relative path fields are absolute against ``base`` (the module docstring's rule)."""
     tree = copy.deepcopy(tree)
-    _walk(cls, tree, Path(base))
+    _walk(cls, tree, partial(absolute, base=Path(base)))
     return tree
+
+
+def paths_for_run_file(cfg: Config, folder: str | Path) -> Config:
+    """A copy of ``cfg`` (absolute paths) as a run folder's ``config.yaml`` stores it: paths into ``folder``'s
+    parent relative to ``folder``, the others absolute (:func:`uniemo.run_layout.path_for_run_file`). Read back
+    with the loader, whose rule makes them absolute against ``folder`` again, wherever the folder was moved."""
+
+    def stored(value: Any) -> Any:
+        if not isinstance(value, str) or not value or is_url(value) or not Path(value).is_absolute():
+            return value
+        return path_for_run_file(value, folder)
+
+    cfg = copy.deepcopy(cfg)
+    _walk(Config, cfg, stored)
+    return cfg
 
 
 def absolute_paths(cfg: Config) -> Config:

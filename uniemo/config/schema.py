@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from uniemo.errors import ConfigError
+from uniemo.run_layout import PIPELINE_STAGES
 
 EMOTIONS: tuple[str, ...] = (
     "amusement",
@@ -619,10 +620,6 @@ class LoggingConfig:
     """Progress bar (loss, samples/s) on rank 0."""
     sample_images: int = 2
     """Stage 2: images per emotion in the sample grids made at the end of the run; 0: none."""
-
-
-PIPELINE_STAGES: tuple[str, ...] = ("data", "stage1", "stage2", "feedback", "judge", "evaluate", "report")
-"""The stages of ``uniemo run``, in order."""
 
 
 @dataclass

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS
 from uniemo.data.records import EMOTION_INDEX, Record
 from uniemo.errors import DataError
+from uniemo.run_layout import ATTRIBUTES_FILE
 
 if TYPE_CHECKING:
     import torch
 
-ATTRIBUTES_FILE = "attributes.json"
 
 EMOGEN_BASE_FILES = ("object_attr.pkl", "scene_attr.pkl")
 """EmoGen's curated attribute names per emotion, objects then scenes: the base A (METHOD §3.5, 156 + 122 = 278)."""

@@ -24,6 +24,7 @@ from typing import Any
 from uniemo.config.schema import EMOTIONS
 from uniemo.data.records import SPLITS
 from uniemo.errors import DataError
+from uniemo.run_layout import ATTRIBUTES_FILE
 
 SYNTH_MARKER = ".uniemo-synthetic.json"
 
@@ -224,7 +225,7 @@ def format_inspection(folder: Path, manifest: dict[str, Any]) -> str:
             examples = ", ".join(ignored.get("examples", {}).get(reason, [])[:3])
             lines.append(f"  {reason}: {count} (e.g. {examples})")
 
-    if (folder / "attributes.json").is_file():
+    if (folder / ATTRIBUTES_FILE).is_file():
         table = AttributeTable.load(folder)
         lines += [
             "",

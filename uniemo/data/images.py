@@ -82,6 +82,13 @@ def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
         raise RecordProblem("undecodable_image", f"{path}: image does not decode ({reason})") from None
 
 
+def read_rgb(path: str | Path) -> Image.Image:
+    """The image file at ``path`` through :func:`to_rgb`: how every reader of an image file decodes it (the
+    evaluation's generated images, the report's pictures)."""
+    with Image.open(path) as image:
+        return to_rgb(image)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` as the 8-bit RGB picture a person sees (module docstring): a new, loaded image, so it outlives
     ``image`` (e.g. one opened in a ``with`` block).

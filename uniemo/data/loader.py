@@ -69,14 +69,16 @@ from uniemo.config.schema import NUM_EMOTIONS
 from uniemo.data.attributes import AttributeTable, resolve_attribute_table
 from uniemo.data.remote import Storage, join_location, open_stream, preload_clients
 from uniemo.data.shards import (
-    ensure_synthetic_shards,
     folder_location,
     manifest_folders,
     read_manifest,
     resolve_shard_folder,
 )
+from uniemo.data.source import data_source
 from uniemo.data.transforms import SampleTransform, build_sample_transform
 from uniemo.errors import ConfigError, DataError
+from uniemo.run_layout import ATTRIBUTES_FILE
+from uniemo.seeds import stream_seed
 
 STATE_VERSION = 1
 _PRIVATE_KEYS = ("_stats", "_worker", "_cursor", "_marker")
@@ -145,11 +147,6 @@ def list_split_shards(folders: Sequence[Path], split: str, *, required: bool) ->
                 if entry["split"] == split:
                     refs.append(ShardRef(join_location(base, entry["name"]), int(entry["samples"]), storage))
     return refs
-
-
-def _seed(*parts: Any) -> int:
-    """A 64-bit seed from a tuple of parts, stable across processes and Python runs."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,7 +229,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.plan.split_samples:  # evaluation, fewer shards than readers: this reader's share of samples
             stages.append(partial(_every, start=self.rank * num_workers + worker, step=self.world_size * num_workers))
         if self.training:
-            shuffle_rng = random.Random(_seed("shuffle", *key))
+            shuffle_rng = random.Random(stream_seed("shuffle", *key))
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=shuffle_rng))
         # number samples (drop those a restored position already consumed) -> decode + transforms -> batches
         skip = self.plan.cursors[worker] if self.plan.cursors else 0
@@ -259,7 +256,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 state.current_read[source] += 1
                 yield {"url": ref.url, "storage": ref.storage}
             return
-        rng = random.Random(_seed("shards", *key, source))
+        rng = random.Random(stream_seed("shards", *key, source))
         weights = [r.samples for r in shards]
         patience = max(64, 4 * len(shards))
         while True:
@@ -282,7 +279,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 sample["__source__"] = 0
                 yield sample
             return
-        rng = random.Random(_seed("mix", *key))
+        rng = random.Random(stream_seed("mix", *key))
         choices = list(range(len(iters)))
         while True:
             i = rng.choices(choices, self.plan.weights)[0]
@@ -296,7 +293,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     ) -> Iterator[tuple[int, dict[str, Any] | None]]:
         fixed = None if self.transform.is_random else random.Random(0)  # deterministic transforms: no seeding
         for index, sample in src:
-            item = self._decode(sample, fixed or random.Random(_seed("sample", *key, index)))
+            item = self._decode(sample, fixed or random.Random(stream_seed("sample", *key, index)))
             if isinstance(item, str):
                 state.skips[item] += 1
                 yield index, None
@@ -394,6 +391,21 @@ def _open_shards(src: Iterator[dict[str, Any]], handler: Callable[[Exception], b
         except Exception as exn:
             if not handler(exn):
                 return
+
+
+def _skip_unreadable(exn: Exception) -> bool:
+    return True
+
+
+def read_split_samples(folder: str | Path, split: str) -> Iterator[dict[str, Any]]:
+    """The raw samples (``__key__`` and each member's bytes: ``jpg`` or ``png``, ``json``, ``cls``) of ``split`` of
+    a shard folder, in manifest order, through the loader's own stages: the shard list of the manifest, the shard
+    opener (a local file, or a URL source's shards at their URL), tar members grouped by key. A shard or sample that
+    cannot be read is skipped. For readers that want the stored images as they are (the report)."""
+    refs = list_split_shards([Path(folder)], split, required=False)
+    streams = _open_shards(({"url": r.url, "storage": r.storage} for r in refs), handler=_skip_unreadable)
+    members = wds.tariterators.tar_file_expander(streams, handler=_skip_unreadable)
+    return wds.tariterators.group_by_keys(members, handler=_skip_unreadable)
 
 
 def _every(src: Iterator[dict[str, Any]], start: int, step: int) -> Iterator[dict[str, Any]]:
@@ -796,7 +808,7 @@ def build_loader_from_config(
     real folder's, re-based with ``data.min_attribute_count`` and ``data.phi_beta``.
     """
 
-    folder = ensure_synthetic_shards(data_cfg)
+    folder = data_source(data_cfg)
     training = (split == "train") if training is None else training
     sources = [Source.of("real", folder)]
     if training:
@@ -830,13 +842,13 @@ def load_attribute_table(data_cfg: Any) -> AttributeTable:
     """The attribute table of the run's real shards (making the synthetic set on first use), re-based per config,
     or with EmoGen's base and Phi (``data.attributes=emogen``)."""
 
-    folder = ensure_synthetic_shards(data_cfg)
+    folder = data_source(data_cfg)
     return resolve_attribute_table(AttributeTable.load(folder), data_cfg)
 
 
 def _attribute_folder(source: Source) -> Path:
     for folder in source.folders:
         for sub in manifest_folders(folder):
-            if (sub / "attributes.json").is_file():
+            if (sub / ATTRIBUTES_FILE).is_file():
                 return sub
     return source.folders[0]

@@ -59,5 +59,5 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.images_per_emotion is not None:
         overrides.append(f"evaluation.images_per_emotion={args.images_per_emotion}")
     result = evaluate_run(args.run, args.judge, overrides)
-    print(summary_line(result), file=sys.stdout)
+    print(summary_line(result, Path(args.run).expanduser().resolve()), file=sys.stdout)
     return 0

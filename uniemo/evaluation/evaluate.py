@@ -41,8 +41,9 @@ from uniemo.config.loader import from_dict
 from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, Config
 from uniemo.data.attributes import write_json_atomic
+from uniemo.data.images import read_rgb
 from uniemo.data.loader import build_loader, build_loader_from_config, load_attribute_table
-from uniemo.data.shards import ensure_synthetic_shards
+from uniemo.data.source import data_source
 from uniemo.distributed.env import apply_worker_env, backend_for, device_for, ensure_process_group, read_env
 from uniemo.distributed.ray_session import ray_session
 from uniemo.distributed.ray_trainer import fit, torch_trainer
@@ -51,6 +52,7 @@ from uniemo.evaluation import metrics
 from uniemo.evaluation.judge import describe, load_judge, same_data
 from uniemo.inference.runs import default_device, generate_images, load_run
 from uniemo.logging import RunLogger, check_wandb_credentials, read_metrics, say
+from uniemo.models.generation import SamplingSettings, sampling_settings
 from uniemo.run_files import (
     EVALUATION_VERSION,
     EmotionFunnel,
@@ -71,7 +73,9 @@ from uniemo.run_layout import (
     UNDERSTANDING_FILE,
     WANDB_ID_FILE,
     is_export,
+    path_for_run_file,
 )
+from uniemo.seeds import evaluation_seeds
 from uniemo.training.checkpoint import checkpoint_step, require_checkpoint
 from uniemo.training.preflight import check_evaluation_data
 
@@ -91,9 +95,10 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Part 1: one rank
 # ---------------------------------------------------------------------------------------------------------
-def emotion_seed(cfg: Config, k: int) -> int:
-    """Seed of the first evaluation image of emotion ``k``; image i has this + i."""
-    return cfg.evaluation.seed + k * cfg.evaluation.images_per_emotion
+def evaluation_sampling(cfg: Config) -> SamplingSettings:
+    """How the evaluation samples: ``evaluation.sampling_steps``, else ``model.generator``'s settings, of the
+    evaluation's config (the run's ``config.yaml`` plus the overrides given)."""
+    return sampling_settings(cfg.model.generator, steps=cfg.evaluation.sampling_steps)
 
 
 def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None) -> None:
@@ -122,7 +127,7 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
 
             write_json_atomic(run_dir / EVAL_DIR / UNDERSTANDING_FILE, {
                 "step": run.step,
-                "checkpoint": str(run.source),
+                "checkpoint": path_for_run_file(run.source, run_dir),
                 "confusion": confusion.tolist(),
                 "loss": float(vector[-1]) / samples if samples else None,
                 "workers": env.world_size,
@@ -133,10 +138,13 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
             emotion = EMOTIONS[k]
             t0 = time.perf_counter()
 
+            # The evaluation's config (the run's plus its overrides), not the run's own: an override such as
+            # model.generator.guidance_scale is what the images are generated with, and what metrics.json reports.
+            steps, guidance, sampler = evaluation_sampling(cfg)
             generate_images(
                 run, emotion, cfg.evaluation.images_per_emotion, run_dir / EVAL_DIR / GENERATED_DIR / emotion,
-                seed=emotion_seed(cfg, k), steps=cfg.evaluation.sampling_steps,
-                batch_size=cfg.model.generator.generation_batch_size,
+                seed=evaluation_seeds(cfg.evaluation.seed, k, cfg.evaluation.images_per_emotion)[0], steps=steps,
+                guidance_scale=guidance, sampler=sampler, batch_size=cfg.model.generator.generation_batch_size,
             )
             _say(f"rank {env.rank}: {cfg.evaluation.images_per_emotion} {emotion} images generated "
                  f"({time.perf_counter() - t0:.1f} s)")
@@ -201,7 +209,7 @@ def _real_test_set(cfg: Config, judge: Judge) -> tuple[np.ndarray, np.ndarray, n
     """``(probs [N,K], features [N,F], labels [N])`` of the real test split through the judge's transform."""
 
     loader = build_loader(
-        ensure_synthetic_shards(cfg.data), "test", rank=0, world_size=1, batch_size=64,
+        data_source(cfg.data), "test", rank=0, world_size=1, batch_size=64,
         num_workers=cfg.data.num_workers, transform=judge.transform, training=False,
         attributes=load_attribute_table(cfg.data),
     )
@@ -244,7 +252,6 @@ def _fid_extractor(cfg: Config, judge: Judge, notes: list[str]) -> str:
 
 def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]) -> tuple[dict, dict]:
     """Generation metrics (Emo-A, FID, diversity) and the judge's accuracy on the real test split."""
-    from PIL import Image
 
 
     real_probs, real_feats, real_labels = _real_test_set(cfg, judge)
@@ -256,7 +263,7 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]
         return {}, judge_on_run
 
     paths, fake_labels, seeds = _generated_set(run_dir)
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    images = [np.asarray(read_rgb(p)) for p in paths]
     fake_probs, fake_feats = judge.predict(judge.preprocess(images))
     judge_name = f"judge:{judge.name}"
 
@@ -284,11 +291,12 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]
             "pairs_per_emotion of them, values are not comparable to EmoGen's table"
         ),
     }
+    sampling = evaluation_sampling(cfg)
     generation = {
         "images_per_emotion": ev.images_per_emotion,
-        "sampling_steps": ev.sampling_steps or cfg.model.generator.sampling_steps,
-        "guidance_scale": cfg.model.generator.guidance_scale,
-        "sampler": cfg.model.generator.sampler,
+        "sampling_steps": sampling.steps,
+        "guidance_scale": sampling.guidance_scale,
+        "sampler": sampling.sampler,
         "images_dir": f"{EVAL_DIR}/{GENERATED_DIR}",
         "seeds": seeds,
         "emo_a": emo_a,
@@ -425,7 +433,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     result: Evaluation = {
         "version": EVALUATION_VERSION,
         "run": {
-            "dir": str(run_dir),
+            "dir": ".",  # where metrics.json is: paths in run files are relative to their run folder
             "name": cfg.run.name,
             "id": wandb_id.read_text().strip() if wandb_id.is_file() else cfg.run.name,
             "stage": stage,
@@ -435,7 +443,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
         "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "evaluation": {
             **dataclasses.asdict(cfg.evaluation),
-            "judge": str(judge_path.resolve()),
+            "judge": path_for_run_file(judge_path.resolve(), run_dir),
             "workers": cfg.distributed.num_workers,
             "distributed": how,
             "seconds": {
@@ -449,7 +457,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
         "generation": generation or None,
         "judge": {
             "name": f"judge:{judge.name}",
-            "dir": str(judge_path.resolve()),
+            "dir": path_for_run_file(judge_path.resolve(), run_dir),
             "architecture": judge.info.get("architecture"),
             "val_accuracy": judge.info.get("val_accuracy"),
             "test_accuracy": judge_on_run["top1"],
@@ -466,7 +474,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     })
     write_json_atomic(run_dir / EVALUATION_FILE, result)
     _log_wandb(cfg, run_dir, result)
-    _say(summary_line(result))
+    _say(summary_line(result, run_dir))
     return result
 
 
@@ -521,8 +529,8 @@ def _log_wandb(cfg: Config, run_dir: Path, result: Evaluation) -> None:
         logger.close()
 
 
-def summary_line(result: Evaluation) -> str:
-    """One line of the headline numbers."""
+def summary_line(result: Evaluation, run_dir: str | Path) -> str:
+    """One line of the headline numbers, naming ``<run_dir>/metrics.json``."""
     u = result["understanding"]
     parts = [f"test top-1 {u['top1']:.3f} ({u['samples']} images)"]
     g = result.get("generation")
@@ -532,4 +540,4 @@ def summary_line(result: Evaluation) -> str:
         parts.append(f"FID {fid:.2f} ({g['fid']['extractor']})" if fid is not None else "FID n/a")
         sem_d = g["diversity"]["sem_d"]
         parts.append(f"Sem-D {sem_d:.4g}" if sem_d is not None else "Sem-D n/a")
-    return f"{result['run']['dir']}/{EVALUATION_FILE}: " + ", ".join(parts)
+    return f"{Path(run_dir) / EVALUATION_FILE}: " + ", ".join(parts)

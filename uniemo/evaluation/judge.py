@@ -37,7 +37,8 @@ from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, TrainingConfig
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.images import to_rgb
 from uniemo.data.loader import build_loader_from_config
-from uniemo.data.shards import MANIFEST_FILE, ensure_synthetic_shards, file_digest, read_manifest
+from uniemo.data.shards import MANIFEST_FILE, file_digest, read_manifest
+from uniemo.data.source import data_source
 from uniemo.data.transforms import SampleTransform
 from uniemo.distributed.env import worker_threads
 from uniemo.errors import UserError
@@ -217,7 +218,7 @@ def load_judge(path: str | Path, device: torch.device | str = "cpu") -> Judge:
 def _judge_data(cfg: Config) -> dict[str, Any]:
     """What the judge is trained on: the real shard folder and its manifest's digest and split totals."""
 
-    folder = ensure_synthetic_shards(cfg.data, progress=True).resolve()
+    folder = data_source(cfg.data, progress=True).resolve()
     manifest = read_manifest(folder)
     return {
         "shards": str(folder),

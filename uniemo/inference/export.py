@@ -40,6 +40,7 @@ from uniemo.run_layout import (
     ATTRIBUTE_BASE_FILE,
     ATTRIBUTES_FILE,
     EMOTION_SPACE_FILE,
+    EXPORT_DIR,
     EXPORT_MANIFEST,
     PIPELINE_DIR,
     WEIGHTS_FILE,
@@ -68,7 +69,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         UserError: ``out_dir`` exists, is not empty and is not an earlier export; or the run cannot be loaded.
     """
     source = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else source / "export"
+    out = Path(out_dir) if out_dir is not None else source / EXPORT_DIR
     _check_out_folder(out, source)
     run = load_run(source, device="cpu")  # files are written from CPU tensors; nothing heavy runs here
 

@@ -15,16 +15,47 @@ Shape legend: N images, B a batch of them, C/h/w latent channels and sides, Dt t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from uniemo.config.schema import EMOTIONS
+from uniemo.errors import UserError
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.emotion_space import EmotionSpace
 from uniemo.models.generator import Generator
 
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from uniemo.config.schema import GeneratorConfig
+
 SAMPLERS = ("unipc", "ddim")
+
+
+class SamplingSettings(NamedTuple):
+    """How images are sampled: denoising steps, classifier-free guidance scale, sampler (D10)."""
+
+    steps: int
+    guidance_scale: float
+    sampler: str
+
+
+def sampling_settings(
+    gen_cfg: GeneratorConfig, steps: int | None = None, guidance_scale: float | None = None,
+    sampler: str | None = None,
+) -> SamplingSettings:
+    """The one resolver of sampling settings: each value given (a command's flag, ``feedback.*``,
+    ``evaluation.sampling_steps``) or, when None, ``model.generator``'s (of the config the caller runs with).
+
+    Raises:
+        UserError: an unknown sampler.
+    """
+    steps = gen_cfg.sampling_steps if steps is None else int(steps)
+    guidance = gen_cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+    sampler = gen_cfg.sampler if sampler is None else sampler
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    return SamplingSettings(steps, guidance, sampler)
 
 
 @dataclass

@@ -77,7 +77,7 @@ class GeneratorPreset:
 
 
 GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
-    # Text width 32 pairs with the `tiny` understanding preset (embed_dim 32, MODELS.md). Three VAE blocks give a
+    # Text width 32 pairs with the `tiny` understanding preset (embed_dim 32, uniemo.models.understanding.PRESETS). Three VAE blocks give a
     # latent 4x smaller than the image (16x16 at 64 px), enough to keep a stage-2 step fast on one CPU core.
     "tiny": GeneratorPreset(
         text_hidden=32,

@@ -34,7 +34,7 @@ _BATCH = 256
 
 
 def random_text_config(embed_dim: int, vocab_size: int) -> CLIPTextConfig:
-    """The small random CLIP text tower (MODELS.md): hidden = projection = ``embed_dim``, 2 layers, 77 positions."""
+    """The small random CLIP text tower of the small presets: hidden = projection = ``embed_dim``, 2 layers, 77 positions."""
     heads = 4 if embed_dim % 4 == 0 else (2 if embed_dim % 2 == 0 else 1)
     tokenizer = build_local_tokenizer()  # only its special-token ids
     return CLIPTextConfig(

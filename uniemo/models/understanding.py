@@ -33,7 +33,7 @@ from uniemo.errors import ConfigError
 from uniemo.models.outputs import UnderstandingOutput
 
 # ---------------------------------------------------------------------------------------------------------
-# Presets: a small name -> dims registry (MODELS.md table). L1 / L2 are not stored: they default to
+# Presets: a small name -> dims registry (METHOD D2). L1 / L2 are not stored: they default to
 # depth // 3 and 2 * depth // 3 (D2), which gives 8/16, 4/8, 2/5 and 2/4 for the four presets.
 # ---------------------------------------------------------------------------------------------------------
 

@@ -235,15 +235,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), Python and NumPy."""
-    import numpy as np
-
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 # -- compatibility --------------------------------------------------------------------------------------------
 
 

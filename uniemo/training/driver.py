@@ -32,7 +32,7 @@ from typing import Any
 from uniemo.config import save_resolved
 from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import Config
-from uniemo.data.shards import ensure_synthetic_shards
+from uniemo.data.source import data_source
 from uniemo.distributed.placement import check_custom_resource
 from uniemo.distributed.ray_session import keep_embedded_ray_on_loopback, ray_session
 from uniemo.distributed.ray_trainer import fit, torch_trainer
@@ -49,6 +49,7 @@ from uniemo.training.checkpoint import (
 )
 from uniemo.training.engine import check_batch_arithmetic
 from uniemo.training.preflight import check_training_data
+from uniemo.training.run_weights import recorded_init
 from uniemo.training.safe_pickle import check_checkpoint_folder
 from uniemo.training.stages import resolve_init_from
 from uniemo.training.worker import train_worker
@@ -107,8 +108,8 @@ def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
         state = read_trainer_state(latest)
         check_compatible(state.get("compat", {}), compat_keys(cfg, world), latest)
         check_checkpoint_folder(latest)
-        if state.get("init_from"):
-            init_from = Path(state["init_from"])  # the frozen stage-1 weights of this run, not a newer run's
+        init_from = recorded_init(latest)  # the frozen stage-1 weights of this run, not a newer run's
+        if init_from is not None:
             if not init_from.is_dir():
                 raise CheckpointError(
                     f"cannot resume {run_dir}: its stage-1 weights {init_from} are gone; restore that folder"
@@ -118,7 +119,7 @@ def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
     if init_from is not None:
         check_checkpoint_folder(init_from)
     check_wandb_credentials(cfg)
-    ensure_synthetic_shards(cfg.data, progress=True)
+    data_source(cfg.data, progress=True)
     notes = check_training_data(cfg, world)
     _check_writable(run_dir, "run.output_dir")
     save_resolved(cfg, run_dir)

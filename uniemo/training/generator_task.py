@@ -36,6 +36,7 @@ from uniemo.data.captions import batch_captions, caption_vocabulary
 from uniemo.distributed.env import launch_dir
 from uniemo.models.generator import SD15_SCHEDULER_CONFIG, build_random_parts, save_pipeline
 from uniemo.models.tokenizer import build_local_tokenizer
+from uniemo.run_layout import GENERATOR_DIR, PROVENANCE_FILE
 from uniemo.training.task import Task, _move_batch
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -52,10 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 ROLE_VAE = "generator_vae"
 ROLE_UNET_PRETRAIN = "generator_unet"
 ROLE_TEXT = "generator_text"
-GENERATOR_FOLDER = "generator"
-"""The exported diffusers folder inside the run directory."""
-PROVENANCE_FILE = "provenance.json"
-"""Beside the exported weights: config, code version, steps, data seed, times, quality figures."""
 
 
 class GeneratorPretrainTask(Task):
@@ -200,7 +197,7 @@ def finish_generator(trainer: FinishedTraining) -> None:
         task = trainer.parts.task
         assert isinstance(task, GeneratorPretrainTask), "finish_generator ends a generator-pretraining run"
         trained = consolidated_state_dict(trainer.final_checkpoint())
-        out = Path(trainer.run_dir) / GENERATOR_FOLDER
+        out = Path(trainer.run_dir) / GENERATOR_DIR
         export_generator(task, trained, cfg, out)
         provenance = {
             "what": "uniemo's pretrained CPU-world generator (METHOD D15): VAE, CLIP text encoder and UNet trained "

@@ -36,6 +36,9 @@ class StageParts:
     """Stage 2 continuing a stage-2 run (feedback): that run's checkpoint, the source of every trained weight."""
     initial_understanding: dict[str, torch.Tensor] = field(default_factory=dict)
     """Stage 2: fp32 CPU copy of the understanding weights before training (the frozen ones never change)."""
+    untrained: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The task's entries no checkpoint holds and no weights folder gives back (never trained), saved with the
+    run at its start (:func:`uniemo.training.run_weights.save_initial_weights`)."""
     finish: Callable[[FinishedTraining], None] | None = None
     """Called on every rank after the final checkpoint."""
     notes: list[str] = field(default_factory=list)

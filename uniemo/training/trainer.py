@@ -26,7 +26,6 @@ rank is done.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import Counter
@@ -39,23 +38,20 @@ import torch
 from uniemo.errors import UserError
 from uniemo.logging import NullRunLogger
 from uniemo.run_layout import stop_request_path
+from uniemo.seeds import seed_everything, training_seed, validation_seed
 from uniemo.training.checkpoint import (
     Checkpointer,
     compat_keys,
     config_digest,
     latest_checkpoint,
-    seed_everything,
 )
 from uniemo.training.engine import Engine, check_batch_arithmetic
+from uniemo.training.run_weights import stored_init
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
     from uniemo.distributed.env import DistEnv
     from uniemo.training.parts import StageParts
-
-
-def _derived_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
 
 
 def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
@@ -120,7 +116,7 @@ class Trainer:
         latest = latest_checkpoint(self.run_dir)
         if latest is None:
             # Same model on every rank (seeded before building); per-rank streams for dropout and noise.
-            seed_everything(_derived_seed(self.cfg.run.seed, "train", self.env.rank))
+            seed_everything(training_seed(self.cfg.run.seed, self.env.rank))
             return 0
         state, position = self.checkpointer.load(self.engine.ds_engine, latest, self.compat)
         self.step = int(state["step"])
@@ -276,7 +272,7 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             # Deterministic validation (stage-2 noise and timesteps), without moving the training RNG.
-            torch.manual_seed(_derived_seed(self.cfg.run.seed, "val", self.env.rank))
+            torch.manual_seed(validation_seed(self.cfg.run.seed, self.env.rank))
             batches = iter(val_loader)
             while True:
                 batch = next(batches, None)
@@ -319,8 +315,8 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "bad_steps": self.bad_steps,
             "total_steps": self.total_steps,
-            "init_from": self.parts.init_from,
-            "continued_from": self.parts.continued_from,
+            "init_from": stored_init(self.parts.init_from, self.run_dir),
+            "continued_from": stored_init(self.parts.continued_from, self.run_dir),
             "epoch": self.parts.train_loader.epoch,
         }
         self.last_checkpoint = self.checkpointer.save(

@@ -25,8 +25,9 @@ from uniemo.distributed.env import (
 )
 from uniemo.distributed.placement import record_placement
 from uniemo.logging import make_run_logger
-from uniemo.run_layout import WORKERS_DIR
+from uniemo.run_layout import worker_pid_path
 from uniemo.training.engine import build_engine
+from uniemo.training.run_weights import save_initial_weights
 from uniemo.training.stages import build_stage, describe_init
 from uniemo.training.trainer import Trainer, total_steps_for
 
@@ -51,6 +52,8 @@ def run_worker(cfg: Config, run_dir: str | Path, init_from: str | None = None) -
     logger = None
     try:
         parts = build_stage(cfg, env, Path(init_from) if init_from else None)
+        if env.is_main and parts.untrained:
+            save_initial_weights(run_dir, parts.untrained)  # once per run; loading it replays no random draws
         total = total_steps_for(cfg, parts.train_loader.batches_per_epoch)
         engine = build_engine(parts.task, cfg, world_size=env.world_size, device=device, total_steps=total)
         trainer = Trainer(cfg, env, run_dir, engine, parts, total, reduce_device)
@@ -83,9 +86,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     run_dir = Path(loop_config["run_dir"])
     env = read_env()
-    pid_dir = run_dir / WORKERS_DIR
-    pid_dir.mkdir(parents=True, exist_ok=True)
-    pid_file = pid_dir / f"rank-{env.rank}.pid"
+    pid_file = worker_pid_path(run_dir, env.rank)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = pid_file.with_name(f".{pid_file.name}.tmp")
     tmp.write_text(f"{os.getpid()}\n")
     tmp.replace(pid_file)
