@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,11 @@ def test_whole_loop_killed_in_stage2_then_resumed(tmp_path):
 
     done = _uniemo("run", "--config", str(DEMO), *_tiny(tmp_path), "--resume", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    # A quiet console when nothing failed: no traceback, no other package's warning (Ray Train's internal
+    # GetTimeoutError, torch's FutureWarning on every step); they are in the pipeline's uniemo.log.
+    for text in ((tmp_path / "first.log").read_text(), done.stdout + done.stderr):
+        assert "Traceback" not in text and not re.search(r"\w+Warning\b", text), text[-3000:]
+    assert (root / "uniemo.log").is_file()
     state = _state(root)
     assert [state["stages"][s]["status"] for s in state["order"]] == ["done"] * 7
     assert "stage1: done before, skipped" in done.stderr and "stage2: stage 2" in done.stderr

@@ -243,7 +243,7 @@ class RunLogger(NullRunLogger):
         self._bar = tqdm(
             total=total,
             initial=initial,
-            desc=f"stage {self.cfg.training.stage}",
+            desc=f"uniemo stage {self.cfg.training.stage}",  # a uniemo line on the console (uniemo.console)
             unit="step",
             file=sys.stderr if tty else _LineStream(sys.stderr),
             mininterval=0.5 if tty else 10.0,

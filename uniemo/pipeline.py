@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from uniemo.config import Config, save_resolved, with_overrides
+from uniemo.console import quiet_console
 from uniemo.errors import UserError
 from uniemo.logging import say
 from uniemo.run_layout import (
@@ -257,7 +258,7 @@ def plan(cfg: Config) -> Pipeline:
 
 def run_pipeline(cfg: Config, resume: bool = False) -> PipelineState:
     """Run (or with ``resume`` continue) the pipeline; returns its state (``pipeline.json``)."""
-    from uniemo.run_files import new_pipeline_state, read_pipeline_state, write_pipeline_state
+    from uniemo.run_files import read_pipeline_state
 
     p = plan(cfg)
     found = read_pipeline_state(p.root)
@@ -271,6 +272,14 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineState:
         raise UserError(f"{p.root} exists and is not empty; choose another run.name or move it away")
     if resume and found is None:
         _say(f"--resume: {p.root} holds no pipeline yet; starting it")
+    with quiet_console(p.root):  # other packages' console output to <pipeline>/uniemo.log (uniemo.console)
+        return _run(p, found, resume)
+
+
+def _run(p: Pipeline, found: PipelineState | None, resume: bool) -> PipelineState:
+    from uniemo.run_files import new_pipeline_state, write_pipeline_state
+
+    cfg = p.cfg
     p.root.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, p.root)
     state = found if found is not None else new_pipeline_state()

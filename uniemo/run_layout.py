@@ -60,6 +60,8 @@ WORKERS_DIR = "workers"
 PLACEMENT_FILE = Path(WORKERS_DIR) / "placement.jsonl"
 """One JSON line per started trainer (``role`` trainer, ``rank``) and feedback actor (``role`` generator or
 filter, ``index``, ``round``): the Ray node it ran on (:func:`uniemo.distributed.env.ray_node_record`)."""
+LOG_FILE = "uniemo.log"
+"""Other packages' console output of the commands run on this folder (Ray's, warnings): :mod:`uniemo.console`."""
 STEP_METRICS_FILE = "metrics.jsonl"
 """One JSON line per logged training step (:mod:`uniemo.logging`)."""
 WANDB_ID_FILE = "wandb_id"

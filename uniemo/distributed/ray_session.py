@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from uniemo.console import route_loggers, route_worker_output, unroute_worker_output
 from uniemo.errors import UserError
 from uniemo.logging import say
 
@@ -105,14 +106,19 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0, extra_gpus
 
     import ray
 
+    route_loggers()  # `import ray` gave Ray's logger a console handler: inside quiet_console, the log file only
+
     if ray.is_initialized():
         yield "caller"  # the caller's cluster: theirs to stop
         return
     if dist_cfg.ray_address:
-        ray.init(address=dist_cfg.ray_address, log_to_driver=True, runtime_env=job_runtime_env())
+        with ray_auth_errors(dist_cfg.ray_address):
+            ray.init(address=dist_cfg.ray_address, log_to_driver=True, runtime_env=job_runtime_env())
+        route_worker_output()
         try:
             yield "address"
         finally:
+            unroute_worker_output()
             ray.shutdown()  # disconnects; the cluster keeps running
         return
     own_temp = not dist_cfg.ray_temp_dir
@@ -133,6 +139,7 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0, extra_gpus
             logging_level=logging.WARNING,
             runtime_env=job_runtime_env(),
         )
+        route_worker_output()  # other packages' lines of the workers to the run's log file (uniemo.console)
         try:
             yield "embedded"
         except UserError as exc:
@@ -142,6 +149,7 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0, extra_gpus
             raise
         ok = True
     finally:
+        unroute_worker_output()
         if ray.is_initialized():
             ray.shutdown()  # stops the processes this ray.init started, nothing else
         if own_temp and ok:
@@ -152,6 +160,22 @@ def ray_session(dist_cfg: DistributedConfig, extra_cpus: float = 0.0, extra_gpus
                 time.sleep(0.5)
         elif own_temp and not named:
             say(f"Ray's logs of this run are kept in {temp_dir}")
+
+
+@contextmanager
+def ray_auth_errors(address: str) -> Iterator[None]:
+    """Ray's ``AuthenticationError`` (a cluster with token authentication, Ray 2.60's default for
+    ``ray start --head``, reached without the token) as one line saying what to set."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError:
+        raise UserError(
+            f"the Ray cluster at {address} uses token authentication (Ray's default for `ray start --head`) and "
+            "refused this client: set RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token, "
+            "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN, as on the head node) and run the command again"
+        ) from None
 
 
 def _visible_gpus() -> int:

@@ -40,6 +40,7 @@ from uniemo.config import load_config
 from uniemo.config.loader import from_dict
 from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, Config
+from uniemo.console import quiet_console
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.images import read_rgb
 from uniemo.data.loader import build_loader, build_loader_from_config, load_attribute_table
@@ -385,9 +386,14 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     ``distributed.num_workers``, ``data.num_workers``, ...).
     """
 
-    started = time.perf_counter()
     run_dir = Path(run_dir).expanduser().resolve()
     step_dir = _check_run(run_dir)
+    with quiet_console(run_dir):  # other packages' console output to <run>/uniemo.log (uniemo.console)
+        return _evaluate_run(run_dir, step_dir, judge_dir, cfg_overrides)
+
+
+def _evaluate_run(run_dir: Path, step_dir: Path, judge_dir: str | Path | None, cfg_overrides: Any) -> Evaluation:
+    started = time.perf_counter()
     cfg = absolute_paths(load_config(run_dir / CONFIG_FILE, list(cfg_overrides)))
     if cfg.logging.wandb.mode == "online":
 

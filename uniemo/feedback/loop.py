@@ -54,6 +54,7 @@ from typing import Any
 
 from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import EMOTIONS, Config
+from uniemo.console import quiet_console
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.shards import MANIFEST_FILE, manifest_folders
 from uniemo.distributed.placement import record_placement
@@ -312,8 +313,13 @@ def run_feedback(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     cfg = absolute_paths(cfg)
     cfg.validate()
-    fb = cfg.feedback
     run_dir = run_dir_of(cfg)
+    with quiet_console(run_dir):  # other packages' console output to <run_dir>/uniemo.log
+        return _run_feedback(cfg, run_dir, resume)
+
+
+def _run_feedback(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
+    fb = cfg.feedback
     started = _check_start(run_dir, resume)
     record = _Record(run_dir)
     recorded = record.data.get("from_run") if started else None  # nothing made yet: resolve it again

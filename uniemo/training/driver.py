@@ -32,6 +32,7 @@ from typing import Any
 from uniemo.config import save_resolved
 from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import Config
+from uniemo.console import quiet_console
 from uniemo.data.source import data_source
 from uniemo.distributed.placement import check_custom_resource
 from uniemo.distributed.ray_session import keep_embedded_ray_on_loopback, ray_session
@@ -90,6 +91,8 @@ def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
     """Driver-side checks and set-up (module docstring)."""
 
     cfg = absolute_paths(cfg)
+    if cfg.distributed.gpus_per_worker <= 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as the workers: DeepSpeed would probe for a GPU and warn
     world = cfg.distributed.num_workers
     check_batch_arithmetic(cfg, world)
     check_model_folders(cfg.model)
@@ -155,9 +158,14 @@ def _stop_on_sigterm(stop_file: Path) -> Iterator[None]:
 
 
 def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """``uniemo train``: plan, start Ray Train with ``distributed.num_workers`` workers, wait, summarise."""
+    """``uniemo train``: plan, start Ray Train with ``distributed.num_workers`` workers, wait, summarise. Other
+    packages' console output goes to ``<run_dir>/uniemo.log`` (:mod:`uniemo.console`)."""
     keep_embedded_ray_on_loopback(cfg.distributed)
+    with quiet_console(run_dir_of(cfg)):
+        return _run_training(cfg, resume)
 
+
+def _run_training(cfg: Config, resume: bool) -> dict[str, Any]:
     plan = prepare_run(cfg, resume)
     cfg = plan.config
     dist = cfg.distributed
