@@ -246,6 +246,33 @@ def test_export_layout_and_reload(runs, exported, loaded_s2):
     assert loaded_s2.emotion_space.counts().sum() > 0
 
 
+def test_never_trained_parameters_come_from_the_run_not_from_a_seed(runs, tmp_path):
+    """A run keeps what no checkpoint holds (here the frozen contrastive logit scales) in
+    initial_weights.safetensors; loading reads them from there, whatever the config's seed now says. A run without
+    the file (written by an older uniemo) still loads by replaying its training's random draws."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import save_file
+
+    from uniemo.inference.runs import load_run
+
+    for stage in ("s1", "s2"):
+        run = tmp_path / stage
+        shutil.copytree(runs / stage, run)
+        legacy = load_run(run, device="cpu", compute_missing_emotion_space=False).understanding
+        roles = legacy.parameter_roles()
+        frozen = {n: p for n, p in legacy.named_parameters() if roles[n] == "logit_scales" and not p.requires_grad}
+        assert frozen, stage
+        save_file({f"understanding.{n}": p.detach() + 1.0 for n, p in frozen.items()}, run / "initial_weights.safetensors")
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["run"]["seed"] += 17  # a replay would now draw other values
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        loaded = dict(load_run(run, device="cpu", compute_missing_emotion_space=False).understanding.named_parameters())
+        for name, value in frozen.items():
+            assert torch.equal(loaded[name], value + 1.0), (stage, name)
+
+
 def test_export_pipeline_with_plain_diffusers(exported, loaded_s2):
     from diffusers import StableDiffusionPipeline
 

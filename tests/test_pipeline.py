@@ -61,6 +61,21 @@ def test_bad_stage_and_bad_stage_override_fail_before_any_work(tmp_path):
     assert not (tmp_path / "demo").exists()  # nothing was started
 
 
+def test_every_stages_overrides_are_checked_before_the_first_stage():
+    """A typo in the overrides of the last stages (the judge, the evaluation) fails in plan(), before any
+    training, with the stage and the key named."""
+    from uniemo.config import load_config
+    from uniemo.errors import ConfigError
+    from uniemo.pipeline import plan
+
+    for stage, override, key in (("judge", "evaluation.judge_stepz=3", "evaluation.judge_steps"),
+                                 ("evaluate", "evaluation.images_per_emotion=0", "evaluation.images_per_emotion")):
+        cfg = load_config(DEMO, [f"pipeline.{stage}=[{override}]"])
+        with pytest.raises(ConfigError) as err:
+            plan(cfg)
+        assert str(err.value).startswith(f"pipeline.{stage}: ") and key in str(err.value)
+
+
 def _state(root: Path) -> dict:
     try:
         return json.loads((root / "pipeline.json").read_text())
