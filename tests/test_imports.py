@@ -124,3 +124,22 @@ def test_cli_help_path_loads_no_heavy_package():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == ""
+
+
+LAYERS = {
+    "uniemo.training": ("uniemo.inference", "uniemo.evaluation", "uniemo.feedback", "uniemo.pipeline"),
+    "uniemo.distributed": ("uniemo.training", "uniemo.inference", "uniemo.evaluation", "uniemo.feedback"),
+    "uniemo.models": ("uniemo.training", "uniemo.inference", "uniemo.distributed", "uniemo.evaluation",
+                      "uniemo.feedback", "uniemo.data.loader"),
+    "uniemo.run_layout": ("uniemo.",),
+}
+"""What a package must not import (at any level): the training stack never needs inference, the distributed
+plumbing holds no training logic, models are pure modules, run_layout is a leaf every module may import."""
+
+
+def test_layers_import_only_downwards():
+    graph = import_graph()
+    wrong = [f"{module} -> {target}" for module, targets in graph.items() for layer, banned in LAYERS.items()
+             if module == layer or module.startswith(layer + ".")
+             for target in targets if target.startswith(banned)]
+    assert not wrong, wrong
