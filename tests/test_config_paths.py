@@ -20,8 +20,11 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 def test_every_path_field_is_tagged():
     assert path_keys() == [
         "run.output_dir", "data.shards", "data.cache_dir", "data.extra_sources[].path", "data.attribute_base",
-        "model.understanding.clip_path", "model.generator.path", "training.init_from", "distributed.ray_temp_dir",
-        "feedback.from_run", "evaluation.judge", "evaluation.inception_weights",
+        "model.understanding.clip_path", "model.generator.path", "model.conditioner.attribute_clip_path",
+        "training.init_from", "distributed.ray_temp_dir", "feedback.from_run", "evaluation.judge",
+        "evaluation.weights.inception", "evaluation.weights.clip", "evaluation.weights.emo_a_probe",
+        "evaluation.weights.lpips_alexnet", "evaluation.weights.places365_resnet50",
+        "evaluation.weights.imagenet_resnet50", "evaluation.real_images",
     ]
 
 

@@ -134,12 +134,13 @@ LAYERS = {
     "uniemo.run_layout": ("uniemo.",),
 }
 """What a package must not import (at any level): the training stack never needs inference, the distributed
-plumbing holds no training logic, models are pure modules, run_layout is a leaf every module may import."""
+plumbing holds no training logic, models are pure modules, run_layout is a leaf every module may import. Command
+modules (``*cli``) are entry points and may import what their commands run."""
 
 
 def test_layers_import_only_downwards():
     graph = import_graph()
     wrong = [f"{module} -> {target}" for module, targets in graph.items() for layer, banned in LAYERS.items()
-             if module == layer or module.startswith(layer + ".")
+             if (module == layer or module.startswith(layer + ".")) and not module.endswith("cli")
              for target in targets if target.startswith(banned)]
     assert not wrong, wrong

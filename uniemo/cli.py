@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     from uniemo import pipeline
     from uniemo.data import cli as data_cli
     from uniemo.evaluation import cli as evaluation_cli
-    from uniemo.evaluation import report_cli
+    from uniemo.evaluation import metrics_cli, report_cli
     from uniemo.feedback import cli as feedback_cli
     from uniemo.inference import cli as inference_cli
     from uniemo.launchers import cli as launchers_cli
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(sub)
     feedback_cli.register(sub)
     evaluation_cli.register(sub)  # train-judge, evaluate
+    metrics_cli.register(sub)  # EmoGen's metrics of any image folder
     report_cli.register(sub)
     inference_cli.register(sub)  # export, generate, classify, transfer
     launchers_cli.register(sub)

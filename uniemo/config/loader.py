@@ -43,14 +43,42 @@ def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Confi
     return build_config(to_dict(cfg), overrides)
 
 
+MOVED_KEYS = {"evaluation.inception_weights": "evaluation.weights.inception"}
+"""Keys that moved: old dotted key -> new one. Configs written before the move (a run's ``config.yaml``) still
+load; their value is carried to the new key."""
+
+
+def _move_keys(raw: dict[str, Any]) -> None:
+    for old, new in MOVED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target: Any = raw
+        for part in new_parents:
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict) and target.get(new_leaf) not in (None, "") and value not in (None, ""):
+            raise ConfigError(f"{old} moved to {new}, and both are set; keep only {new}")
+        if value not in (None, ""):
+            set_dotted(raw, new, value)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping of a YAML config file, its relative paths made absolute against :func:`config_base`."""
-    return resolve_paths(read_yaml(path), config_base(path), Config)
+    """The mapping of a YAML config file (moved keys at their new place), its relative paths made absolute
+    against :func:`config_base`."""
+    raw = read_yaml(path)
+    _move_keys(raw)
+    return resolve_paths(raw, config_base(path), Config)
 
 
 def set_override(raw: dict[str, Any], key: str, value: Any, base: str | Path | None = None) -> None:
     """Set dotted ``key`` of ``raw`` to ``value``; relative paths in it resolve against ``base`` (default: the
-    current directory)."""
+    current directory). A key that moved (:data:`MOVED_KEYS`) is set at its new place."""
+    key = MOVED_KEYS.get(key, key)
     scratch: dict[str, Any] = {}
     set_dotted(scratch, key, value)
     scratch = resolve_paths(scratch, Path.cwd() if base is None else base, Config)
@@ -72,6 +100,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
     defaults) resolve against the current directory."""
     raw = copy.deepcopy(raw)
     apply_overrides(raw, overrides)
+    _move_keys(raw)
     cfg = from_dict(Config, raw)
     cfg.validate()
     return resolve_paths(cfg, Path.cwd())
