@@ -171,7 +171,8 @@ def test_stage2_run_generates_transfers_and_continues(official, converted, tmp_p
     from uniemo.feedback.loop import bundle_of_run, resolve_from_run
     from uniemo.inference.runs import generate_images, load_run
     from uniemo.training.checkpoint import consolidated_state_dict, latest_checkpoint, read_trainer_state
-    from uniemo.training.stages import _build_task, split_init
+    from uniemo.training.run_weights import split_init
+    from uniemo.training.stages import _build_task
 
     run = load_run(converted / "stage2", device="cpu")
     assert run.stage == 2 and run.step == 0
@@ -239,7 +240,7 @@ def test_stage2_run_generates_transfers_and_continues(official, converted, tmp_p
     cfg = load_config(converted / "stage2" / "config.yaml", [f"feedback.from_run={converted / 'stage2'}"])
     start = resolve_from_run(cfg, tmp_path / "fb")
     assert split_init(start) == (stage1_step, start)
-    task = _build_task(cfg, load_attribute_table(cfg.data), start)
+    task, _ = _build_task(cfg, load_attribute_table(cfg.data), start)
     own = task.state_dict()
     for key, value in consolidated_state_dict(start).items():
         assert torch.equal(own[key], value), key

@@ -391,7 +391,7 @@ def test_bad_layouts_are_one_line_exit_2(tmp_path, folders, capsys):
         (["--generated", str(odd)], "named after no emotion (happy)"),
         (["--generated", str(empty)], "no images found"),
         (["--generated", str(generated), "--real", str(only_sadness), "evaluation.weights.inception=x"],
-         "evaluation.weights.inception: x does not exist"),
+         f"evaluation.weights.inception: {Path('x').resolve()} does not exist"),  # command-line paths: the cwd's
         (["--generated", str(generated), "--out", str(tmp_path)], "is a folder"),
     ]
     for argv, needle in cases:

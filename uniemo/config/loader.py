@@ -24,7 +24,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from uniemo import __version__
-from uniemo.config.paths import config_base, paths_for_run_file, resolve_paths
+from uniemo.config.paths import absolute, config_base, paths_for_run_file, resolve_paths
 from uniemo.config.schema import Config
 from uniemo.errors import ConfigError
 from uniemo.run_layout import CONFIG_FILE
@@ -68,17 +68,23 @@ def _move_keys(raw: dict[str, Any]) -> None:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping of a YAML config file (moved keys at their new place), its relative paths made absolute
-    against :func:`config_base`."""
-    raw = read_yaml(path)
-    _move_keys(raw)
-    return resolve_paths(raw, config_base(path), Config)
+    """The mapping of a YAML config file, its relative paths (a moved key's too) made absolute against
+    :func:`config_base`."""
+    base = config_base(path)
+    raw = resolve_paths(read_yaml(path), base, Config)
+    for old in MOVED_KEYS:  # moved later, by build_config, which refuses the old and the new key set together
+        *parents, leaf = old.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = absolute(node[leaf], base)
+    return raw
 
 
 def set_override(raw: dict[str, Any], key: str, value: Any, base: str | Path | None = None) -> None:
     """Set dotted ``key`` of ``raw`` to ``value``; relative paths in it resolve against ``base`` (default: the
-    current directory). A key that moved (:data:`MOVED_KEYS`) is set at its new place."""
-    key = MOVED_KEYS.get(key, key)
+    current directory)."""
     scratch: dict[str, Any] = {}
     set_dotted(scratch, key, value)
     scratch = resolve_paths(scratch, Path.cwd() if base is None else base, Config)
