@@ -263,7 +263,7 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 
 # Generation-time settings: they do not shape the trained model, so a resumed run may change them.
-_INFERENCE_ONLY = ("sampler", "sampling_steps", "guidance_scale", "generation_batch_size")
+_INFERENCE_ONLY = ("sampler", "sampling_steps", "guidance_scale", "generation_batch_size", "compile")
 
 
 def compat_keys(cfg: Config, world_size: int) -> dict[str, Any]:
