@@ -432,10 +432,13 @@ def build_engine(
     world_size: int,
     device: torch.device,
     total_steps: int,
+    optimizer_options: dict[str, Any] | None = None,
 ) -> Engine:
     """Detach the frozen parts, build AdamW + schedule, and ``deepspeed.initialize`` the task.
 
     The process group must exist (Ray Train's, or one made by the caller); DeepSpeed reuses it.
+    ``optimizer_options``: AdamW's implementation keywords (None: :func:`adamw_options`; benchmarks pass ``{}``
+    for the unfused baseline).
     """
 
     prepare_deepspeed()
@@ -452,7 +455,8 @@ def build_engine(
     accelerate_task(task, cfg.training)
     groups = build_param_groups(task, cfg.training)
     group_names = [g["name"] for g in groups]
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, **adamw_options(device))
+    options = adamw_options(device) if optimizer_options is None else optimizer_options
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lr_factors(
         task, groups, cfg.training, total_steps, global_batch=ds_config["train_batch_size"]
     ))
