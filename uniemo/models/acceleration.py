@@ -13,6 +13,12 @@
   :attr:`Generator.fixed_batch` makes the denoising loop pad every batch to one size
   (:mod:`uniemo.models.generation`).
 
+Frozen work a step reuses instead of recomputing: the VAE latents (stored once, :mod:`uniemo.data.latents`) and the
+token ids of the condition prompt (:meth:`Generator._prompt_ids`). What must run every step although its weights are
+frozen: the ViT backbone (the expert queries join the token sequence before block 1, so every block's activations
+depend on trained parameters, METHOD §2.1) and the text encoder (c is spliced into its input, D5, and the
+diffusion gradient flows back through it to c).
+
 None of them is on by default on the CPU (``training.compile``, ``training.channels_last``,
 ``model.generator.compile``); the EmoSet recipes turn them on.
 """

@@ -19,10 +19,10 @@ Reductions across ranks: logged training terms are the mean over ranks (and over
 log); validation sums loss x samples, correct predictions and samples over every rank, then divides (never a
 mean of per-rank means). ``data/samples/<source>`` in a metrics line is the number of training samples of that
 source (``real``, ``synthetic``, ...) consumed since the previous line, summed over ranks (per interval, not
-cumulative); ``time`` is when the line was written (Unix seconds); ``data_wait_share`` the share of the interval the loop waited
-for its next batch (mean over ranks). Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose
-validation shards ran out keeps joining forwards (on a batch it already has, results discarded) until every
-rank is done.
+cumulative); ``time`` is when the line was written (Unix seconds); ``data_wait_share`` is the share of the
+interval the loop waited for its next batch (mean over ranks). Under ZeRO-3 a forward is collective (parameters
+are gathered), so a rank whose validation shards ran out keeps joining forwards (on a batch it already has,
+results discarded) until every rank is done.
 """
 
 from __future__ import annotations
