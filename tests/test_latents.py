@@ -50,7 +50,8 @@ def shards(synth_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("latents") / "shards"
     shutil.copytree(synth_shards, out)
     generator = Generator.build_random("tiny", image_size=SIZE, seed=0)
-    write_latents(out, generator, SIZE, splits=("train", "val"), batch_size=8, dtype="float32", progress=False)
+    write_latents(out, generator, SIZE, resample="bicubic", splits=("train", "val"), batch_size=8, dtype="float32",
+                  progress=False)
     return out
 
 
@@ -141,17 +142,20 @@ def test_writer_resumes_and_refuses_another_vae_or_stale_shards(shards, tmp_path
     assert manifest["dtype"] == "float32" and {e["split"] for e in manifest["shards"]} == {"train", "val"}
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
     same = Generator.build_random("tiny", image_size=SIZE, seed=0)
-    write_latents(shards, same, SIZE, splits=("train", "val"), dtype="float32", progress=False)  # nothing to do
+    write_latents(shards, same, SIZE, resample="bicubic", splits=("train", "val"), dtype="float32",
+                  progress=False)  # nothing to do
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")} == mtimes
-    check_latents(shards, SIZE, same.vae)
+    check_latents(shards, SIZE, "bicubic", same.vae)
 
     other = Generator.build_random("tiny", image_size=SIZE, seed=1)
     with pytest.raises(DataError, match="another vae_sha256"):
-        write_latents(shards, other, SIZE, dtype="float32", progress=False)
+        write_latents(shards, other, SIZE, resample="bicubic", dtype="float32", progress=False)
     with pytest.raises(ConfigError, match="another VAE"):
-        check_latents(shards, SIZE, other.vae)
+        check_latents(shards, SIZE, "bicubic", other.vae)
     with pytest.raises(ConfigError, match="holds no latents"):
-        check_latents(shards, 64, same.vae)
+        check_latents(shards, 64, "bicubic", same.vae)
+    with pytest.raises(ConfigError, match="bilinear, data.generator_resample"):
+        check_latents(shards, SIZE, "bilinear", same.vae)  # latents depend on the resize filter
 
     # A rewritten shard (another sha256 in the shard manifest) makes its latents stale: the loader refuses.
     copy = tmp_path / "copy"
@@ -182,7 +186,7 @@ def test_cli_writes_float16_latents_of_the_configs_generator(synth_shards, tmp_p
     assert manifest["dtype"] == "float16" and all(e["split"] == "train" for e in manifest["shards"])
     cfg = load_config(config, [*overrides, f"data.image_size={SIZE}", "data.num_workers=0"])
     generator = build_generator(cfg.model.generator, image_size=SIZE, seed=cfg.run.seed)
-    check_latents(shards, SIZE, generator.vae)
+    check_latents(shards, SIZE, cfg.data.generator_resample, generator.vae)
     a, b = _first_batches(cfg, 1, False)[0], _first_batches(cfg, 1, True)[0]
     assert a["key"] == b["key"] and b["latent_mean"].dtype == torch.float16
     mean, _ = generator.latent_moments(a["pixel_values"])

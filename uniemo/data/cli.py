@@ -221,8 +221,8 @@ def _latents(args: argparse.Namespace) -> int:
     folder = ensure_synthetic_shards(cfg.data, progress=not args.no_progress)
     size = cfg.data.generator_image_size
     generator = build_generator(cfg.model.generator, image_size=size, seed=cfg.run.seed).to(device).eval()
-    manifest = write_latents(folder, generator, size, splits=splits, batch_size=args.batch_size, dtype=args.dtype,
-                             part=part, progress=not args.no_progress)
+    manifest = write_latents(folder, generator, size, resample=cfg.data.generator_resample, splits=splits,
+                             batch_size=args.batch_size, dtype=args.dtype, part=part, progress=not args.no_progress)
     samples = sum(e["samples"] for e in manifest["shards"])
     print(f"{folder}/latents-{size}: {len(manifest['shards'])} shards, {samples} images x 2 flips "
           f"({manifest['dtype']})")

@@ -16,7 +16,8 @@ Layout, beside the shard folder's ``manifest.json``::
       ...                         metadata "keys": the sample keys of rows 0..N-1 (JSON list)
 
 An entry is used only while its ``shard_sha256`` equals the shard manifest's ``sha256`` (a rewritten shard makes
-its latents stale), and a run uses the folder only when the VAE digest, G and the resize filter match its own
+its latents stale), and a run uses the folder only when the VAE digest, G and the resize filter
+(``data.generator_resample``) match its own
 (:func:`check_latents`): latents of another VAE are an error, never silently mixed in.
 
 Written by ``uniemo data latents`` (:func:`write_latents`): resumable per shard (each file is written to a
@@ -41,7 +42,7 @@ import torch
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.images import to_rgb
 from uniemo.data.shards import MANIFEST_FILE, manifest_folders, read_manifest
-from uniemo.data.transforms import RESAMPLE, generator_pixels
+from uniemo.data.transforms import GENERATOR_RESAMPLE, generator_pixels
 from uniemo.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -61,11 +62,6 @@ _LOCK = ".manifest.lock"
 def latents_folder(shard_folder: str | Path, image_size: int) -> Path:
     """Where the latents of ``G = image_size`` live for a shard folder (one with ``manifest.json``)."""
     return Path(shard_folder) / f"{DIR_PREFIX}{image_size}"
-
-
-def resize_filter() -> str:
-    """The name of the resize filter of the generator input (a latent depends on it)."""
-    return RESAMPLE.name.lower()
 
 
 def vae_digest(vae: nn.Module) -> str:
@@ -109,18 +105,19 @@ def covered_shards(shard_folder: str | Path, image_size: int) -> dict[str, str]:
     }
 
 
-def check_latents(shard_folder: str | Path, image_size: int, vae: nn.Module) -> dict[str, Any]:
+def check_latents(shard_folder: str | Path, image_size: int, resample: str, vae: nn.Module) -> dict[str, Any]:
     """The latents manifest of a run's real shard folder, checked against the run: present, of this G, resize
-    filter and VAE. Raises a one-line :class:`ConfigError` saying what to run otherwise."""
+    filter (``data.generator_resample``) and VAE. Raises a one-line :class:`ConfigError` saying what to run
+    otherwise."""
     folder = latents_folder(shard_folder, image_size)
     manifest = read_latents_manifest(folder)
     rerun = "run `uniemo data latents --config <this config>` first, or set data.precomputed_latents=false"
     if manifest is None:
         raise ConfigError(f"data.precomputed_latents is on but {folder} holds no latents; {rerun}")
-    if manifest.get("image_size") != image_size or manifest.get("resize") != resize_filter():
+    if manifest.get("image_size") != image_size or manifest.get("resize") != resample:
         raise ConfigError(
             f"{folder} holds latents of {manifest.get('image_size')} px ({manifest.get('resize')} resize), this run "
-            f"needs {image_size} px ({resize_filter()}); delete the folder and {rerun}"
+            f"needs {image_size} px ({resample}, data.generator_resample); delete the folder and {rerun}"
         )
     if manifest.get("vae_sha256") != vae_digest(vae):
         raise ConfigError(
@@ -152,7 +149,7 @@ def _shard_images(path: Path) -> Iterator[tuple[str, Any]]:
 
 @torch.no_grad()
 def encode_shard(
-    path: Path, generator: Generator, image_size: int, batch_size: int, dtype: torch.dtype
+    path: Path, generator: Generator, image_size: int, resample: str, batch_size: int, dtype: torch.dtype
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """``(keys, mean, std)`` of one shard: moments ``[N, 2, C, h, w]`` in ``dtype``, both orientations."""
     keys: list[str] = []
@@ -169,7 +166,7 @@ def encode_shard(
 
     for key, image in _shard_images(path):
         keys.append(key)
-        pending += [generator_pixels(image, image_size, flip) for flip in (False, True)]
+        pending += [generator_pixels(image, image_size, flip, resample) for flip in (False, True)]
         if len(pending) >= 2 * batch_size:
             flush()
     if pending:
@@ -215,13 +212,15 @@ def write_latents(
     generator: Generator,
     image_size: int,
     *,
+    resample: str,
     splits: Sequence[str] = ("train", "val"),
     batch_size: int = 16,
     dtype: str = "float16",
     part: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Compute and store the latent moments of every shard of ``splits`` in ``shard_folder`` (module docstring).
+    """Compute and store the latent moments of every shard of ``splits`` in ``shard_folder`` (module docstring):
+    each image resized to ``image_size`` with the ``resample`` filter (``data.generator_resample``), both flips.
 
     Shards whose current latents are already stored are skipped (a re-run resumes). ``part = (K, N)`` takes the
     shards K, K+N, ... of the sorted list, so N processes can share the work. Returns the manifest.
@@ -231,6 +230,8 @@ def write_latents(
 
     if dtype not in DTYPES:
         raise ConfigError(f"latents dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if resample not in GENERATOR_RESAMPLE:
+        raise ConfigError(f"resize filter {resample!r}: choose one of {', '.join(GENERATOR_RESAMPLE)}")
     shard_folder = Path(shard_folder)
     if manifest_folders(shard_folder) != [shard_folder]:
         raise DataError(f"{shard_folder} is not a shard folder with {MANIFEST_FILE}; give the folder of "
@@ -238,7 +239,7 @@ def write_latents(
     out = latents_folder(shard_folder, image_size)
     out.mkdir(exist_ok=True)
     digest = vae_digest(generator.vae)
-    header = {"format": FORMAT, "kind": KIND, "image_size": image_size, "resize": resize_filter(),
+    header = {"format": FORMAT, "kind": KIND, "image_size": image_size, "resize": resample,
               "vae_sha256": digest, "dtype": dtype, "orientations": ["as_is", "flipped"],
               "latent_channels": generator.latent_channels, "scaling_factor": generator.latent_scale}
     with FileLock(str(out / _LOCK)):
@@ -258,7 +259,7 @@ def write_latents(
     todo = [e for e in entries[k::n] if e["name"] not in done]
     bar = tqdm(total=sum(e["samples"] for e in todo), unit="img", desc=f"latents -> {out}", disable=not progress)
     for entry in todo:
-        keys, mean, std = encode_shard(shard_folder / entry["name"], generator, image_size, batch_size,
+        keys, mean, std = encode_shard(shard_folder / entry["name"], generator, image_size, resample, batch_size,
                                        DTYPES[dtype])
         file = Path(entry["name"]).with_suffix(".safetensors").name
         sha = _save_atomic(out / file, {"mean": mean, "std": std}, {"keys": json.dumps(keys)})

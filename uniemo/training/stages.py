@@ -257,7 +257,8 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
     stage = cfg.training.stage
     latents = stage == 2 and cfg.data.precomputed_latents
     if latents and isinstance(task, Stage2Task):  # the stored latents must be this VAE's (uniemo.data.latents)
-        check_latents(ensure_synthetic_shards(cfg.data), cfg.data.generator_image_size, task.generator.vae)
+        check_latents(ensure_synthetic_shards(cfg.data), cfg.data.generator_image_size, cfg.data.generator_resample,
+                      task.generator.vae)
     # Pinned batches copy to the GPU asynchronously (the engine moves them with non_blocking=True).
     pin = cfg.distributed.gpus_per_worker > 0 and torch.cuda.is_available()
     train_loader = build_loader_from_config(
