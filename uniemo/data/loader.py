@@ -26,10 +26,13 @@ epoch early when a round appears). Worker ``w`` of a rank yields batches ``w, w+
 the order in which ``DataLoader`` returns them.
 
 **Skipped samples.** A shard that cannot be opened (``missing_shard``) or read to its end (``corrupt_shard``,
-e.g. a truncated tar) and a sample that is incomplete (``incomplete_sample``), has a bad label or JSON
-(``bad_metadata``) or an image that does not decode (``undecodable_image``) are skipped and counted by reason,
-never fatal; only a training source whose shard reads give no sample many times in a row is a
-:class:`DataError` (instead of an endless loop). Workers send their counts inside the batches (``_stats``,
+e.g. a truncated tar, one longer than its manifest says, or one holding a link, device or a member named with an
+absolute path or ``..``) and a sample that is incomplete (``incomplete_sample``), has a bad label or JSON
+(``bad_metadata``), an image that does not decode (``undecodable_image``) or one over ``data.limits.
+max_image_pixels`` (``image_too_large``) are skipped and counted by reason, never fatal; only a training source
+whose shard reads give no sample many times in a row is a :class:`DataError` (instead of an endless loop), and so
+is a shard that goes over a cap of ``data.limits`` (fetched bytes, a decompressed member or shard; one line
+naming the cap). Workers send their counts inside the batches (``_stats``,
 removed before the batch is yielded; a worker with counts left and no batch sends a stats-only marker), so
 :meth:`ShardLoader.stats` in the main process sees every worker's.
 
@@ -49,10 +52,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import random
+import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -63,10 +66,11 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from PIL import Image
 
-from uniemo.config.schema import NUM_EMOTIONS
+from uniemo.config.schema import NUM_EMOTIONS, LimitsConfig
 from uniemo.data.attributes import AttributeTable, resolve_attribute_table
+from uniemo.data.images import TooManyPixels, open_image
+from uniemo.data.limits import DEFAULT_LIMITS, BoundedStream, limits_of, over_cap
 from uniemo.data.remote import Storage, join_location, open_stream, preload_clients
 from uniemo.data.shards import (
     ensure_synthetic_shards,
@@ -108,6 +112,8 @@ class ShardRef:
     samples: int
     storage: Storage = Storage()
     """How to reach ``url`` when it is an ``s3://`` URL (endpoint)."""
+    bytes: int | None = None
+    """The shard's size as its manifest lists it: the loader reads no further (``None``: not listed)."""
 
 
 @dataclass
@@ -132,18 +138,21 @@ class EpochPlan:
 # ---------------------------------------------------------------------------------------------------------
 # Manifest -> shard lists
 # ---------------------------------------------------------------------------------------------------------
-def list_split_shards(folders: Sequence[Path], split: str, *, required: bool) -> list[ShardRef]:
+def list_split_shards(
+    folders: Sequence[Path], split: str, *, required: bool, limits: LimitsConfig = DEFAULT_LIMITS
+) -> list[ShardRef]:
     """The shards of ``split`` listed in the manifests under ``folders`` (each folder or its round sub-folders)."""
     refs: list[ShardRef] = []
     for folder in folders:
         found = manifest_folders(folder)
         if not found and required:
-            read_manifest(folder)  # raises the DataError that names the folder
+            read_manifest(folder, limits)  # raises the DataError that names the folder
         for sub in found:
             base, storage = folder_location(sub)  # a URL source's mirror: its shards are at the URL
-            for entry in read_manifest(sub)["shards"]:
+            for entry in read_manifest(sub, limits)["shards"]:
                 if entry["split"] == split:
-                    refs.append(ShardRef(join_location(base, entry["name"]), int(entry["samples"]), storage))
+                    where = join_location(base, entry["name"])
+                    refs.append(ShardRef(where, int(entry["samples"]), storage, entry.get("bytes")))
     return refs
 
 
@@ -196,8 +205,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int,
         transform: SampleTransform,
         attributes: AttributeTable,
+        limits: LimitsConfig = DEFAULT_LIMITS,
     ):
         super().__init__()
+        self.limits = limits
         self.plan = plan
         self.split = split
         self.training = training
@@ -221,8 +232,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         per_source = [
             wds.DataPipeline(
                 partial(self._shard_urls, i, worker, num_workers, state, key),
-                partial(_open_shards, handler=partial(state.tar_error, i)),
-                partial(wds.tariterators.tar_file_expander, handler=partial(state.tar_error, i)),
+                partial(_open_shards, handler=partial(state.tar_error, i), limits=self.limits),
+                partial(tar_members, handler=partial(state.tar_error, i), limits=self.limits),
                 partial(wds.tariterators.group_by_keys, handler=partial(state.tar_error, i)),
             )
             for i in range(len(self.plan.shards))
@@ -257,7 +268,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 by_worker = by_node[worker::num_workers]  # split by worker
             for ref in by_worker:
                 state.current_read[source] += 1
-                yield {"url": ref.url, "storage": ref.storage}
+                yield {"url": ref.url, "storage": ref.storage, "bytes": ref.bytes}
             return
         rng = random.Random(_seed("shards", *key, source))
         weights = [r.samples for r in shards]
@@ -271,7 +282,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             state.current_read[source] += 1
             state.empty_reads[source] += 1
             ref = rng.choices(shards, weights)[0]
-            yield {"url": ref.url, "storage": ref.storage}
+            yield {"url": ref.url, "storage": ref.storage, "bytes": ref.bytes}
 
     def _mix(self, per_source: list, state: _WorkerState, key: tuple) -> Iterator[dict[str, Any]]:
         """Tag samples with their source; training with several sources draws a source per sample by weight."""
@@ -316,8 +327,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not 0 <= label < NUM_EMOTIONS or not isinstance(meta, dict):
             return "bad_metadata"
         try:
-            image = Image.open(io.BytesIO(sample[ext]))
+            image = open_image(sample[ext], self.limits.max_image_pixels)
             image.load()
+        except TooManyPixels:
+            return "image_too_large"
         except Exception:  # PIL raises many types for bad bytes; any of them means "skip this sample"
             return "undecodable_image"
         objects = meta.get("objects") or []
@@ -372,17 +385,33 @@ class ShardStream(torch.utils.data.IterableDataset):
         return batch
 
 
-def _open_shards(src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+class ShardLongerThanListed(OSError):
+    """A shard stream that goes on past the size its manifest lists (changed, or a lying server): a corrupt shard."""
+
+
+def _open_shards(
+    src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool], limits: LimitsConfig = DEFAULT_LIMITS
+) -> Iterator[dict[str, Any]]:
     """Open each shard's byte stream (a local file or a URL, :func:`uniemo.data.remote.open_stream`) and close it
     once the next stage has read it; a failure to open or close (a ``pipe:`` or ``curl`` that exited with an
-    error) goes to ``handler``, which counts it against that shard's read."""
+    error) goes to ``handler``, which counts it against that shard's read.
+
+    The stream is read no further than the shard's listed size (past it: a corrupt shard) nor than
+    ``data.limits.max_fetch_bytes`` (past it: a :class:`DataError` naming the cap)."""
     for item in src:
+        url, listed = item["url"], item.get("bytes")
         try:
-            stream = open_stream(item["url"], item.get("storage"))
+            raw = open_stream(url, item.get("storage"))
         except Exception as exn:  # FileNotFoundError, an HTTP or S3 error: the shard's read is counted and skipped
             if handler(exn):
                 continue
             return
+        if isinstance(listed, int) and listed <= limits.max_fetch_bytes:
+            stream = BoundedStream(raw, listed, partial(ShardLongerThanListed, f"{url} is longer than listed"))
+        else:
+            stream = BoundedStream(raw, limits.max_fetch_bytes, partial(
+                over_cap, f"shard {url} is larger than the cap", "max_fetch_bytes", limits.max_fetch_bytes
+            ))
         try:
             yield {"url": item["url"], "stream": stream}
         except GeneratorExit:  # the consumer stopped mid-shard (a full quota): nothing to report
@@ -394,6 +423,50 @@ def _open_shards(src: Iterator[dict[str, Any]], handler: Callable[[Exception], b
         except Exception as exn:
             if not handler(exn):
                 return
+
+
+def tar_members(
+    src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool], limits: LimitsConfig = DEFAULT_LIMITS
+) -> Iterator[dict[str, Any]]:
+    """The members of each opened shard as ``{fname, data, __url__}``, then ``{}`` at the shard's end (what
+    ``webdataset``'s ``group_by_keys`` reads), from a plain, gzip, bzip2 or xz tar.
+
+    Nothing is ever extracted to disk, and a shard that is not what ``uniemo data shards`` writes is a corrupt shard
+    (``handler``): one holding a link, a device or a fifo, or a member whose name is absolute or holds ``..``. A
+    member over ``data.limits.max_member_bytes``, or a shard whose members add up to more than ``max_shard_bytes``
+    (after decompression), is refused from the tar headers, before its bytes are read: a :class:`DataError` naming
+    the cap, not a skip (a decompression bomb is not a damaged file)."""
+    for source in src:
+        url = source["url"]
+        try:
+            total = 0
+            with tarfile.open(fileobj=source["stream"], mode="r|*") as tar:
+                for info in tar:
+                    if info.isdir():
+                        continue
+                    name = info.name
+                    if not info.isreg():
+                        raise ValueError(f"{url}: member {name!r} is a link or special file, which shards never hold")
+                    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+                        raise ValueError(f"{url}: member name {name!r} is absolute or leaves the archive")
+                    if info.size > limits.max_member_bytes:
+                        raise over_cap(f"shard {url}: member {name!r} holds {info.size:,} bytes", "max_member_bytes",
+                                       limits.max_member_bytes)
+                    total += info.size
+                    if total > limits.max_shard_bytes:
+                        raise over_cap(f"shard {url}: its members hold more than the cap", "max_shard_bytes",
+                                       limits.max_shard_bytes)
+                    member = tar.extractfile(info)
+                    assert member is not None  # a regular file
+                    yield {"fname": name, "data": member.read(), "__url__": url}
+                    tar.members = []  # type: ignore[attr-defined]  # stream mode: keep no headers already read
+            yield {}
+        except DataError:
+            raise
+        except Exception as exn:  # a truncated or damaged tar, a foreign member: the shard's read is counted
+            if handler(exn):
+                continue
+            return
 
 
 def _every(src: Iterator[dict[str, Any]], start: int, step: int) -> Iterator[dict[str, Any]]:
@@ -468,6 +541,7 @@ class ShardLoader:
         shuffle_buffer: int = 256,
         multiprocessing_context: Any = None,
         pin_memory: bool = False,
+        limits: LimitsConfig = DEFAULT_LIMITS,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
@@ -494,6 +568,7 @@ class ShardLoader:
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.multiprocessing_context = multiprocessing_context
         self.pin_memory = pin_memory
+        self.limits = limits
         self.samples_consumed = 0
         self._batches_in_epoch = 0
         self._cursors = [0] * max(1, num_workers)
@@ -507,7 +582,7 @@ class ShardLoader:
     def _list_shards(self) -> tuple[list[list[ShardRef]], str]:
         shards = []
         for i, s in enumerate(self.sources):
-            refs = list_split_shards(s.folders, self.split, required=(i == 0))
+            refs = list_split_shards(s.folders, self.split, required=(i == 0), limits=self.limits)
             if i == 0 and not any(r.samples for r in refs):
                 raise DataError(
                     f"source {s.name!r} ({', '.join(map(str, s.folders))}) has no {self.split} samples; "
@@ -614,6 +689,7 @@ class ShardLoader:
             shuffle_buffer=self.shuffle_buffer,
             transform=self.transform,
             attributes=self.attributes,
+            limits=self.limits,
         )
         loader = torch.utils.data.DataLoader(
             stream,
@@ -741,12 +817,14 @@ def build_loader(
     shuffle_buffer: int = 256,
     multiprocessing_context: Any = None,
     pin_memory: bool = False,
+    limits: LimitsConfig = DEFAULT_LIMITS,
 ) -> ShardLoader:
     """The stream of one rank: a shard folder (or weighted :class:`Source` list) -> batches (``data/FORMAT.md``).
 
     ``shards`` is one folder (the source ``real``) or a list of sources whose first is the real data; the
     attribute table defaults to that folder's ``attributes.json``. ``position`` is a
-    :meth:`ShardLoader.state_dict` to continue from. See the module docstring for the guarantees.
+    :meth:`ShardLoader.state_dict` to continue from; ``limits`` caps what the shards may make it read
+    (``data.limits``). See the module docstring for the guarantees.
     """
     if isinstance(shards, (str, Path)):
         sources = [Source.of("real", shards)]
@@ -769,6 +847,7 @@ def build_loader(
         shuffle_buffer=shuffle_buffer,
         multiprocessing_context=multiprocessing_context,
         pin_memory=pin_memory,
+        limits=limits,
     )
     if position is not None:
         loader.load_state_dict(position)
@@ -823,6 +902,7 @@ def build_loader_from_config(
         position=position,
         shuffle_buffer=data_cfg.shuffle_buffer,
         multiprocessing_context=multiprocessing_context,
+        limits=limits_of(data_cfg),
     )
 
 

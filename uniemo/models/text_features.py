@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
+from uniemo.atomic import atomic_path
 from uniemo.config.schema import UnderstandingConfig
 from uniemo.models.tokenizer import MAX_LENGTH, build_local_tokenizer
 from uniemo.models.understanding import resolve_dims
@@ -181,7 +181,6 @@ def attribute_text_features(
         features_NE = torch.zeros(0, model.text_projection.out_features)  # E: the projection width
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write-then-rename: ranks that race on the same cache file each write a whole file.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"features": features_NE.contiguous()}, str(tmp), metadata={"names": json.dumps(names)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"features": features_NE.contiguous()}, str(tmp), metadata={"names": json.dumps(names)})
     return features_NE
