@@ -130,6 +130,16 @@ class _Server:
         self.httpd.server_close()
 
 
+@pytest.fixture(autouse=True)
+def _default_caps():
+    """Commands run in this process leave their config's caps as the process's (uniemo.data.limits.use_limits):
+    put the defaults back for the next test (and the rest of the session)."""
+    from uniemo.data.limits import DEFAULT_LIMITS, use_limits
+
+    yield
+    use_limits(DEFAULT_LIMITS)
+
+
 @pytest.fixture
 def server():
     s = _Server({})

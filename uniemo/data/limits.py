@@ -12,6 +12,12 @@ them is read through a cap, so that none can exhaust the memory, disk or network
 - an image: at most ``max_image_pixels`` (:func:`uniemo.data.images.open_image`).
 
 Going over a cap is one :class:`~uniemo.errors.DataError` line that names its key (:func:`over_cap`).
+
+Functions that read manifests take ``limits`` where their caller has the config; where it has not (a stage's
+split totals, the judge's data digest), they use the caps of the config this process last resolved a data source
+with (:func:`use_limits`, called by :func:`uniemo.data.shards.ensure_synthetic_shards`), and the defaults in a
+process that resolved none (``uniemo data inspect``, the report). Each process runs one config (a pipeline runs its
+stages one after another, each resolving its data first).
 """
 
 from __future__ import annotations
@@ -25,11 +31,24 @@ from uniemo.errors import DataError
 DEFAULT_LIMITS = LimitsConfig()
 """The caps of a command that takes no config (``uniemo data inspect``, the report, a plain ``build_loader``)."""
 
+_active = DEFAULT_LIMITS
+
 
 def limits_of(data_cfg: Any) -> LimitsConfig:
     """``data.limits`` of a ``DataConfig`` (or of anything with a ``limits`` section); the defaults otherwise."""
     limits = getattr(data_cfg, "limits", None)
     return limits if isinstance(limits, LimitsConfig) else DEFAULT_LIMITS
+
+
+def use_limits(limits: LimitsConfig) -> None:
+    """Make ``limits`` this process's caps for readers not handed any (module docstring)."""
+    global _active
+    _active = limits
+
+
+def active_limits(limits: LimitsConfig | None = None) -> LimitsConfig:
+    """``limits`` when given, else this process's caps (:func:`use_limits`; the defaults until then)."""
+    return limits if limits is not None else _active
 
 
 def size_text(n: int) -> str:

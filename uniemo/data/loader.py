@@ -70,7 +70,7 @@ import webdataset as wds
 from uniemo.config.schema import NUM_EMOTIONS, LimitsConfig
 from uniemo.data.attributes import AttributeTable, resolve_attribute_table
 from uniemo.data.images import TooManyPixels, open_image
-from uniemo.data.limits import DEFAULT_LIMITS, BoundedStream, limits_of, over_cap
+from uniemo.data.limits import DEFAULT_LIMITS, BoundedStream, active_limits, limits_of, over_cap
 from uniemo.data.remote import Storage, join_location, open_stream, preload_clients
 from uniemo.data.shards import (
     ensure_synthetic_shards,
@@ -139,7 +139,7 @@ class EpochPlan:
 # Manifest -> shard lists
 # ---------------------------------------------------------------------------------------------------------
 def list_split_shards(
-    folders: Sequence[Path], split: str, *, required: bool, limits: LimitsConfig = DEFAULT_LIMITS
+    folders: Sequence[Path], split: str, *, required: bool, limits: LimitsConfig | None = None
 ) -> list[ShardRef]:
     """The shards of ``split`` listed in the manifests under ``folders`` (each folder or its round sub-folders)."""
     refs: list[ShardRef] = []
@@ -541,7 +541,7 @@ class ShardLoader:
         shuffle_buffer: int = 256,
         multiprocessing_context: Any = None,
         pin_memory: bool = False,
-        limits: LimitsConfig = DEFAULT_LIMITS,
+        limits: LimitsConfig | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
@@ -568,7 +568,7 @@ class ShardLoader:
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.multiprocessing_context = multiprocessing_context
         self.pin_memory = pin_memory
-        self.limits = limits
+        self.limits = active_limits(limits)  # fixed now: it travels to the loader workers with the stream
         self.samples_consumed = 0
         self._batches_in_epoch = 0
         self._cursors = [0] * max(1, num_workers)
@@ -817,7 +817,7 @@ def build_loader(
     shuffle_buffer: int = 256,
     multiprocessing_context: Any = None,
     pin_memory: bool = False,
-    limits: LimitsConfig = DEFAULT_LIMITS,
+    limits: LimitsConfig | None = None,
 ) -> ShardLoader:
     """The stream of one rank: a shard folder (or weighted :class:`Source` list) -> batches (``data/FORMAT.md``).
 

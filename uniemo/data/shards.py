@@ -38,7 +38,7 @@ from uniemo.data.attributes import ATTRIBUTES_FILE, AttributeTable, write_json_a
 from uniemo.data.emoset import read_emoset
 from uniemo.data.folders import read_folder
 from uniemo.data.images import load_image_bytes
-from uniemo.data.limits import DEFAULT_LIMITS, limits_of, over_cap, read_capped
+from uniemo.data.limits import active_limits, limits_of, over_cap, read_capped, use_limits
 from uniemo.data.records import SPLITS, Record, RecordProblem, SkipLog
 from uniemo.data.remote import (
     SourceUnavailable,
@@ -202,9 +202,10 @@ def compute_totals(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any
     return {s: totals[s] for s in sorted(totals, key=lambda s: (order.get(s, len(order)), s))}
 
 
-def read_manifest(folder: str | Path, limits: LimitsConfig = DEFAULT_LIMITS) -> dict[str, Any]:
+def read_manifest(folder: str | Path, limits: LimitsConfig | None = None) -> dict[str, Any]:
     """Load and check ``<folder>/manifest.json``; :class:`DataError` naming the folder when absent or malformed."""
     path = Path(folder) / MANIFEST_FILE
+    limits = active_limits(limits)
     try:
         with open(path, "rb") as f:
             data = read_capped(f, limits.max_manifest_bytes, _manifest_too_large(str(path), limits))
@@ -221,11 +222,12 @@ def _manifest_too_large(path: str, limits: LimitsConfig) -> Callable[[], DataErr
     return lambda: over_cap(f"{path} is larger than the cap", "max_manifest_bytes", limits.max_manifest_bytes)
 
 
-def parse_manifest(data: bytes, path: str, limits: LimitsConfig = DEFAULT_LIMITS) -> dict[str, Any]:
+def parse_manifest(data: bytes, path: str, limits: LimitsConfig | None = None) -> dict[str, Any]:
     """Check the bytes of a manifest read from ``path`` (a file or a URL); :class:`DataError` naming it.
 
     Every entry must name a shard of the manifest's own folder by a plain file name ending in ``.tar``
     (:func:`check_shard_entry`): a manifest never points at another path, a URL or a command."""
+    limits = active_limits(limits)
     try:
         manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -269,7 +271,7 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())[:200] or type(err).__name__
 
 
-def check_shard_files(folder: str | Path, limits: LimitsConfig = DEFAULT_LIMITS) -> dict[str, Any]:
+def check_shard_files(folder: str | Path, limits: LimitsConfig | None = None) -> dict[str, Any]:
     """Every shard ``<folder>/manifest.json`` lists exists with the size it was written with (a cheap ``stat`` per
     shard, no reading): :class:`DataError` naming the first missing or truncated shard. Returns the manifest.
 
@@ -379,6 +381,7 @@ def mirror_source(location: str, data_cfg: Any, *, key: str, require_attributes:
     check_location(location, key)
     storage = Storage.of(data_cfg)
     limits = limits_of(data_cfg)
+    use_limits(limits)
     folder = Path(data_cfg.cache_dir).expanduser() / REMOTE_DIR / mirror_name(location)
     files: dict[str, bytes] = {}
     for name in (MANIFEST_FILE, ATTRIBUTES_FILE):
@@ -829,6 +832,7 @@ def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
     and sharded into ``.../shards-<shard_size>`` under a file lock, so concurrent processes (several ranks)
     generate it once; a later call finds it complete and returns at once.
     """
+    use_limits(limits_of(data_cfg))
     if data_cfg.shards:
         if is_url(data_cfg.shards):
             return resolve_shard_folder(data_cfg.shards, data_cfg, key="data.shards", require_attributes=True)
