@@ -20,8 +20,8 @@
 #   --dir DIR            state folder: slurm.conf, daemon state, spool, logs, pid files, munge's key and socket
 #                        (UNIEMO_SLURM_DIR, default /run/uniemo-slurm; keep it short, munge puts a socket in it).
 #                        It must be root's alone: made 0700 when new, else checked to be a real folder owned by
-#                        root that no one else can write (nor its parent, unless sticky like /tmp); then 0711,
-#                        so munge's user can reach its sub-folder but no one can list or change anything
+#                        root that no one else can write (nor its parent, unless sticky like /tmp); then 0700,
+#                        or 0710 with munge's group, so that munged reaches its own sub-folder
 #   --auth munge|none    munge (a private munged with a fresh random key each start, its own socket), or auth/none
 #                        (UNIEMO_SLURM_AUTH, default munge). auth/none only when asked for: with it any local user
 #                        can talk to the daemons as anyone, root included
@@ -111,7 +111,7 @@ parent_mode=$((8#$(mode_of "$PARENT")))
 if [ $((parent_mode & 8#022)) -ne 0 ] && [ $((parent_mode & 8#1000)) -eq 0 ]; then
     refuse "$PARENT can be written by others and is not sticky: the state folder could be swapped; give another --dir"
 fi
-chmod 0711 "$DIR"  # reachable (munge's user needs its sub-folder), but no one else may list or write it
+chmod 0700 "$DIR"  # root's; munge's group may pass through to its own sub-folder (below)
 DIR="$(cd "$DIR" && pwd -P)"
 CONF="$DIR/slurm.conf"
 PIDS="$DIR/pids"
@@ -181,6 +181,9 @@ if [ "$AUTH" = munge ]; then
     (umask 077 && head -c 1024 /dev/urandom >"$MDIR/munge.key")
     MUNGE_USER=root
     id munge >/dev/null 2>&1 && MUNGE_USER=munge
+    if [ "$MUNGE_USER" != root ]; then
+        chgrp "$(id -g munge)" "$DIR" && chmod 0710 "$DIR"  # munged reaches its sub-folder; no one else gets in
+    fi
     chown -R "$MUNGE_USER" "$MDIR"
     chmod 0400 "$MDIR/munge.key"
     runuser -u "$MUNGE_USER" -- test -w "$MDIR" \
