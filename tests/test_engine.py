@@ -204,6 +204,15 @@ def test_incompatible_resume_is_one_line():
         ckpt.check_compatible(saved, ckpt.compat_keys(_cfg(), 4), ckpt.Path("ck"))
 
 
+def test_a_model_key_newer_than_the_checkpoint_resumes_only_at_its_default():
+    saved = ckpt.compat_keys(_cfg("training.stage=2"), world_size=2)
+    del saved["model.conditioner.attribute_space"]  # a checkpoint written before the key existed
+    ckpt.check_compatible(saved, ckpt.compat_keys(_cfg("training.stage=2"), 2), ckpt.Path("ck"))  # the old way
+    newer = _cfg("training.stage=2", "model.conditioner.attribute_space=clip_text")
+    with pytest.raises(UserError, match="model.conditioner.attribute_space"):
+        ckpt.check_compatible(saved, ckpt.compat_keys(newer, 2), ckpt.Path("ck"))
+
+
 def test_driver_refuses_fresh_run_over_checkpoints_and_bad_resume(tmp_path, synth_shards):
     from uniemo.distributed.ray_train import prepare_run
 

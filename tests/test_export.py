@@ -486,3 +486,15 @@ def test_cli_transfer_errors_are_one_line(runs, exported, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("uniemo: error:") and needle in err, (argv, err)
     assert not out.exists()  # nothing written on a refused transfer
+
+
+def test_official_export_refuses_what_the_official_model_cannot_build(runs, tmp_path, capsys):
+    """The tiny preset has 4 heads at width 64; the official Emotion_clip builds width // 64 = 1: its forward would
+    differ, so ``export --official`` refuses (tests/test_official_checkpoints.py exports official-shaped runs)."""
+    from uniemo.cli import main
+
+    out = tmp_path / "official"
+    assert main(["export", "--run", str(runs / "s2"), "--official", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.understanding.heads" in err and "width // 64" in err, err
+    assert not out.exists()

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     from uniemo import pipeline
     from uniemo.data import cli as data_cli
     from uniemo.evaluation import cli as evaluation_cli
-    from uniemo.evaluation import report_cli
+    from uniemo.evaluation import metrics_cli, report_cli
     from uniemo.feedback import cli as feedback_cli
     from uniemo.launchers import cli as launchers_cli
     from uniemo.models import convert_cli
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(sub)
     feedback_cli.register(sub)
     evaluation_cli.register(sub)  # train-judge, evaluate
+    metrics_cli.register(sub)  # EmoGen's metrics of any image folder
     report_cli.register(sub)
     export_cli.register(sub)
     launchers_cli.register(sub)

@@ -156,7 +156,9 @@ class Evaluation(TypedDict):
     understanding: Understanding
     generation: dict[str, Any] | None
     """Stage 2: ``emo_a`` (``top1``, ``judge``, ...), ``fid`` (``pooled``, ``extractor``, ...), ``diversity``
-    (``mean_pairwise_distance``, ``sem_d``, ``extractor``), ``images_per_emotion``, sampler settings."""
+    (``mean_pairwise_distance``, ``sem_d``, ``extractor``), ``images_per_emotion``, sampler settings, and
+    ``paper``: EmoGen's protocol (``metrics``: ``fid``, ``emo_a``, ``lpips``, ``sem_c``, ``sem_d`` as
+    ``uniemo metrics`` writes them; ``left_out``; ``generated``; ``real``; ``settings``; ``seconds``)."""
     judge: dict[str, Any]
     feedback_rounds: list[RoundFunnel]
     left_out: list[str]

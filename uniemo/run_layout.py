@@ -10,6 +10,8 @@ A training run folder ``runs/<name>/``::
     config.yaml                 resolved config + code version                  CONFIG_FILE
     checkpoints/latest          names the newest complete step folder           CHECKPOINTS_DIR, LATEST_FILE
     checkpoints/step-NNNNNN/    ds/, rng/, trainer_state.json, COMPLETE         DS_TAG, TRAINER_STATE_FILE, ...
+                                (a converted run: model.safetensors in place of   CONSOLIDATED_FILE
+                                ds/ and rng/; conversion.json beside config.yaml) CONVERSION_FILE
     metrics.jsonl               one JSON line per logged step                   STEP_METRICS_FILE
     metrics.json                ``uniemo evaluate``'s result                    EVALUATION_FILE
     eval/                       understanding.json, confusion.json, generated/  EVAL_DIR, ...
@@ -41,6 +43,11 @@ COMPLETE_FILE = "COMPLETE"
 TRAINER_STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
 """The DeepSpeed tag every step folder is saved under (``engine.save_checkpoint(step_dir, tag="ds")``)."""
+CONSOLIDATED_FILE = "model.safetensors"
+"""A step folder of fp32 weights by task parameter name, in place of DeepSpeed's ``ds/``: what ``uniemo convert
+official`` writes (a checkpoint to read, evaluate and continue from, not to resume)."""
+CONVERSION_FILE = "conversion.json"
+"""In a run folder written by ``uniemo convert official``: the source files (sha256) and what the conversion did."""
 RNG_DIR = "rng"
 STOP_REQUEST_FILE = ".stop-requested"
 """File in the run directory by which a driver asks its workers to checkpoint and stop (SIGTERM, preemption)."""
@@ -61,7 +68,7 @@ EVAL_DIR = "eval"
 UNDERSTANDING_FILE = "understanding.json"
 CONFUSION_FILE = "confusion.json"
 GENERATED_DIR = "generated"
-"""``eval/generated/<emotion>/*.png``."""
+"""``eval/generated/<emotion>/*.png`` (``*.jpg`` with ``evaluation.image_format=jpg``)."""
 GENERATIONS_FILE = "generations.jsonl"
 """Beside generated images: one line per image (emotion, seed, file)."""
 

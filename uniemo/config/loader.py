@@ -41,10 +41,35 @@ def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Confi
     return _build(to_dict(cfg), overrides)
 
 
+MOVED_KEYS = {"evaluation.inception_weights": "evaluation.weights.inception"}
+"""Keys that moved: old dotted key -> new one. Configs written before the move (a run's ``config.yaml``) still
+load; their value is carried to the new key."""
+
+
+def _move_keys(raw: dict[str, Any]) -> None:
+    for old, new in MOVED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target: Any = raw
+        for part in new_parents:
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict) and target.get(new_leaf) not in (None, "") and value not in (None, ""):
+            raise ConfigError(f"{old} moved to {new}, and both are set; keep only {new}")
+        if value not in (None, ""):
+            set_dotted(raw, new, value)
+
+
 def _build(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Config:
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
+    _move_keys(raw)
     cfg = from_dict(Config, raw)
     cfg.validate()
     return cfg

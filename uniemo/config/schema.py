@@ -164,6 +164,10 @@ class DataConfig:
     the official tables, from ``data.attribute_base``."""
     attribute_base: str = ""
     """``data.attributes=emogen``: the file written by ``uniemo data attributes --from-emogen DIR --out FILE``."""
+    generator_resample: Literal["bicubic", "bilinear"] = "bicubic"
+    """Filter of the whole-image resize to ``generator_image_size`` (the VAE input, METHOD §3.2): ``bicubic`` is what
+    the official ``image.resize((512, 512))`` does (PIL's default filter, Pillow >= 7; EmoGen pins 9.4);
+    ``bilinear`` is torchvision's default, used for the understanding views."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Caps on manifests, fetched and decompressed bytes and image pixels (a hostile or broken source)."""
 
@@ -273,6 +277,14 @@ class ConditionerConfig:
     dropout: float = 0.0
     fixed_alpha: bool = False
     """Ablation switch (D13): alpha_s = alpha_o = 1."""
+    attribute_space: Literal["token_embeddings", "clip_text"] = "token_embeddings"
+    """Space in which alpha retrieves the nearest attribute (METHOD §3.5, D6): ``token_embeddings``, each name as the
+    mean of the generator's input token embeddings (D6, the space the mapped vectors live in); ``clip_text``, the
+    official one: CLIP's projected text features (``get_text_features``) of the raw names, from
+    ``attribute_clip_path``."""
+    attribute_clip_path: str = ""
+    """``attribute_space=clip_text``: the transformers CLIP folder (``CLIPModel.save_pretrained``, text tower and
+    tokenizer) whose text features embed the names; empty: ``model.understanding.clip_path``."""
 
 
 @dataclass
@@ -368,6 +380,11 @@ class TrainingConfig:
     """Weight decay of the backbone group (METHOD §2.5); 1-D parameters and biases never decay."""
     weight_decay: float = 1e-2
     """Weight decay of every other group (METHOD §2.5, §3.1); 1-D parameters and biases never decay."""
+    emotion_space_view: Literal["eval", "official"] = "eval"
+    """The images the emotion space is computed from (METHOD §4.1, D9), one pass over the train split on all ranks:
+    ``eval``, the evaluation view (Resize + CenterCrop, ``data.normalization``); ``official``, the official
+    ``cal_emotion_space`` view, the stage-1 training transform: RandomResizedCrop + horizontal flip with ImageNet
+    mean/std (seeded per sample)."""
     stage2_head_dropout: bool = True
     """Stage 2: run the frozen emotion head in train mode, dropout active, as the official code (METHOD §3.1);
     False keeps it in eval mode like the other frozen modules."""
@@ -609,21 +626,63 @@ class FeedbackConfig:
 
 
 @dataclass
+class MetricWeightsConfig:
+    """Local weight files of the networks of EmoGen's evaluation protocol (METHOD §6.2, D12), read by ``uniemo
+    metrics`` and ``uniemo evaluate``. A metric whose weights are empty is left out (``metrics.json`` says so);
+    nothing is ever downloaded, and every pickle is read with ``weights_only=True``."""
+
+    inception: str = ""
+    """FID: torch-fidelity's Inception-v3 state dict (``weights-inception-2015-12-05-6726825d.pth``, what
+    torchmetrics' ``FrechetInceptionDistance`` downloads)."""
+    clip: str = ""
+    """Emo-A and Sem-D: a transformers CLIP folder (``CLIPModel.save_pretrained`` of
+    ``openai/clip-vit-large-patch14``, safetensors)."""
+    emo_a_probe: str = ""
+    """Emo-A: EmoGen's linear probe on CLIP image features, a state dict with ``fc.weight`` [8, 768] and
+    ``fc.bias`` [8] (``weights/Clip_emotion_classifier/time_2023-11-12_03-29-best.pth``); needs ``clip``."""
+    lpips_alexnet: str = ""
+    """LPIPS: torchvision's AlexNet state dict (``alexnet-owt-7be5be79.pth``); the linear layers ship in lpips."""
+    places365_resnet50: str = ""
+    """Sem-C: the CSAIL Places365 ResNet-50 (``resnet50_places365.pth.tar``: ``state_dict`` with ``module.``
+    prefixes); needs ``imagenet_resnet50`` too."""
+    imagenet_resnet50: str = ""
+    """Sem-C: torchvision's ImageNet ResNet-50 state dict (``resnet50-0676ba61.pth``, IMAGENET1K_V1, what EmoGen's
+    ``resnet50(pretrained=True)`` loads); needs ``places365_resnet50`` too."""
+
+
+@dataclass
 class EvaluationConfig:
-    """``uniemo train-judge`` and ``uniemo evaluate`` (METHOD §6, D12)."""
+    """``uniemo train-judge``, ``uniemo evaluate`` and ``uniemo metrics`` (METHOD §6, D12)."""
 
     images_per_emotion: int = 8
     """M: generated images per emotion for generation metrics."""
     judge: str = ""
     """Folder of the evaluation classifier (``uniemo train-judge``); empty: ``<run>/../judge`` when it exists."""
-    inception_weights: str = ""
-    """Local safetensors file of Inception-v3 (torchvision layout) for FID; empty: FID on the judge's features."""
+    weights: MetricWeightsConfig = field(default_factory=MetricWeightsConfig)
+    """Weights of EmoGen's metrics (FID, CLIP Emo-A, LPIPS, Sem-C, Sem-D); each empty one leaves its metric out."""
+    real_images: str = ""
+    """``uniemo evaluate``: the real set of the Inception FID, a folder ``<emotion>/<images>`` (EmoSet's ``image/``,
+    all splits, as in the paper); empty: the run's real test split."""
+    image_format: Literal["png", "jpg"] = "png"
+    """Format of the evaluation images: ``png`` (the seed in a text chunk) or ``jpg`` (PIL's default quality 75,
+    as EmoGen saves them; its scripts read only ``*.jpg``)."""
+    sem_d_variant: Literal["paper", "corrected"] = "paper"
+    """Sem-D preprocessing: ``paper`` reproduces EmoGen's script, which hands [0, 1] tensors to ``CLIPProcessor``
+    so they are rescaled by 1/255 twice; ``corrected`` rescales once (METHOD §6.2)."""
+    lpips_image_size: int = 0
+    """Side LPIPS images are resized to; 0: their own size, as EmoGen (a pair of unequal sizes: the second image
+    is resized to the first's)."""
+    metric_batch_size: int = 16
+    """Images per forward of the metric networks."""
+    metric_device: str = ""
+    """Device of the metric networks (``cpu``, ``cuda``, ``cuda:1``); empty: CUDA when available, else CPU."""
     sampling_steps: int | None = None
     """Denoising steps of the evaluation images; None: model.generator.sampling_steps."""
     seed: int = 0
     """Seeds of the evaluation images (image i of emotion k: seed + k*M + i) and of the diversity pairs."""
     diversity_pairs: int = 1000
-    """Random pairs per emotion for Sem-D and the mean pairwise distance (fixed count and seed, METHOD §6.2)."""
+    """Random pairs per emotion for the diversity metrics (the judge's Sem-D and mean distance, LPIPS, CLIP Sem-D);
+    all pairs when an emotion has fewer; fixed count and seed (METHOD §6.2; EmoGen's script draws 10)."""
     judge_steps: int = 300
     """Optimizer steps of the judge's training."""
     judge_batch_size: int = 32
@@ -636,8 +695,10 @@ class EvaluationConfig:
     """Seed of the judge's initialisation and data order."""
 
     def validate(self) -> None:
-        for key in ("images_per_emotion", "diversity_pairs", "judge_steps", "judge_batch_size", "judge_width"):
+        for key in ("images_per_emotion", "diversity_pairs", "judge_steps", "judge_batch_size", "judge_width",
+                    "metric_batch_size"):
             _positive(f"evaluation.{key}", getattr(self, key))
+        _non_negative("evaluation.lpips_image_size", self.lpips_image_size)
         _positive("evaluation.judge_lr", self.judge_lr)
         _non_negative("evaluation.seed", self.seed)
         if self.sampling_steps is not None:

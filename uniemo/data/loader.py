@@ -868,11 +868,13 @@ def build_loader_from_config(
     batch_size: int | None = None,
     num_workers: int | None = None,
     multiprocessing_context: Any = None,
+    transform: SampleTransform | None = None,
 ) -> ShardLoader:
     """A rank's loader from ``DataConfig``: the real (or synthetic) shards, plus ``data.extra_sources`` in training.
 
     ``training`` defaults to ``split == "train"``; stage 2 adds ``pixel_values``. The attribute table is the
-    real folder's, re-based with ``data.min_attribute_count`` and ``data.phi_beta``.
+    real folder's, re-based with ``data.min_attribute_count`` and ``data.phi_beta``. ``transform`` replaces the
+    stream's transform (None: :func:`build_sample_transform` of the config, stage and ``training``).
     """
 
     folder = ensure_synthetic_shards(data_cfg)
@@ -894,7 +896,7 @@ def build_loader_from_config(
         world_size=world_size,
         batch_size=data_cfg.batch_size if batch_size is None else batch_size,
         num_workers=data_cfg.num_workers if num_workers is None else num_workers,
-        transform=build_sample_transform(data_cfg, stage=stage, training=training),
+        transform=transform or build_sample_transform(data_cfg, stage=stage, training=training),
         training=training,
         attributes=attributes,
         seed=seed,

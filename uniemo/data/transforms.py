@@ -6,7 +6,8 @@
   ``data.normalization``: ImageNet mean/std (the official Stage-1 choice), CLIP's, or ``symmetric`` ([-1, 1],
   the official Stage-2 ``image``, METHOD §3.2).
 - Generator input ``pixel_values`` (stage 2, METHOD §3.2 b): the whole image resized to G x G (aspect ratio
-  not kept, as in the official code), flipped with p = 0.5 in training, independently of ``image``, in [-1, 1].
+  not kept, as in the official code; bicubic by default, the filter of the official ``PIL.Image.resize`` call,
+  ``data.generator_resample``), flipped with p = 0.5 in training, independently of ``image``, in [-1, 1].
 
 Decoded images go through :func:`uniemo.data.images.to_rgb` first (orientation, bit depth, transparency).
 Every random choice draws from the ``random.Random`` passed in, so the loader can make a sample's
@@ -34,6 +35,11 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 """Mean and std per channel of each ``data.normalization``."""
 
 RESAMPLE = Image.Resampling.BILINEAR  # torchvision's default for PIL inputs
+GENERATOR_RESAMPLE: dict[str, Image.Resampling] = {
+    "bicubic": Image.Resampling.BICUBIC,  # PIL's default of Image.resize: the official VAE input (METHOD §3.2)
+    "bilinear": Image.Resampling.BILINEAR,
+}
+"""``data.generator_resample`` -> the PIL filter of the ``pixel_values`` resize."""
 
 
 def random_resized_crop_box(
@@ -121,6 +127,8 @@ class SampleTransform:
     """Side of ``pixel_values`` (stage 2); None: no ``pixel_values``."""
     flip_pixel_values: bool = False
     """Horizontal flip of ``pixel_values`` with p = 0.5 (training, METHOD §3.2)."""
+    generator_resample: str = "bicubic"
+    """Filter of the ``pixel_values`` resize (:data:`GENERATOR_RESAMPLE`)."""
 
     @property
     def is_random(self) -> bool:
@@ -131,6 +139,10 @@ class SampleTransform:
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}"
+            )
+        if self.generator_resample not in GENERATOR_RESAMPLE:
+            raise ValueError(
+                f"generator_resample must be one of {', '.join(GENERATOR_RESAMPLE)}, got {self.generator_resample!r}"
             )
 
     def __call__(self, image: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
@@ -145,7 +157,7 @@ class SampleTransform:
         out = {"image": to_normalized_tensor(view, self.normalization)}
         if self.generator_size is not None:
             g = self.generator_size
-            pixels = image if image.size == (g, g) else image.resize((g, g), RESAMPLE)
+            pixels = image if image.size == (g, g) else image.resize((g, g), GENERATOR_RESAMPLE[self.generator_resample])
             if self.flip_pixel_values and rng.random() < 0.5:
                 pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             out["pixel_values"] = to_normalized_tensor(pixels, "symmetric")
@@ -161,4 +173,5 @@ def build_sample_transform(data_cfg: Any, *, stage: int, training: bool) -> Samp
         crop_resize=data_cfg.crop_resize,
         generator_size=data_cfg.generator_image_size if stage == 2 else None,
         flip_pixel_values=training,
+        generator_resample=data_cfg.generator_resample,
     )

@@ -116,6 +116,7 @@ def absolute_paths(cfg: Config) -> Config:
     for source in cfg.data.extra_sources:
         source.path = _absolute(source.path)
     cfg.model.understanding.clip_path = _absolute(cfg.model.understanding.clip_path)
+    cfg.model.conditioner.attribute_clip_path = _absolute(cfg.model.conditioner.attribute_clip_path)
     cfg.model.generator.path = _absolute(cfg.model.generator.path)
     cfg.training.init_from = _absolute(cfg.training.init_from)
     return cfg

@@ -15,13 +15,16 @@
      recorded in each PNG and in ``generations.jsonl``).
 
 2. **Judging, in this process**: the generated images and the real test images go through the judge
-   (:mod:`uniemo.evaluation.judge`, trained apart from the run) for Emo-A, FID (the judge's features, named
-   ``judge:<name>``, unless ``evaluation.inception_weights`` is given; see ``_fid_extractor``) and diversity;
-   the feedback rounds' filter funnel is read from ``<run>/rounds/round-*.json``. Everything lands in
-   ``<run>/metrics.json`` (and ``eval/confusion.json``), and in the run's wandb run (its summary).
+   (:mod:`uniemo.evaluation.judge`, trained apart from the run) for Emo-A, FID on the judge's features and
+   diversity, all named ``judge:<name>``; EmoGen's protocol (Inception FID, CLIP Emo-A, LPIPS, Sem-C, Sem-D:
+   :mod:`uniemo.evaluation.paper_metrics`, the numbers of ``uniemo metrics``) runs on the same images for each
+   metric whose ``evaluation.weights`` are configured, against ``evaluation.real_images`` or the run's real test
+   split (``generation.paper``); the feedback rounds' filter funnel is read from ``<run>/rounds/round-*.json``.
+   Everything lands in ``<run>/metrics.json`` (and ``eval/confusion.json``), and in the run's wandb run (its
+   summary).
 
-Every metric names the model that judged it: ``understanding`` is the run's own model (step N), Emo-A and the
-diversity are ``judge:<name>``, FID names its feature extractor.
+Every metric names the model that judged it: ``understanding`` is the run's own model (step N), Emo-A, FID and
+the diversity are ``judge:<name>``, each metric of ``generation.paper`` names its network and weight files.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ from uniemo.data.shards import ensure_synthetic_shards
 from uniemo.distributed.env import apply_worker_env, backend_for, device_for, ensure_process_group, read_env
 from uniemo.distributed.ray_train import _check_wandb, absolute_paths, fit, ray_session, torch_trainer
 from uniemo.errors import UserError
-from uniemo.evaluation import metrics
+from uniemo.evaluation import metrics, paper_metrics, paper_nets
+from uniemo.evaluation.image_sets import ImageSet, read_image_folder, read_shard_split
 from uniemo.evaluation.judge import describe, load_judge, same_data
 from uniemo.logging import RunLogger, read_metrics, say
 from uniemo.run_files import (
@@ -134,7 +138,7 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
             generate_images(
                 run, emotion, cfg.evaluation.images_per_emotion, run_dir / EVAL_DIR / GENERATED_DIR / emotion,
                 seed=emotion_seed(cfg, k), steps=cfg.evaluation.sampling_steps,
-                batch_size=cfg.model.generator.generation_batch_size,
+                batch_size=cfg.model.generator.generation_batch_size, image_format=cfg.evaluation.image_format,
             )
             _say(f"rank {env.rank}: {cfg.evaluation.images_per_emotion} {emotion} images generated "
                  f"({time.perf_counter() - t0:.1f} s)")
@@ -224,24 +228,35 @@ def _generated_set(run_dir: Path) -> tuple[list[Path], np.ndarray, dict[str, lis
     return paths, np.asarray(labels, dtype=np.int64), seeds
 
 
-def _fid_extractor(cfg: Config, judge: Judge, notes: list[str]) -> str:
-    """The name of the FID feature extractor (the judge's features are passed in by the caller).
-
-    D12 asks for Inception-v3 when its weights are supplied locally. This package has no Inception-v3
-    implementation (torchvision, which defines it, is not a dependency), so a configured
-    ``evaluation.inception_weights`` is reported in the notes and the judge's features are used, named as such.
-    """
-    if cfg.evaluation.inception_weights:
-        notes.append(
-            f"evaluation.inception_weights={cfg.evaluation.inception_weights!r} is set, but Inception-v3 cannot be "
-            "built here (torchvision is not installed and uniemo does not define it): FID uses the judge's "
-            "features instead"
-        )
-    return f"judge:{judge.name}"
+def real_image_set(cfg: Config) -> ImageSet:
+    """The real set of the paper's FID: ``evaluation.real_images`` (EmoSet's ``image/``), else the run's real
+    test split read from its local shards."""
+    if cfg.evaluation.real_images:
+        return read_image_folder(cfg.evaluation.real_images, "evaluation.real_images")
+    return read_shard_split(ensure_synthetic_shards(cfg.data), "test")
 
 
-def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]) -> tuple[dict, dict]:
-    """Generation metrics (Emo-A, FID, diversity) and the judge's accuracy on the real test split."""
+def _check_paper_inputs(cfg: Config) -> None:
+    """Before any model work: the configured metric weights and the real image folder exist (one-line errors)."""
+    paper_nets.check_weights(cfg.evaluation.weights)
+    paper_nets.resolve_device(cfg.evaluation)
+    if cfg.evaluation.real_images and int(cfg.training.stage) == 2:
+        read_image_folder(cfg.evaluation.real_images, "evaluation.real_images")
+
+
+def _paper_generation(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """``generation.paper``: EmoGen's metrics of the evaluation images (each left out without its weights)."""
+    generated = read_image_folder(run_dir / EVAL_DIR / GENERATED_DIR, "the evaluation images")
+    real = real_image_set(cfg) if cfg.evaluation.weights.inception else None
+    result = paper_metrics.compute_paper_metrics(
+        cfg.evaluation, generated, real, workers=cfg.data.num_workers, progress=cfg.logging.progress
+    )
+    return {"generated": generated.describe(), "real": real.describe() if real is not None else None, **result}
+
+
+def _judge_generation(cfg: Config, run_dir: Path, judge: Judge) -> tuple[dict, dict]:
+    """Generation metrics (the judge's Emo-A, FID and diversity, and EmoGen's protocol where its weights are
+    configured) and the judge's accuracy on the real test split."""
     from PIL import Image
 
 
@@ -254,8 +269,12 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]
         return {}, judge_on_run
 
     paths, fake_labels, seeds = _generated_set(run_dir)
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    fake_probs, fake_feats = judge.predict(judge.preprocess(images))
+    chunks = []
+    for start in range(0, len(paths), 256):  # a thousand 512-px images per emotion do not fit in memory at once
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in paths[start : start + 256]]
+        chunks.append(judge.predict(judge.preprocess(images)))
+    fake_probs = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, NUM_EMOTIONS), np.float32)
+    fake_feats = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, judge.feature_dim), np.float32)
     judge_name = f"judge:{judge.name}"
 
     emo_a = {"judge": judge_name, **metrics.emotion_accuracy(fake_probs, fake_labels)}
@@ -263,11 +282,11 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]
         e: metrics.emotion_accuracy(fake_probs[fake_labels == k], fake_labels[fake_labels == k])
         for k, e in enumerate(EMOTIONS)
     }
-    extractor = _fid_extractor(cfg, judge, notes)
-    fid = {"extractor": extractor, **metrics.fid_per_emotion(real_feats, real_labels, fake_feats, fake_labels)}
+    fid = {"extractor": judge_name, **metrics.fid_per_emotion(real_feats, real_labels, fake_feats, fake_labels)}
     fid["note"] = (
-        "pooled = Fréchet distance of the summed per-emotion statistics (METHOD §6.2); per-emotion FIDs from "
-        f"{cfg.evaluation.images_per_emotion} generated images are noisy, compare them only at equal M"
+        "pooled = Fréchet distance of the summed per-emotion statistics (METHOD §6.2) of the judge's features; "
+        f"per-emotion FIDs from {cfg.evaluation.images_per_emotion} generated images are noisy, compare them only "
+        "at equal M; the Inception FID of the paper is generation.paper.metrics.fid"
     )
     ev = cfg.evaluation
     diversity = {
@@ -292,6 +311,7 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]
         "emo_a": emo_a,
         "fid": fid,
         "diversity": diversity,
+        "paper": _paper_generation(cfg, run_dir),
     }
     return generation, judge_on_run
 
@@ -387,6 +407,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     left_out, notes = check_evaluation_data(cfg)  # the test split exists; what data without annotations left out
     for note in notes:
         _say(note)
+    _check_paper_inputs(cfg)
     _say(describe(judge))
     if not same_data(judge, cfg):
         notes.append(f"the judge was trained on {judge.info.get('data', {}).get('shards')}, not on this run's shards")
@@ -408,7 +429,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
 
     t0 = time.perf_counter()
     _say("judging generated and real test images" if stage == 2 else "judging real test images")
-    generation, judge_on_run = _judge_generation(cfg, run_dir, judge, notes)
+    generation, judge_on_run = _judge_generation(cfg, run_dir, judge)
     judge_seconds = time.perf_counter() - t0
 
     understanding: Understanding = {  # type: ignore[typeddict-item]  # the summary spreads its own keys
@@ -488,6 +509,11 @@ def flat_metrics(result: Evaluation) -> dict[str, float | None]:
             flat[f"eval/fid/{e}"] = value
         flat["eval/diversity/mean_pairwise_distance"] = g["diversity"]["mean_pairwise_distance"]
         flat["eval/diversity/sem_d"] = g["diversity"]["sem_d"]
+        for name, block in g.get("paper", {}).get("metrics", {}).items():
+            flat[f"eval/paper/{name}"] = block.get(paper_metrics.HEADLINES[name])
+            if name == "fid":
+                for e, value in block["per_emotion"].items():
+                    flat[f"eval/paper/fid/{e}"] = value
     for r in result.get("feedback_rounds", []):
         flat[f"eval/round-{r['round']}/kept"] = r["funnel"]["kept"]
         flat[f"eval/round-{r['round']}/candidates"] = r["funnel"]["candidates"]
@@ -530,4 +556,6 @@ def summary_line(result: Evaluation) -> str:
         parts.append(f"FID {fid:.2f} ({g['fid']['extractor']})" if fid is not None else "FID n/a")
         sem_d = g["diversity"]["sem_d"]
         parts.append(f"Sem-D {sem_d:.4g}" if sem_d is not None else "Sem-D n/a")
+        if g.get("paper", {}).get("metrics"):
+            parts.append(f"EmoGen protocol: {paper_metrics.summary(g['paper'])}")
     return f"{result['run']['dir']}/{EVALUATION_FILE}: " + ", ".join(parts)

@@ -2,7 +2,7 @@
 
 Real examples come from the test split of the shard folder the runs trained on (``data.shards`` of their
 ``config.yaml``, else the synthetic set's cache), read straight from the tar files in shard order. Generated
-images are the PNGs ``uniemo evaluate`` wrote (``<run>/eval/generated/<emotion>/``), else the sample grids the
+images are the PNGs (or JPEGs) ``uniemo evaluate`` wrote (``<run>/eval/generated/<emotion>/``), else the sample grids the
 run logged in training (``<run>/samples/<emotion>.png``).
 """
 
@@ -124,7 +124,9 @@ def generated_images(data: ReportData) -> tuple[str, dict[str, list[Image.Image]
         if folder.is_dir():
             found: dict[str, list[Image.Image] | Path] = {}
             for emotion in EMOTIONS:
-                files = sorted((folder / emotion).glob("*.png"))[:EXAMPLES_PER_EMOTION]
+                # PNG, or JPEG with evaluation.image_format=jpg
+                files = sorted([*(folder / emotion).glob("*.png"), *(folder / emotion).glob("*.jpg")])
+                files = files[:EXAMPLES_PER_EMOTION]
                 if files:
                     found[emotion] = [_open_rgb(f) for f in files]
             if found:

@@ -187,6 +187,19 @@ def check_model_folders(cfg: ModelConfig) -> None:
         safetensors_files(path)
     if cfg.generator.path:
         check_generator_folder(cfg.generator.path)
+    attribute_clip = cfg.conditioner.attribute_clip_path
+    if cfg.conditioner.attribute_space == "clip_text" and attribute_clip:
+        if not Path(attribute_clip).expanduser().is_dir():
+            raise WeightsError(
+                f"model.conditioner.attribute_clip_path {attribute_clip} does not exist; put a transformers CLIP "
+                "folder there (CLIPModel.save_pretrained, with its tokenizer) or fix the path"
+            )
+        if not read_clip_folder(attribute_clip).has_text:
+            raise WeightsError(
+                f"model.conditioner.attribute_clip_path {attribute_clip} holds only a CLIP vision tower; the attribute "
+                "names need a full CLIPModel folder (text tower and text_projection)"
+            )
+        safetensors_files(Path(attribute_clip).expanduser())
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -54,6 +54,7 @@ from uniemo.errors import UserError
 from uniemo.run_layout import (
     CHECKPOINTS_DIR,
     COMPLETE_FILE,
+    CONSOLIDATED_FILE,
     DS_TAG,
     LATEST_FILE,
     RNG_DIR,
@@ -274,11 +275,27 @@ def compat_keys(cfg: Config, world_size: int) -> dict[str, Any]:
     return keys
 
 
+_NO_DEFAULT = object()
+
+
+def _model_defaults() -> dict[str, Any]:
+    from uniemo.config.schema import ModelConfig
+
+    return _flatten("model", dataclasses.asdict(ModelConfig()))
+
+
+_MODEL_DEFAULTS = _model_defaults()
+"""Every ``model.*`` key at its schema default: a key added to the schema after a checkpoint was saved is
+compatible with it when the resumed run leaves the key at its default (the behaviour of the older code)."""
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], step_dir: Path) -> None:
     """Raise a one-line :class:`CheckpointError` naming the first key that changed since ``step_dir`` was saved."""
     # The run-level keys first (a stage change would otherwise surface as some model key), then the model's.
     first = [k for k in current if not k.startswith("model.")]
     for key in first + sorted((set(saved) | set(current)) - set(first)):
+        if key not in saved and current[key] == _MODEL_DEFAULTS.get(key, _NO_DEFAULT):
+            continue  # a key newer than the checkpoint, at its default: the saved run trained with that behaviour
         if saved.get(key) != current.get(key):
             raise CheckpointError(
                 f"cannot resume from {step_dir}: {key} was {saved.get(key)!r} there and is {current.get(key)!r} "
@@ -397,9 +414,10 @@ def read_trainer_state(folder: str | Path) -> dict[str, Any]:
 # Consolidation: a step folder as plain fp32 weights
 # ---------------------------------------------------------------------------------------------------------
 def is_checkpoint(step_dir: str | Path) -> bool:
-    """Whether ``step_dir`` holds a DeepSpeed checkpoint under the tag ``ds`` (a model-states file)."""
+    """Whether ``step_dir`` holds a DeepSpeed checkpoint under the tag ``ds`` (a model-states file), or consolidated
+    weights (``model.safetensors``, a converted run)."""
     ds_dir = Path(step_dir) / DS_TAG
-    return ds_dir.is_dir() and any(ds_dir.glob("*model_states.pt"))
+    return (Path(step_dir) / CONSOLIDATED_FILE).is_file() or (ds_dir.is_dir() and any(ds_dir.glob("*model_states.pt")))
 
 
 def consolidated_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -408,7 +426,8 @@ def consolidated_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
     ZeRO 1-3: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` over every rank's optimizer shard (the fp32
     master weights). ZeRO 0: the model-states file; a bf16/fp16 run's weights come from the optimizer's fp32
     master copies (matched to names, see :func:`_zero0_state_dict`). Frozen parameters are included only when the
-    checkpoint was saved with them; persistent buffers always are.
+    checkpoint was saved with them; persistent buffers always are. A step folder of consolidated weights
+    (``model.safetensors``, written by ``uniemo convert official``) is read as it is, without any pickle.
 
     Raises:
         UserError: ``step_dir`` holds no DeepSpeed checkpoint (tag ``ds``) or is incomplete.
@@ -420,6 +439,11 @@ def consolidated_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
             "(expected runs/<name>/checkpoints/step-NNNNNN)"
         )
     step_dir = check_step_folder(step_dir)
+    if (step_dir / CONSOLIDATED_FILE).is_file():
+        from safetensors.torch import load_file
+
+        return {k: v.float().contiguous() if v.is_floating_point() else v
+                for k, v in load_file(str(step_dir / CONSOLIDATED_FILE)).items()}
     ds_dir = step_dir / DS_TAG
     optim_files = sorted(ds_dir.glob("*_optim_states.pt"))
     if optim_files and _is_zero_optimizer_file(optim_files[0]):

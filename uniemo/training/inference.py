@@ -433,10 +433,12 @@ def generate_images(
     guidance_scale: float | None = None,
     sampler: str | None = None,
     batch_size: int | None = None,
+    image_format: str = "png",
 ) -> list[dict[str, Any]]:
     """Generate ``num`` images of ``emotion`` with sampled conditions (METHOD §4.2, D10) into ``out_dir``.
 
-    Images are ``<emotion>_<seed>.png``; one JSON line per image is appended to ``out_dir/generations.jsonl``
+    Images are ``<emotion>_<seed>.png`` (``.jpg`` with ``image_format="jpg"``, :func:`save_generations`); one JSON
+    line per image is appended to ``out_dir/generations.jsonl``
     (file, emotion, seed, steps, guidance, sampler, α_s, α_o, retrieved attributes, checkpoint). Seeds are
     ``seed, seed+1, ...`` when ``seed`` is given, else drawn at random; defaults for steps, guidance and sampler
     come from ``model.generator``.
@@ -479,7 +481,7 @@ def generate_images(
 
     records = []
     for i in range(len(result.images)):
-        name = f"{EMOTIONS[k]}_{result.seeds[i]}.png"
+        name = f"{EMOTIONS[k]}_{result.seeds[i]}.{image_format}"
         record = {
             "file": name,
             "emotion": EMOTIONS[k],
@@ -522,15 +524,24 @@ def request_seeds(seed: int | None, num: int) -> list[int]:
     return [seed + i for i in range(num)]
 
 
+JPEG_QUALITY = 75
+"""Quality of JPEG evaluation images: PIL's default, which EmoGen's ``img.save(f"...jpg")`` uses."""
+
+
 def save_generations(out: Path, images: Any, records: list[dict[str, Any]]) -> None:
-    """Write image i as PNG ``records[i]["file"]`` in ``out``, its record in the PNG's ``uniemo`` text chunk (D10:
-    the seed travels with the image), and append the records to ``out/generations.jsonl``."""
+    """Write image i as ``records[i]["file"]`` in ``out`` with its record inside (D10: the seed travels with the
+    image): a PNG's ``uniemo`` text chunk, or a JPEG's comment (``.jpg``, quality :data:`JPEG_QUALITY`); append
+    the records to ``out/generations.jsonl``."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     for image, record in zip(images, records, strict=True):
+        text = json.dumps(record)
+        if str(record["file"]).endswith(".jpg"):
+            Image.fromarray(image).save(out / record["file"], quality=JPEG_QUALITY, comment=text.encode("utf-8"))
+            continue
         info = PngInfo()
-        info.add_text("uniemo", json.dumps(record))
+        info.add_text("uniemo", text)
         Image.fromarray(image).save(out / record["file"], pnginfo=info)
     with open(out / GENERATIONS_FILE, "a", encoding="utf-8") as f:
         for record in records:

@@ -102,11 +102,11 @@ def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
 
 
 @contextlib.contextmanager
-def weights_only_loads() -> Iterator[None]:
-    """Every ``torch.load`` in this block is restricted (torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), with DeepSpeed's
-    state classes allowed: for library code that passes ``weights_only=False`` itself. Held under a lock; the
-    variable is restored afterwards."""
-    with _allowed_globals():
+def forced_weights_only() -> Iterator[None]:
+    """Every ``torch.load`` in this block is restricted (torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), whatever its
+    caller passes: for library code that calls ``torch.load(weights_only=False)`` itself (DeepSpeed, torch-fidelity).
+    Held under a lock; the variable is restored afterwards."""
+    with _LOCK:
         before = os.environ.get(_FORCE_WEIGHTS_ONLY)
         os.environ[_FORCE_WEIGHTS_ONLY] = "1"
         try:
@@ -116,6 +116,13 @@ def weights_only_loads() -> Iterator[None]:
                 os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
             else:
                 os.environ[_FORCE_WEIGHTS_ONLY] = before
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """:func:`forced_weights_only` with DeepSpeed's state classes allowed: around calls into DeepSpeed."""
+    with _allowed_globals(), forced_weights_only():
+        yield
 
 
 def refused_file_in(folder: Path, exc: Exception) -> CheckpointFileError:

@@ -36,7 +36,7 @@ from uniemo.losses import (
 )
 from uniemo.models.conditioner import Conditioner, uses_attribute_branches
 from uniemo.models.generator import build_generator
-from uniemo.models.text_features import attribute_text_features
+from uniemo.models.text_features import attribute_base_embeddings, attribute_text_features
 from uniemo.models.weights import build_understanding
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -499,12 +499,15 @@ def _load_understanding_state(model: nn.Module, state: dict[str, torch.Tensor]) 
 
 
 def build_stage2_task(
-    cfg: Config, attributes: AttributeTable, understanding_state: dict[str, torch.Tensor] | None = None
+    cfg: Config,
+    attributes: AttributeTable,
+    understanding_state: dict[str, torch.Tensor] | None = None,
+    cache_dir: str | None = None,
 ) -> Stage2Task:
     """The stage-2 task from config (METHOD §3): understanding model (+ stage-1 weights), generator (a
     diffusers folder at ``model.generator.path`` or a random preset), conditioner, and the attribute base
-    embedded in the generator's token space with Φ (D6, recomputed for ``data.min_attribute_count`` /
-    ``data.phi_beta``)."""
+    embedded in ``model.conditioner.attribute_space`` (the generator's token space, D6, or CLIP's text features)
+    with Φ (recomputed for ``data.min_attribute_count`` / ``data.phi_beta``)."""
 
     und_cfg, gen_cfg = cfg.model.understanding, cfg.model.generator
     attributes = attributes.rebased(cfg.data.min_attribute_count, cfg.data.phi_beta)
@@ -523,7 +526,9 @@ def build_stage2_task(
     conditioner = Conditioner(cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim,
                               has_base=bool(attributes.base_names))
     with torch.no_grad():
-        attribute_embeddings = generator.embed_names(list(attributes.base_names))
+        attribute_embeddings = attribute_base_embeddings(
+            cfg, generator, list(attributes.base_names), cache_dir if cache_dir is not None else cfg.data.cache_dir
+        )
     return Stage2Task(
         understanding,
         generator,
