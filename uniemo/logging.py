@@ -5,7 +5,7 @@
 effects) elsewhere, so the loop calls ``logger.log(...)`` on every rank without ``if rank == 0``.
 
 - ``metrics.jsonl``: one JSON object per logged step (``step``, each loss term, learning rates, ``samples_per_s``,
-  validation metrics when the step validated). Opening it for a run resumed at step N drops the lines after N,
+  ``data_wait_share``, validation metrics when the step validated). Opening it for a run resumed at step N drops the lines after N,
   so the file stays one line per step however often the run was interrupted.
 - wandb with ``logging.wandb.mode`` passed explicitly (``online`` / ``offline`` / ``disabled``; offline by
   default, no network needed), files under ``<run_dir>/wandb/``, the resolved config attached, one wandb run

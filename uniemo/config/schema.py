@@ -137,6 +137,10 @@ class DataConfig:
     """Side of the understanding model's input images."""
     generator_image_size: int = 64
     """Side of the images given to the VAE in stage 2 (``pixel_values``)."""
+    precomputed_latents: bool = False
+    """Stage 2 reads each image's VAE latent distribution (both flips) from ``<shards>/latents-<G>/``, written once
+    by ``uniemo data latents``, instead of running the VAE encoder every step (the same loss given the same noise;
+    data/FORMAT.md). Sources without them (feedback rounds) are encoded in the step."""
     normalization: Literal["imagenet", "clip", "symmetric"] = "imagenet"
     """Normalisation of the understanding input: ImageNet mean/std (METHOD §2.6), CLIP's, or [-1, 1]."""
     train_augment: bool = True
@@ -262,6 +266,10 @@ class GeneratorConfig:
     """Word whose mean token embedding initialises the placeholder row (METHOD §3.1: ``cat``)."""
     generation_batch_size: int = 8
     """Images denoised together at generation time (images depend on it only up to float rounding)."""
+    compile: bool = False
+    """Generation: ``torch.compile`` the UNet and the VAE decoder; on CUDA in mode ``reduce-overhead`` (CUDA
+    graphs), every batch denoised at ``generation_batch_size`` (a short last batch is padded, its extra images
+    dropped) so the shapes stay static. Pays a compilation at the first batch; for long generation runs."""
 
 
 @dataclass
@@ -407,6 +415,16 @@ class TrainingConfig:
     training.gradient_accumulation x distributed.num_workers."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0: no clipping."""
+    compile: bool = False
+    """``torch.compile`` the UNet and each block of the understanding ViT (the same outputs to float tolerance;
+    a compilation at the first steps). Needs distributed.zero_stage <= 2."""
+    channels_last: bool = False
+    """Keep the UNet and the VAE in the channels-last memory format (faster convolutions on GPUs; the same
+    outputs to float tolerance)."""
+    async_checkpoint: bool = False
+    """Write checkpoints in a background thread: a save blocks only while the states are copied to host memory;
+    the checkpoint becomes ``latest`` once every rank has written it (checked after each step, and before the
+    run ends), so a crash still never leaves a partial ``latest``."""
     max_bad_steps: int = 0
     """Steps with a non-finite loss (on any rank) that are skipped (no update, counted as ``bad_steps`` in the
     metrics) before the run stops; the next one stops it with a clear error, saving nothing (``latest`` stays the
@@ -549,6 +567,9 @@ class FeedbackConfig:
     """CPUs Ray reserves per filter actor (fractions allowed)."""
     filter_gpus: float = 0.0
     """GPUs per filter actor (fractions allowed); > 0 scores on CUDA."""
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Weights and activations of the generator and filter actors on a GPU (fp16/bf16 halve memory and time;
+    the latents and the sampler stay float32). Actors on the CPU always run fp32."""
     writer_cpus: float = 0.25
     """CPUs Ray reserves per shard-writer task."""
     threads_per_actor: int = 1
@@ -773,6 +794,16 @@ class Config:
         sections = (self.run, self.data, self.training, self.distributed, self.feedback, self.evaluation, self.pipeline)
         for section in sections:
             section.validate()
+        if self.training.compile and self.distributed.zero_stage == 3:
+            raise ConfigError(
+                "training.compile needs distributed.zero_stage <= 2 (ZeRO-3 gathers parameters in hooks that "
+                "torch.compile does not trace); set one of them back"
+            )
+        if self.data.precomputed_latents and self.training.stage == "generator":
+            raise ConfigError(
+                "data.precomputed_latents is for stage 2; generator pretraining trains the VAE, so its latents "
+                "cannot be stored: set data.precomputed_latents=false"
+            )
 
 
 def _positive(key: str, value: float) -> None:

@@ -70,6 +70,7 @@ import webdataset as wds
 from uniemo.config.schema import NUM_EMOTIONS, LimitsConfig
 from uniemo.data.attributes import AttributeTable, resolve_attribute_table
 from uniemo.data.images import TooManyPixels, open_image
+from uniemo.data.latents import LatentReader, covered_shards
 from uniemo.data.limits import DEFAULT_LIMITS, BoundedStream, active_limits, limits_of, over_cap
 from uniemo.data.remote import Storage, join_location, open_stream, preload_clients
 from uniemo.data.shards import (
@@ -114,6 +115,8 @@ class ShardRef:
     """How to reach ``url`` when it is an ``s3://`` URL (endpoint)."""
     bytes: int | None = None
     """The shard's size as its manifest lists it: the loader reads no further (``None``: not listed)."""
+    latents: str = ""
+    """The file of the shard's precomputed VAE latents (:mod:`uniemo.data.latents`); empty: none."""
 
 
 @dataclass
@@ -139,9 +142,11 @@ class EpochPlan:
 # Manifest -> shard lists
 # ---------------------------------------------------------------------------------------------------------
 def list_split_shards(
-    folders: Sequence[Path], split: str, *, required: bool, limits: LimitsConfig | None = None
+    folders: Sequence[Path], split: str, *, required: bool, latent_size: int = 0, limits: LimitsConfig | None = None
 ) -> list[ShardRef]:
-    """The shards of ``split`` listed in the manifests under ``folders`` (each folder or its round sub-folders)."""
+    """The shards of ``split`` listed in the manifests under ``folders`` (each folder or its round sub-folders),
+    with the file of their current precomputed latents of ``latent_size`` px where there is one (0: not looked
+    for; a URL source has none)."""
     refs: list[ShardRef] = []
     for folder in folders:
         found = manifest_folders(folder)
@@ -149,10 +154,11 @@ def list_split_shards(
             read_manifest(folder, limits)  # raises the DataError that names the folder
         for sub in found:
             base, storage = folder_location(sub)  # a URL source's mirror: its shards are at the URL
+            latents = covered_shards(sub, latent_size) if latent_size and base == str(sub) else {}
             for entry in read_manifest(sub, limits)["shards"]:
                 if entry["split"] == split:
-                    where = join_location(base, entry["name"])
-                    refs.append(ShardRef(where, int(entry["samples"]), storage, entry.get("bytes")))
+                    refs.append(ShardRef(join_location(base, entry["name"]), int(entry["samples"]), storage,
+                                         bytes=entry.get("bytes"), latents=latents.get(entry["name"], "")))
     return refs
 
 
@@ -245,11 +251,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.training:
             shuffle_rng = random.Random(_seed("shuffle", *key))
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=shuffle_rng))
-        # number samples (drop those a restored position already consumed) -> decode + transforms -> batches
+        # number samples (drop those a restored position already consumed) -> decode + transforms (+ the sample's
+        # precomputed latents) -> batches
         skip = self.plan.cursors[worker] if self.plan.cursors else 0
+        latents = {ref.url: ref.latents for refs in self.plan.shards for ref in refs if ref.latents}
         stages += [
             partial(_number, skip=skip),
-            partial(self._decode_transform, state, key),
+            partial(self._decode_transform, state, key, latents),
             partial(self._batch, state, worker, physical),
         ]
         return iter(wds.DataPipeline(*stages))
@@ -303,19 +311,28 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield sample
 
     def _decode_transform(
-        self, state: _WorkerState, key: tuple, src: Iterator
+        self, state: _WorkerState, key: tuple, latents: dict[str, str], src: Iterator
     ) -> Iterator[tuple[int, dict[str, Any] | None]]:
         fixed = None if self.transform.is_random else random.Random(0)  # deterministic transforms: no seeding
+        reader = LatentReader() if latents else None
         for index, sample in src:
-            item = self._decode(sample, fixed or random.Random(_seed("sample", *key, index)))
+            found = None
+            if reader is not None and sample.get("__url__") in latents:
+                path = latents[sample["__url__"]]
+                row = reader.row(path, sample["__key__"])
+                found = (reader, path, row) if row is not None else None
+            item = self._decode(sample, fixed or random.Random(_seed("sample", *key, index)), found)
             if isinstance(item, str):
                 state.skips[item] += 1
                 yield index, None
             else:
                 yield index, item
 
-    def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | str:
-        """One raw sample -> the per-sample fields of the batch contract, or the reason it is skipped."""
+    def _decode(
+        self, sample: dict[str, Any], rng: random.Random, latents: tuple[LatentReader, str, int] | None = None
+    ) -> dict[str, Any] | str:
+        """One raw sample -> the per-sample fields of the batch contract, or the reason it is skipped. With the
+        sample's precomputed ``latents`` (reader, file, row), its latent moments replace ``pixel_values``."""
         ext = "jpg" if "jpg" in sample else "png" if "png" in sample else None
         if ext is None or "cls" not in sample or "json" not in sample:
             return "incomplete_sample"
@@ -337,7 +354,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not isinstance(objects, list):
             objects = []
         table = self.attributes
-        item: dict[str, Any] = self.transform(image, rng)
+        item: dict[str, Any] = self.transform(image, rng, pixels=latents is None)
+        if latents is not None and "pixel_flip" in item:
+            reader, path, row = latents
+            item["latent_mean"], item["latent_std"] = reader.read(path, row, item.pop("pixel_flip"))
         item.update(
             label=label,
             scene_idx=table.scene_index(meta.get("scene")),
@@ -493,7 +513,10 @@ def collate(items: list[dict[str, Any]], num_objects: int) -> dict[str, Any]:
     # tensors on their way to the main process.
     stack = torch.utils.data.default_collate
     batch: dict[str, Any] = {"image": stack([it["image"] for it in items])}
-    if "pixel_values" in items[0]:
+    with_latents = [b for b, it in enumerate(items) if "latent_mean" in it]
+    if with_latents:
+        batch.update(_collate_latents(items, with_latents))
+    elif "pixel_values" in items[0]:
         batch["pixel_values"] = stack([it["pixel_values"] for it in items])
     # One storage for the three index rows: a worker ships one shared-memory block instead of three.
     indices_3B = torch.tensor(
@@ -513,6 +536,22 @@ def collate(items: list[dict[str, Any]], num_objects: int) -> dict[str, Any]:
     batch["key"] = [it["key"] for it in items]
     batch["source"] = [it["source"] for it in items]
     return batch
+
+
+def _collate_latents(items: list[dict[str, Any]], with_latents: list[int]) -> dict[str, torch.Tensor]:
+    """``latent_mean`` / ``latent_std`` of every row; rows without precomputed latents (a source without them, e.g.
+    a feedback round) are zero there and listed in ``pixel_rows``, with their ``pixel_values`` in that order."""
+    like = items[with_latents[0]]
+    mean = torch.zeros((len(items), *like["latent_mean"].shape), dtype=like["latent_mean"].dtype)
+    std = torch.zeros_like(mean)
+    for b in with_latents:
+        mean[b], std[b] = items[b]["latent_mean"], items[b]["latent_std"]
+    out = {"latent_mean": mean, "latent_std": std}
+    missing = [b for b, it in enumerate(items) if "pixel_values" in it]
+    if missing:
+        out["pixel_rows"] = torch.tensor(missing, dtype=torch.int64)
+        out["pixel_values"] = torch.stack([items[b]["pixel_values"] for b in missing])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -542,6 +581,7 @@ class ShardLoader:
         multiprocessing_context: Any = None,
         pin_memory: bool = False,
         limits: LimitsConfig | None = None,
+        latent_size: int = 0,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
@@ -569,6 +609,8 @@ class ShardLoader:
         self.multiprocessing_context = multiprocessing_context
         self.pin_memory = pin_memory
         self.limits = active_limits(limits)  # fixed now: it travels to the loader workers with the stream
+        self.latent_size = latent_size
+        """Stage 2 with precomputed latents: G of the latents read instead of ``pixel_values`` (0: none)."""
         self.samples_consumed = 0
         self._batches_in_epoch = 0
         self._cursors = [0] * max(1, num_workers)
@@ -582,11 +624,19 @@ class ShardLoader:
     def _list_shards(self) -> tuple[list[list[ShardRef]], str]:
         shards = []
         for i, s in enumerate(self.sources):
-            refs = list_split_shards(s.folders, self.split, required=(i == 0), limits=self.limits)
+            refs = list_split_shards(s.folders, self.split, required=(i == 0), latent_size=self.latent_size,
+                                     limits=self.limits)
             if i == 0 and not any(r.samples for r in refs):
                 raise DataError(
                     f"source {s.name!r} ({', '.join(map(str, s.folders))}) has no {self.split} samples; "
                     f"check it with `uniemo data inspect`"
+                )
+            lacking = [r for r in refs if not r.latents] if self.latent_size and i == 0 else []
+            if lacking:  # other sources (feedback rounds) may lack them: those samples are encoded in the step
+                raise DataError(
+                    f"{len(lacking)} of the {len(refs)} {self.split} shards of {', '.join(map(str, s.folders))} "
+                    f"have no current {self.latent_size} px latents (e.g. {lacking[0].url}); run `uniemo data "
+                    "latents --config <this config>` (it resumes), or set data.precomputed_latents=false"
                 )
             if i > 0 and not any(r.samples for r in refs) and s.name not in self._warned_empty:
                 self._warned_empty.add(s.name)  # e.g. a feedback source before its first round
@@ -818,6 +868,7 @@ def build_loader(
     multiprocessing_context: Any = None,
     pin_memory: bool = False,
     limits: LimitsConfig | None = None,
+    latent_size: int = 0,
 ) -> ShardLoader:
     """The stream of one rank: a shard folder (or weighted :class:`Source` list) -> batches (``data/FORMAT.md``).
 
@@ -848,6 +899,7 @@ def build_loader(
         multiprocessing_context=multiprocessing_context,
         pin_memory=pin_memory,
         limits=limits,
+        latent_size=latent_size,
     )
     if position is not None:
         loader.load_state_dict(position)
@@ -869,11 +921,14 @@ def build_loader_from_config(
     num_workers: int | None = None,
     multiprocessing_context: Any = None,
     transform: SampleTransform | None = None,
+    latents: bool = False,
+    pin_memory: bool = False,
 ) -> ShardLoader:
     """A rank's loader from ``DataConfig``: the real (or synthetic) shards, plus ``data.extra_sources`` in training.
 
-    ``training`` defaults to ``split == "train"``; stage 2 adds ``pixel_values``. The attribute table is the
-    real folder's, re-based with ``data.min_attribute_count`` and ``data.phi_beta``. ``transform`` replaces the
+    ``training`` defaults to ``split == "train"``; stage 2 adds ``pixel_values``, or with ``latents`` the
+    precomputed VAE latents (``data.precomputed_latents``, :mod:`uniemo.data.latents`). The attribute table is
+    the real folder's, re-based with ``data.min_attribute_count`` and ``data.phi_beta``. ``transform`` replaces the
     stream's transform (None: :func:`build_sample_transform` of the config, stage and ``training``).
     """
 
@@ -905,6 +960,8 @@ def build_loader_from_config(
         shuffle_buffer=data_cfg.shuffle_buffer,
         multiprocessing_context=multiprocessing_context,
         limits=limits_of(data_cfg),
+        pin_memory=pin_memory,
+        latent_size=data_cfg.generator_image_size if latents and stage == 2 else 0,
     )
 
 

@@ -253,7 +253,7 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 
 # Generation-time settings: they do not shape the trained model, so a resumed run may change them.
-_INFERENCE_ONLY = ("sampler", "sampling_steps", "guidance_scale", "generation_batch_size")
+_INFERENCE_ONLY = ("sampler", "sampling_steps", "guidance_scale", "generation_batch_size", "compile")
 
 
 def compat_keys(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -320,13 +320,25 @@ def _gather_objects(obj: Any, world_size: int) -> list[Any]:
 
 
 class Checkpointer:
-    """Saves and restores the checkpoints of one run on every rank (the calls are collective)."""
+    """Saves and restores the checkpoints of one run on every rank (the calls are collective).
 
-    def __init__(self, run_dir: str | Path, env: DistEnv, keep: int) -> None:
+    With ``background`` (``training.async_checkpoint``) a save returns once the states are serialized in host memory
+    (:mod:`uniemo.training.checkpoint_writer`) and the checkpoint is *pending*: :meth:`poll` (after each step)
+    publishes it once every rank's files are on disk, :meth:`wait` blocks until then. Publication itself is the same
+    protocol as a synchronous save's.
+    """
+
+    def __init__(self, run_dir: str | Path, env: DistEnv, keep: int, background: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.env = env
         self.keep = keep
         self.root = checkpoints_dir(run_dir)
+        self.background = background
+        self.pending: Path | None = None
+        """A background save's folder, written but not yet published."""
+        self.blocking_seconds = 0.0
+        """How long the last :meth:`save` kept the caller (the training loop) waiting."""
+        self._writer: Any = None
 
     def save(
         self,
@@ -338,8 +350,11 @@ class Checkpointer:
         """Write the checkpoint of ``step`` and publish it as ``latest`` (module docstring for the protocol).
 
         ``trainer_state`` (the same on every rank) goes into ``trainer_state.json`` with the loader position of
-        every rank (``loader_state`` is this rank's ``ShardLoader.state_dict()``).
+        every rank (``loader_state`` is this rank's ``ShardLoader.state_dict()``). A background save returns the
+        folder unpublished (:attr:`pending`).
         """
+        self.wait()  # the previous background save is published first
+        start = time.perf_counter()
         folder = self.root / step_dir_name(step)
         published = latest_checkpoint(self.run_dir)
         if published is not None and published.name == folder.name:
@@ -349,6 +364,10 @@ class Checkpointer:
                 shutil.rmtree(folder)  # a crashed save of this step, or a re-run of it after a restart
             folder.mkdir(parents=True)
         _barrier()
+        if self.background:
+            from uniemo.training.checkpoint_writer import install
+
+            self._writer = install(engine)
         engine.save_checkpoint(str(folder), tag=DS_TAG, exclude_frozen_parameters=True)
         rng_dir = folder / RNG_DIR
         rng_dir.mkdir(exist_ok=True)
@@ -358,12 +377,38 @@ class Checkpointer:
             state = dict(trainer_state, step=step, version=STATE_VERSION, loader_positions=positions,
                          world_size=self.env.world_size, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             atomic_write_text(folder / TRAINER_STATE_FILE, json.dumps(state, indent=1, sort_keys=True) + "\n")
+        if self._writer is not None:
+            self.pending = folder
+        else:
+            self._publish(folder)
+        self.blocking_seconds = time.perf_counter() - start
+        return folder
+
+    def _publish(self, folder: Path) -> None:
         _barrier()  # every rank has finished writing
         if self.env.is_main:
             publish(self.run_dir, folder)
             rotate(self.run_dir, self.keep)
         _barrier()  # nobody reads `latest` (or exits) before it is published
-        return folder
+
+    def poll(self) -> bool:
+        """Publish the pending background save if every rank's files are on disk (collective while one is pending,
+        a no-op otherwise); returns whether it did."""
+        if self.pending is None:
+            return False
+        if not all(_gather_objects(bool(self._writer.done()), self.env.world_size)):
+            return False
+        folder, self.pending = self.pending, None
+        self._publish(folder)
+        return True
+
+    def wait(self) -> None:
+        """Block until the pending background save is on disk on every rank, then publish it (collective)."""
+        if self.pending is None:
+            return
+        self._writer.wait()
+        folder, self.pending = self.pending, None
+        self._publish(folder)
 
     def load(self, engine: Any, folder: Path, compat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore the engine, this rank's RNG and return ``(trainer_state, this rank's loader position)``.

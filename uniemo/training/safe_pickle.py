@@ -173,6 +173,8 @@ class SafeCheckpointEngine:
     """DeepSpeed's checkpoint engine with ``load`` through :func:`safe_load`; everything else (saving, commit,
     the data-parallel writer rules) is the wrapped engine's."""
 
+    loads_safely = True
+
     def __init__(self, inner: Any):
         self.inner = inner
 
@@ -184,7 +186,8 @@ class SafeCheckpointEngine:
 
 
 def install_safe_engine(engine: Any) -> None:
-    """Make every checkpoint file a DeepSpeed engine loads go through :func:`safe_load` (idempotent)."""
+    """Make every checkpoint file a DeepSpeed engine loads go through :func:`safe_load` (idempotent; an engine of
+    uniemo's own that loads safely, ``loads_safely = True``, is kept as it is)."""
     current = getattr(engine, "checkpoint_engine", None)
-    if current is not None and not isinstance(current, SafeCheckpointEngine):
+    if current is not None and not getattr(current, "loads_safely", False):
         engine.checkpoint_engine = SafeCheckpointEngine(current)
