@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from uniemo.atomic import atomic_path, atomic_write
 from uniemo.errors import UserError
 from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE, WANDB_ID_FILE, sample_grid_path
 
@@ -36,7 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
 
     from uniemo.config.schema import Config
-
 
 def say(message: str, topic: str = "") -> None:
     """One user-facing line on stderr, flushed: ``uniemo: <message>``, or ``uniemo <topic>: <message>`` for a
@@ -84,9 +84,7 @@ def truncate_metrics(path: str | Path, keep_through_step: int) -> int:
             continue  # a line cut by a crash
         if isinstance(record, dict) and int(record.get("step", 0)) <= keep_through_step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(f"{line}\n" for line in kept))
     return len(kept)
 
 
@@ -222,10 +220,7 @@ class RunLogger(NullRunLogger):
                             f"val/accuracy {record['val/accuracy']:.3f}")
 
     def write_json(self, name: str, data: Any) -> None:
-        path = self.run_dir / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write(self.run_dir / name, json.dumps(data, indent=1) + "\n")
 
     def info(self, message: str) -> None:
         if self._bar is not None:
@@ -268,9 +263,8 @@ class RunLogger(NullRunLogger):
         """A file of the run written once (by this rank) and atomically: ``write(tmp)``, then renamed to
         ``<run_dir>/<name>``."""
         path = self.run_dir / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write(tmp)
         return path
 
     def log_samples(self, step: int, make: Callable[[], dict[str, np.ndarray]]) -> list[Path]:

@@ -11,6 +11,7 @@ configs, the current directory for the command line and defaults).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,14 +37,28 @@ PATH = {PATH_FIELD: True}
 """Field metadata of a file system path (:func:`uniemo.config.paths.path_keys` lists them)."""
 
 
+NAME_CHARS = "A-Za-z0-9._=,+-"
+"""The characters of a run name (``run.name``, sweep points): safe in a file name, a SLURM log pattern, a shell
+word and a wandb run name."""
+_RUN_NAME = re.compile(rf"[A-Za-z0-9][{NAME_CHARS}]{{0,99}}")
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
-    """Run directory name; the run lives in ``<output_dir>/<name>/``."""
+    """Run directory name; the run lives in ``<output_dir>/<name>/``. A plain name: letters, digits and
+    ``._=,+-``, starting with a letter or digit, at most 100 characters (no ``/``, no ``..``)."""
     output_dir: str = field(default="runs", metadata=PATH)
     """Parent folder of run directories."""
     seed: int = 0
     """Global seed (data order, initialisation, sampling)."""
+
+    def validate(self) -> None:
+        if not _RUN_NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"run.name={self.name!r} is not a plain name; use letters, digits and ._=,+- (starting with a letter "
+                "or digit, at most 100 characters), e.g. run.name=my-run"
+            )
 
 
 @dataclass
@@ -83,6 +98,36 @@ class StorageConfig:
     read from the config: botocore finds them (``AWS_ACCESS_KEY_ID`` ..., config files, instance roles)."""
     timeout_s: float = 10.0
     """Timeout of the checks before training (a URL source's manifest, its shards' sizes), in seconds."""
+
+
+@dataclass
+class LimitsConfig:
+    """Caps on what data from outside may make uniemo read, fetch or decode (``uniemo.data.limits``).
+
+    A shard folder, a URL source or an image may come from someone else; none of them may exhaust the memory,
+    disk or network of the machine. Going over a cap is one error line naming its key. Commands that take no config
+    (``uniemo data shards``, ``uniemo data inspect``, the report) use these defaults."""
+
+    max_manifest_bytes: int = 256 * 2**20
+    """Size of a ``manifest.json`` or ``attributes.json``, read from disk or fetched from a URL (256 MiB: about a
+    million shard entries)."""
+    max_manifest_entries: int = 100_000
+    """Shards one manifest may list (each is a size check, an HTTP HEAD for a URL source, before training)."""
+    max_fetch_bytes: int = 64 * 2**30
+    """Bytes read from one shard's file, URL or ``pipe:`` command, as stored (64 GiB). A shard listed with its
+    size is also never read past that size."""
+    max_shard_bytes: int = 64 * 2**30
+    """Bytes of all members of one shard, after decompression (gzip, bzip2 or xz tars; 64 GiB)."""
+    max_member_bytes: int = 256 * 2**20
+    """Bytes of one tar member (an image or its metadata), after decompression; each is held in memory (256 MiB)."""
+    max_image_pixels: int = 8192 * 8192
+    """Pixels of one image to decode (width x height; PIL's ``Image.MAX_IMAGE_PIXELS``): 67 megapixels, about 200
+    MB as RGB. Larger than 4096 x 4096 so that photos of today's cameras (24-50 megapixels) pass."""
+
+    def validate(self) -> None:
+        for name in ("max_manifest_bytes", "max_manifest_entries", "max_fetch_bytes", "max_shard_bytes",
+                     "max_member_bytes", "max_image_pixels"):
+            _positive(f"data.limits.{name}", getattr(self, name))
 
 
 @dataclass
@@ -134,8 +179,11 @@ class DataConfig:
     """Filter of the whole-image resize to ``generator_image_size`` (the VAE input, METHOD §3.2): ``bicubic`` is what
     the official ``image.resize((512, 512))`` does (PIL's default filter, Pillow >= 7; EmoGen pins 9.4);
     ``bilinear`` is torchvision's default, used for the understanding views."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Caps on manifests, fetched and decompressed bytes and image pixels (a hostile or broken source)."""
 
     def validate(self) -> None:
+        self.limits.validate()
         _positive("data.batch_size", self.batch_size)
         _positive("data.image_size", self.image_size)
         _positive("data.generator_image_size", self.generator_image_size)
@@ -746,7 +794,8 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks of every section that has them."""
-        for section in (self.data, self.training, self.distributed, self.feedback, self.evaluation, self.pipeline):
+        sections = (self.run, self.data, self.training, self.distributed, self.feedback, self.evaluation, self.pipeline)
+        for section in sections:
             section.validate()
         if self.training.compile and self.distributed.zero_stage == 3:
             raise ConfigError(

@@ -28,10 +28,7 @@ processes (one per GPU) share the shards. Read in the loader's workers by :class
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,8 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from uniemo.atomic import atomic_write
 from uniemo.data.attributes import write_json_atomic
-from uniemo.data.images import to_rgb
+from uniemo.data.images import open_image, to_rgb
+from uniemo.data.limits import active_limits, over_cap, read_capped
+from uniemo.data.remote import is_file_name
 from uniemo.data.shards import MANIFEST_FILE, manifest_folders, read_manifest
 from uniemo.data.transforms import GENERATOR_RESAMPLE, generator_pixels
 from uniemo.errors import ConfigError, DataError
@@ -78,7 +78,9 @@ def read_latents_manifest(folder: str | Path) -> dict[str, Any] | None:
     """The ``manifest.json`` of a latents folder, or None when there is none; :class:`DataError` when damaged."""
     path = Path(folder) / MANIFEST_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = json.loads(read_capped(f, active_limits().max_manifest_bytes, lambda: over_cap(
+                f"{path} is larger than the cap", "max_manifest_bytes", active_limits().max_manifest_bytes)))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
@@ -98,6 +100,10 @@ def covered_shards(shard_folder: str | Path, image_size: int) -> dict[str, str]:
     if manifest is None:
         return {}
     current = {e["name"]: e.get("sha256") for e in read_manifest(shard_folder)["shards"]}
+    for i, e in enumerate(manifest.get("shards", [])):
+        if not is_file_name(e.get("file")):  # a latents file lies in its folder: never a path of the manifest's choosing
+            raise DataError(f"{folder / MANIFEST_FILE} entry {i}: latents file {e.get('file')!r} is not a plain file "
+                            f"name; delete {folder} and run `uniemo data latents` again")
     return {
         e["name"]: str(folder / e["file"])
         for e in manifest.get("shards", [])
@@ -130,19 +136,26 @@ def check_latents(shard_folder: str | Path, image_size: int, resample: str, vae:
 # Writing
 # ---------------------------------------------------------------------------------------------------------
 def _shard_images(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(key, RGB PIL image)`` of every sample of a tar whose image decodes (the loader skips the others)."""
-    from PIL import Image
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    """``(key, RGB PIL image)`` of every sample of a tar whose image decodes (the loader skips the others). Read as
+    the loader reads (its tar reader and image opener, with the caps of ``data.limits``)."""
+    from webdataset.tariterators import group_by_keys
 
+    from uniemo.data.tar_members import tar_members
+
+    def reraise(exn: Exception) -> bool:
+        raise exn
+
+    limits = active_limits()
     with open(path, "rb") as stream:
-        for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
+        members = tar_members(iter([{"url": str(path), "stream": stream}]), reraise, limits)
+        for sample in group_by_keys(members):
             ext = "jpg" if "jpg" in sample else "png" if "png" in sample else None
             if ext is None:
                 continue
             try:
-                image = Image.open(io.BytesIO(sample[ext]))
+                image = open_image(sample[ext], limits.max_image_pixels)
                 image.load()
-            except Exception:  # an undecodable image: the loader skips the sample too
+            except Exception:  # an undecodable image or one over the pixel cap: the loader skips the sample too
                 continue
             yield sample["__key__"], to_rgb(image)
 
@@ -182,17 +195,7 @@ def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, mode=0o644)
     return hashlib.sha256(data).hexdigest()
 
 

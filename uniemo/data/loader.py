@@ -26,10 +26,13 @@ epoch early when a round appears). Worker ``w`` of a rank yields batches ``w, w+
 the order in which ``DataLoader`` returns them.
 
 **Skipped samples.** A shard that cannot be opened (``missing_shard``) or read to its end (``corrupt_shard``,
-e.g. a truncated tar) and a sample that is incomplete (``incomplete_sample``), has a bad label or JSON
-(``bad_metadata``) or an image that does not decode (``undecodable_image``) are skipped and counted by reason,
-never fatal; only a training source whose shard reads give no sample many times in a row is a
-:class:`DataError` (instead of an endless loop). Workers send their counts inside the batches (``_stats``,
+e.g. a truncated tar, one longer than its manifest says, or one holding a link, device or a member named with an
+absolute path or ``..``) and a sample that is incomplete (``incomplete_sample``), has a bad label or JSON
+(``bad_metadata``), an image that does not decode (``undecodable_image``) or one over ``data.limits.
+max_image_pixels`` (``image_too_large``) are skipped and counted by reason, never fatal; only a training source
+whose shard reads give no sample many times in a row is a :class:`DataError` (instead of an endless loop), and so
+is a shard that goes over a cap of ``data.limits`` (fetched bytes, a decompressed member or shard; one line
+naming the cap). Workers send their counts inside the batches (``_stats``,
 removed before the batch is yielded; a worker with counts left and no batch sends a stats-only marker), so
 :meth:`ShardLoader.stats` in the main process sees every worker's.
 
@@ -49,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import random
@@ -63,11 +65,12 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from PIL import Image
 
-from uniemo.config.schema import NUM_EMOTIONS
+from uniemo.config.schema import NUM_EMOTIONS, LimitsConfig
 from uniemo.data.attributes import AttributeTable, resolve_attribute_table
+from uniemo.data.images import TooManyPixels, open_image
 from uniemo.data.latents import LatentReader, covered_shards
+from uniemo.data.limits import DEFAULT_LIMITS, BoundedStream, active_limits, limits_of, over_cap
 from uniemo.data.remote import Storage, join_location, open_stream, preload_clients
 from uniemo.data.shards import (
     folder_location,
@@ -76,6 +79,7 @@ from uniemo.data.shards import (
     resolve_shard_folder,
 )
 from uniemo.data.source import data_source
+from uniemo.data.tar_members import tar_members
 from uniemo.data.transforms import SampleTransform, build_sample_transform
 from uniemo.errors import ConfigError, DataError
 from uniemo.run_layout import ATTRIBUTES_FILE
@@ -111,6 +115,8 @@ class ShardRef:
     samples: int
     storage: Storage = Storage()
     """How to reach ``url`` when it is an ``s3://`` URL (endpoint)."""
+    bytes: int | None = None
+    """The shard's size as its manifest lists it: the loader reads no further (``None``: not listed)."""
     latents: str = ""
     """The file of the shard's precomputed VAE latents (:mod:`uniemo.data.latents`); empty: none."""
 
@@ -138,7 +144,7 @@ class EpochPlan:
 # Manifest -> shard lists
 # ---------------------------------------------------------------------------------------------------------
 def list_split_shards(
-    folders: Sequence[Path], split: str, *, required: bool, latent_size: int = 0
+    folders: Sequence[Path], split: str, *, required: bool, latent_size: int = 0, limits: LimitsConfig | None = None
 ) -> list[ShardRef]:
     """The shards of ``split`` listed in the manifests under ``folders`` (each folder or its round sub-folders),
     with the file of their current precomputed latents of ``latent_size`` px where there is one (0: not looked
@@ -147,14 +153,14 @@ def list_split_shards(
     for folder in folders:
         found = manifest_folders(folder)
         if not found and required:
-            read_manifest(folder)  # raises the DataError that names the folder
+            read_manifest(folder, limits)  # raises the DataError that names the folder
         for sub in found:
             base, storage = folder_location(sub)  # a URL source's mirror: its shards are at the URL
             latents = covered_shards(sub, latent_size) if latent_size and base == str(sub) else {}
-            for entry in read_manifest(sub)["shards"]:
+            for entry in read_manifest(sub, limits)["shards"]:
                 if entry["split"] == split:
                     refs.append(ShardRef(join_location(base, entry["name"]), int(entry["samples"]), storage,
-                                         latents.get(entry["name"], "")))
+                                         bytes=entry.get("bytes"), latents=latents.get(entry["name"], "")))
     return refs
 
 
@@ -202,8 +208,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int,
         transform: SampleTransform,
         attributes: AttributeTable,
+        limits: LimitsConfig = DEFAULT_LIMITS,
     ):
         super().__init__()
+        self.limits = limits
         self.plan = plan
         self.split = split
         self.training = training
@@ -227,8 +235,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         per_source = [
             wds.DataPipeline(
                 partial(self._shard_urls, i, worker, num_workers, state, key),
-                partial(_open_shards, handler=partial(state.tar_error, i)),
-                partial(wds.tariterators.tar_file_expander, handler=partial(state.tar_error, i)),
+                partial(_open_shards, handler=partial(state.tar_error, i), limits=self.limits),
+                partial(tar_members, handler=partial(state.tar_error, i), limits=self.limits),
                 partial(wds.tariterators.group_by_keys, handler=partial(state.tar_error, i)),
             )
             for i in range(len(self.plan.shards))
@@ -265,7 +273,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 by_worker = by_node[worker::num_workers]  # split by worker
             for ref in by_worker:
                 state.current_read[source] += 1
-                yield {"url": ref.url, "storage": ref.storage}
+                yield {"url": ref.url, "storage": ref.storage, "bytes": ref.bytes}
             return
         rng = random.Random(stream_seed("shards", *key, source))
         weights = [r.samples for r in shards]
@@ -279,7 +287,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             state.current_read[source] += 1
             state.empty_reads[source] += 1
             ref = rng.choices(shards, weights)[0]
-            yield {"url": ref.url, "storage": ref.storage}
+            yield {"url": ref.url, "storage": ref.storage, "bytes": ref.bytes}
 
     def _mix(self, per_source: list, state: _WorkerState, key: tuple) -> Iterator[dict[str, Any]]:
         """Tag samples with their source; training with several sources draws a source per sample by weight."""
@@ -333,8 +341,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not 0 <= label < NUM_EMOTIONS or not isinstance(meta, dict):
             return "bad_metadata"
         try:
-            image = Image.open(io.BytesIO(sample[ext]))
+            image = open_image(sample[ext], self.limits.max_image_pixels)
             image.load()
+        except TooManyPixels:
+            return "image_too_large"
         except Exception:  # PIL raises many types for bad bytes; any of them means "skip this sample"
             return "undecodable_image"
         objects = meta.get("objects") or []
@@ -392,17 +402,33 @@ class ShardStream(torch.utils.data.IterableDataset):
         return batch
 
 
-def _open_shards(src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+class ShardLongerThanListed(OSError):
+    """A shard stream that goes on past the size its manifest lists (changed, or a lying server): a corrupt shard."""
+
+
+def _open_shards(
+    src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool], limits: LimitsConfig = DEFAULT_LIMITS
+) -> Iterator[dict[str, Any]]:
     """Open each shard's byte stream (a local file or a URL, :func:`uniemo.data.remote.open_stream`) and close it
     once the next stage has read it; a failure to open or close (a ``pipe:`` or ``curl`` that exited with an
-    error) goes to ``handler``, which counts it against that shard's read."""
+    error) goes to ``handler``, which counts it against that shard's read.
+
+    The stream is read no further than the shard's listed size (past it: a corrupt shard) nor than
+    ``data.limits.max_fetch_bytes`` (past it: a :class:`DataError` naming the cap)."""
     for item in src:
+        url, listed = item["url"], item.get("bytes")
         try:
-            stream = open_stream(item["url"], item.get("storage"))
+            raw = open_stream(url, item.get("storage"))
         except Exception as exn:  # FileNotFoundError, an HTTP or S3 error: the shard's read is counted and skipped
             if handler(exn):
                 continue
             return
+        if isinstance(listed, int) and listed <= limits.max_fetch_bytes:
+            stream = BoundedStream(raw, listed, partial(ShardLongerThanListed, f"{url} is longer than listed"))
+        else:
+            stream = BoundedStream(raw, limits.max_fetch_bytes, partial(
+                over_cap, f"shard {url} is larger than the cap", "max_fetch_bytes", limits.max_fetch_bytes
+            ))
         try:
             yield {"url": item["url"], "stream": stream}
         except GeneratorExit:  # the consumer stopped mid-shard (a full quota): nothing to report
@@ -420,14 +446,17 @@ def _skip_unreadable(exn: Exception) -> bool:
     return True
 
 
-def read_split_samples(folder: str | Path, split: str) -> Iterator[dict[str, Any]]:
+def read_split_samples(
+    folder: str | Path, split: str, limits: LimitsConfig = DEFAULT_LIMITS
+) -> Iterator[dict[str, Any]]:
     """The raw samples (``__key__`` and each member's bytes: ``jpg`` or ``png``, ``json``, ``cls``) of ``split`` of
     a shard folder, in manifest order, through the loader's own stages: the shard list of the manifest, the shard
-    opener (a local file, or a URL source's shards at their URL), tar members grouped by key. A shard or sample that
-    cannot be read is skipped. For readers that want the stored images as they are (the report)."""
+    opener (a local file, or a URL source's shards at their URL), the capped tar reader (:func:`uniemo.data.tar_members.tar_members`),
+    members grouped by key. A shard or sample that cannot be read is skipped. For readers that want the stored
+    images as they are (the report)."""
     refs = list_split_shards([Path(folder)], split, required=False)
     streams = _open_shards(({"url": r.url, "storage": r.storage} for r in refs), handler=_skip_unreadable)
-    members = wds.tariterators.tar_file_expander(streams, handler=_skip_unreadable)
+    members = tar_members(streams, handler=_skip_unreadable, limits=limits)
     return wds.tariterators.group_by_keys(members, handler=_skip_unreadable)
 
 
@@ -522,6 +551,7 @@ class ShardLoader:
         shuffle_buffer: int = 256,
         multiprocessing_context: Any = None,
         pin_memory: bool = False,
+        limits: LimitsConfig | None = None,
         latent_size: int = 0,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
@@ -549,6 +579,7 @@ class ShardLoader:
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.multiprocessing_context = multiprocessing_context
         self.pin_memory = pin_memory
+        self.limits = active_limits(limits)  # fixed now: it travels to the loader workers with the stream
         self.latent_size = latent_size
         """Stage 2 with precomputed latents: G of the latents read instead of ``pixel_values`` (0: none)."""
         self.samples_consumed = 0
@@ -564,7 +595,8 @@ class ShardLoader:
     def _list_shards(self) -> tuple[list[list[ShardRef]], str]:
         shards = []
         for i, s in enumerate(self.sources):
-            refs = list_split_shards(s.folders, self.split, required=(i == 0), latent_size=self.latent_size)
+            refs = list_split_shards(s.folders, self.split, required=(i == 0), latent_size=self.latent_size,
+                                     limits=self.limits)
             if i == 0 and not any(r.samples for r in refs):
                 raise DataError(
                     f"source {s.name!r} ({', '.join(map(str, s.folders))}) has no {self.split} samples; "
@@ -678,6 +710,7 @@ class ShardLoader:
             shuffle_buffer=self.shuffle_buffer,
             transform=self.transform,
             attributes=self.attributes,
+            limits=self.limits,
         )
         loader = torch.utils.data.DataLoader(
             stream,
@@ -805,13 +838,15 @@ def build_loader(
     shuffle_buffer: int = 256,
     multiprocessing_context: Any = None,
     pin_memory: bool = False,
+    limits: LimitsConfig | None = None,
     latent_size: int = 0,
 ) -> ShardLoader:
     """The stream of one rank: a shard folder (or weighted :class:`Source` list) -> batches (``data/FORMAT.md``).
 
     ``shards`` is one folder (the source ``real``) or a list of sources whose first is the real data; the
     attribute table defaults to that folder's ``attributes.json``. ``position`` is a
-    :meth:`ShardLoader.state_dict` to continue from. See the module docstring for the guarantees.
+    :meth:`ShardLoader.state_dict` to continue from; ``limits`` caps what the shards may make it read
+    (``data.limits``). See the module docstring for the guarantees.
     """
     if isinstance(shards, (str, Path)):
         sources = [Source.of("real", shards)]
@@ -834,6 +869,7 @@ def build_loader(
         shuffle_buffer=shuffle_buffer,
         multiprocessing_context=multiprocessing_context,
         pin_memory=pin_memory,
+        limits=limits,
         latent_size=latent_size,
     )
     if position is not None:
@@ -894,6 +930,7 @@ def build_loader_from_config(
         position=position,
         shuffle_buffer=data_cfg.shuffle_buffer,
         multiprocessing_context=multiprocessing_context,
+        limits=limits_of(data_cfg),
         pin_memory=pin_memory,
         latent_size=data_cfg.generator_image_size if latents and stage == 2 else 0,
     )

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
 from uniemo.cli import main as cli_main
 from uniemo.config.loader import from_dict
 from uniemo.config.schema import Config
-from uniemo.errors import ConfigError
+from uniemo.errors import ConfigError, UserError
 from uniemo.launchers.job import Job, write_job_config
 from uniemo.launchers.ray_jobs import COMMAND_ENV, CONFIG_ENV, JOB_COMMANDS, RESUME_ENV
 from uniemo.logging import say
@@ -31,16 +32,27 @@ def main() -> int:
         say(f"error: {CONFIG_ENV} is not set or {COMMAND_ENV} is not one of {', '.join(JOB_COMMANDS)}; submit jobs "
             "with `uniemo submit ray`")
         return 2
-    try:  # fail here, with the key named, if the config does not fit this checkout
-        cfg = from_dict(Config, yaml.safe_load(text))
-    except ConfigError as exc:
+    try:
+        config_path = _write_job_config(text)
+    except UserError as exc:
         say(f"error: {exc}")
         return 2
-    config_path = write_job_config(Job(config=cfg, name=cfg.run.name))
     argv = [command, "--config", str(config_path)]
     if os.environ.get(RESUME_ENV) == "1":
         argv.append("--resume")
     return cli_main(argv)
+
+
+def _write_job_config(text: str) -> Path:
+    """``<run_dir>/launch/job.yaml`` from the job's config text, checked before anything is written: the run
+    folder comes from ``run.output_dir`` and ``run.name``, which the config's checks keep to a plain name."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{CONFIG_ENV} is not valid YAML; submit jobs with `uniemo submit ray`") from None
+    cfg = from_dict(Config, raw if raw is not None else {})  # the key named if it does not fit this checkout
+    cfg.validate()
+    return write_job_config(Job(config=cfg, name=cfg.run.name))  # the run folder of uniemo.run_layout
 
 
 if __name__ == "__main__":

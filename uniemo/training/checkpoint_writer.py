@@ -49,10 +49,14 @@ class BackgroundCheckpointEngine(CheckpointEngine):
         with self._lock:
             self._pending.append(self._executor.submit(_write, buffer, path))
 
+    loads_safely = True
+    """Its ``load`` is the restricted one (:func:`uniemo.training.safe_pickle.install_safe_engine` keeps it)."""
+
     def load(self, path: str, map_location: Any = None) -> Any:
-        # As DeepSpeed's TorchCheckpointEngine; uniemo checks a folder's pickles before DeepSpeed loads it
-        # (uniemo.training.safe_pickle.check_checkpoint_folder).
-        return torch.load(path, map_location=map_location, weights_only=False)
+        # DeepSpeed's TorchCheckpointEngine unpickles freely; every checkpoint load of uniemo is restricted.
+        from uniemo.training.safe_pickle import safe_load
+
+        return safe_load(path, map_location=map_location)
 
     def commit(self, info: CheckpointCommitInfo) -> bool:
         return True

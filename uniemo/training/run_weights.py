@@ -14,14 +14,13 @@ from stage 1, at the end of stage 2, and for inference (:mod:`uniemo.inference.r
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from uniemo.atomic import atomic_path
 from uniemo.errors import ConfigError, UserError
 from uniemo.run_layout import INITIAL_WEIGHTS_FILE, path_for_run_file, path_from_run_file, run_of_checkpoint
 from uniemo.training.checkpoint import CheckpointError, consolidated_state_dict, read_trainer_state
@@ -158,13 +157,8 @@ def save_initial_weights(run_dir: str | Path, state: dict[str, torch.Tensor]) ->
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     return path
 
 

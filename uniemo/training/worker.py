@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from uniemo.atomic import atomic_write
 from uniemo.config.loader import from_dict
 from uniemo.config.schema import Config
 from uniemo.distributed.env import (
@@ -88,9 +89,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     env = read_env()
     pid_file = worker_pid_path(run_dir, env.rank)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pid_file.with_name(f".{pid_file.name}.tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    tmp.replace(pid_file)
+    atomic_write(pid_file, f"{os.getpid()}\n")
     record_placement(run_dir, [ray_node_record(role="trainer", rank=env.rank)])
     cfg = from_dict(Config, loop_config["config"])
     run_worker(cfg, run_dir, init_from=loop_config.get("init_from"))
