@@ -336,6 +336,35 @@ def test_evaluate_over_two_ray_workers_matches_in_process(runs, judge_dir):
     assert alone["metrics"]["sem_d"]["sem_d"] == pytest.approx(paper["metrics"]["sem_d"]["sem_d"], rel=1e-6)
 
 
+def _generated(run: Path) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    return {str(p.relative_to(run)): np.asarray(Image.open(p)) for p in sorted((run / "eval" / "generated").rglob("*.png"))}
+
+
+@pytest.mark.slow
+def test_an_override_of_the_generator_changes_the_generated_images(runs, judge_dir):
+    """``uniemo evaluate --run R model.generator.guidance_scale=G`` generates with G, not with the run's own
+    guidance (it once wrote G into metrics.json and generated with the run's config)."""
+    from uniemo.config import load_config
+    from uniemo.evaluation.evaluate import evaluate_run
+
+    run = runs / "s2"
+    own = load_config(run / "config.yaml").model.generator.guidance_scale
+    base = [*EVAL, "evaluation.images_per_emotion=1"]
+    first = evaluate_run(run, judge_dir, base)
+    before = _generated(run)
+    changed = evaluate_run(run, judge_dir, [*base, "model.generator.guidance_scale=1.0", "model.generator.sampler=ddim"])
+    after = _generated(run)
+    assert own != 1.0 and first["generation"]["guidance_scale"] == own
+    assert changed["generation"]["guidance_scale"] == 1.0 and changed["generation"]["sampler"] == "ddim"
+    assert before.keys() == after.keys() and len(after) == 8  # the same seeds and files
+    assert all(not np.array_equal(before[k], after[k]) for k in after)  # every image generated with the override
+    records = [json.loads(line) for f in (run / "eval" / "generated").glob("*/generations.jsonl")
+               for line in f.read_text().splitlines()]
+    assert {(r["guidance_scale"], r["sampler"]) for r in records} == {(1.0, "ddim")}
+
+
 def test_cli_errors_exit_2(tmp_path, capsys, synth_shards):
     from uniemo.cli import main
 

@@ -138,8 +138,8 @@ def _features(model, x):
 
 
 def test_stage1_run_computes_what_the_official_model_computes(official, converted):
+    from uniemo.inference.runs import load_run
     from uniemo.training.checkpoint import latest_checkpoint, read_trainer_state
-    from uniemo.training.inference import load_run
 
     run = load_run(converted / "stage1", device="cpu")
     assert run.stage == 1 and run.step == 0
@@ -169,9 +169,10 @@ def test_stage2_run_generates_transfers_and_continues(official, converted, tmp_p
     from uniemo.config import load_config
     from uniemo.data.loader import load_attribute_table
     from uniemo.feedback.loop import bundle_of_run, resolve_from_run
+    from uniemo.inference.runs import generate_images, load_run
     from uniemo.training.checkpoint import consolidated_state_dict, latest_checkpoint, read_trainer_state
-    from uniemo.training.inference import generate_images, load_run
-    from uniemo.training.stages import _build_task, split_init
+    from uniemo.training.run_weights import split_init
+    from uniemo.training.stages import _build_task
 
     run = load_run(converted / "stage2", device="cpu")
     assert run.stage == 2 and run.step == 0
@@ -220,8 +221,8 @@ def test_stage2_run_generates_transfers_and_continues(official, converted, tmp_p
     # c is the conditioner on the STAGE-1 model's features of the drawn image (not the stage-2 model's).
     from safetensors.torch import load_file
 
-    from uniemo.training.official import official_transfer_run
-    from uniemo.training.transfer import image_features
+    from uniemo.inference.official import official_transfer_run
+    from uniemo.inference.transfer import image_features
 
     stage1_run, _ = official_transfer_run(run)
     source = Path(lines[0]["source_image"])
@@ -239,7 +240,7 @@ def test_stage2_run_generates_transfers_and_continues(official, converted, tmp_p
     cfg = load_config(converted / "stage2" / "config.yaml", [f"feedback.from_run={converted / 'stage2'}"])
     start = resolve_from_run(cfg, tmp_path / "fb")
     assert split_init(start) == (stage1_step, start)
-    task = _build_task(cfg, load_attribute_table(cfg.data), start)
+    task, _ = _build_task(cfg, load_attribute_table(cfg.data), start)
     own = task.state_dict()
     for key, value in consolidated_state_dict(start).items():
         assert torch.equal(own[key], value), key
@@ -298,7 +299,7 @@ def test_back_to_the_official_layout_and_again(official, converted, synth_shards
         assert torch.equal(best["model"][key], stage1[key]), key
 
     # ... and into uniemo again: the same weights.
-    from uniemo.training.inference import load_run
+    from uniemo.inference.runs import load_run
 
     again = tmp_path / "again"
     assert main(["convert", "official", "--stage1", str(out / "best.pth"), "--stage2", str(out), "--config",

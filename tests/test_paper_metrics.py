@@ -391,7 +391,7 @@ def test_bad_layouts_are_one_line_exit_2(tmp_path, folders, capsys):
         (["--generated", str(odd)], "named after no emotion (happy)"),
         (["--generated", str(empty)], "no images found"),
         (["--generated", str(generated), "--real", str(only_sadness), "evaluation.weights.inception=x"],
-         "evaluation.weights.inception: x does not exist"),
+         f"evaluation.weights.inception: {Path('x').resolve()} does not exist"),  # command-line paths: the cwd's
         (["--generated", str(generated), "--out", str(tmp_path)], "is a folder"),
     ]
     for argv, needle in cases:
@@ -422,7 +422,7 @@ def test_shard_split_image_set_matches_the_manifest(synth_shards):
 
 
 def test_evaluation_images_as_jpeg_carry_their_record(tmp_path):
-    from uniemo.training.inference import save_generations
+    from uniemo.inference.runs import save_generations
 
     images = np.random.default_rng(0).integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
     records = [{"file": f"awe_{s}.jpg", "emotion": "awe", "seed": s} for s in (7, 8)]

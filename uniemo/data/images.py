@@ -24,25 +24,27 @@ the judge, the report, ``uniemo classify``), so a photo looks the same everywher
 - transparent images (``RGBA``, ``LA``, ``PA``, ``P`` or ``L``/``RGB`` with a transparency colour) are
   composited on :data:`BACKGROUND`, white;
 - every other mode (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ...) is converted by PIL.
+
+Images from outside are opened with :func:`open_image`, which refuses one of more than ``data.limits.
+max_image_pixels`` from its header, before any pixel is decoded (a small PNG can decode to gigabytes). The same cap
+is PIL's own ``Image.MAX_IMAGE_PIXELS`` in every uniemo process, so other readers fail at twice it at the latest.
 """
 
 from __future__ import annotations
 
 import io
 import struct
-import sys
 import warnings
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from uniemo.config.schema import LimitsConfig
 from uniemo.data.records import RecordProblem
 
-if TYPE_CHECKING:
-    from PIL import Image
-
-# PIL and numpy are imported where pixels are touched: the shard writer's processes check JPEG and PNG files
-# without them (their import was a third of a worker's start-up).
+Image.MAX_IMAGE_PIXELS = LimitsConfig().max_image_pixels  # PIL's own cap (warns above it, fails at twice it)
 
 BACKGROUND = (255, 255, 255)
 """The colour transparent pixels are composited on (white)."""
@@ -56,14 +58,40 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
 
 
-def load_image_bytes(path: str | Path, *, decode: bool = True) -> tuple[bytes, str]:
+class TooManyPixels(ValueError):
+    """An image over ``data.limits.max_image_pixels``; its message names the size and the cap."""
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """``Image.open`` of bytes from outside, refusing (:class:`TooManyPixels`) an image of more than ``max_pixels``
+    pixels before its pixels are decoded. Other failures are PIL's (``UnidentifiedImageError``, ...)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # over twice the cap: PIL refuses before telling the size
+        raise TooManyPixels(f"over twice data.limits.max_image_pixels = {max_pixels:,} pixels") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise TooManyPixels(
+            f"{width}x{height} = {width * height:,} pixels, over data.limits.max_image_pixels = {max_pixels:,}"
+        )
+    return image
+
+
+def load_image_bytes(
+    path: str | Path, max_pixels: int = LimitsConfig().max_image_pixels, *, decode: bool = True
+) -> tuple[bytes, str]:
     """Read an image file and return ``(bytes, ext)`` with ``ext`` in ``{"jpg", "png"}``.
 
     The file must decode completely (a truncated JPEG fails) and convert to RGB (:func:`to_rgb`). JPEG/PNG bytes
     come back unchanged; any other format PIL reads comes back as the PNG of :func:`to_rgb` of its first frame.
-    With ``decode=False`` a JPEG or PNG whose structure is whole is accepted without decoding its pixels
-    (module docstring; the shard writer's check). Raises :class:`RecordProblem` with reason ``missing_image``,
-    ``empty_image`` or ``undecodable_image`` and a one-line message naming the path.
+    With ``decode=False`` a JPEG or PNG whose structure is whole (and within ``max_pixels``) is accepted without
+    decoding its pixels (module docstring; the shard writer's check).
+    Raises :class:`RecordProblem` with reason ``missing_image``, ``empty_image``, ``image_too_large`` (over
+    ``max_pixels``) or ``undecodable_image`` and a one-line message naming the path.
     """
     path = Path(path)
     try:
@@ -77,23 +105,20 @@ def load_image_bytes(path: str | Path, *, decode: bool = True) -> tuple[bytes, s
     if not data:
         raise RecordProblem("empty_image", f"{path}: image file is empty (0 bytes)")
     if not decode:
-        ext = whole_jpeg_or_png(data)
+        ext = whole_jpeg_or_png(data, max_pixels)
         if ext is not None:
             return data, ext
 
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with warnings.catch_warnings():
-            # A decompression-bomb warning is not a decoding failure; only the error form is.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                fmt = img.format or ""
-                img.load()  # decodes every byte: truncated or corrupt data raises here
-                rgb = to_rgb(img)  # what training will see: a mode PIL cannot convert fails here, not there
-                if fmt in _KEPT_FORMATS:
-                    return data, _KEPT_FORMATS[fmt]
-                return _encode_png(rgb), "png"
+        with open_image(data, max_pixels) as img:
+            fmt = img.format or ""
+            img.load()  # decodes every byte: truncated or corrupt data raises here
+            rgb = to_rgb(img)  # what training will see: a mode PIL cannot convert fails here, not there
+            if fmt in _KEPT_FORMATS:
+                return data, _KEPT_FORMATS[fmt]
+            return _encode_png(rgb), "png"
+    except TooManyPixels as e:
+        raise RecordProblem("image_too_large", f"{path}: image is {e}; resize it") from None
     except (
         UnidentifiedImageError,
         OSError,
@@ -106,24 +131,23 @@ def load_image_bytes(path: str | Path, *, decode: bool = True) -> tuple[bytes, s
         raise RecordProblem("undecodable_image", f"{path}: image does not decode ({reason})") from None
 
 
-_PIL_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # PIL.Image.MAX_IMAGE_PIXELS by default
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn carry no length
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MODES = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # colour type: bit depths
 
 
-def whole_jpeg_or_png(data: bytes) -> str | None:
+def whole_jpeg_or_png(data: bytes, max_pixels: int) -> str | None:
     """``"jpg"`` or ``"png"`` when ``data`` is a JPEG or PNG file whose structure is whole (module docstring),
     else None (another format, or a damaged file). Reads the markers or chunks only, never the pixels."""
     if data[:3] == b"\xff\xd8\xff":
-        return "jpg" if _whole_jpeg(data) else None
+        return "jpg" if _whole_jpeg(data, max_pixels) else None
     if data[:8] == _PNG_SIGNATURE:
-        return "png" if _whole_png(data) else None
+        return "png" if _whole_png(data, max_pixels) else None
     return None
 
 
-def _whole_jpeg(data: bytes) -> bool:
+def _whole_jpeg(data: bytes, max_pixels: int) -> bool:
     """Frame header (sane size and components), then a scan, then the end-of-image marker after it."""
     pos, size, frame = 2, len(data), False
     while pos + 4 <= size:
@@ -144,7 +168,7 @@ def _whole_jpeg(data: bytes) -> bool:
             if length < 8:
                 return False
             height, width, components = struct.unpack_from(">HHB", data, pos + 3)
-            frame = _decodable_size(width, height) and components in (1, 3, 4)
+            frame = _decodable_size(width, height, max_pixels) and components in (1, 3, 4)
             if not frame:
                 return False
         elif marker == 0xDA:  # start of scan: compressed data follows, up to the end-of-image marker
@@ -155,15 +179,13 @@ def _whole_jpeg(data: bytes) -> bool:
     return False
 
 
-def _decodable_size(width: int, height: int) -> bool:
-    """Not empty, and below PIL's decompression-bomb limit (a larger image fails its full decode: the error is
-    PIL's to give)."""
-    pil = sys.modules.get("PIL.Image")  # PIL's limit as the user set it, or its default when PIL is not loaded
-    limit = pil.MAX_IMAGE_PIXELS if pil is not None else _PIL_MAX_IMAGE_PIXELS
-    return width > 0 and height > 0 and (limit is None or width * height <= 2 * limit)
+def _decodable_size(width: int, height: int, max_pixels: int) -> bool:
+    """Not empty, and within ``data.limits.max_image_pixels`` (a larger image goes through the full path, which
+    refuses it as ``image_too_large``)."""
+    return width > 0 and height > 0 and width * height <= max_pixels
 
 
-def _whole_png(data: bytes) -> bool:
+def _whole_png(data: bytes, max_pixels: int) -> bool:
     """Chunks from ``IHDR`` (a valid size, colour type and bit depth) to ``IEND``, each whole with its CRC."""
     pos, size, first = 8, len(data), True
     while pos + 12 <= size:
@@ -179,13 +201,20 @@ def _whole_png(data: bytes) -> bool:
             if kind != b"IHDR" or length != 13:
                 return False
             width, height, depth, colour = struct.unpack_from(">IIBB", data, pos + 8)
-            if not _decodable_size(width, height) or depth not in _PNG_MODES.get(colour, ()):
+            if not _decodable_size(width, height, max_pixels) or depth not in _PNG_MODES.get(colour, ()):
                 return False
             first = False
         elif kind == b"IEND":
             return True
         pos = end
     return False
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """The image file at ``path`` through :func:`to_rgb`: how every reader of an image file decodes it (the
+    evaluation's generated images, the report's pictures)."""
+    with Image.open(path) as image:
+        return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -195,8 +224,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Raises:
         ValueError: a mode PIL cannot convert to RGB.
     """
-    from PIL import Image, ImageOps
-
     source = image
     if _orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
@@ -221,9 +248,6 @@ def _orientation(image: Image.Image) -> int:
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
     """An ``I``/``I;16*`` (16-bit range) or ``F`` image as mode ``L``, scaled rather than clipped."""
-    import numpy as np
-    from PIL import Image
-
     values = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
         scale = 255.0 if values.size and float(np.nanmax(values)) <= 1.0 else 1.0

@@ -5,7 +5,7 @@
 1. **The run's model, on the run's workers** (:func:`evaluate_rank`, one per rank). With
    ``distributed.num_workers`` > 1 the ranks are Ray Train workers (``TorchTrainer``, as ``uniemo train`` starts
    them, gloo on CPU / NCCL on GPU); with 1 the rank runs in this process. Each rank loads the run
-   (:func:`uniemo.training.inference.load_run`) and
+   (:func:`uniemo.inference.runs.load_run`) and
 
    - classifies its part of the **test** split: the loader's evaluation stream deals the split's shards out
      ``[rank::world_size]`` so every test sample is seen exactly once; the confusion matrices and loss sums are
@@ -41,17 +41,23 @@ import numpy as np
 
 from uniemo.config import load_config
 from uniemo.config.loader import from_dict
+from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, Config
+from uniemo.console import quiet_console
 from uniemo.data.attributes import write_json_atomic
+from uniemo.data.images import read_rgb
 from uniemo.data.loader import build_loader, build_loader_from_config, load_attribute_table
-from uniemo.data.shards import ensure_synthetic_shards
+from uniemo.data.source import data_source
 from uniemo.distributed.env import apply_worker_env, backend_for, device_for, ensure_process_group, read_env
-from uniemo.distributed.ray_train import _check_wandb, absolute_paths, fit, ray_session, torch_trainer
+from uniemo.distributed.ray_session import ray_session
+from uniemo.distributed.ray_trainer import fit, torch_trainer
 from uniemo.errors import UserError
 from uniemo.evaluation import metrics, paper_metrics, paper_nets
 from uniemo.evaluation.image_sets import ImageSet, read_image_folder, read_shard_split
 from uniemo.evaluation.judge import describe, load_judge, same_data
-from uniemo.logging import RunLogger, read_metrics, say
+from uniemo.inference.runs import default_device, generate_images, load_run
+from uniemo.logging import RunLogger, check_wandb_credentials, read_metrics, say
+from uniemo.models.generation import SamplingSettings, sampling_settings
 from uniemo.run_files import (
     EVALUATION_VERSION,
     EmotionFunnel,
@@ -72,9 +78,10 @@ from uniemo.run_layout import (
     UNDERSTANDING_FILE,
     WANDB_ID_FILE,
     is_export,
+    path_for_run_file,
 )
+from uniemo.seeds import evaluation_seeds
 from uniemo.training.checkpoint import checkpoint_step, require_checkpoint
-from uniemo.training.inference import default_device, generate_images, load_run
 from uniemo.training.preflight import check_evaluation_data
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -82,7 +89,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from uniemo.config.schema import Config
     from uniemo.evaluation.judge import Judge
-    from uniemo.training.inference import LoadedRun
+    from uniemo.inference.runs import LoadedRun
 
 
 
@@ -93,9 +100,10 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Part 1: one rank
 # ---------------------------------------------------------------------------------------------------------
-def emotion_seed(cfg: Config, k: int) -> int:
-    """Seed of the first evaluation image of emotion ``k``; image i has this + i."""
-    return cfg.evaluation.seed + k * cfg.evaluation.images_per_emotion
+def evaluation_sampling(cfg: Config) -> SamplingSettings:
+    """How the evaluation samples: ``evaluation.sampling_steps``, else ``model.generator``'s settings, of the
+    evaluation's config (the run's ``config.yaml`` plus the overrides given)."""
+    return sampling_settings(cfg.model.generator, steps=cfg.evaluation.sampling_steps)
 
 
 def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None) -> None:
@@ -124,7 +132,7 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
 
             write_json_atomic(run_dir / EVAL_DIR / UNDERSTANDING_FILE, {
                 "step": run.step,
-                "checkpoint": str(run.source),
+                "checkpoint": path_for_run_file(run.source, run_dir),
                 "confusion": confusion.tolist(),
                 "loss": float(vector[-1]) / samples if samples else None,
                 "workers": env.world_size,
@@ -135,10 +143,14 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
             emotion = EMOTIONS[k]
             t0 = time.perf_counter()
 
+            # The evaluation's config (the run's plus its overrides), not the run's own: an override such as
+            # model.generator.guidance_scale is what the images are generated with, and what metrics.json reports.
+            steps, guidance, sampler = evaluation_sampling(cfg)
             generate_images(
                 run, emotion, cfg.evaluation.images_per_emotion, run_dir / EVAL_DIR / GENERATED_DIR / emotion,
-                seed=emotion_seed(cfg, k), steps=cfg.evaluation.sampling_steps,
-                batch_size=cfg.model.generator.generation_batch_size, image_format=cfg.evaluation.image_format,
+                seed=evaluation_seeds(cfg.evaluation.seed, k, cfg.evaluation.images_per_emotion)[0], steps=steps,
+                guidance_scale=guidance, sampler=sampler, batch_size=cfg.model.generator.generation_batch_size,
+                image_format=cfg.evaluation.image_format,
             )
             _say(f"rank {env.rank}: {cfg.evaluation.images_per_emotion} {emotion} images generated "
                  f"({time.perf_counter() - t0:.1f} s)")
@@ -203,7 +215,7 @@ def _real_test_set(cfg: Config, judge: Judge) -> tuple[np.ndarray, np.ndarray, n
     """``(probs [N,K], features [N,F], labels [N])`` of the real test split through the judge's transform."""
 
     loader = build_loader(
-        ensure_synthetic_shards(cfg.data), "test", rank=0, world_size=1, batch_size=64,
+        data_source(cfg.data), "test", rank=0, world_size=1, batch_size=64,
         num_workers=cfg.data.num_workers, transform=judge.transform, training=False,
         attributes=load_attribute_table(cfg.data),
     )
@@ -233,7 +245,7 @@ def real_image_set(cfg: Config) -> ImageSet:
     test split read from its local shards."""
     if cfg.evaluation.real_images:
         return read_image_folder(cfg.evaluation.real_images, "evaluation.real_images")
-    return read_shard_split(ensure_synthetic_shards(cfg.data), "test")
+    return read_shard_split(data_source(cfg.data), "test")
 
 
 def _check_paper_inputs(cfg: Config) -> None:
@@ -257,7 +269,6 @@ def _paper_generation(cfg: Config, run_dir: Path) -> dict[str, Any]:
 def _judge_generation(cfg: Config, run_dir: Path, judge: Judge) -> tuple[dict, dict]:
     """Generation metrics (the judge's Emo-A, FID and diversity, and EmoGen's protocol where its weights are
     configured) and the judge's accuracy on the real test split."""
-    from PIL import Image
 
 
     real_probs, real_feats, real_labels = _real_test_set(cfg, judge)
@@ -271,7 +282,7 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge) -> tuple[dict, d
     paths, fake_labels, seeds = _generated_set(run_dir)
     chunks = []
     for start in range(0, len(paths), 256):  # a thousand 512-px images per emotion do not fit in memory at once
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in paths[start : start + 256]]
+        images = [np.asarray(read_rgb(p)) for p in paths[start : start + 256]]
         chunks.append(judge.predict(judge.preprocess(images)))
     fake_probs = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, NUM_EMOTIONS), np.float32)
     fake_feats = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, judge.feature_dim), np.float32)
@@ -301,11 +312,12 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge) -> tuple[dict, d
             "pairs_per_emotion of them, values are not comparable to EmoGen's table"
         ),
     }
+    sampling = evaluation_sampling(cfg)
     generation = {
         "images_per_emotion": ev.images_per_emotion,
-        "sampling_steps": ev.sampling_steps or cfg.model.generator.sampling_steps,
-        "guidance_scale": cfg.model.generator.guidance_scale,
-        "sampler": cfg.model.generator.sampler,
+        "sampling_steps": sampling.steps,
+        "guidance_scale": sampling.guidance_scale,
+        "sampler": sampling.sampler,
         "images_dir": f"{EVAL_DIR}/{GENERATED_DIR}",
         "seeds": seeds,
         "emo_a": emo_a,
@@ -395,13 +407,18 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     ``distributed.num_workers``, ``data.num_workers``, ...).
     """
 
-    started = time.perf_counter()
     run_dir = Path(run_dir).expanduser().resolve()
     step_dir = _check_run(run_dir)
+    with quiet_console(run_dir):  # other packages' console output to <run>/uniemo.log (uniemo.console)
+        return _evaluate_run(run_dir, step_dir, judge_dir, cfg_overrides)
+
+
+def _evaluate_run(run_dir: Path, step_dir: Path, judge_dir: str | Path | None, cfg_overrides: Any) -> Evaluation:
+    started = time.perf_counter()
     cfg = absolute_paths(load_config(run_dir / CONFIG_FILE, list(cfg_overrides)))
     if cfg.logging.wandb.mode == "online":
 
-        _check_wandb(cfg)  # before the work, not after it
+        check_wandb_credentials(cfg)  # before the work, not after it
     judge_path = resolve_judge_dir(run_dir, judge_dir, cfg)
     judge = load_judge(judge_path)
     left_out, notes = check_evaluation_data(cfg)  # the test split exists; what data without annotations left out
@@ -444,7 +461,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     result: Evaluation = {
         "version": EVALUATION_VERSION,
         "run": {
-            "dir": str(run_dir),
+            "dir": ".",  # where metrics.json is: paths in run files are relative to their run folder
             "name": cfg.run.name,
             "id": wandb_id.read_text().strip() if wandb_id.is_file() else cfg.run.name,
             "stage": stage,
@@ -454,7 +471,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
         "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "evaluation": {
             **dataclasses.asdict(cfg.evaluation),
-            "judge": str(judge_path.resolve()),
+            "judge": path_for_run_file(judge_path.resolve(), run_dir),
             "workers": cfg.distributed.num_workers,
             "distributed": how,
             "seconds": {
@@ -468,7 +485,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
         "generation": generation or None,
         "judge": {
             "name": f"judge:{judge.name}",
-            "dir": str(judge_path.resolve()),
+            "dir": path_for_run_file(judge_path.resolve(), run_dir),
             "architecture": judge.info.get("architecture"),
             "val_accuracy": judge.info.get("val_accuracy"),
             "test_accuracy": judge_on_run["top1"],
@@ -485,7 +502,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     })
     write_json_atomic(run_dir / EVALUATION_FILE, result)
     _log_wandb(cfg, run_dir, result)
-    _say(summary_line(result))
+    _say(summary_line(result, run_dir))
     return result
 
 
@@ -545,8 +562,8 @@ def _log_wandb(cfg: Config, run_dir: Path, result: Evaluation) -> None:
         logger.close()
 
 
-def summary_line(result: Evaluation) -> str:
-    """One line of the headline numbers."""
+def summary_line(result: Evaluation, run_dir: str | Path) -> str:
+    """One line of the headline numbers, naming ``<run_dir>/metrics.json``."""
     u = result["understanding"]
     parts = [f"test top-1 {u['top1']:.3f} ({u['samples']} images)"]
     g = result.get("generation")
@@ -558,4 +575,4 @@ def summary_line(result: Evaluation) -> str:
         parts.append(f"Sem-D {sem_d:.4g}" if sem_d is not None else "Sem-D n/a")
         if g.get("paper", {}).get("metrics"):
             parts.append(f"EmoGen protocol: {paper_metrics.summary(g['paper'])}")
-    return f"{result['run']['dir']}/{EVALUATION_FILE}: " + ", ".join(parts)
+    return f"{Path(run_dir) / EVALUATION_FILE}: " + ", ".join(parts)

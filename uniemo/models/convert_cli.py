@@ -10,7 +10,7 @@ diffusers configs and tokenizer of the same model family (``hf download stable-d
 --include '*.json' '*.txt' --local-dir sd15-config``). Nothing is downloaded and no pickle is opened.
 
 ``official`` turns the files of the official UniEmo code into run folders ``OUT/stage1`` and ``OUT/stage2``
-(:mod:`uniemo.training.official`); its pickles are read with torch's restricted unpickler only.
+(:mod:`uniemo.inference.official`); its pickles are read with torch's restricted unpickler only.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _sd_single_file(args: argparse.Namespace) -> int:
 
 
 def _official(args: argparse.Namespace) -> int:
-    from uniemo.training.official import convert_official
+    from uniemo.inference.official import convert_official
 
     report = convert_official(config=args.config, out=args.out, stage1=args.stage1, stage2=args.stage2,
                               space=args.space, overrides=args.overrides)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
+from uniemo.atomic import atomic_path
 from uniemo.config.schema import UnderstandingConfig
 from uniemo.errors import ConfigError
 from uniemo.models.tokenizer import MAX_LENGTH, build_local_tokenizer
@@ -45,7 +45,7 @@ _BATCH = 256
 
 
 def random_text_config(embed_dim: int, vocab_size: int) -> CLIPTextConfig:
-    """The small random CLIP text tower (MODELS.md): hidden = projection = ``embed_dim``, 2 layers, 77 positions."""
+    """The small random CLIP text tower of the small presets: hidden = projection = ``embed_dim``, 2 layers, 77 positions."""
     heads = 4 if embed_dim % 4 == 0 else (2 if embed_dim % 2 == 0 else 1)
     tokenizer = build_local_tokenizer()  # only its special-token ids
     return CLIPTextConfig(
@@ -192,9 +192,8 @@ def attribute_text_features(
         features_NE = torch.zeros(0, model.text_projection.out_features)  # E: the projection width
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write-then-rename: ranks that race on the same cache file each write a whole file.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"features": features_NE.contiguous()}, str(tmp), metadata={"names": json.dumps(names)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"features": features_NE.contiguous()}, str(tmp), metadata={"names": json.dumps(names)})
     return features_NE
 
 

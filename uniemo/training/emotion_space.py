@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from uniemo.data.loader import build_loader_from_config, list_split_shards
-from uniemo.data.shards import ensure_synthetic_shards
+from uniemo.data.source import data_source
 from uniemo.data.transforms import SampleTransform
 from uniemo.models.emotion_space import EmotionSpace
 
@@ -65,7 +65,7 @@ def emotion_space_loader(
     """
 
     if num_workers is None:
-        shards = list_split_shards([ensure_synthetic_shards(cfg.data)], "train", required=True)
+        shards = list_split_shards([data_source(cfg.data)], "train", required=True)
         num_workers = max(0, min(cfg.data.num_workers, len(shards) // max(1, world_size)))
     return build_loader_from_config(
         cfg.data,

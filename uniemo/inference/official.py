@@ -58,6 +58,7 @@ from uniemo.run_layout import (
     EMOTION_SPACE_FILE,
     TRAINER_STATE_FILE,
     is_export,
+    run_of_checkpoint,
     step_dir_name,
 )
 from uniemo.training.checkpoint import (
@@ -65,10 +66,15 @@ from uniemo.training.checkpoint import (
     CheckpointError,
     atomic_write_text,
     publish,
-    read_trainer_state,
     resolve_checkpoint,
 )
 from uniemo.training.emotion_space import compute_emotion_space, emotion_space_dims, emotion_space_loader
+from uniemo.training.run_weights import (
+    UNDERSTANDING,
+    load_initial_weights,
+    load_stage1_understanding,
+    recorded_init,
+)
 
 __all__ = [
     "ConversionReport",
@@ -420,7 +426,7 @@ def export_official(run: str | Path, out: str | Path) -> list[Path]:
         UserError: ``out`` is not empty; the run has no scene or object queries, or its mappers are not the official
             MLP (the official layout cannot hold them).
     """
-    from uniemo.training.inference import load_run
+    from uniemo.inference.runs import load_run
 
     source = Path(run)
     out = Path(out).expanduser().resolve()
@@ -455,7 +461,7 @@ def export_official(run: str | Path, out: str | Path) -> list[Path]:
 
 
 def _export_stage2(loaded: Any, source: Path, model_state, head_state, tmp: Path, out: Path) -> list[str]:
-    from uniemo.training.inference import require_stage2
+    from uniemo.inference.runs import require_stage2
 
     parts = require_stage2(loaded, "an official export")
     conditioner = parts.conditioner
@@ -470,14 +476,17 @@ def _export_stage2(loaded: Any, source: Path, model_state, head_state, tmp: Path
     stage1 = _stage1_checkpoint(loaded)
     if stage1 is not None:
         from uniemo.models.understanding import UnderstandingModel
-        from uniemo.training.stages import load_stage1_understanding
 
-        # Parameters no stage-1 checkpoint holds (frozen projections, logit scales) are rebuilt from the seed, as
-        # load_run rebuilds them; the official stage 2 and inference do not use them.
-        torch.manual_seed(loaded.config.run.seed)
-        understanding = UnderstandingModel(loaded.config.model.understanding, len(loaded.attributes.scenes),
-                                           len(loaded.attributes.objects), dims=loaded.understanding.dims)
-        load_stage1_understanding(understanding, stage1)
+        # Parameters no stage-1 checkpoint holds (frozen projections, logit scales) come from the stage-1 run's
+        # initial weights (a run written before they were saved: its seed, as load_run does); the official stage 2
+        # and inference do not use them.
+        stage1_run = run_of_checkpoint(stage1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(loaded.config.run.seed)
+            understanding = UnderstandingModel(loaded.config.model.understanding, len(loaded.attributes.scenes),
+                                               len(loaded.attributes.objects), dims=loaded.understanding.dims)
+        load_initial_weights(understanding, stage1_run, prefix=UNDERSTANDING)
+        load_stage1_understanding(understanding, stage1, hint="use the stage-1 run this stage-2 run records")
         model1, head1, _ = fmt.understanding_to_official(understanding.state_dict())
         torch.save({"model": model1, "Emo_classifier": head1}, tmp / fmt.STAGE1_FILE)
         names.append(fmt.STAGE1_FILE)
@@ -495,12 +504,8 @@ def _stage1_checkpoint(loaded: Any) -> Path | None:
     without --stage1); None when there is none."""
     if is_export(loaded.source) or not (Path(loaded.source) / TRAINER_STATE_FILE).is_file():
         return None
-    init = read_trainer_state(loaded.source).get("init_from") or loaded.config.training.init_from
-    if not init:
-        return None
-    try:
-        step = resolve_checkpoint(init)
-    except CheckpointError:
+    step = recorded_init(loaded.source)
+    if step is None or not step.is_dir():
         return None
     return None if step.resolve() == Path(loaded.source).resolve() else step
 
@@ -518,21 +523,19 @@ def official_transfer_run(run: Any) -> tuple[Any, str]:
     Raises:
         UserError: ``run`` is an export (it does not hold the stage-1 weights).
     """
-    from uniemo.training.stages import load_stage1_understanding
-
     check_official_transfer_source(run.source)
-    init = read_trainer_state(run.source).get("init_from") or run.config.training.init_from
-    if not init:
+    step = recorded_init(run.source)
+    if step is None:
         raise UserError(f"{run.source} does not record its stage-1 checkpoint (init_from); pass a stage-2 run folder")
     try:
-        step = resolve_checkpoint(init)
+        step = resolve_checkpoint(step)
     except CheckpointError as e:
         raise UserError(f"the stage-1 checkpoint of {run.source} cannot be read: {e}") from None
     if step.resolve() == Path(run.source).resolve():
         return run, f"ViT: the run's own ({step}; a conversion without --stage1 records no stage-1 weights)"
     device = run.device
     understanding = copy.deepcopy(run.understanding).cpu()
-    load_stage1_understanding(understanding, step)
+    load_stage1_understanding(understanding, step, hint="use the stage-1 run this stage-2 run records")
     return dataclasses.replace(run, understanding=understanding.to(device).eval()), f"ViT: stage 1 ({step})"
 
 

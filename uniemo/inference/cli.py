@@ -12,7 +12,7 @@
 ``--run`` is a run folder (``runs/<name>``, its latest checkpoint is used) or a folder written by ``uniemo export``.
 ``export --official`` writes the official UniEmo layout (best.pth; VIT_query.pth, mapper*.pth, params.json,
 UniEmo_space/); ``transfer --official`` takes the official ``inference_transfer.py`` defaults: the stage-1 ViT, the
-object ``bag`` and, with ``--emoset``, a random image of the target emotion per output (:mod:`uniemo.training.official`).
+object ``bag`` and, with ``--emoset``, a random image of the target emotion per output (:mod:`uniemo.inference.official`).
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from uniemo.inference.export import export_run
     from uniemo.run_layout import EXPORT_MANIFEST
-    from uniemo.training.export import export_run
 
     if args.official:
-        from uniemo.training.official import export_official
+        from uniemo.inference.official import export_official
 
         files = export_official(args.run, args.out or Path(args.run) / "official")
         shown = sorted({str(f.relative_to(files[0].parent)).split("/")[0] for f in files})
@@ -107,7 +107,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from uniemo.training.inference import emotion_index, generate_images, load_run
+    from uniemo.inference.runs import emotion_index, generate_images, load_run
 
     emotion_index(args.emotion)  # a bad name fails before the models load
     run = load_run(args.run, device=_device(args.device))
@@ -122,14 +122,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _transfer(args: argparse.Namespace) -> int:
     from uniemo.errors import UserError
-    from uniemo.training.inference import emotion_index, load_run, request_seeds
-    from uniemo.training.official import (
+    from uniemo.inference.official import (
         OFFICIAL_OBJECT,
         check_official_transfer_source,
         emoset_images,
         official_transfer_run,
     )
-    from uniemo.training.transfer import check_request, transfer_image
+    from uniemo.inference.runs import emotion_index, load_run
+    from uniemo.inference.transfer import check_request, transfer_image
+    from uniemo.seeds import request_seeds
 
     emotion_index(args.emotion)  # bad arguments or a missing image fail before the models load
     object_word = OFFICIAL_OBJECT if args.official and args.object_word is None else args.object_word
@@ -160,7 +161,7 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from uniemo.training.inference import classify_images, load_run
+    from uniemo.inference.runs import classify_images, load_run
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
