@@ -349,3 +349,34 @@ def test_compact_string_set_finds_repeats_with_their_tag():
     assert len(seen) == 5000
     assert [seen.add(name, 3) for name in names[::997]] == [i % 3 for i in range(0, 5000, 997)]
     assert seen.add("not seen yet") is None and len(seen) == 5001
+
+
+def test_structural_check_accepts_whole_jpeg_and_png_and_nothing_broken_or_over_the_cap(tmp_path):
+    """The shard writer's check without decoding (uniemo/data/images.py): whole files pass; a truncated file, a
+    flipped byte in a PNG chunk, a JPEG without its end marker, and an image over the pixel cap do not (they go
+    through the full decode, which names the reason)."""
+    from uniemo.data.images import load_image_bytes, whole_jpeg_or_png
+    from uniemo.data.records import RecordProblem
+
+    files = {}
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format=fmt)
+        files[fmt] = buf.getvalue()
+    jpg, png = files["JPEG"], files["PNG"]
+    assert whole_jpeg_or_png(jpg, 10_000) == "jpg" and whole_jpeg_or_png(png, 10_000) == "png"
+    flipped = bytearray(png)
+    flipped[40] ^= 0xFF  # inside IDAT: its CRC no longer matches
+    broken = [jpg[: len(jpg) // 2], png[: len(png) // 2], jpg[:-2], bytes(flipped), b"GIF89a" + jpg[6:]]
+    assert [whole_jpeg_or_png(b, 10_000) for b in broken] == [None] * len(broken)
+    assert whole_jpeg_or_png(jpg, 40 * 30 - 1) is None and whole_jpeg_or_png(png, 40 * 30 - 1) is None
+
+    (tmp_path / "a.png").write_bytes(png)
+    assert load_image_bytes(tmp_path / "a.png", decode=False) == (png, "png")
+    with pytest.raises(RecordProblem) as info:
+        load_image_bytes(tmp_path / "a.png", 40 * 30 - 1, decode=False)
+    assert info.value.reason == "image_too_large"
+    (tmp_path / "b.jpg").write_bytes(jpg[: len(jpg) // 2])
+    with pytest.raises(RecordProblem) as info:
+        load_image_bytes(tmp_path / "b.jpg", decode=False)
+    assert info.value.reason == "undecodable_image"
