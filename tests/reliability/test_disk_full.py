@@ -153,7 +153,8 @@ def _train(run_root: Path, shards: Path, steps: int, *flags: str) -> subprocess.
         *uniemo_command(), "train", "--config", str(REPO / "configs" / "tiny_stage1.yaml"), *flags,
         f"data.shards={shards}", f"run.output_dir={run_root}", "run.name=full", "logging.wandb.mode=disabled",
         "logging.progress=false", "data.image_size=32", "model.understanding.image_size=32", "data.batch_size=4",
-        "data.num_workers=0", f"training.steps={steps}", "training.eval_every=0", "training.checkpoint_every=2",
+        "data.num_workers=0", "logging.every=1", f"training.steps={steps}", "training.eval_every=0",
+        "training.checkpoint_every=2",
         "training.keep_checkpoints=1", "distributed.max_failures=1",
     ]
     return subprocess.run(args, capture_output=True, text=True, timeout=600, env=_env(), cwd=run_root.parent)
@@ -247,7 +248,7 @@ def test_feedback_round_on_a_full_disk_ends_in_one_line_and_resumes(start_runs, 
             for e in json.loads((round0 / "manifest.json").read_text())["shards"]
         )
         assert manifest_folders(run / SYNTHETIC_DIR) == [round0]
-        assert not (run / STAGING_DIR).exists() and not round_report_path(run, 1).exists()
+        assert not (run / STAGING_DIR / "round-1").exists() and not round_report_path(run, 1).exists()
         assert latest_checkpoint(run).name == "step-000002"
 
         filler.unlink()
