@@ -222,6 +222,7 @@ def build_phases(root: Path, shards: Path, shard_size: int) -> dict[str, float]:
 
     out: dict[str, float] = {}
     manifest = S.read_manifest(shards)
+    root = root.resolve()  # as the writer does: the records' image paths (in each shard's digest) start with it
     start = time.perf_counter()
     plan = S.plan_dataset("emoset", root, shards / ".bench-records.tmp", on_error="skip", shard_size=shard_size,
                           shuffle_seed=0)
