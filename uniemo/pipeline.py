@@ -132,7 +132,8 @@ def _stage_feedback(p: Pipeline, resume: bool) -> dict[str, Any]:
 
     cfg = p.stage_config("feedback")
     summary = run_feedback(cfg, resume=resume)  # resume=True also starts a fresh loop
-    return {"run": str(p.run_dir("feedback")), **_small(summary)}
+    # What depends on the async loop's timing, per round (run_files.RoundTiming): read these to tell two runs apart.
+    return {"run": str(p.run_dir("feedback")), **_small(summary), "rounds": summary["timing"]}
 
 
 def _stage_judge(p: Pipeline, resume: bool) -> dict[str, Any]:
@@ -230,7 +231,10 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
         _say(f"--resume: {p.root} holds no pipeline yet; starting it")
     p.root.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, p.root)
+    from uniemo.run_files import PIPELINE_VERSION
+
     state.setdefault("stages", {})
+    state["version"] = PIPELINE_VERSION
     state["root"] = str(p.root)
     state["order"] = p.stages
     _write_state(p.root, state)

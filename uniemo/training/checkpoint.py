@@ -42,6 +42,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,10 +178,11 @@ def publish(run_dir: str | Path, step_dir: Path) -> None:
     atomic_write_text(checkpoints_dir(run_dir) / LATEST_FILE, step_dir.name + "\n")
 
 
-def rotate(run_dir: str | Path, keep: int) -> list[Path]:
+def rotate(run_dir: str | Path, keep: int, keep_steps: Collection[int] = ()) -> list[Path]:
     """Delete all but the newest ``keep`` complete step folders, and incomplete folders older than ``latest``.
 
-    The folder ``latest`` names is never deleted. Returns the deleted folders.
+    The folder ``latest`` names is never deleted, nor the complete folders of ``keep_steps`` (the pinned feedback
+    pool still has to read them). Returns the deleted folders.
     """
     root = checkpoints_dir(run_dir)
     latest = latest_checkpoint(run_dir)
@@ -192,7 +194,7 @@ def rotate(run_dir: str | Path, keep: int) -> list[Path]:
             steps[p] = step
     folders = sorted(steps, key=steps.__getitem__)
     complete = [p for p in folders if is_complete(p)]
-    doomed = complete[: max(0, len(complete) - keep)]
+    doomed = [p for p in complete[: max(0, len(complete) - keep)] if steps[p] not in keep_steps]
     if latest_step is not None:
         doomed += [p for p in folders if not is_complete(p) and steps[p] < latest_step]
     deleted = []
@@ -345,11 +347,13 @@ class Checkpointer:
         step: int,
         trainer_state: dict[str, Any],
         loader_state: dict[str, Any],
+        keep_steps: Collection[int] = (),
     ) -> Path:
         """Write the checkpoint of ``step`` and publish it as ``latest`` (module docstring for the protocol).
 
         ``trainer_state`` (the same on every rank) goes into ``trainer_state.json`` with the loader position of
-        every rank (``loader_state`` is this rank's ``ShardLoader.state_dict()``).
+        every rank (``loader_state`` is this rank's ``ShardLoader.state_dict()``). The rotation keeps the folders
+        of ``keep_steps`` besides the newest ``keep``.
         """
         folder = self.root / step_dir_name(step)
         published = latest_checkpoint(self.run_dir)
@@ -372,7 +376,7 @@ class Checkpointer:
         _barrier()  # every rank has finished writing
         if self.env.is_main:
             publish(self.run_dir, folder)
-            rotate(self.run_dir, self.keep)
+            rotate(self.run_dir, self.keep, keep_steps)
         _barrier()  # nobody reads `latest` (or exits) before it is published
         return folder
 
