@@ -1,4 +1,4 @@
-"""Shards streamed from URLs (issue 13): a real HTTP server and a real S3-compatible server (moto) on 127.0.0.1.
+"""Shards streamed from URLs: a real HTTP server and a real S3-compatible server (moto) on 127.0.0.1.
 
 The session's shard folder is served over HTTP (``http.server`` in a thread) and uploaded to a bucket of a moto
 server (its own process). Checked: the streams from each URL (and from a ``pipe:`` command) are the local
@@ -185,23 +185,23 @@ def test_url_extra_source_is_mixed_in(sources, http_root, tmp_path):
     assert names == {"real", "mirror"}
 
 
-def test_local_manifest_may_list_shards_at_urls(sources, synth_shards, http_root, tmp_path):
-    """A local folder whose manifest names its shards by URL (here HTTP) streams them; their sizes are checked."""
+def test_a_manifest_never_lists_shards_by_url_or_path(synth_shards, http_root, tmp_path):
+    """Shard names are plain file names of the manifest's own folder (or URL): a name that is a URL, a path or a
+    command is one line naming the manifest and the entry, before anything is opened. A folder of shards elsewhere
+    is a source of its own (``data.shards`` or ``data.extra_sources`` set to its URL)."""
     folder = tmp_path / "listing"
     folder.mkdir()
     shutil.copy(synth_shards / "attributes.json", folder)
-    manifest = read_manifest(synth_shards)
-    for entry in manifest["shards"]:
-        entry["name"] = f"{http_root}/shards/{entry['name']}"
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
-    assert ensure_synthetic_shards(_data_cfg(str(folder), tmp_path)) == folder
-    args = dict(rank=0, world_size=1, batch_size=8, num_workers=1, transform=EVAL, training=False)
-    got = [b["key"] for b in build_loader(folder, "val", **args)]
-    assert got == [b["key"] for b in build_loader(synth_shards, "val", **args)] and got
-    manifest["shards"][0]["name"] = f"{http_root}/shards/gone.tar"
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="lists shard .*gone.tar, which is missing"):
-        ensure_synthetic_shards(_data_cfg(str(folder), tmp_path))
+    for bad in (f"{http_root}/shards/train-000000.tar", "pipe:cat train-000000.tar", "../shards/train-000000.tar",
+                str(synth_shards / "train-000000.tar")):
+        manifest = read_manifest(synth_shards)
+        manifest["shards"][1]["name"] = bad
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+        with pytest.raises(DataError) as info:
+            ensure_synthetic_shards(_data_cfg(str(folder), tmp_path))
+        message = str(info.value)
+        assert "\n" not in message and f"{folder / MANIFEST_FILE} entry 1: shard name {bad!r}" in message, message
+        assert "is not a plain file name" in message
 
 
 def test_missing_or_unreachable_urls_are_one_line(sources, http_root, s3_endpoint, tmp_path):

@@ -135,10 +135,12 @@ def test_deepspeed_zero_to_fp32_reads_the_checkpoint(stage1_run, tmp_path):
 
 
 def test_resume_is_equivalent_to_a_straight_run(stage1_run, base):
-    half = _train(base, "r", *STAGE1, f"training.stop_at_step={STEPS // 2}")
+    # Saved in the background (training.async_checkpoint): published on both ranks' "written" (a collective each
+    # step), the same checkpoints and the same resumed run as the synchronous reference's.
+    half = _train(base, "r", *STAGE1, f"training.stop_at_step={STEPS // 2}", "training.async_checkpoint=true")
     run = Path(half["run_dir"])
     assert half["step"] == STEPS // 2 and latest_checkpoint(run).name == "step-000008"
-    full = _train(base, "r", *STAGE1, resume=True)
+    full = _train(base, "r", *STAGE1, "training.async_checkpoint=true", resume=True)
     assert full["step"] == STEPS and full["resumed_from"].endswith("step-000008")
     assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))
     assert _losses(run) == pytest.approx(_losses(stage1_run), rel=1e-6, abs=1e-7)

@@ -5,7 +5,7 @@
 effects) elsewhere, so the loop calls ``logger.log(...)`` on every rank without ``if rank == 0``.
 
 - ``metrics.jsonl``: one JSON object per logged step (``step``, each loss term, learning rates, ``samples_per_s``,
-  validation metrics when the step validated). Opening it for a run resumed at step N drops the lines after N,
+  ``data_wait_share``, validation metrics when the step validated). Opening it for a run resumed at step N drops the lines after N,
   so the file stays one line per step however often the run was interrupted.
 - wandb with ``logging.wandb.mode`` passed explicitly (``online`` / ``offline`` / ``disabled``; offline by
   default, no network needed), files under ``<run_dir>/wandb/``, the resolved config attached, one wandb run
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 import uuid
@@ -34,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from uniemo.config.schema import Config
 
+from uniemo.atomic import atomic_path, atomic_write
 from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE, WANDB_ID_FILE
 
 
@@ -68,9 +68,7 @@ def truncate_metrics(path: str | Path, keep_through_step: int) -> int:
             continue  # a line cut by a crash
         if isinstance(record, dict) and int(record.get("step", 0)) <= keep_through_step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(f"{line}\n" for line in kept))
     return len(kept)
 
 
@@ -206,10 +204,7 @@ class RunLogger(NullRunLogger):
                             f"val/accuracy {record['val/accuracy']:.3f}")
 
     def write_json(self, name: str, data: Any) -> None:
-        path = self.run_dir / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write(self.run_dir / name, json.dumps(data, indent=1) + "\n")
 
     def info(self, message: str) -> None:
         if self._bar is not None:
@@ -252,9 +247,8 @@ class RunLogger(NullRunLogger):
         """A file of the run written once (by this rank) and atomically: ``write(tmp)``, then renamed to
         ``<run_dir>/<name>``."""
         path = self.run_dir / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write(tmp)
         return path
 
     def log_samples(self, step: int, make: Callable[[], dict[str, np.ndarray]]) -> list[Path]:

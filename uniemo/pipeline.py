@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from uniemo.atomic import atomic_write
 from uniemo.config import Config, save_resolved, with_overrides
 from uniemo.config.schema import PIPELINE_STAGES
 from uniemo.errors import UserError
@@ -98,9 +99,7 @@ def _read_state(root: Path) -> dict[str, Any]:
 
 def _write_state(root: Path, state: dict[str, Any]) -> None:
     path = root / PIPELINE_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(state, indent=2) + "\n")
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import subprocess
 import types
 import typing
@@ -18,11 +19,13 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from uniemo import __version__
+from uniemo.atomic import atomic_write
 from uniemo.config.schema import Config
 from uniemo.errors import ConfigError
 from uniemo.run_layout import CONFIG_FILE
 
 _MISSING = object()
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -210,6 +213,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
+        if _CONTROL.search(value):
+            # Names and paths end up in file names, batch scripts and log lines: a newline would start a new one.
+            raise ConfigError(f"{key}={value!r} holds a control character (newline, tab, ...); remove it")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {key}")  # a schema bug, not a user error
 
@@ -245,7 +251,5 @@ def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / CONFIG_FILE
     text = f"# code_version: {code_version()}\n" + dump_config(cfg)
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write(out, text)
     return out

@@ -9,6 +9,7 @@ Ownership: each section is one dataclass. Later issues extend their own section.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,14 +30,28 @@ EMOTIONS: tuple[str, ...] = (
 NUM_EMOTIONS = len(EMOTIONS)
 
 
+NAME_CHARS = "A-Za-z0-9._=,+-"
+"""The characters of a run name (``run.name``, sweep points): safe in a file name, a SLURM log pattern, a shell
+word and a wandb run name."""
+_RUN_NAME = re.compile(rf"[A-Za-z0-9][{NAME_CHARS}]{{0,99}}")
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
-    """Run directory name; the run lives in ``<output_dir>/<name>/``."""
+    """Run directory name; the run lives in ``<output_dir>/<name>/``. A plain name: letters, digits and
+    ``._=,+-``, starting with a letter or digit, at most 100 characters (no ``/``, no ``..``)."""
     output_dir: str = "runs"
     """Parent folder of run directories."""
     seed: int = 0
     """Global seed (data order, initialisation, sampling)."""
+
+    def validate(self) -> None:
+        if not _RUN_NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"run.name={self.name!r} is not a plain name; use letters, digits and ._=,+- (starting with a letter "
+                "or digit, at most 100 characters), e.g. run.name=my-run"
+            )
 
 
 @dataclass
@@ -85,6 +100,36 @@ class StorageConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Caps on what data from outside may make uniemo read, fetch or decode (``uniemo.data.limits``).
+
+    A shard folder, a URL source or an image may come from someone else; none of them may exhaust the memory,
+    disk or network of the machine. Going over a cap is one error line naming its key. Commands that take no config
+    (``uniemo data shards``, ``uniemo data inspect``, the report) use these defaults."""
+
+    max_manifest_bytes: int = 256 * 2**20
+    """Size of a ``manifest.json`` or ``attributes.json``, read from disk or fetched from a URL (256 MiB: about a
+    million shard entries)."""
+    max_manifest_entries: int = 100_000
+    """Shards one manifest may list (each is a size check, an HTTP HEAD for a URL source, before training)."""
+    max_fetch_bytes: int = 64 * 2**30
+    """Bytes read from one shard's file, URL or ``pipe:`` command, as stored (64 GiB). A shard listed with its
+    size is also never read past that size."""
+    max_shard_bytes: int = 64 * 2**30
+    """Bytes of all members of one shard, after decompression (gzip, bzip2 or xz tars; 64 GiB)."""
+    max_member_bytes: int = 256 * 2**20
+    """Bytes of one tar member (an image or its metadata), after decompression; each is held in memory (256 MiB)."""
+    max_image_pixels: int = 8192 * 8192
+    """Pixels of one image to decode (width x height; PIL's ``Image.MAX_IMAGE_PIXELS``): 67 megapixels, about 200
+    MB as RGB. Larger than 4096 x 4096 so that photos of today's cameras (24-50 megapixels) pass."""
+
+    def validate(self) -> None:
+        for name in ("max_manifest_bytes", "max_manifest_entries", "max_fetch_bytes", "max_shard_bytes",
+                     "max_member_bytes", "max_image_pixels"):
+            _positive(f"data.limits.{name}", getattr(self, name))
+
+
+@dataclass
 class DataConfig:
     shards: str = ""
     """Folder with ``manifest.json`` of the real shards, or a URL of one (``https://host/shards``,
@@ -98,6 +143,10 @@ class DataConfig:
     """Side of the understanding model's input images."""
     generator_image_size: int = 64
     """Side of the images given to the VAE in stage 2 (``pixel_values``)."""
+    precomputed_latents: bool = False
+    """Stage 2 reads each image's VAE latent distribution (both flips) from ``<shards>/latents-<G>/``, written once
+    by ``uniemo data latents``, instead of running the VAE encoder every step (the same loss given the same noise;
+    data/FORMAT.md). Sources without them (feedback rounds) are encoded in the step."""
     normalization: Literal["imagenet", "clip", "symmetric"] = "imagenet"
     """Normalisation of the understanding input: ImageNet mean/std (METHOD §2.6), CLIP's, or [-1, 1]."""
     train_augment: bool = True
@@ -129,8 +178,11 @@ class DataConfig:
     """Filter of the whole-image resize to ``generator_image_size`` (the VAE input, METHOD §3.2): ``bicubic`` is what
     the official ``image.resize((512, 512))`` does (PIL's default filter, Pillow >= 7; EmoGen pins 9.4);
     ``bilinear`` is torchvision's default, used for the understanding views."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Caps on manifests, fetched and decompressed bytes and image pixels (a hostile or broken source)."""
 
     def validate(self) -> None:
+        self.limits.validate()
         _positive("data.batch_size", self.batch_size)
         _positive("data.image_size", self.image_size)
         _positive("data.generator_image_size", self.generator_image_size)
@@ -222,6 +274,10 @@ class GeneratorConfig:
     """Word whose mean token embedding initialises the placeholder row (METHOD §3.1: ``cat``)."""
     generation_batch_size: int = 8
     """Images denoised together at generation time (images depend on it only up to float rounding)."""
+    compile: bool = False
+    """Generation: ``torch.compile`` the UNet and the VAE decoder; on CUDA in mode ``reduce-overhead`` (CUDA
+    graphs), every batch denoised at ``generation_batch_size`` (a short last batch is padded, its extra images
+    dropped) so the shapes stay static. Pays a compilation at the first batch; for long generation runs."""
 
 
 @dataclass
@@ -367,6 +423,16 @@ class TrainingConfig:
     training.gradient_accumulation x distributed.num_workers."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0: no clipping."""
+    compile: bool = False
+    """``torch.compile`` the UNet and each block of the understanding ViT (the same outputs to float tolerance;
+    a compilation at the first steps). Needs distributed.zero_stage <= 2."""
+    channels_last: bool = False
+    """Keep the UNet and the VAE in the channels-last memory format (faster convolutions on GPUs; the same
+    outputs to float tolerance)."""
+    async_checkpoint: bool = False
+    """Write checkpoints in a background thread: a save blocks only while the states are copied to host memory;
+    the checkpoint becomes ``latest`` once every rank has written it (checked after each step, and before the
+    run ends), so a crash still never leaves a partial ``latest``."""
     max_bad_steps: int = 0
     """Steps with a non-finite loss (on any rank) that are skipped (no update, counted as ``bad_steps`` in the
     metrics) before the run stops; the next one stops it with a clear error, saving nothing (``latest`` stays the
@@ -509,6 +575,9 @@ class FeedbackConfig:
     """CPUs Ray reserves per filter actor (fractions allowed)."""
     filter_gpus: float = 0.0
     """GPUs per filter actor (fractions allowed); > 0 scores on CUDA."""
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Weights and activations of the generator and filter actors on a GPU (fp16/bf16 halve memory and time;
+    the latents and the sampler stay float32). Actors on the CPU always run fp32."""
     writer_cpus: float = 0.25
     """CPUs Ray reserves per shard-writer task."""
     threads_per_actor: int = 1
@@ -763,8 +832,19 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks of every section that has them."""
-        for section in (self.data, self.training, self.distributed, self.feedback, self.evaluation, self.pipeline):
+        sections = (self.run, self.data, self.training, self.distributed, self.feedback, self.evaluation, self.pipeline)
+        for section in sections:
             section.validate()
+        if self.training.compile and self.distributed.zero_stage == 3:
+            raise ConfigError(
+                "training.compile needs distributed.zero_stage <= 2 (ZeRO-3 gathers parameters in hooks that "
+                "torch.compile does not trace); set one of them back"
+            )
+        if self.data.precomputed_latents and self.training.stage == "generator":
+            raise ConfigError(
+                "data.precomputed_latents is for stage 2; generator pretraining trains the VAE, so its latents "
+                "cannot be stored: set data.precomputed_latents=false"
+            )
 
 
 def _positive(key: str, value: float) -> None:

@@ -25,25 +25,27 @@ import random
 import re
 import shutil
 import tarfile
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uniemo.config.schema import NUM_EMOTIONS
+from uniemo.atomic import atomic_file, atomic_write, is_temp_file
+from uniemo.config.schema import NUM_EMOTIONS, LimitsConfig
 from uniemo.data.attributes import ATTRIBUTES_FILE, AttributeTable, write_json_atomic
 from uniemo.data.emoset import read_emoset
 from uniemo.data.folders import read_folder
 from uniemo.data.images import load_image_bytes
+from uniemo.data.limits import active_limits, limits_of, over_cap, read_capped, use_limits
 from uniemo.data.records import SPLITS, Record, RecordProblem, SkipLog
 from uniemo.data.remote import (
     SourceUnavailable,
     Storage,
     check_location,
     fetch,
+    is_file_name,
     is_url,
     join_location,
     sizes_of,
@@ -107,42 +109,29 @@ def write_sample_shard(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
     emotion_counts = [0] * NUM_EMOTIONS
     n = 0
     try:
-        with os.fdopen(fd, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for sample in samples:
-                    members = _encode_sample(sample)
-                    label = int(members["cls"])
-                    if not 0 <= label < NUM_EMOTIONS:
-                        raise DataError(
-                            f"sample {sample['__key__']}: cls {label} is not an emotion index 0-7"
-                        )
-                    if source is None:
-                        source = str(json.loads(members["json"]).get("source", ""))
-                    emotion_counts[label] += 1
-                    n += 1
-                    for ext in sorted(members):
-                        _add_member(tar, f"{sample['__key__']}.{ext}", members[ext])
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        size, digest = file_digest(tmp)
-        os.replace(tmp, path)
+        with atomic_file(path, mode=0o644) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for sample in samples:
+                members = _encode_sample(sample)
+                label = int(members["cls"])
+                if not 0 <= label < NUM_EMOTIONS:
+                    raise DataError(f"sample {sample['__key__']}: cls {label} is not an emotion index 0-7")
+                if source is None:
+                    source = str(json.loads(members["json"]).get("source", ""))
+                emotion_counts[label] += 1
+                n += 1
+                for ext in sorted(members):
+                    _add_member(tar, f"{sample['__key__']}.{ext}", members[ext])
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if exc.errno in DISK_FULL_ERRNOS:
             raise DataError(
                 f"cannot write shard {path} ({os.strerror(exc.errno)}); free some space and re-run the same "
                 "command (complete shards are kept)"
             ) from exc
         raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    size, digest = file_digest(path)
     return {
         "name": path.name,
         "split": split,
@@ -213,44 +202,83 @@ def compute_totals(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any
     return {s: totals[s] for s in sorted(totals, key=lambda s: (order.get(s, len(order)), s))}
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
+def read_manifest(folder: str | Path, limits: LimitsConfig | None = None) -> dict[str, Any]:
     """Load and check ``<folder>/manifest.json``; :class:`DataError` naming the folder when absent or malformed."""
     path = Path(folder) / MANIFEST_FILE
+    limits = active_limits(limits)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = read_capped(f, limits.max_manifest_bytes, _manifest_too_large(str(path), limits))
     except FileNotFoundError:
         raise DataError(
             f"{path} not found: {folder} is not a (complete) shard folder; write it with `uniemo data shards`"
         ) from None
     except OSError as e:
         raise DataError(f"{path}: unreadable manifest ({e}); rewrite the shard folder") from None
-    return parse_manifest(data, str(path))
+    return parse_manifest(data, str(path), limits)
 
 
-def parse_manifest(data: bytes, path: str) -> dict[str, Any]:
-    """Check the bytes of a manifest read from ``path`` (a file or a URL); :class:`DataError` naming it."""
+def _manifest_too_large(path: str, limits: LimitsConfig) -> Callable[[], DataError]:
+    return lambda: over_cap(f"{path} is larger than the cap", "max_manifest_bytes", limits.max_manifest_bytes)
+
+
+def parse_manifest(data: bytes, path: str, limits: LimitsConfig | None = None) -> dict[str, Any]:
+    """Check the bytes of a manifest read from ``path`` (a file or a URL); :class:`DataError` naming it.
+
+    Every entry must name a shard of the manifest's own folder by a plain file name ending in ``.tar``
+    (:func:`check_shard_entry`): a manifest never points at another path, a URL or a command."""
+    limits = active_limits(limits)
     try:
         manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable manifest ({e}); rewrite the shard folder") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: unreadable manifest ({_one_line(e)}); rewrite the shard folder") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise DataError(f"{path}: not a uniemo manifest of format {FORMAT_VERSION}; rewrite the shard folder")
     shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(
-        isinstance(e, dict) and {"name", "split", "samples"} <= e.keys() for e in shards
-    ):
+    if not isinstance(shards, list):
         raise DataError(f"{path}: malformed shard list; rewrite the shard folder")
+    if len(shards) > limits.max_manifest_entries:
+        raise over_cap(f"{path} lists {len(shards):,} shards", "max_manifest_entries",
+                       limits.max_manifest_entries, unit="shards")
+    for i, entry in enumerate(shards):
+        check_shard_entry(entry, i, path)
     return manifest
 
 
-def check_shard_files(folder: str | Path) -> dict[str, Any]:
+def check_shard_entry(entry: Any, index: int, path: str) -> None:
+    """A :class:`DataError` naming manifest ``path`` and entry ``index`` unless the entry is well-formed: ``name``
+    a plain file name ending in ``.tar``, ``split`` a string, ``samples`` (and ``bytes`` when given) a count."""
+    if not isinstance(entry, dict) or not {"name", "split", "samples"} <= entry.keys():
+        raise DataError(f"{path} entry {index}: malformed shard entry (needs name, split, samples); rewrite the "
+                        "shard folder")
+    name = entry["name"]
+    if not (is_file_name(name) and name.endswith(".tar")):
+        shown = repr(name[:200] + ("..." if len(name) > 200 else "")) if isinstance(name, str) else repr(name)
+        raise DataError(
+            f"{path} entry {index}: shard name {shown} is not a plain file name ([A-Za-z0-9._-], starting with a "
+            "letter or digit, ending in .tar); a manifest lists shards of its own folder only, never a path, URL "
+            "or command: rewrite the shard folder with `uniemo data shards`"
+        )
+    counts = [entry["samples"]] + ([entry["bytes"]] if entry.get("bytes") is not None else [])
+    if not isinstance(entry["split"], str) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
+    ):
+        raise DataError(f"{path} entry {index} ({name}): split must be a string and samples, bytes counts; "
+                        "rewrite the shard folder")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def check_shard_files(folder: str | Path, limits: LimitsConfig | None = None) -> dict[str, Any]:
     """Every shard ``<folder>/manifest.json`` lists exists with the size it was written with (a cheap ``stat`` per
     shard, no reading): :class:`DataError` naming the first missing or truncated shard. Returns the manifest.
 
-    Shards at URLs (a mirrored URL source, or names that are URLs) are checked by their size as the server
-    reports it (HTTP ``HEAD``, S3 ``HeadObject``; not for ``pipe:``), once per process and manifest."""
+    The shards of a mirrored URL source are checked by their size as the server reports it (HTTP ``HEAD``, S3
+    ``HeadObject``; not for ``pipe:``), once per process and manifest."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, limits)
     base, storage = folder_location(folder)
     remote: list[tuple[str, dict[str, Any]]] = []
     for entry in manifest["shards"]:
@@ -307,17 +335,39 @@ def _check_remote_shards(base: str, shards: list[tuple[str, dict[str, Any]]], st
 # ---------------------------------------------------------------------------------------------------------
 # URL sources: a local mirror of their metadata
 # ---------------------------------------------------------------------------------------------------------
+def mirror_name(location: str) -> str:
+    """The folder name of the URL source ``location``'s mirror (under ``<data.cache_dir>/remote/``)."""
+    return hashlib.sha256(location.encode()).hexdigest()[:16]
+
+
 def folder_location(folder: str | Path) -> tuple[str, Storage]:
     """Where the shards of a shard folder are: the folder itself, or for a URL source's mirror the URL and
-    its :class:`~uniemo.data.remote.Storage` (recorded in ``remote.json``)."""
+    its :class:`~uniemo.data.remote.Storage` (recorded in ``remote.json``).
+
+    A ``remote.json`` redirects every shard read, so it is honoured only in a mirror folder that
+    :func:`mirror_source` writes: ``.../remote/<mirror_name(URL)>/``, whose name is bound to the URL it names.
+    One anywhere else (a local dataset folder, someone else's download) is refused with one line."""
     folder = Path(folder)
+    path = folder / REMOTE_FILE
     try:
-        info = json.loads((folder / REMOTE_FILE).read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = read_capped(f, 1 << 16, lambda: DataError(f"{path} is larger than a remote.json can be"))
+        info = json.loads(data)
+        location = info["location"]
+        storage = Storage(str(info.get("endpoint_url", "")), float(info.get("timeout_s", 10.0)))
     except FileNotFoundError:
         return str(folder), Storage()
-    except (OSError, ValueError) as e:
-        raise DataError(f"{folder / REMOTE_FILE}: unreadable ({e}); delete {folder} and run again") from None
-    return str(info["location"]), Storage(str(info.get("endpoint_url", "")), float(info.get("timeout_s", 10.0)))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{path}: unreadable ({_one_line(e)}); delete {folder} and run again") from None
+    if not (
+        isinstance(location, str) and is_url(location) and folder.parent.name == REMOTE_DIR
+        and folder.name == mirror_name(location)
+    ):
+        raise DataError(
+            f"{path}: a {REMOTE_FILE} redirects shard reads and is honoured only in uniemo's own mirror folders "
+            f"(<data.cache_dir>/{REMOTE_DIR}/); delete it, or set data.shards to the URL itself"
+        )
+    return location, storage
 
 
 def mirror_source(location: str, data_cfg: Any, *, key: str, require_attributes: bool) -> Path:
@@ -330,12 +380,14 @@ def mirror_source(location: str, data_cfg: Any, *, key: str, require_attributes:
     """
     check_location(location, key)
     storage = Storage.of(data_cfg)
-    folder = Path(data_cfg.cache_dir).expanduser() / REMOTE_DIR / hashlib.sha256(location.encode()).hexdigest()[:16]
+    limits = limits_of(data_cfg)
+    use_limits(limits)
+    folder = Path(data_cfg.cache_dir).expanduser() / REMOTE_DIR / mirror_name(location)
     files: dict[str, bytes] = {}
     for name in (MANIFEST_FILE, ATTRIBUTES_FILE):
         where = join_location(location, name)
         try:
-            files[name] = fetch(where, storage)
+            files[name] = fetch(where, storage, limits.max_manifest_bytes, _manifest_too_large(where, limits))
         except SourceUnavailable as exc:
             if not exc.missing:
                 raise DataError(
@@ -347,7 +399,7 @@ def mirror_source(location: str, data_cfg: Any, *, key: str, require_attributes:
                     f"{key}={location!r}: {where} is missing ({exc.reason}); give the URL of a whole shard folder "
                     f"written by `uniemo data shards` ({MANIFEST_FILE} and {ATTRIBUTES_FILE} included)"
                 ) from None
-    parse_manifest(files[MANIFEST_FILE], join_location(location, MANIFEST_FILE))
+    parse_manifest(files[MANIFEST_FILE], join_location(location, MANIFEST_FILE), limits)
     folder.mkdir(parents=True, exist_ok=True)
     remote = {"location": location, "endpoint_url": storage.endpoint_url, "timeout_s": storage.timeout_s}
     _write_if_changed(folder / REMOTE_FILE, json.dumps(remote, indent=1).encode())
@@ -357,20 +409,13 @@ def mirror_source(location: str, data_cfg: Any, *, key: str, require_attributes:
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
-    """Atomically (temporary file + rename), and only when the content differs: ranks mirror concurrently."""
+    """Atomically, and only when the content differs: ranks mirror concurrently."""
     try:
         if path.read_bytes() == data:
             return
     except FileNotFoundError:
         pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def resolve_shard_folder(location: str, data_cfg: Any, *, key: str, require_attributes: bool = False) -> Path:
@@ -379,7 +424,7 @@ def resolve_shard_folder(location: str, data_cfg: Any, *, key: str, require_attr
     if not is_url(location):
         return Path(location).expanduser()
     folder = mirror_source(location, data_cfg, key=key, require_attributes=require_attributes)
-    check_shard_files(folder)
+    check_shard_files(folder, limits_of(data_cfg))
     return folder
 
 
@@ -568,7 +613,7 @@ def _write_shards_locked(
 
     # Remove leftovers of a killed run: temporary files never become shards.
     for p in out.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
+        if is_temp_file(p.name):
             p.unlink(missing_ok=True)
     results: dict[str, dict[str, Any]] = {}
     todo: list[ShardJob] = []
@@ -674,7 +719,7 @@ def _check_out_folder(out: Path, origin: dict) -> None:
         p.name
         for p in out.iterdir()
         if not (
-            SHARD_NAME.match(p.name) or p.name in ours or (p.name.startswith(".") and p.name.endswith(".tmp"))
+            SHARD_NAME.match(p.name) or p.name in ours or is_temp_file(p.name)
         )
     )
     if foreign:
@@ -787,6 +832,7 @@ def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
     and sharded into ``.../shards-<shard_size>`` under a file lock, so concurrent processes (several ranks)
     generate it once; a later call finds it complete and returns at once.
     """
+    use_limits(limits_of(data_cfg))
     if data_cfg.shards:
         if is_url(data_cfg.shards):
             return resolve_shard_folder(data_cfg.shards, data_cfg, key="data.shards", require_attributes=True)
@@ -796,7 +842,7 @@ def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
                 f"data.shards={data_cfg.shards!r} holds no {MANIFEST_FILE}; write it with `uniemo data shards "
                 f"--out {data_cfg.shards} ...`, or set data.shards='' to use the synthetic set"
             )
-        check_shard_files(folder)
+        check_shard_files(folder, limits_of(data_cfg))
         return folder
     shards = synthetic_shards_folder(data_cfg)
     base = shards.parent

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from uniemo.atomic import atomic_write
 from uniemo.config.schema import EMOTIONS
 from uniemo.data.folders import split_counts
 from uniemo.data.records import SPLITS
@@ -517,6 +517,4 @@ def _draw_object(
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)

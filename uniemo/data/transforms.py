@@ -145,7 +145,10 @@ class SampleTransform:
                 f"generator_resample must be one of {', '.join(GENERATOR_RESAMPLE)}, got {self.generator_resample!r}"
             )
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
+    def __call__(self, image: Image.Image, rng: random.Random, pixels: bool = True) -> dict[str, Any]:
+        """``{"image"}`` and, in stage 2, ``"pixel_values"``; with ``pixels`` False (the sample's VAE latents are
+        precomputed, :mod:`uniemo.data.latents`) ``"pixel_flip"`` instead: the flip the pixels would have had,
+        drawn from ``rng`` at the same point, so every other draw (and the ``image`` view) stays the same."""
         image = to_rgb(image)  # EXIF orientation, 16-bit scaled, transparency on white (uniemo.data.images)
         if self.augment:
             box = random_resized_crop_box(image.width, image.height, rng)
@@ -154,14 +157,25 @@ class SampleTransform:
                 view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
             view = resize_center_crop(image, self.image_size, self.crop_resize)
-        out = {"image": to_normalized_tensor(view, self.normalization)}
+        out: dict[str, Any] = {"image": to_normalized_tensor(view, self.normalization)}
         if self.generator_size is not None:
-            g = self.generator_size
-            pixels = image if image.size == (g, g) else image.resize((g, g), GENERATOR_RESAMPLE[self.generator_resample])
-            if self.flip_pixel_values and rng.random() < 0.5:
-                pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            out["pixel_values"] = to_normalized_tensor(pixels, "symmetric")
+            flip = self.flip_pixel_values and rng.random() < 0.5
+            if pixels:
+                out["pixel_values"] = generator_pixels(image, self.generator_size, flip, self.generator_resample)
+            else:
+                out["pixel_flip"] = flip
         return out
+
+
+def generator_pixels(image: Image.Image, size: int, flip: bool, resample: str) -> torch.Tensor:
+    """The VAE input of an RGB image (METHOD §3.2 b): the whole image resized to ``size`` x ``size`` (aspect ratio
+    not kept) with the ``resample`` filter (``data.generator_resample``), flipped left-right when ``flip``, in
+    [-1, 1]; float32 ``[3, size, size]``. The one definition of ``pixel_values``, shared by the loader and the
+    precomputed latents."""
+    pixels = image if image.size == (size, size) else image.resize((size, size), GENERATOR_RESAMPLE[resample])
+    if flip:
+        pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_normalized_tensor(pixels, "symmetric")
 
 
 def build_sample_transform(data_cfg: Any, *, stage: int, training: bool) -> SampleTransform:

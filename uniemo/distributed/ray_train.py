@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from uniemo.atomic import atomic_write
 from uniemo.config import save_resolved
 from uniemo.config.loader import from_dict
 from uniemo.config.schema import Config
@@ -387,9 +388,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     pid_dir = run_dir / WORKERS_DIR
     pid_dir.mkdir(parents=True, exist_ok=True)
     pid_file = pid_dir / f"rank-{env.rank}.pid"
-    tmp = pid_file.with_name(f".{pid_file.name}.tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    tmp.replace(pid_file)
+    atomic_write(pid_file, f"{os.getpid()}\n")
     record_placement(run_dir, [ray_node_record(role="trainer", rank=env.rank)])
     cfg = from_dict(Config, loop_config["config"])
     run_worker(cfg, run_dir, init_from=loop_config.get("init_from"))

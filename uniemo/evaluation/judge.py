@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from uniemo.atomic import atomic_path, is_temp_file
 from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, TrainingConfig
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.images import to_rgb
@@ -283,9 +283,8 @@ def train_judge(cfg: Config, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / JUDGE_FILE).unlink(missing_ok=True)  # the folder is incomplete until the new judge.json lands
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": str(JUDGE_FORMAT), "architecture": ARCHITECTURE})
-    os.replace(tmp, out / WEIGHTS_FILE)
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": str(JUDGE_FORMAT), "architecture": ARCHITECTURE})
     digest = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
     info = {
         "format": JUDGE_FORMAT,
@@ -348,7 +347,7 @@ def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"judge output {str(out)!r} is a file; give a folder")
     if out.is_dir():
-        foreign = [p.name for p in out.iterdir() if p.name not in (JUDGE_FILE, WEIGHTS_FILE, f".{WEIGHTS_FILE}.tmp")]
+        foreign = [p.name for p in out.iterdir() if p.name not in (JUDGE_FILE, WEIGHTS_FILE) and not is_temp_file(p.name)]
         if foreign:
             raise UserError(
                 f"judge output {str(out)!r} holds other files ({', '.join(sorted(foreign)[:3])}); give an empty "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
 import re
 import warnings
@@ -107,20 +106,16 @@ def sealed() -> Iterator[None]:
     """Weights-only unpickling for every ``torch.load``, and no library warnings or info lines on the console."""
     from transformers.utils import logging as hf_logging
 
-    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    from uniemo.training.safe_pickle import forced_weights_only
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        with warnings.catch_warnings():
+        with forced_weights_only(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        if saved is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
 
 
 def load_pickle(name: str, path: Path) -> Any:

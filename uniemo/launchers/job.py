@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uniemo.atomic import atomic_write
 from uniemo.config.loader import dump_config, from_dict, parse_override, read_yaml, set_dotted
 from uniemo.config.schema import Config
 from uniemo.data.remote import is_url
@@ -137,9 +138,7 @@ def job_config_text(job: Job) -> str:
 def write_job_config(job: Job) -> Path:
     """Write :func:`job_config_text` to ``<run_dir>/launch/job.yaml`` (atomically) and return its path."""
     job.launch_dir.mkdir(parents=True, exist_ok=True)
-    tmp = job.config_path.with_suffix(".yaml.tmp")
-    tmp.write_text(job_config_text(job))
-    tmp.replace(job.config_path)
+    atomic_write(job.config_path, job_config_text(job))
     return job.config_path
 
 

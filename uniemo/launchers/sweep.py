@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from uniemo.config.loader import parse_override, set_dotted
+from uniemo.config.schema import NAME_CHARS
 from uniemo.errors import ConfigError, UserError
 from uniemo.launchers.job import Job, build_raw, config_from_raw
 from uniemo.run_layout import LAUNCH_DIR
@@ -41,7 +42,7 @@ SWEEP_KEYS = ("name", "base", "overrides", "grid", "points", "command")
 SWEEP_COMMANDS = ("train", "run")
 """The top-level keys of a sweep file."""
 
-_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=,+-]")
+_NAME_CHARS = re.compile(rf"[^{NAME_CHARS}]")
 _MAX_NAME = 100
 
 
@@ -145,8 +146,9 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
 
 
 def sanitize_name(text: str) -> str:
-    """A name safe for a folder, a SLURM log pattern and a wandb run: ``[A-Za-z0-9._=,+-]``, at most 100 chars."""
-    clean = _NAME_CHARS.sub("_", text).strip("._") or "point"
+    """A name safe for a folder, a SLURM log pattern and a wandb run (a valid ``run.name``): ``[A-Za-z0-9._=,+-]``,
+    starting with a letter or digit, at most 100 chars."""
+    clean = _NAME_CHARS.sub("_", text).lstrip("._=,+-").rstrip("._") or "point"
     if len(clean) > _MAX_NAME:
         digest = hashlib.sha1(text.encode()).hexdigest()[:8]
         clean = f"{clean[: _MAX_NAME - 9]}-{digest}"
@@ -247,6 +249,7 @@ def load_sweep(
         output_dir = output_dir or point_parent
         cfg.run.output_dir = str(point_parent)
         cfg.run.name = name
+        cfg.run.validate()  # sanitize_name makes it valid; a check here keeps it so
         cfg.logging.wandb.group = sweep_name
         jobs.append(Job(config=cfg, name=name, overrides=[f"{k}={format_value(v)}" for k, v in point.items()]))
     assert output_dir is not None  # at least one point (checked above)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
+from uniemo.atomic import atomic_path
 from uniemo.config.schema import UnderstandingConfig
 from uniemo.errors import ConfigError
 from uniemo.models.tokenizer import MAX_LENGTH, build_local_tokenizer
@@ -192,9 +192,8 @@ def attribute_text_features(
         features_NE = torch.zeros(0, model.text_projection.out_features)  # E: the projection width
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write-then-rename: ranks that race on the same cache file each write a whole file.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"features": features_NE.contiguous()}, str(tmp), metadata={"names": json.dumps(names)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"features": features_NE.contiguous()}, str(tmp), metadata={"names": json.dumps(names)})
     return features_NE
 
 

@@ -37,6 +37,7 @@ from uniemo.data.records import RecordProblem
 from uniemo.data.transforms import SampleTransform, build_sample_transform
 from uniemo.errors import UserError
 from uniemo.logging import say
+from uniemo.models.acceleration import compile_for_generation
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.emotion_space import EmotionSpace
 from uniemo.models.generation import SAMPLERS, generate
@@ -463,6 +464,8 @@ def generate_images(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder for the images")
     out.mkdir(parents=True, exist_ok=True)
+    if gen_cfg.compile and parts.generator.fixed_batch != batch_size:  # CUDA graphs at this batch (once)
+        compile_for_generation(parts.generator, batch_size)
     result = generate(
         parts.generator,
         parts.conditioner,

@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from uniemo.config.schema import EMOTIONS
+from uniemo.data.latents import check_latents
 from uniemo.data.loader import build_loader_from_config, load_attribute_table
+from uniemo.data.shards import ensure_synthetic_shards
 from uniemo.errors import ConfigError
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.generation import generate
@@ -253,13 +255,21 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
         return _build_generator_stage(cfg, env)
     task = _rank0_first(env, build)
     stage = cfg.training.stage
+    latents = stage == 2 and cfg.data.precomputed_latents
+    if latents and isinstance(task, Stage2Task):  # the stored latents must be this VAE's (uniemo.data.latents)
+        check_latents(ensure_synthetic_shards(cfg.data), cfg.data.generator_image_size, cfg.data.generator_resample,
+                      task.generator.vae)
+    # Pinned batches copy to the GPU asynchronously (the engine moves them with non_blocking=True).
+    pin = cfg.distributed.gpus_per_worker > 0 and torch.cuda.is_available()
     train_loader = build_loader_from_config(
-        cfg.data, "train", rank=env.rank, world_size=env.world_size, stage=stage, training=True, seed=cfg.run.seed
+        cfg.data, "train", rank=env.rank, world_size=env.world_size, stage=stage, training=True, seed=cfg.run.seed,
+        latents=latents, pin_memory=pin,
     )
     val_loader = None
     if cfg.training.eval_every > 0:
         val_loader = build_loader_from_config(
-            cfg.data, "val", rank=env.rank, world_size=env.world_size, stage=stage, training=False, seed=cfg.run.seed
+            cfg.data, "val", rank=env.rank, world_size=env.world_size, stage=stage, training=False, seed=cfg.run.seed,
+            latents=latents, pin_memory=pin,
         )
     initial: dict[str, torch.Tensor] = {}
     stage1, stage2 = (init_from, None)

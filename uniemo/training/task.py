@@ -89,6 +89,22 @@ def _gather_rows(table_NE: torch.Tensor, index_B: torch.Tensor, placeholder_last
     return torch.where((index_B >= 0)[:, None], rows_BE, torch.zeros_like(rows_BE))
 
 
+def _latent_moments(generator: Generator, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE latent distribution of every sample when the batch carries precomputed moments
+    (``latent_mean`` / ``latent_std``, data/FORMAT.md); the rows listed in ``pixel_rows`` came without them and
+    are encoded here from their ``pixel_values``. None: the batch has only ``pixel_values`` (encode them all)."""
+    if "latent_mean" not in batch:
+        return None
+    mean, std = batch["latent_mean"], batch["latent_std"]
+    rows = batch.get("pixel_rows")
+    if rows is not None and rows.numel():
+        encoded_mean, encoded_std = generator.latent_moments(batch["pixel_values"])
+        rows = rows.to(encoded_mean.device)
+        mean = mean.to(encoded_mean.device, encoded_mean.dtype).index_copy(0, rows, encoded_mean)
+        std = std.to(encoded_std.device, encoded_std.dtype).index_copy(0, rows, encoded_std)
+    return mean, std
+
+
 def _frozen_submodules(module: nn.Module, prefix: str = "") -> Iterator[str]:
     """Dotted names of the top-most sub-modules whose parameters are all frozen (and exist)."""
     for name, child in module.named_children():
@@ -307,7 +323,9 @@ class Stage2Task(Task):
         # ablation (D13) stops the diffusion gradient at c; the condition loss still reaches the mappers.
         diffusion_condition_BD = condition_BD if self.losses.implicit_feedback else condition_BD.detach()
         hidden_BLD = self.generator.encode_condition(diffusion_condition_BD)
-        noisy_latents, noise, latents, timesteps = self.generator.diffusion_inputs(batch["pixel_values"])
+        noisy_latents, noise, latents, timesteps = self.generator.diffusion_inputs(
+            batch.get("pixel_values"), moments=_latent_moments(self.generator, batch)
+        )
         prediction = self.generator.predict_noise(noisy_latents, timesteps, hidden_BLD)
         diffusion = diffusion_loss(prediction, noise, latents, timesteps, self.generator.noise_scheduler)
 

@@ -21,9 +21,10 @@ log); validation sums loss x samples, correct predictions and samples over every
 mean of per-rank means). ``data/samples/<source>`` in a metrics line is the number of training samples of that
 source (``real``, ``synthetic``, ...) consumed since the previous line, summed over ranks (per interval, not
 cumulative), and ``data/skipped`` the shards and samples the training loaders skipped in that interval (missing or
-corrupt shards, bad samples; ``uniemo.data.loader``); ``time`` is when the line was written (Unix seconds). Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose
-validation shards ran out keeps joining forwards (on a batch it already has, results discarded) until every
-rank is done.
+corrupt shards, bad samples; ``uniemo.data.loader``); ``time`` is when the line was written (Unix seconds);
+``data_wait_share`` is the share of the interval the loop waited for its next batch (mean over ranks). Under ZeRO-3
+a forward is collective (parameters are gathered), so a rank whose validation shards ran out keeps joining forwards
+(on a batch it already has, results discarded) until every rank is done.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class Trainer:
         self.device = engine.device
         self.reduce_device = reduce_device
         self.global_batch = check_batch_arithmetic(cfg, env.world_size)
-        self.checkpointer = Checkpointer(run_dir, env, cfg.training.keep_checkpoints)
+        self.checkpointer = Checkpointer(run_dir, env, cfg.training.keep_checkpoints,
+                                         background=cfg.training.async_checkpoint)
         self.compat = compat_keys(cfg, env.world_size)
         self.logger: NullRunLogger = NullRunLogger()
         """The run's logger, set by :meth:`train` (a null object before, STYLE 14)."""
@@ -124,6 +126,8 @@ class Trainer:
         self._samples_per_s: float | None = None
         self._source_names = [s.name for s in parts.train_loader.sources]
         self._source_window: Counter = Counter()
+        self._data_wait = 0.0
+        """Seconds this log window spent waiting for the next batch (``data_wait_share`` in the metrics)."""
         self._skipped_logged = 0
         fb = cfg.feedback
         self.feedback_run = (self.run_dir / ROUNDS_DIR).is_dir()
@@ -179,11 +183,13 @@ class Trainer:
             # safe, because a resume truncates metrics.jsonl back to the checkpoint's step.
             self.maybe_log(terms, val)
             self.maybe_checkpoint()
+            self.checkpointer.poll()  # a background save becomes `latest` once every rank has written it
             self.maybe_refresh_sources()
             if self.stop_requested():
                 stopped = True
                 break
         self.maybe_checkpoint(final=True)
+        self.checkpointer.wait()
         logger.end_progress()
         if not stopped and self.step >= self.total_steps and self.parts.finish is not None:
             self.parts.finish(self)
@@ -223,8 +229,10 @@ class Trainer:
         # of every epoch and after a resume). Forking keeps the training RNG (dropout, noise) independent of
         # when that happens, so a resumed run draws exactly what the uninterrupted one draws.
         assert self._batches is not None, "train() starts the batch stream"
+        start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             batch = next(self._batches)
+        self._data_wait += time.perf_counter() - start
         self._source_window.update(batch["source"])
         if self.feedback_run and self.env.is_main:
             self._record_mix()
@@ -263,6 +271,7 @@ class Trainer:
             return True
         started = time.perf_counter()
         waiting = False
+        self.checkpointer.wait()  # a pending background save may be the checkpoint the pool waits for
         while self._any_rank(not round_published(self.run_dir, due)):
             if not waiting:
                 self.logger.info(f"step {self.step}: waiting for feedback round {due}, due at this step (pinned)")
@@ -315,6 +324,7 @@ class Trainer:
         so no gradient of another micro-batch is left behind.)"""
 
         self.bad_steps += 1
+        self.checkpointer.wait()  # a pending background save was taken at a good step: publish it either way
         if self.bad_steps <= self.cfg.training.max_bad_steps:
             self.logger.info(
                 f"step {self.step + 1}: non-finite loss, step skipped "
@@ -437,10 +447,11 @@ class Trainer:
         means = torch.stack([self._window[k].to(torch.float64) for k in keys]) / self._window_steps
         skipped = self.parts.train_loader.stats()["skipped"]["total"]
         counts = torch.tensor([self._source_window[n] for n in self._source_names]
-                              + [skipped - self._skipped_logged], dtype=torch.float64)
-        reduced = self._all_reduce(torch.cat([means, counts]))  # one collective for both
-        means, counts = reduced[: len(keys)] / self.env.world_size, reduced[len(keys) :]
+                              + [skipped - self._skipped_logged, self._data_wait], dtype=torch.float64)
+        reduced = self._all_reduce(torch.cat([means, counts]))  # one collective for all
+        means, counts = reduced[: len(keys)] / self.env.world_size, reduced[len(keys) : -1]
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        data_wait = float(reduced[-1]) / self.env.world_size
         self._samples_per_s = self._window_steps * self.global_batch / elapsed
         metrics: dict[str, Any] = {}
         for key, value in zip(keys, means.tolist(), strict=True):
@@ -452,6 +463,8 @@ class Trainer:
                 metrics[f"loss/{key}"] = value
         metrics.update({f"lr/{name}": lr for name, lr in self._step_lrs.items()})
         metrics["samples_per_s"] = self._samples_per_s
+        # Share of the window's wall time the loop waited for batches (mean over ranks): > a few % is a data stall.
+        metrics["data_wait_share"] = round(min(1.0, data_wait / elapsed), 4)
         metrics["samples"] = self.samples_seen
         metrics["bad_steps"] = self.bad_steps
         for name, count in zip(self._source_names, counts.tolist()[:-1], strict=True):
@@ -465,6 +478,7 @@ class Trainer:
         self.logger.log(self.step, metrics)
         self._window = {}
         self._source_window = Counter()
+        self._data_wait = 0.0
         self._window_steps = 0
         self._window_start = time.perf_counter()
         return metrics
