@@ -360,7 +360,7 @@ def _comparable(run: Path) -> dict:
     without its clock, and each round's funnel and timing."""
     from uniemo.training.feedback_schedule import read_mix
 
-    clock = ("time", "samples_per_s")
+    clock = ("time", "samples_per_s", "data_wait_share")  # wall-clock shares
     rounds = {}
     for path in sorted((run / "rounds").glob("round-*.json")):
         report = json.loads(path.read_text())
