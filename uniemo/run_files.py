@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from uniemo.errors import UserError
 from uniemo.feedback.filtering import REJECTIONS
@@ -71,6 +71,8 @@ class RoundReport(TypedDict):
     samples: int
     pool: dict[str, Any]
     seconds: dict[str, float]
+    control: NotRequired[dict[str, Any]]
+    """Only in a control run's round (``uniemo.feedback.controls``): what it did, from which round, labels written."""
 
 
 def passed_after_each_step(scored: int, rejections: dict[str, int], steps: tuple[str, ...]) -> dict[str, int]:

@@ -48,7 +48,7 @@ from uniemo.data.remote import (
     join_location,
     sizes_of,
 )
-from uniemo.data.synthetic import generate_synthetic_set
+from uniemo.data.synthetic import SYNTH_MARKER, WORLD_FILE, generate_synthetic_set
 from uniemo.errors import DISK_FULL_ERRNOS, ConfigError, DataError
 
 MANIFEST_FILE = "manifest.json"
@@ -175,6 +175,25 @@ def _encode_sample(sample: dict[str, Any]) -> dict[str, bytes]:
         if ext not in members:
             raise DataError(f"sample {key}: missing member {ext!r}")
     return members
+
+
+def read_shard_samples(path: str | Path) -> Iterator[dict[str, bytes]]:
+    """The samples of one local shard, in order: ``{"__key__": key, ext: bytes, ...}`` per sample (its members
+    are consecutive and named ``<key>.<ext>``; keys hold no dot, :func:`sample_key`)."""
+    with tarfile.open(path, mode="r|") as tar:
+        sample: dict[str, Any] = {}
+        for member in tar:
+            content = tar.extractfile(member) if member.isfile() else None
+            if content is None:
+                continue
+            stem, _, ext = member.name.rpartition("/")[2].partition(".")
+            if sample and stem != sample["__key__"]:
+                yield sample
+                sample = {}
+            sample["__key__"] = stem
+            sample[ext] = content.read()
+        if sample:
+            yield sample
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -768,25 +787,69 @@ def _job_source(job: ShardJob) -> str:
     return job.records[0].source if job.records else ""
 
 
+def synthetic_world(manifest: dict[str, Any]) -> str | None:
+    """The world of the synthetic set a shard folder was written from (``world`` in the manifest, else
+    ``world.json`` beside the set; a synthetic set without one is the easy world), or None when the folder was
+    not written from a synthetic set."""
+    if manifest.get("world"):
+        return str(manifest["world"])
+    root = manifest.get("root")
+    if manifest.get("reader") != "emoset" or not root:
+        return None
+    root = Path(root)
+    try:
+        return str(json.loads((root / WORLD_FILE).read_text(encoding="utf-8"))["world"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return "easy" if root.parent.name.startswith("synthetic-") or (root / SYNTH_MARKER).is_file() else None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The synthetic set on first use
 # ---------------------------------------------------------------------------------------------------------
 def synthetic_shards_folder(data_cfg: Any) -> Path:
     """Where :func:`ensure_synthetic_shards` writes the synthetic set's shards (whether or not they exist yet)."""
     syn = data_cfg.synthetic
-    base = Path(data_cfg.cache_dir).expanduser() / f"synthetic-{syn.images}-{syn.size}-{syn.seed}"
+    world = "" if syn.world == "easy" else f"{syn.world}-"  # the easy world keeps the name it always had
+    base = Path(data_cfg.cache_dir).expanduser() / f"synthetic-{world}{syn.images}-{syn.size}-{syn.seed}"
     return base / f"shards-{syn.shard_size}"
 
 
 def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
-    """The shard folder a run reads: ``data.shards`` when set, else the synthetic set, made on first use.
+    """The shard folder a run reads: ``data.shards`` when set, else the synthetic set, made on first use; with
+    ``data.labelled_per_emotion`` > 0, its label-scarce subset (:mod:`uniemo.data.subsets`).
 
     With ``data.shards`` set, the folder must hold ``manifest.json`` (:class:`DataError` otherwise); a URL is
     mirrored (:func:`mirror_source`) and its shards checked, and the mirror folder is returned. Else the
-    synthetic set of ``data.synthetic`` is generated into ``<cache_dir>/synthetic-<images>-<size>-<seed>/raw``
-    and sharded into ``.../shards-<shard_size>`` under a file lock, so concurrent processes (several ranks)
+    synthetic set of ``data.synthetic`` is generated into
+    ``<cache_dir>/synthetic-[<world>-]<images>-<size>-<seed>/raw`` (the world's name unless it is ``easy``) and
+    sharded into ``.../shards-<shard_size>`` under a file lock, so concurrent processes (several ranks)
     generate it once; a later call finds it complete and returns at once.
     """
+    full = _full_shards(data_cfg, progress)
+    if not data_cfg.labelled_per_emotion:
+        return full
+    return _label_scarce(data_cfg, full)[0]
+
+
+def left_out_shards(data_cfg: Any) -> Path:
+    """The train images that ``data.labelled_per_emotion`` leaves out, as a shard folder (train split only)."""
+    if not data_cfg.labelled_per_emotion:
+        raise ConfigError("data.labelled_per_emotion is 0: every train image is labelled, none is left out; set it")
+    return _label_scarce(data_cfg, _full_shards(data_cfg, False))[1]
+
+
+def _label_scarce(data_cfg: Any, full: Path) -> tuple[Path, Path]:
+    from uniemo.data.subsets import ensure_label_scarce
+
+    if data_cfg.shards and is_url(data_cfg.shards):
+        raise ConfigError("data.labelled_per_emotion needs local shards; data.shards is a URL: copy it first")
+    return ensure_label_scarce(full, data_cfg.labelled_per_emotion, data_cfg.cache_dir,
+                               from_data_shards=bool(data_cfg.shards),
+                               min_attribute_count=data_cfg.min_attribute_count, phi_beta=data_cfg.phi_beta)
+
+
+def _full_shards(data_cfg: Any, progress: bool) -> Path:
     if data_cfg.shards:
         if is_url(data_cfg.shards):
             return resolve_shard_folder(data_cfg.shards, data_cfg, key="data.shards", require_attributes=True)
@@ -814,7 +877,7 @@ def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
 
             shutil.rmtree(raw, ignore_errors=True)  # a partial set of a killed run
             generate_synthetic_set(
-                raw, images=syn.images, size=syn.size, seed=syn.seed, workers=1, progress=progress
+                raw, images=syn.images, size=syn.size, seed=syn.seed, workers=1, progress=progress, world=syn.world
             )
             done.write_text("complete\n")
         write_shards(

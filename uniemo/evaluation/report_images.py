@@ -9,7 +9,6 @@ run logged in training (``<run>/samples/<emotion>.png``).
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from uniemo.config import load_config
 from uniemo.config.schema import EMOTIONS
 from uniemo.data.images import to_rgb
 from uniemo.data.loader import list_split_shards
-from uniemo.data.shards import MANIFEST_FILE, synthetic_shards_folder
+from uniemo.data.shards import MANIFEST_FILE, read_shard_samples, synthetic_shards_folder
 from uniemo.data.transforms import resize_center_crop
 from uniemo.errors import UserError
 from uniemo.evaluation.report_collect import ReportData
@@ -82,22 +81,8 @@ def read_examples(shards: Path, per_emotion: int) -> tuple[str | None, dict[str,
             return
 
     for ref in refs:
-        # Members of a sample are consecutive, named <key>.<ext>; keys hold no dot (uniemo.data.shards).
-        with tarfile.open(ref.url, mode="r|") as tar:
-            key: str | None = None
-            sample: dict[str, bytes] = {}
-            for member in tar:
-                content = tar.extractfile(member) if member.isfile() else None
-                if content is None:
-                    continue
-                stem, _, ext = member.name.rpartition("/")[2].partition(".")
-                if stem != key:
-                    if sample:
-                        add(sample)
-                    key, sample = stem, {}
-                sample[ext] = content.read()
-            if sample:
-                add(sample)
+        for sample in read_shard_samples(ref.url):
+            add(sample)
         if all(len(v) >= per_emotion for v in found.values()):
             break
     return split, found

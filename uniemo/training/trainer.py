@@ -19,7 +19,8 @@ Reductions across ranks: logged training terms are the mean over ranks (and over
 log); validation sums loss x samples, correct predictions and samples over every rank, then divides (never a
 mean of per-rank means). ``data/samples/<source>`` in a metrics line is the number of training samples of that
 source (``real``, ``synthetic``, ...) consumed since the previous line, summed over ranks (per interval, not
-cumulative); ``time`` is when the line was written (Unix seconds). Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose
+cumulative); ``data/labels/<source>/<emotion>`` counts the labels the extra sources (not ``real``) fed the
+trainers in that interval, per emotion (only non-zero counts); ``time`` is when the line was written (Unix seconds). Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose
 validation shards ran out keeps joining forwards (on a batch it already has, results discarded) until every
 rank is done.
 """
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from uniemo.config.schema import EMOTIONS
 from uniemo.errors import UserError
 from uniemo.logging import NullRunLogger
 from uniemo.run_layout import stop_request_path
@@ -109,6 +111,8 @@ class Trainer:
         self._samples_per_s: float | None = None
         self._source_names = [s.name for s in parts.train_loader.sources]
         self._source_window: Counter = Counter()
+        # Labels the extra sources (feedback rounds, controls) fed this rank, by (source, emotion index).
+        self._label_window: Counter = Counter()
 
     # -- start --------------------------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -198,6 +202,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             batch = next(self._batches)
         self._source_window.update(batch["source"])
+        self._label_window.update((s, int(k)) for s, k in zip(batch["source"], batch["label"].tolist(), strict=True)
+                                  if s != self._source_names[0])
         return batch
 
     def maybe_refresh_sources(self) -> bool:
@@ -349,8 +355,12 @@ class Trainer:
         keys = sorted(self._window)
         means = torch.stack([self._window[k].to(torch.float64) for k in keys]) / self._window_steps
         counts = torch.tensor([self._source_window[n] for n in self._source_names], dtype=torch.float64)
-        reduced = self._all_reduce(torch.cat([means, counts]))  # one collective for both
-        means, counts = reduced[: len(keys)] / self.env.world_size, reduced[len(keys) :]
+        label_keys = [(n, k) for n in self._source_names[1:] for k in range(len(EMOTIONS))]
+        labels = torch.tensor([self._label_window[key] for key in label_keys], dtype=torch.float64)
+        reduced = self._all_reduce(torch.cat([means, counts, labels]))  # one collective for all
+        n_means, n_counts = len(keys), len(self._source_names)
+        means, counts = reduced[:n_means] / self.env.world_size, reduced[n_means : n_means + n_counts]
+        labels = reduced[n_means + n_counts :]
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         self._samples_per_s = self._window_steps * self.global_batch / elapsed
         metrics: dict[str, Any] = {}
@@ -367,6 +377,9 @@ class Trainer:
         metrics["bad_steps"] = self.bad_steps
         for name, count in zip(self._source_names, counts.tolist(), strict=True):
             metrics[f"data/samples/{name}"] = int(count)
+        for (name, k), count in zip(label_keys, labels.tolist(), strict=True):
+            if count:
+                metrics[f"data/labels/{name}/{EMOTIONS[k]}"] = int(count)
         metrics["epoch"] = self.parts.train_loader.epoch
         metrics["time"] = round(time.time(), 3)
         if val is not None:
@@ -374,6 +387,7 @@ class Trainer:
         self.logger.log(self.step, metrics)
         self._window = {}
         self._source_window = Counter()
+        self._label_window = Counter()
         self._window_steps = 0
         self._window_start = time.perf_counter()
         return metrics
