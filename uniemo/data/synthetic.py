@@ -101,11 +101,23 @@ class World:
     sv_jitter: float = 0.07
     object_counts: tuple[float, float, float] = (0.45, 0.35, 0.20)
     """P(1, 2, 3 objects in an image); objects are drawn without replacement from P(object | emotion)."""
+    pattern_scale: float = 1.0
+    """Size of the scene patterns (stripes, cells, dots, waves, bricks, rings, drops) relative to the easy world."""
+    bg2_value: tuple[float, float] = (0.55, 0.85)
+    """The pattern's second colour has the value of the first times a draw from this range (lower: more contrast)."""
+    object_radius: tuple[float, float] = (0.12, 0.26)
+    """Object radius as a fraction of the image side (drawn uniformly)."""
+    scenes: tuple[str, ...] = ()
+    """The world's scene names, in the order of its tables; empty: :data:`SCENES`."""
+
+    @property
+    def scene_names(self) -> tuple[str, ...]:
+        return self.scenes or SCENES
 
     @property
     def p_scene(self) -> np.ndarray:
-        """P(scene | emotion), [E, S] in SCENES order."""
-        return _conditional(self.scene_weights, SCENES, self.scene_base)
+        """P(scene | emotion), [E, S] in :attr:`scene_names` order."""
+        return _conditional(self.scene_weights, self.scene_names, self.scene_base)
 
     @property
     def p_object(self) -> np.ndarray:
@@ -170,41 +182,56 @@ EASY = World(
 """Today's world (the default; the fast tests and goldens use it): colour nearly decides the emotion."""
 
 # The four shared palettes are easy-world palettes (the CPU-world generator knows their colour words); the
-# brightest of the dark ones (anger's red), so that scenes keep their contrast on it.
+# brightest of the dark ones (anger's red), so that the layouts keep their contrast on it.
 _WARM, _GREEN, _BLUE, _RED = (
     EASY.palettes["excitement"], EASY.palettes["contentment"], EASY.palettes["awe"], EASY.palettes["anger"]
 )
+LAYOUT_SCENES: tuple[str, ...] = (
+    "cloud_ceiling",  # the palette's first colour above a horizon, its darker second colour below
+    "sand_floor",  # the same, upside down
+    "spotlight",  # a disc of the first colour (half the image) on the second
+    "deep_well",  # the same with the colours swapped
+    "river_band",  # a horizontal band of the first colour (half the image) across the second
+    "tall_window",  # a vertical band of it
+    "attic_corner",  # the first colour in the upper-left half, split along the diagonal
+    "cellar_corner",  # the same, turned by 180 degrees
+)
+"""The hard world's scenes: fixed, coarse layouts of the palette's two colours. The two scenes of each line pair
+are mirror images (or the same areas swapped), so they hold the same colours in the same shares: only where
+the colours are tells them apart."""
 HARD = World(
     name="hard",
     # Four palettes, each shared by two emotions (one pair per palette; contentment/disgust and anger/fear cross
-    # the polarity): colour tells the pair, the background scene (and, less, the objects) tells the emotion.
+    # the polarity): colour tells the pair, the scene (and, less, the objects) tells the emotion in it.
     palettes={
         "amusement": _WARM, "excitement": _WARM,
         "contentment": _GREEN, "disgust": _GREEN,
-        "awe": _BLUE, "sadness": _BLUE,
         "anger": _RED, "fear": _RED,
+        "awe": _BLUE, "sadness": _BLUE,
     },
     off_palette_p=0.06,
-    # Each emotion has a primary scene of its own (weight 8, a sharp Phi row) and a secondary one that it shares
-    # with an emotion of ANOTHER palette (weight 2, a two-peaked row); office_grid is flat. Primary scenes are
-    # the large, coarse patterns (rays, stripes, gradient, blobs, waves, fog, bricks, rings) that a 64 px image,
-    # the tiny VAE's 16 x 16 latents and the generator can carry.
+    scenes=(*LAYOUT_SCENES, "checkered_floor"),
+    # The two emotions of a pair have mirror-image primary scenes (weight 8: a sharp Phi row) and mirror-image
+    # secondary scenes (weight 2), each the primary of an emotion of another palette (so a row with a second,
+    # smaller peak); checkered_floor is flat. Colour statistics (a histogram) cannot tell the scene within a
+    # pair; a model that sees where the colours are can.
+    #              amu awe con exc ang dis fea sad
     scene_weights={
-        "sunburst_plaza": (8, 0, 0, 0, 0, 0, 0, 0),
-        "striped_wall": (0, 0, 0, 8, 0, 0, 0, 0),
-        "sky_gradient": (0, 0, 8, 0, 0, 0, 0, 0),
-        "mossy_ground": (0, 0, 0, 0, 0, 8, 0, 0),
-        "ocean_waves": (0, 8, 0, 0, 0, 0, 0, 0),
-        "foggy_field": (0, 0, 0, 0, 0, 0, 0, 8),
-        "brick_wall": (0, 0, 0, 0, 8, 0, 0, 0),
-        "ripple_pond": (0, 0, 0, 0, 0, 0, 8, 0),
-        "polka_dot_room": (2, 0, 2, 0, 0, 0, 0, 0),
-        "checkered_floor": (0, 0, 0, 2, 2, 0, 0, 0),
-        "starry_night": (0, 2, 0, 0, 0, 0, 2, 0),
-        "rainy_street": (0, 0, 0, 0, 0, 2, 0, 2),
-        "office_grid": (1, 1, 1, 1, 1, 1, 1, 1),
+        "cloud_ceiling": (8, 2, 0, 0, 0, 0, 0, 0),
+        "sand_floor": (0, 0, 0, 8, 0, 0, 0, 2),
+        "spotlight": (2, 0, 8, 0, 0, 0, 0, 0),
+        "deep_well": (0, 0, 0, 2, 0, 8, 0, 0),
+        "river_band": (0, 0, 2, 0, 8, 0, 0, 0),
+        "tall_window": (0, 0, 0, 0, 0, 2, 8, 0),
+        "attic_corner": (0, 8, 0, 0, 2, 0, 0, 0),
+        "cellar_corner": (0, 0, 0, 0, 0, 0, 2, 8),
+        "checkered_floor": (1, 1, 1, 1, 1, 1, 1, 1),
     },
     scene_base=0.05,
+    # Stronger contrast between the two colours; objects smaller and fewer (they hide the scene).
+    bg2_value=(0.35, 0.6),
+    object_radius=(0.08, 0.16),
+    object_counts=(0.6, 0.3, 0.1),
     # Objects lean towards one emotion of each pair (Heart: amusement/contentment, Star: awe, ...); three are flat.
     object_weights={
         "Circle": (1, 1, 1, 1, 1, 1, 1, 1),
@@ -370,7 +397,7 @@ def generate_synthetic_set(
         )
     if world != EASY.name:  # the easy world's folder stays as it always was
         _write_text_atomic(root / WORLD_FILE, json.dumps(world_record(world_of(world)), indent=1) + "\n")
-    _write_text_atomic(root / "info.json", json.dumps(build_info(), indent=1) + "\n")
+    _write_text_atomic(root / "info.json", json.dumps(build_info(world), indent=1) + "\n")
     return {
         "root": str(root),
         "images": images,
@@ -383,8 +410,9 @@ def generate_synthetic_set(
     }
 
 
-def build_info() -> dict[str, dict[str, dict[str, Any]]]:
-    """EmoSet's ``info.json``: ``{label2idx, idx2label}`` for emotion, brightness, colorfulness, scene, object."""
+def build_info(world: str = "easy") -> dict[str, dict[str, dict[str, Any]]]:
+    """EmoSet's ``info.json``: ``{label2idx, idx2label}`` for emotion, brightness, colorfulness, scene (the
+    world's scenes), object."""
     bins = [f"{i / 10:.1f}" for i in range(11)]
 
     def maps(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -397,7 +425,7 @@ def build_info() -> dict[str, dict[str, dict[str, Any]]]:
         "emotion": maps(EMOTIONS),
         "brightness": maps(bins),
         "colorfulness": maps(bins),
-        "scene": maps(sorted(SCENES)),
+        "scene": maps(sorted(world_of(world).scene_names)),
         "object": maps(sorted(OBJECTS)),
     }
 
@@ -450,16 +478,16 @@ def render_image(
     if rng.random() < w.off_palette_p:
         palette_emotion = EMOTIONS[(k + 1 + int(rng.integers(len(EMOTIONS) - 1))) % len(EMOTIONS)]
     colors = _palette_colors(rng, w, palette_emotion)
-    scene = SCENES[int(rng.choice(len(SCENES), p=_p_scene(world)[k]))]
+    scene = w.scene_names[int(rng.choice(len(w.scene_names), p=_p_scene(world)[k]))]
     n_objects = int(rng.choice([1, 2, 3], p=list(w.object_counts)))
     objects = [
         OBJECTS[int(i)] for i in rng.choice(len(OBJECTS), size=n_objects, replace=False, p=_p_object(world)[k])
     ]
 
-    img = _draw_scene(rng, scene, size, colors)
+    img = _draw_scene(rng, scene, size, colors, w.pattern_scale)
     draw = ImageDraw.Draw(img)
     for name in objects:
-        _draw_object(rng, img, draw, name, size, colors)
+        _draw_object(rng, img, draw, name, size, colors, w.object_radius)
 
     hsv = np.asarray(img.convert("HSV"), dtype=np.float32) / 255.0
     annotation = {
@@ -498,7 +526,7 @@ def _palette_colors(rng: np.random.Generator, world: World, emotion: str) -> dic
     s = sat + rng.normal(0, world.sv_jitter)
     v = val + rng.normal(0, world.sv_jitter)
     bg1 = _hsv_to_rgb(h, s, v)
-    bg2 = _hsv_to_rgb(h + rng.uniform(-20, 20), s * rng.uniform(0.6, 1.0), v * rng.uniform(0.55, 0.85))
+    bg2 = _hsv_to_rgb(h + rng.uniform(-20, 20), s * rng.uniform(0.6, 1.0), v * rng.uniform(*world.bg2_value))
     # The accent stays in the palette family but contrasts in value, so objects are visible on the scene.
     acc_v = v - 0.35 if v > 0.55 else v + 0.4
     accent = _hsv_to_rgb(h + rng.uniform(-35, 35), min(1.0, s + 0.15), acc_v)
@@ -509,9 +537,9 @@ def _palette_colors(rng: np.random.Generator, world: World, emotion: str) -> dic
 # --- scenes ------------------------------------------------------------------------------------------------
 
 
-def _draw_scene(rng: np.random.Generator, scene: str, size: int, colors: dict) -> Image.Image:
+def _draw_scene(rng: np.random.Generator, scene: str, size: int, colors: dict, scale: float = 1.0) -> Image.Image:
     s = size
-    u = max(1.0, s / 64.0)  # pattern unit: patterns keep their look from 32 to 256 px
+    u = max(1.0, s / 64.0) * scale  # pattern unit: patterns keep their look from 32 to 256 px
     # Scattered primitives: below 64 px they are at their minimum size, so their number follows the area;
     # above, they grow with u, so their number stays put and the covered fraction does not change.
     area = (s / 64.0) ** 2 / u**2
@@ -604,9 +632,38 @@ def _draw_scene(rng: np.random.Generator, scene: str, size: int, colors: dict) -
             mix = rng.uniform(0, 1)
             c = tuple(int((1 - mix) * a + mix * b) for a, b in zip(bg1, bg2, strict=True))
             d.ellipse([x - rx, y - ry, x + rx, y + ry], fill=c)
-    else:  # pragma: no cover - SCENES and this function are kept in step
+    elif scene in LAYOUT_SCENES:
+        img = _draw_layout(rng, scene, s, bg1, bg2)
+    else:  # pragma: no cover - the worlds' scenes and this function are kept in step
         raise ValueError(f"no drawing for scene {scene!r}")
     return img
+
+
+def _draw_layout(
+    rng: np.random.Generator, scene: str, s: int, bg1: tuple[int, int, int], bg2: tuple[int, int, int]
+) -> Image.Image:
+    """A hard-world layout (:data:`LAYOUT_SCENES`): the first colour where the signed distance ``d`` to the
+    layout's boundary is negative, the second elsewhere, blended over a soft edge. The geometry is jittered by
+    the same symmetric draw for both scenes of a mirror pair, so both hold the same colours in the same shares."""
+    yy, xx = (np.mgrid[0:s, 0:s].astype(np.float32) + 0.5) / s
+    shift = float(rng.uniform(-0.08, 0.08))
+    if scene in ("cloud_ceiling", "sand_floor"):
+        d = yy - (0.5 + shift)
+        d = d if scene == "cloud_ceiling" else -d
+    elif scene in ("spotlight", "deep_well"):
+        cx, cy = 0.5 + rng.uniform(-0.08, 0.08, size=2)
+        d = np.hypot(xx - cx, yy - cy) - math.sqrt(0.5 / math.pi) * (1 + shift)  # a disc of half the image
+        d = d if scene == "spotlight" else -d
+    elif scene == "river_band":
+        d = np.abs(yy - (0.5 + shift)) - 0.25
+    elif scene == "tall_window":
+        d = np.abs(xx - (0.5 + shift)) - 0.25
+    else:  # attic_corner / cellar_corner
+        d = (xx + yy) - (1.0 + 2 * shift)
+        d = d if scene == "attic_corner" else -d
+    t = (1.0 / (1.0 + np.exp(d / 0.03)))[..., None]  # 1 inside (first colour), 0 outside
+    arr = t * np.array(bg1, np.float32) + (1 - t) * np.array(bg2, np.float32)
+    return Image.fromarray(arr.round().astype(np.uint8), "RGB")
 
 
 # --- objects -----------------------------------------------------------------------------------------------
@@ -668,9 +725,10 @@ def _unit_shape(name: str) -> list[tuple[float, float]]:
 
 
 def _draw_object(
-    rng: np.random.Generator, img: Image.Image, draw: ImageDraw.ImageDraw, name: str, size: int, colors: dict
+    rng: np.random.Generator, img: Image.Image, draw: ImageDraw.ImageDraw, name: str, size: int, colors: dict,
+    radius: tuple[float, float] = (0.12, 0.26),
 ) -> None:
-    r = rng.uniform(0.12, 0.26) * size
+    r = rng.uniform(*radius) * size
     cx, cy = rng.uniform(r * 0.8, size - r * 0.8, size=2)
     rot = rng.uniform(0, 2 * math.pi)
     width = max(1, round(size / 64))
