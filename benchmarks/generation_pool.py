@@ -35,7 +35,7 @@ from uniemo.config.schema import Config, DistributedConfig  # noqa: E402
 from uniemo.data.attributes import AttributeTable  # noqa: E402
 from uniemo.data.shards import write_shards  # noqa: E402
 from uniemo.data.synthetic import generate_synthetic_set  # noqa: E402
-from uniemo.distributed.ray_train import ray_session  # noqa: E402
+from uniemo.distributed.ray_session import ray_session  # noqa: E402
 from uniemo.feedback.actors import FeedbackPool, GenerationJob, ModelBundle  # noqa: E402
 
 

@@ -251,10 +251,9 @@ def count_flops(step, batch: dict) -> int:
     return int(counter.get_total_flops())
 
 
-def measure(step, cfg, batch_size: int, args: argparse.Namespace, device: torch.device) -> dict:
-    batch = random_batch(cfg, batch_size, device)
-    flops = count_flops(step, batch)
-    for _ in range(args.warmup):
+def timed_steps(step, batch: dict, warmup: int, steps: int, device: torch.device) -> dict:
+    """``warmup`` untimed steps, then ``steps`` timed ones: seconds per step and peak GPU memory of the timed ones."""
+    for _ in range(warmup):
         step.forward_backward(batch)
         step.update()
     sync(device)
@@ -262,20 +261,31 @@ def measure(step, cfg, batch_size: int, args: argparse.Namespace, device: torch.
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     loss = None
-    for _ in range(args.steps):
+    for _ in range(steps):
         loss = step.forward_backward(batch)
         step.update()
     sync(device)
     seconds = time.perf_counter() - start
-    peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     if loss is not None and not torch.isfinite(loss.detach().float()).item():
-        raise RuntimeError(f"non-finite loss {float(loss)} at batch size {batch_size}")
-    return {
-        "step_s": seconds / args.steps,
-        "samples_per_s": batch_size * args.steps / seconds,
-        "flops": flops,
-        "peak_mem": peak_mem,
-    }
+        raise RuntimeError(f"non-finite loss {float(loss)}")
+    peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"step_s": seconds / steps, "peak_mem": peak_mem}
+
+
+def measure(step, cfg, batch_size: int, args: argparse.Namespace, device: torch.device) -> dict:
+    batch = random_batch(cfg, batch_size, device)
+    flops = count_flops(step, batch)
+    timed = timed_steps(step, batch, args.warmup, args.steps, device)
+    return {**timed, "samples_per_s": batch_size / timed["step_s"], "flops": flops}
+
+
+def cuda_or_say(script: str) -> bool:
+    """Whether CUDA is there; else one line on stderr saying what to do (the caller exits with status 2)."""
+    if torch.cuda.is_available():
+        return True
+    print(f"{script}: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, or pass --tiny "
+          "to check the code path on the CPU", file=sys.stderr)
+    return False
 
 
 def init_group(device: torch.device) -> None:
@@ -305,9 +315,7 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="override the card's peak bf16 TFLOP/s")
     parser.add_argument("--tiny", action="store_true", help="tiny presets, fp32, on the CPU: a code-path check")
     args = parser.parse_args()
-    if not args.tiny and not torch.cuda.is_available():
-        print("gpu_joint_step: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, "
-              "or pass --tiny to check the code path on the CPU", file=sys.stderr)
+    if not args.tiny and not cuda_or_say("gpu_joint_step"):
         return 2
     batch_sizes = [int(b) for b in (args.batch_sizes or ("2,4" if args.tiny else "1,2,4,8")).split(",")]
     args.steps = args.steps or (2 if args.tiny else 10)

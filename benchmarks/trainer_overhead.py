@@ -89,7 +89,7 @@ def steady_range(args: argparse.Namespace) -> tuple[int, int]:
 _SINGLE_WORKER = """
 import os, sys
 from uniemo.config import load_config
-from uniemo.distributed.ray_train import prepare_run
+from uniemo.training.driver import prepare_run
 from uniemo.training.worker import run_worker
 plan = prepare_run(load_config(sys.argv[1], sys.argv[2:]))
 run_worker(plan.config, plan.run_dir)

@@ -176,7 +176,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, stage: in
     from uniemo.data.loader import build_loader_from_config, load_attribute_table
     from uniemo.distributed.env import apply_worker_env, read_env
     from uniemo.training.engine import build_engine
-    from uniemo.training.stages import StageParts
+    from uniemo.training.parts import StageParts
     from uniemo.training.task import build_stage2_task
     from uniemo.training.trainer import Trainer
 

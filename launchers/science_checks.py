@@ -71,9 +71,10 @@ SHORT_EVAL = ["evaluation.images_per_emotion=4"]
 class Checks:
     """One science-check run: the base config, the output folder, results.json."""
 
-    def __init__(self, base: Config, out: Path, world: str, per_emotion: int, early_steps: int) -> None:
+    def __init__(self, base: Config, out: Path, world: str, per_emotion: int, early_steps: int,
+                 controls_only: bool = False) -> None:
         self.base, self.out, self.world, self.per_emotion = base, out, world, per_emotion
-        self.early_steps = early_steps
+        self.early_steps, self.controls_only = early_steps, controls_only
         self.path = out / "results.json"
         self.results: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.results.update(world=world, per_emotion=per_emotion)
@@ -122,8 +123,10 @@ class Checks:
 
         s1q = self.job(f"{tag}/stage1-queries", "stage1", s)
         entry["a_stage1_queries"] = _top1(metrics(s1q))
-        entry["a_stage1_no_queries"] = _top1(metrics(self.job(f"{tag}/stage1-no-queries", "stage1", s + NO_QUERIES)))
-        if self.early_steps:
+        if not self.controls_only:
+            entry["a_stage1_no_queries"] = _top1(metrics(self.job(f"{tag}/stage1-no-queries", "stage1",
+                                                                  s + NO_QUERIES)))
+        if self.early_steps and not self.controls_only:
             steps = [f"training.steps={self.early_steps}"]
             entry["a_early_queries"] = _top1(metrics(self.job(f"{tag}/stage1-queries-early", "stage1", s + steps)))
             entry["a_early_no_queries"] = _top1(metrics(self.job(f"{tag}/stage1-no-queries-early", "stage1",
@@ -136,7 +139,7 @@ class Checks:
         entry["b_stage2"] = _top1(m2)
         entry.update(_generation("c", m2))
         self.save()
-        for name, extra in STAGE2_VARIANTS.items():
+        for name, extra in ({} if self.controls_only else STAGE2_VARIANTS).items():
             run = self.job(f"{tag}/stage2-{name}", "stage2", from_s1 + extra)
             key = "b_no_implicit_feedback" if name == "paper_no_implicit_feedback" else f"c_{name}"
             entry.update(_generation(key, metrics(run)))
@@ -150,10 +153,11 @@ class Checks:
         entry["d_filtered_kept"] = _kept(filtered)
         entry.update(_generation("d_filtered", metrics(filtered)))
         self.save()
-        unfiltered = self.job(f"{tag}/feedback-unfiltered", "feedback",
-                              common + UNFILTERED + [f"feedback.keep={fb.candidates_per_emotion}"], SHORT_EVAL)
-        entry["d_unfiltered"] = _top1(metrics(unfiltered))
-        entry["d_unfiltered_kept"] = _kept(unfiltered)
+        if not self.controls_only:
+            unfiltered = self.job(f"{tag}/feedback-unfiltered", "feedback",
+                                  common + UNFILTERED + [f"feedback.keep={fb.candidates_per_emotion}"], SHORT_EVAL)
+            entry["d_unfiltered"] = _top1(metrics(unfiltered))
+            entry["d_unfiltered_kept"] = _kept(unfiltered)
         # No feedback: the feedback runs' training (steps, schedule, start weights, batch) on real data only.
         plain = self.job(f"{tag}/no-feedback", "stage2", s + list(self.base.pipeline.feedback) + [
             f"training.init_from={s2}", f"training.steps={fb.rounds * fb.steps_per_round}", "training.epochs=0"],
@@ -339,9 +343,9 @@ def ablation_table(sweep_dir: Path) -> str:
 
 
 def run_checks(config: str, seeds: list[int], out: Path, world: str = DEFAULT_WORLD,
-               per_emotion: int = DEFAULT_PER_EMOTION, overrides: list[str] = (), early_steps: int = 40
-               ) -> dict[str, Any]:
-    from uniemo.distributed.ray_train import ray_session
+               per_emotion: int = DEFAULT_PER_EMOTION, overrides: list[str] = (), early_steps: int = 40,
+               controls_only: bool = False) -> dict[str, Any]:
+    from uniemo.distributed.ray_session import ray_session
     from uniemo.feedback.rounds import pool_cpus
 
     out = out.resolve()
@@ -349,7 +353,7 @@ def run_checks(config: str, seeds: list[int], out: Path, world: str = DEFAULT_WO
     base = load_config(config, ["logging.wandb.mode=disabled", "logging.progress=false", *WORLDS[world],
                                 f"data.labelled_per_emotion={per_emotion}", f"evaluation.judge={out / 'judge'}",
                                 *overrides])
-    checks = Checks(base, out, world, per_emotion, early_steps)
+    checks = Checks(base, out, world, per_emotion, early_steps, controls_only)
     checks.results["config"] = config
     checks.results["overrides"] = list(overrides)
     started = time.monotonic()
@@ -378,6 +382,9 @@ def main() -> int:
     parser.add_argument("--out", default="runs/science")
     parser.add_argument("--early-steps", type=int, default=40,
                         help="stage-1 steps of check (a)'s before-convergence pair (default 40; 0: leave it out)")
+    parser.add_argument("--controls-only", action="store_true",
+                        help="run only what the controls need (stage 1 with queries, stage 2, filtered and no "
+                        "feedback, the two controls): check first that the set-up can see an effect")
     parser.add_argument("--ablations", metavar="DIR", help="print the table of a finished ablation sweep "
                         "(uniemo sweep configs/sweeps/ablations.yaml --backend local -> runs/ablations) and exit")
     parser.add_argument("--table", action="store_true", help="print the table of <out>/results.json and exit")
@@ -395,7 +402,7 @@ def main() -> int:
     if args.per_emotion < 0:
         parser.error("--per-emotion must be >= 0")
     results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out), args.world,
-                         args.per_emotion, args.overrides, args.early_steps)
+                         args.per_emotion, args.overrides, args.early_steps, args.controls_only)
     print(table(results))
     return 0
 

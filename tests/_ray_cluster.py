@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,9 @@ class RayCluster:
                 with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2) as resp:
                     if resp.status == 200:
                         return head
+            except urllib.error.HTTPError as err:
+                if err.code == 401:  # token authentication on: the dashboard answers, and wants the token
+                    return head
             except OSError:
                 pass
             assert time.monotonic() < deadline, "the Ray dashboard did not answer in 180 s"

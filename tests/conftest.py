@@ -44,7 +44,7 @@ def ray_cluster():
     folder, never a stale cluster) and stopped afterwards. The drivers of uniemo use a cluster they find
     initialised."""
     from uniemo.config.schema import DistributedConfig
-    from uniemo.distributed.ray_train import ray_session
+    from uniemo.distributed.ray_session import ray_session
 
     with ray_session(DistributedConfig(num_workers=1, cpus_per_worker=1.0), extra_cpus=3.0):
         yield

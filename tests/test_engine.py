@@ -204,8 +204,17 @@ def test_incompatible_resume_is_one_line():
         ckpt.check_compatible(saved, ckpt.compat_keys(_cfg(), 4), ckpt.Path("ck"))
 
 
+def test_a_model_key_newer_than_the_checkpoint_resumes_only_at_its_default():
+    saved = ckpt.compat_keys(_cfg("training.stage=2"), world_size=2)
+    del saved["model.conditioner.attribute_space"]  # a checkpoint written before the key existed
+    ckpt.check_compatible(saved, ckpt.compat_keys(_cfg("training.stage=2"), 2), ckpt.Path("ck"))  # the old way
+    newer = _cfg("training.stage=2", "model.conditioner.attribute_space=clip_text")
+    with pytest.raises(UserError, match="model.conditioner.attribute_space"):
+        ckpt.check_compatible(saved, ckpt.compat_keys(newer, 2), ckpt.Path("ck"))
+
+
 def test_driver_refuses_fresh_run_over_checkpoints_and_bad_resume(tmp_path, synth_shards):
-    from uniemo.distributed.ray_train import prepare_run
+    from uniemo.training.driver import prepare_run
 
     cfg = _cfg(f"run.output_dir={tmp_path}", "run.name=r", f"data.shards={synth_shards}",
                "logging.wandb.mode=disabled")
@@ -225,8 +234,24 @@ def test_driver_refuses_fresh_run_over_checkpoints_and_bad_resume(tmp_path, synt
         prepare_run(changed, resume=True)
 
 
+def test_the_data_source_is_resolved_once_per_driver(tmp_path, synth_shards, monkeypatch):
+    """``prepare_run`` checks the data in several places (the batch per rank, every split a run reads), and each
+    reads the same shard folder: it is resolved (checked shard by shard, or mirrored from a URL) once."""
+    from uniemo.data import source
+    from uniemo.training.driver import prepare_run
+
+    calls = []
+    resolve = source.ensure_synthetic_shards
+    monkeypatch.setattr(source, "_RESOLVED", {})
+    monkeypatch.setattr(source, "ensure_synthetic_shards",
+                        lambda data_cfg, progress=False: calls.append(data_cfg.shards) or resolve(data_cfg, progress))
+    prepare_run(_cfg(f"run.output_dir={tmp_path}", "run.name=once", f"data.shards={synth_shards}",
+                     "training.eval_every=5", "logging.wandb.mode=disabled"))
+    assert calls == [str(synth_shards)]
+
+
 def test_stage2_without_stage1_run_names_the_fix(tmp_path, synth_shards):
-    from uniemo.distributed.ray_train import prepare_run
+    from uniemo.training.driver import prepare_run
 
     cfg = _cfg(f"run.output_dir={tmp_path}", "run.name=s2", "training.stage=2", f"data.shards={synth_shards}")
     with pytest.raises(UserError, match="training.init_from"):
@@ -234,7 +259,7 @@ def test_stage2_without_stage1_run_names_the_fix(tmp_path, synth_shards):
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):
-    from uniemo.distributed.ray_train import absolute_paths
+    from uniemo.config.paths import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = absolute_paths(_cfg("data.cache_dir=.cache/x", "run.output_dir=runs"))

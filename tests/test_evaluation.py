@@ -259,6 +259,7 @@ def test_evaluate_stage2_run_in_process(runs, judge_dir, synth_shards, capsys):
     assert all(v is not None and v >= 0 for v in g["fid"]["per_emotion"].values())
     assert g["diversity"]["extractor"] == judge_name and g["diversity"]["sem_d"] > 0
     assert all(v["pairs"] == 3 for v in g["diversity"]["per_emotion"].values())  # all pairs of 3 images
+    assert g["paper"]["metrics"] == {} and set(g["paper"]["left_out"]) == {"fid", "emo_a", "lpips", "sem_c", "sem_d"}
     assert on_disk["judge"]["name"] == judge_name and on_disk["judge"]["same_data_as_run"] is True
     assert on_disk["judge"]["test_accuracy"] > 0.5
 
@@ -293,13 +294,18 @@ def test_evaluate_stage2_run_in_process(runs, judge_dir, synth_shards, capsys):
 
 @pytest.mark.slow
 def test_evaluate_over_two_ray_workers_matches_in_process(runs, judge_dir):
-    from uniemo.evaluation.evaluate import evaluate_run
+    from _metric_weights import weight_overrides, write_metric_weights
+
+    from uniemo.evaluation.evaluate import evaluate_run, flat_metrics
+    from uniemo.evaluation.metrics_cli import run_metrics
 
     if "in_process" not in _STATE:
         pytest.skip("needs test_evaluate_stage2_run_in_process's result (run the module, not this test alone)")
-    weights = runs / "inception.safetensors"
-    result = evaluate_run(runs / "s2", judge_dir, [*EVAL, "distributed.num_workers=2",
-                                                   f"evaluation.inception_weights={weights}"])
+    # EmoGen's protocol beside the judge's metrics: Inception FID against the run's real test split, CLIP Emo-A
+    # and Sem-D (random weights in the libraries' formats); LPIPS and Sem-C left out (no weights given).
+    weights = write_metric_weights(runs / "metric-weights", keys=("inception", "clip", "emo_a_probe"))
+    paper_overrides = [*weight_overrides(weights), "evaluation.diversity_pairs=2"]
+    result = evaluate_run(runs / "s2", judge_dir, [*EVAL, "distributed.num_workers=2", *paper_overrides])
     reference = _STATE["in_process"]
     assert result["evaluation"]["distributed"] == "ray-train" and result["evaluation"]["workers"] == 2
     # Exactly-once sharding over 2 ranks: the same confusion matrix as one process.
@@ -309,10 +315,54 @@ def test_evaluate_over_two_ray_workers_matches_in_process(runs, judge_dir):
     assert result["generation"]["seeds"] == reference["generation"]["seeds"]
     assert result["generation"]["fid"]["pooled"] == pytest.approx(reference["generation"]["fid"]["pooled"], rel=1e-3)
     assert result["generation"]["emo_a"]["top1"] == pytest.approx(reference["generation"]["emo_a"]["top1"], abs=0.05)
-    # D12: no Inception-v3 here (no torchvision): the configured weights are named in the notes and FID keeps
-    # the judge's features, named as such.
+    # The judge's FID keeps the judge's features, named as such (D12); the Inception FID is generation.paper's.
     assert result["generation"]["fid"]["extractor"] == reference["generation"]["fid"]["extractor"]
-    assert any("Inception-v3 cannot be built" in n and str(weights) in n for n in result["notes"])
+    paper = result["generation"]["paper"]
+    assert set(paper["metrics"]) == {"fid", "emo_a", "sem_d"} and set(paper["left_out"]) == {"lpips", "sem_c"}
+    fid = paper["metrics"]["fid"]
+    test_counts = reference["understanding"]["counts"]
+    assert fid["emotions"] == list(EMOTIONS) and fid["images"] == 24
+    assert fid["real_images"] == sum(test_counts.values()) and paper["real"]["per_emotion"] == test_counts
+    assert fid["aggregated"] > 0 and all(v is not None for v in fid["per_emotion"].values())
+    assert fid["weights"][0]["file"] == weights["inception"].name
+    assert paper["metrics"]["emo_a"]["images"] == 24 and paper["metrics"]["sem_d"]["variant"] == "paper"
+    flat = flat_metrics(result)
+    assert flat["eval/paper/fid"] == fid["aggregated"] and flat["eval/paper/emo_a"] == paper["metrics"]["emo_a"]["top1"]
+    # `uniemo metrics` on the run's evaluation images gives the same numbers.
+    alone = run_metrics(runs / "s2" / "eval" / "generated", None, None,
+                        [*weight_overrides(weights, "clip", "emo_a_probe"), "evaluation.diversity_pairs=2",
+                         "logging.progress=false", "data.num_workers=0"], out=runs / "alone.json")
+    assert alone["metrics"]["emo_a"]["top1"] == paper["metrics"]["emo_a"]["top1"]
+    assert alone["metrics"]["sem_d"]["sem_d"] == pytest.approx(paper["metrics"]["sem_d"]["sem_d"], rel=1e-6)
+
+
+def _generated(run: Path) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    return {str(p.relative_to(run)): np.asarray(Image.open(p)) for p in sorted((run / "eval" / "generated").rglob("*.png"))}
+
+
+@pytest.mark.slow
+def test_an_override_of_the_generator_changes_the_generated_images(runs, judge_dir):
+    """``uniemo evaluate --run R model.generator.guidance_scale=G`` generates with G, not with the run's own
+    guidance (it once wrote G into metrics.json and generated with the run's config)."""
+    from uniemo.config import load_config
+    from uniemo.evaluation.evaluate import evaluate_run
+
+    run = runs / "s2"
+    own = load_config(run / "config.yaml").model.generator.guidance_scale
+    base = [*EVAL, "evaluation.images_per_emotion=1"]
+    first = evaluate_run(run, judge_dir, base)
+    before = _generated(run)
+    changed = evaluate_run(run, judge_dir, [*base, "model.generator.guidance_scale=1.0", "model.generator.sampler=ddim"])
+    after = _generated(run)
+    assert own != 1.0 and first["generation"]["guidance_scale"] == own
+    assert changed["generation"]["guidance_scale"] == 1.0 and changed["generation"]["sampler"] == "ddim"
+    assert before.keys() == after.keys() and len(after) == 8  # the same seeds and files
+    assert all(not np.array_equal(before[k], after[k]) for k in after)  # every image generated with the override
+    records = [json.loads(line) for f in (run / "eval" / "generated").glob("*/generations.jsonl")
+               for line in f.read_text().splitlines()]
+    assert {(r["guidance_scale"], r["sampler"]) for r in records} == {(1.0, "ddim")}
 
 
 def test_cli_errors_exit_2(tmp_path, capsys, synth_shards):

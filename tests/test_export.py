@@ -157,14 +157,14 @@ def runs(synth_shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(runs) -> Path:
-    from uniemo.training.export import export_run
+    from uniemo.inference.export import export_run
 
     return export_run(runs / "s2", runs / "export")
 
 
 @pytest.fixture(scope="module")
 def loaded_s2(runs, exported):
-    from uniemo.training.inference import load_run
+    from uniemo.inference.runs import load_run
 
     return load_run(runs / "s2")
 
@@ -221,7 +221,7 @@ def test_checkpoint_errors(runs, tmp_path):
 def test_export_layout_and_reload(runs, exported, loaded_s2):
     from safetensors.torch import load_file
 
-    from uniemo.training.inference import load_run
+    from uniemo.inference.runs import load_run
 
     info = json.loads((exported / "uniemo_export.json").read_text())
     assert info["stage"] == 2 and info["step"] == 1
@@ -246,11 +246,38 @@ def test_export_layout_and_reload(runs, exported, loaded_s2):
     assert loaded_s2.emotion_space.counts().sum() > 0
 
 
+def test_never_trained_parameters_come_from_the_run_not_from_a_seed(runs, tmp_path):
+    """A run keeps what no checkpoint holds (here the frozen contrastive logit scales) in
+    initial_weights.safetensors; loading reads them from there, whatever the config's seed now says. A run without
+    the file (written by an older uniemo) still loads by replaying its training's random draws."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import save_file
+
+    from uniemo.inference.runs import load_run
+
+    for stage in ("s1", "s2"):
+        run = tmp_path / stage
+        shutil.copytree(runs / stage, run)
+        legacy = load_run(run, device="cpu", compute_missing_emotion_space=False).understanding
+        roles = legacy.parameter_roles()
+        frozen = {n: p for n, p in legacy.named_parameters() if roles[n] == "logit_scales" and not p.requires_grad}
+        assert frozen, stage
+        save_file({f"understanding.{n}": p.detach() + 1.0 for n, p in frozen.items()}, run / "initial_weights.safetensors")
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["run"]["seed"] += 17  # a replay would now draw other values
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        loaded = dict(load_run(run, device="cpu", compute_missing_emotion_space=False).understanding.named_parameters())
+        for name, value in frozen.items():
+            assert torch.equal(loaded[name], value + 1.0), (stage, name)
+
+
 def test_export_pipeline_with_plain_diffusers(exported, loaded_s2):
     from diffusers import StableDiffusionPipeline
 
     from uniemo.config.schema import EMOTIONS
-    from uniemo.training.inference import mean_conditions
+    from uniemo.inference.runs import mean_conditions
 
     pipe = StableDiffusionPipeline.from_pretrained(
         str(exported / "pipeline"), safety_checker=None, requires_safety_checker=False, local_files_only=True
@@ -288,7 +315,7 @@ def test_export_pipeline_with_plain_diffusers(exported, loaded_s2):
 
 def test_export_refuses_foreign_folder_and_replaces_export(runs, exported, tmp_path):
     from uniemo.errors import UserError
-    from uniemo.training.export import export_run
+    from uniemo.inference.export import export_run
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -339,7 +366,7 @@ def test_cli_classify(runs, exported, tmp_path, capsys):
     from PIL import Image
 
     from uniemo.cli import main
-    from uniemo.training.inference import classify_images, load_run
+    from uniemo.inference.runs import classify_images, load_run
 
     paths = []
     for i, color in enumerate([(200, 40, 40), (30, 120, 220)]):
@@ -411,7 +438,7 @@ def test_cli_transfer_and_textual_inversion_in_diffusers(exported, loaded_s2, tm
     from safetensors.torch import load_file
 
     from uniemo.cli import main
-    from uniemo.training.transfer import image_features
+    from uniemo.inference.transfer import image_features
 
     photo = _photo(tmp_path / "my photo.png", 0)
     out = tmp_path / "t"
@@ -486,3 +513,15 @@ def test_cli_transfer_errors_are_one_line(runs, exported, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("uniemo: error:") and needle in err, (argv, err)
     assert not out.exists()  # nothing written on a refused transfer
+
+
+def test_official_export_refuses_what_the_official_model_cannot_build(runs, tmp_path, capsys):
+    """The tiny preset has 4 heads at width 64; the official Emotion_clip builds width // 64 = 1: its forward would
+    differ, so ``export --official`` refuses (tests/test_official_checkpoints.py exports official-shaped runs)."""
+    from uniemo.cli import main
+
+    out = tmp_path / "official"
+    assert main(["export", "--run", str(runs / "s2"), "--official", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.understanding.heads" in err and "width // 64" in err, err
+    assert not out.exists()

@@ -46,7 +46,7 @@ def _base(shards: str | Path, root: Path) -> list[str]:
 def _build_start_run(shards: str, root: Path, stage: int) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     from uniemo.config import load_config
-    from uniemo.distributed.ray_train import prepare_run
+    from uniemo.training.driver import prepare_run
     from uniemo.training.worker import run_worker
 
     cfg = load_config(None, [*_base(shards, root), f"run.name=s{stage}", f"training.stage={stage}",
@@ -110,13 +110,14 @@ def _check_counts(report: dict) -> None:
 def _check_round(run_dir: Path, index: int, checkpoint: Path) -> dict:
     """The round folder is complete and listed, its report adds up and agrees with the manifest."""
     from uniemo.data.shards import read_manifest
-    from uniemo.run_layout import round_dir, round_report_path
+    from uniemo.run_layout import path_from_run_file, round_dir, round_report_path
 
     folder = round_dir(run_dir, index)
     manifest = read_manifest(folder)
     report = json.loads(round_report_path(run_dir, index).read_text())
     assert manifest["report"] == report and manifest["round"] == index
-    assert report["checkpoint"] == str(checkpoint)
+    assert not Path(report["checkpoint"]).is_absolute()  # run files name paths relative to their run folder
+    assert path_from_run_file(report["checkpoint"], run_dir) == checkpoint
     _check_counts(report)
     assert report["totals"]["candidates"] == 8 * 4 and report["totals"]["lost_in_flight"] == 0
     kept = report["totals"]["kept"]
@@ -185,13 +186,14 @@ def test_stage2_init_continues_every_trained_weight(start_runs):
 
     from uniemo.config import load_config
     from uniemo.data.loader import load_attribute_table
-    from uniemo.training.checkpoint import consolidated_state_dict, latest_checkpoint, read_trainer_state
-    from uniemo.training.stages import _build_task, split_init
+    from uniemo.training.checkpoint import consolidated_state_dict, latest_checkpoint
+    from uniemo.training.run_weights import recorded_init, split_init
+    from uniemo.training.stages import _build_task
 
     s1, s2 = latest_checkpoint(start_runs / "s1"), latest_checkpoint(start_runs / "s2")
     assert split_init(s2) == (s1, s2) and split_init(s1) == (s1, None)
     cfg = load_config(start_runs / "s2" / "config.yaml")
-    task = _build_task(cfg, load_attribute_table(cfg.data), s2)
+    task, untrained = _build_task(cfg, load_attribute_table(cfg.data), s2)
     own = task.state_dict()
     trained = consolidated_state_dict(s2)
     assert any(k.startswith("conditioner.") for k in trained)
@@ -199,7 +201,10 @@ def test_stage2_init_continues_every_trained_weight(start_runs):
         torch.testing.assert_close(own[key], value.float(), rtol=0, atol=0)
     backbone = {k: v for k, v in consolidated_state_dict(s1).items() if k.startswith("understanding.encoder.")}
     assert backbone and all(torch.equal(own[k], v.float()) for k, v in backbone.items())
-    assert read_trainer_state(s2)["init_from"] == str(s1)
+    assert recorded_init(s2) == s1
+    # What no checkpoint holds (the frozen contrastive scales), and nothing the checkpoints or the generator give.
+    assert untrained and not any(k in trained or k.startswith("generator.") for k in untrained)
+    assert all(k.startswith("understanding.") for k in untrained)
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +221,7 @@ def sequential_run(start_runs, synth_shards) -> tuple[dict, Path]:
 @pytest.mark.slow
 def test_sequential_round_end_to_end(sequential_run, start_runs):
     from uniemo.training.checkpoint import latest_checkpoint, read_trainer_state
+    from uniemo.training.run_weights import recorded_init
 
     summary, run = sequential_run
     s1, s2 = latest_checkpoint(start_runs / "s1"), latest_checkpoint(start_runs / "s2")
@@ -229,10 +235,11 @@ def test_sequential_round_end_to_end(sequential_run, start_runs):
     assert all(r["data/samples/real"] + r["data/samples/synthetic"] == 32 for r in records)
     assert sum(r["data/samples/synthetic"] for r in records) > 0
     state = read_trainer_state(latest_checkpoint(run))
-    assert state["init_from"] == str(s1) and state["continued_from"] == str(s2)  # backbone of s1, weights of s2
+    assert recorded_init(latest_checkpoint(run)) == s1 and state["init_from"] == "../s1/checkpoints/" + s1.name
+    assert state["continued_from"] == "../s2/checkpoints/" + s2.name  # backbone of s1, weights of s2
     assert (run / "emotion_space.safetensors").is_file()  # the end of the run's schedule: stage 2's finish
     loop = json.loads((run / "rounds" / "loop.json").read_text())
-    assert loop["from_run"] == str(s2) and loop["rounds"]["0"]["checkpoint"] == str(s2)
+    assert loop["from_run"] == loop["rounds"]["0"]["checkpoint"] == "../s2/checkpoints/" + s2.name
     assert loop["rounds"]["0"]["kept"] == report["totals"]["kept"]
 
 
@@ -312,9 +319,8 @@ def test_resume_skips_the_completed_round(sequential_run, start_runs, synth_shar
 def test_async_pool_delivers_rounds_to_the_running_training(start_runs, synth_shards):
     """Trainers and pool in one Ray session: round 0 from the start run, round 1 from a checkpoint of the running
     job; the job consumes synthetic samples only after a round's manifest is written, and goes on training."""
-    from uniemo.distributed.ray_train import run_dir_of
     from uniemo.feedback.loop import run_feedback
-    from uniemo.run_layout import round_dir, stop_request_path
+    from uniemo.run_layout import round_dir, run_dir_of, stop_request_path
     from uniemo.training.checkpoint import latest_checkpoint
 
     cfg = _config(
@@ -350,7 +356,7 @@ def test_async_pool_delivers_rounds_to_the_running_training(start_runs, synth_sh
     s2 = latest_checkpoint(start_runs / "s2")
     _check_round(run, 0, s2)
     report1 = json.loads((run / "rounds" / "round-1.json").read_text())
-    step_dir = Path(report1["checkpoint"])
+    step_dir = run / report1["checkpoint"]
     assert step_dir.parent == run / "checkpoints"  # a checkpoint the running job wrote
     _check_round(run, 1, step_dir)
     t0 = (round_dir(run, 0) / "manifest.json").stat().st_mtime

@@ -21,7 +21,7 @@ import torch
 from uniemo.config.schema import EMOTIONS, Config, DistributedConfig
 from uniemo.data.attributes import AttributeTable
 from uniemo.data.shards import MANIFEST_FILE, read_manifest
-from uniemo.distributed.ray_train import ray_session
+from uniemo.distributed.ray_session import ray_session
 from uniemo.feedback.actors import FilterWorker, GenerationJob, GeneratorWorker, ModelBundle
 from uniemo.feedback.filtering import REJECTIONS
 from uniemo.feedback.rounds import plan_jobs, run_round, synthetic_source
@@ -82,8 +82,8 @@ def test_bundle_from_a_loaded_run_generates_and_scores_as_the_run(bundle, synth_
     from PIL import Image
 
     from uniemo.data.transforms import build_sample_transform
+    from uniemo.inference.runs import LoadedRun
     from uniemo.models.generation import generate
-    from uniemo.training.inference import LoadedRun
     from uniemo.training.task import build_stage2_task
 
     cfg = _config()

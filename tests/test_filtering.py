@@ -12,7 +12,6 @@ from uniemo.errors import ConfigError
 from uniemo.feedback.filtering import (
     REJECTIONS,
     attribute_quota,
-    derive_seed,
     diverse_selection,
     fidelity,
     filter_pool,
@@ -194,6 +193,8 @@ def test_filter_pool_on_an_empty_pool():
 
 
 def test_derive_seed_is_stable():
+    from uniemo.seeds import derive_seed
+
     assert derive_seed(0, "feedback", 1, 2, 3) == derive_seed(0, "feedback", 1, 2, 3)
     assert derive_seed(0, "feedback", 1, 2, 3) != derive_seed(0, "feedback", 1, 2, 4)
     assert 0 <= derive_seed("x") < 2**31 - 1

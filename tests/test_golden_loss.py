@@ -33,7 +33,7 @@ RTOL = 1e-3
 WORKER = r"""
 import sys
 from uniemo.config import load_config
-from uniemo.distributed.ray_train import prepare_run
+from uniemo.training.driver import prepare_run
 from uniemo.training.worker import run_worker
 
 plan = prepare_run(load_config(sys.argv[1], sys.argv[2:]))

@@ -1,9 +1,9 @@
-"""No import cycles among uniemo's modules, counting imports inside functions (issue 14).
+"""No import cycles among uniemo's modules at any level: imports inside functions and ``TYPE_CHECKING`` imports count.
 
 Every ``import`` and ``from ... import`` of a ``uniemo`` module is an edge, wherever it sits in the file: at the
-top, inside a function, or in a ``try``. Imports under ``if TYPE_CHECKING:`` are left out: they never run.
-``from uniemo.pkg import name`` counts as an edge to ``uniemo.pkg.name`` when that is a module, else to
-``uniemo.pkg``.
+top, inside a function, in a ``try``, or under ``if TYPE_CHECKING:`` (a cycle of types is a cycle of concepts,
+even when it never runs). ``from uniemo.pkg import name`` counts as an edge to ``uniemo.pkg.name`` when that is a
+module, else to ``uniemo.pkg``.
 """
 
 from __future__ import annotations
@@ -26,22 +26,10 @@ def _module_files() -> dict[str, Path]:
     return modules
 
 
-def _is_type_checking(node: ast.AST) -> bool:
-    test = node.test if isinstance(node, ast.If) else None
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(tree: ast.AST, package: str) -> list[str]:
-    """Every imported dotted name in ``tree`` (relative imports resolved), skipping ``if TYPE_CHECKING`` bodies."""
+    """Every imported dotted name in ``tree`` (relative imports resolved), ``if TYPE_CHECKING`` bodies included."""
     found: list[str] = []
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -51,10 +39,6 @@ def _imports(tree: ast.AST, package: str) -> list[str]:
                 base = ".".join([*parts, base] if base else parts)
             found.append(base)
             found.extend(f"{base}.{alias.name}" for alias in node.names)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
     return found
 
 
@@ -115,14 +99,14 @@ def test_find_cycles_sees_a_cycle():
     assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_function_level_imports_are_edges():
+def test_function_level_and_type_checking_imports_are_edges():
     tree = ast.parse("def f():\n    from uniemo.x import y\nif TYPE_CHECKING:\n    import uniemo.z\n")
-    assert _imports(tree, "uniemo") == ["uniemo.x", "uniemo.x.y"]
+    assert sorted(_imports(tree, "uniemo")) == ["uniemo.x", "uniemo.x.y", "uniemo.z"]
 
 
 def test_no_import_cycles_among_uniemo_modules():
     cycles = find_cycles(import_graph())
-    assert not cycles, "import cycles (counting imports inside functions): " + "; ".join(
+    assert not cycles, "import cycles (counting imports inside functions and under TYPE_CHECKING): " + "; ".join(
         " <-> ".join(c) for c in cycles
     )
 
@@ -140,3 +124,23 @@ def test_cli_help_path_loads_no_heavy_package():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == ""
+
+
+LAYERS = {
+    "uniemo.training": ("uniemo.inference", "uniemo.evaluation", "uniemo.feedback", "uniemo.pipeline"),
+    "uniemo.distributed": ("uniemo.training", "uniemo.inference", "uniemo.evaluation", "uniemo.feedback"),
+    "uniemo.models": ("uniemo.training", "uniemo.inference", "uniemo.distributed", "uniemo.evaluation",
+                      "uniemo.feedback", "uniemo.data.loader"),
+    "uniemo.run_layout": ("uniemo.",),
+}
+"""What a package must not import (at any level): the training stack never needs inference, the distributed
+plumbing holds no training logic, models are pure modules, run_layout is a leaf every module may import. Command
+modules (``*cli``) are entry points and may import what their commands run."""
+
+
+def test_layers_import_only_downwards():
+    graph = import_graph()
+    wrong = [f"{module} -> {target}" for module, targets in graph.items() for layer, banned in LAYERS.items()
+             if (module == layer or module.startswith(layer + ".")) and not module.endswith("cli")
+             for target in targets if target.startswith(banned)]
+    assert not wrong, wrong

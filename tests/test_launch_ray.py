@@ -68,3 +68,27 @@ def test_submit_ray_runs_tiny_stage1_job_to_success(ray_cluster, tmp_path):
         capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
     )
     assert missing.returncode == 2 and "has no Ray job no-such-job" in missing.stderr
+
+
+def test_a_cluster_with_token_auth_reached_without_the_token_is_one_line(tmp_path):
+    """`ray start --head` turns Ray 2.60's token authentication on; `uniemo submit ray` without RAY_AUTH_MODE=token
+    is refused by the dashboard. That is one line saying what to set, not Ray's AuthenticationError traceback; with
+    the variable set, the same command reaches the cluster."""
+    import secrets
+
+    need_ray_default()
+    cluster = RayCluster()
+    cluster.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    try:
+        cluster.start_head(num_cpus=1)
+        without = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        without["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "no-token")  # never the user's ~/.ray/auth_token
+        argv = [sys.executable, "-m", "uniemo", "submit", "ray", "--address", cluster.dashboard, "--logs", "nojob"]
+        refused = subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=tmp_path, env=without)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert refused.stderr.count("\n") == 1 and "RAY_AUTH_MODE=token" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+        allowed = subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=tmp_path, env=cluster.env)
+        assert "RAY_AUTH_MODE" not in allowed.stdout + allowed.stderr  # past authentication (no such job)
+    finally:
+        cluster.stop()

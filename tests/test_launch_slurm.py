@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from _ports import free_ports  # tests/_ports.py
 
-from uniemo.distributed.ray_train import read_placement
+from uniemo.distributed.placement import read_placement
 from uniemo.launchers.slurm import job_records, wait_for_job
 from uniemo.training.checkpoint import latest_checkpoint
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
-def _uniemo(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "uniemo", *args], capture_output=True, text=True, cwd=ROOT,
+def _uniemo(*args: str, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uniemo", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=900, **kwargs)
 
 
@@ -59,6 +61,21 @@ def test_bad_stage_and_bad_stage_override_fail_before_any_work(tmp_path):
     assert not (tmp_path / "demo").exists()  # nothing was started
 
 
+def test_every_stages_overrides_are_checked_before_the_first_stage():
+    """A typo in the overrides of the last stages (the judge, the evaluation) fails in plan(), before any
+    training, with the stage and the key named."""
+    from uniemo.config import load_config
+    from uniemo.errors import ConfigError
+    from uniemo.pipeline import plan
+
+    for stage, override, key in (("judge", "evaluation.judge_stepz=3", "evaluation.judge_steps"),
+                                 ("evaluate", "evaluation.images_per_emotion=0", "evaluation.images_per_emotion")):
+        cfg = load_config(DEMO, [f"pipeline.{stage}=[{override}]"])
+        with pytest.raises(ConfigError) as err:
+            plan(cfg)
+        assert str(err.value).startswith(f"pipeline.{stage}: ") and key in str(err.value)
+
+
 def _state(root: Path) -> dict:
     try:
         return json.loads((root / "pipeline.json").read_text())
@@ -80,10 +97,11 @@ def _wait_for_stage2_checkpoint(proc: subprocess.Popen, root: Path, timeout: flo
 
 @pytest.mark.slow
 def test_whole_loop_killed_in_stage2_then_resumed(tmp_path):
+    """Run from a folder of its own (not the repository): the shipped demo config finds generators/cpu-world."""
     root = tmp_path / "demo"
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "uniemo", "run", "--config", str(DEMO), *_tiny(tmp_path)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_stage2_checkpoint(proc, root)
     finally:
@@ -96,8 +114,13 @@ def test_whole_loop_killed_in_stage2_then_resumed(tmp_path):
     killed_at = int((root / "stage2" / "checkpoints" / "latest").read_text().strip().rsplit("-", 1)[-1])
     assert 0 < killed_at < 12
 
-    done = _uniemo("run", "--config", str(DEMO), *_tiny(tmp_path), "--resume")
+    done = _uniemo("run", "--config", str(DEMO), *_tiny(tmp_path), "--resume", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    # A quiet console when nothing failed: no traceback, no other package's warning (Ray Train's internal
+    # GetTimeoutError, torch's FutureWarning on every step); they are in the pipeline's uniemo.log.
+    for text in ((tmp_path / "first.log").read_text(), done.stdout + done.stderr):
+        assert "Traceback" not in text and not re.search(r"\w+Warning\b", text), text[-3000:]
+    assert (root / "uniemo.log").is_file()
     state = _state(root)
     assert [state["stages"][s]["status"] for s in state["order"]] == ["done"] * 7
     assert "stage1: done before, skipped" in done.stderr and "stage2: stage 2" in done.stderr
@@ -117,7 +140,7 @@ def test_whole_loop_killed_in_stage2_then_resumed(tmp_path):
     assert max(r["step"] for r in fb_steps) == 6
     # Evaluation of the final run, judged by the pipeline's own judge, and the report.
     metrics = json.loads((root / "feedback" / "metrics.json").read_text())
-    assert metrics["judge"]["dir"] == str(root / "judge")
+    assert metrics["judge"]["dir"] == "../judge"  # relative to the evaluated run: the folder is movable
     assert sum(map(sum, metrics["understanding"]["confusion"])) == metrics["understanding"]["samples"]
     assert metrics["generation"]["emo_a"]["judge"].startswith("judge:")
     index = root / "report" / "index.html"
@@ -133,3 +156,26 @@ def test_whole_loop_killed_in_stage2_then_resumed(tmp_path):
     refused = _uniemo("run", "--config", str(DEMO), *_tiny(tmp_path))
     assert refused.returncode == 2 and "--resume" in refused.stderr
     assert (root / "pipeline.json").read_text() == before
+
+    # The pipeline folder copied to another place, the original moved away: it evaluates and reports on its own,
+    # because every run file names the paths inside it relative to its run folder.
+    elsewhere = tmp_path / "elsewhere"
+    copy = elsewhere / "demo-copy"
+    shutil.copytree(root, copy, symlinks=True)
+    moved = tmp_path / "moved-away"
+    root.rename(moved)
+    try:
+        run_files = [copy / "pipeline.json", *copy.glob("*/config.yaml"), *copy.glob("*/checkpoints/*/trainer_state.json"),
+                     *copy.glob("*/metrics.json"), *copy.glob("*/rounds/*.json"), copy / "report" / "report.json"]
+        assert all(str(root) not in f.read_text() for f in run_files), [f for f in run_files if str(root) in f.read_text()]
+        evaluated = _uniemo("evaluate", "--run", str(copy / "feedback"), "distributed.num_workers=1", cwd=elsewhere)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        metrics = json.loads((copy / "feedback" / "metrics.json").read_text())
+        assert metrics["judge"]["dir"] == "../judge" and metrics["run"]["checkpoint"].startswith("checkpoints/")
+        assert metrics["generation"]["emo_a"]["top1"] is not None
+        reported = _uniemo("report", "--run", str(copy), cwd=elsewhere)
+        assert reported.returncode == 0, reported.stderr[-3000:]
+        state = json.loads((copy / "report" / "report.json").read_text())
+        assert state["evaluated"] == "feedback" and state["sections"]["images"] == "ok", state["sections"]
+    finally:
+        moved.rename(root)

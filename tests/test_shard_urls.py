@@ -1,4 +1,4 @@
-"""Shards streamed from URLs (issue 13): a real HTTP server and a real S3-compatible server (moto) on 127.0.0.1.
+"""Shards streamed from URLs: a real HTTP server and a real S3-compatible server (moto) on 127.0.0.1.
 
 The session's shard folder is served over HTTP (``http.server`` in a thread) and uploaded to a bucket of a moto
 server (its own process). Checked: the streams from each URL (and from a ``pipe:`` command) are the local
@@ -163,6 +163,34 @@ def test_url_streams_equal_the_local_folder(sources, kind):
 
 
 @pytest.mark.parametrize("kind", ["http", "s3"])
+def test_report_reads_real_images_from_a_url_source(sources, kind, tmp_path):
+    """The report's real test images come through the loader's stages, so a run trained on a URL source shows the
+    same pictures as one trained on the local folder."""
+    import dataclasses
+
+    import numpy as np
+
+    from uniemo.config import save_resolved
+    from uniemo.config.schema import Config
+    from uniemo.evaluation.report_collect import ReportData
+    from uniemo.evaluation.report_images import read_examples, shard_folder
+
+    shown = {}
+    for name in ("local", kind):
+        run = tmp_path / name
+        save_resolved(dataclasses.replace(Config(), data=sources[name]), run)
+        folder, why = shard_folder(ReportData(target=run, pipeline=False, runs={"run": run}))
+        assert folder is not None, why
+        split, found = read_examples(folder, 2)
+        assert split == "test" and sum(len(v) for v in found.values()) > 8
+        shown[name] = {e: [np.asarray(i) for i in images] for e, images in found.items()}
+    assert shown["local"].keys() == shown[kind].keys()
+    for emotion, images in shown["local"].items():
+        assert len(images) == len(shown[kind][emotion])
+        assert all(np.array_equal(a, b) for a, b in zip(images, shown[kind][emotion], strict=True))
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
 def test_training_stream_from_url_resumes_exactly(sources, kind):
     """A position saved mid-epoch (3 batches, 2 workers) continues with the uninterrupted stream's batches."""
     cfg = sources[kind]
@@ -185,23 +213,23 @@ def test_url_extra_source_is_mixed_in(sources, http_root, tmp_path):
     assert names == {"real", "mirror"}
 
 
-def test_local_manifest_may_list_shards_at_urls(sources, synth_shards, http_root, tmp_path):
-    """A local folder whose manifest names its shards by URL (here HTTP) streams them; their sizes are checked."""
+def test_a_manifest_never_lists_shards_by_url_or_path(synth_shards, http_root, tmp_path):
+    """Shard names are plain file names of the manifest's own folder (or URL): a name that is a URL, a path or a
+    command is one line naming the manifest and the entry, before anything is opened. A folder of shards elsewhere
+    is a source of its own (``data.shards`` or ``data.extra_sources`` set to its URL)."""
     folder = tmp_path / "listing"
     folder.mkdir()
     shutil.copy(synth_shards / "attributes.json", folder)
-    manifest = read_manifest(synth_shards)
-    for entry in manifest["shards"]:
-        entry["name"] = f"{http_root}/shards/{entry['name']}"
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
-    assert ensure_synthetic_shards(_data_cfg(str(folder), tmp_path)) == folder
-    args = dict(rank=0, world_size=1, batch_size=8, num_workers=1, transform=EVAL, training=False)
-    got = [b["key"] for b in build_loader(folder, "val", **args)]
-    assert got == [b["key"] for b in build_loader(synth_shards, "val", **args)] and got
-    manifest["shards"][0]["name"] = f"{http_root}/shards/gone.tar"
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="lists shard .*gone.tar, which is missing"):
-        ensure_synthetic_shards(_data_cfg(str(folder), tmp_path))
+    for bad in (f"{http_root}/shards/train-000000.tar", "pipe:cat train-000000.tar", "../shards/train-000000.tar",
+                str(synth_shards / "train-000000.tar")):
+        manifest = read_manifest(synth_shards)
+        manifest["shards"][1]["name"] = bad
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+        with pytest.raises(DataError) as info:
+            ensure_synthetic_shards(_data_cfg(str(folder), tmp_path))
+        message = str(info.value)
+        assert "\n" not in message and f"{folder / MANIFEST_FILE} entry 1: shard name {bad!r}" in message, message
+        assert "is not a plain file name" in message
 
 
 def test_missing_or_unreachable_urls_are_one_line(sources, http_root, s3_endpoint, tmp_path):
@@ -282,7 +310,7 @@ def ray_with_aws_env(s3_endpoint, ray_cluster):
 def _train(sources: dict[str, DataConfig], kind: str, runs: Path, name: str, *extra: str,
            resume: bool = False) -> Path:
     from uniemo.config import load_config
-    from uniemo.distributed.ray_train import run_training
+    from uniemo.training.driver import run_training
 
     data = sources[kind]
     cfg = load_config(None, [

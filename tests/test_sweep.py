@@ -13,15 +13,8 @@ import pytest
 import yaml
 
 from uniemo.cli import main as cli_main
-from uniemo.config.schema import Config
 from uniemo.errors import ConfigError, UserError
-from uniemo.launchers.job import (
-    absolutize_paths,
-    check_run_dirs,
-    load_job_config,
-    resolve_job,
-    write_job_config,
-)
+from uniemo.launchers.job import check_run_dirs, load_job_config, resolve_job, write_job_config
 from uniemo.launchers.ray_jobs import CONFIG_ENV, UPLOAD_EXCLUDES, normalize_address, runtime_env_for
 from uniemo.launchers.slurm import parse_scontrol, plan_resources, render_script, render_template
 from uniemo.launchers.sweep import format_value, load_sweep, point_names, sanitize_name
@@ -153,15 +146,13 @@ def test_command_line_override_of_a_swept_key_is_refused(tmp_path):
         load_sweep(path, ["run.seed=3"])
 
 
-def test_resolve_job_makes_paths_absolute_and_refuses_existing_runs(tmp_path):
-    job = resolve_job(TINY, ["run.output_dir=out", "data.shards=", "model.generator.path=gen"], base_dir=tmp_path)
+def test_resolve_job_makes_paths_absolute_and_refuses_existing_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # command-line paths and defaults are relative to the submitting folder
+    job = resolve_job(TINY, ["run.output_dir=out", "data.shards=", "model.generator.path=gen"])
     assert job.run_dir == tmp_path / "out" / "tiny-stage1"
     assert job.config.data.cache_dir == str(tmp_path / ".cache" / "uniemo")
     assert job.config.data.shards == ""  # empty stays "not set"
     assert job.config.model.generator.path == str(tmp_path / "gen")
-    cfg = Config()
-    absolutize_paths(cfg, tmp_path)
-    assert cfg.run.output_dir == "runs"  # a copy is returned; the input is untouched
 
     check_run_dirs([job], resume=False)
     (job.run_dir / "checkpoints").mkdir(parents=True)

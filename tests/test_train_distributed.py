@@ -64,7 +64,7 @@ def base(synth_shards, tmp_path_factory) -> list[str]:
 
 
 def _train(base: list[str], name: str, *extra: str, resume: bool = False) -> dict:
-    from uniemo.distributed.ray_train import run_training
+    from uniemo.training.driver import run_training
 
     cfg = load_config(None, [*base, f"run.name={name}", *extra])
     started = time.perf_counter()
@@ -135,10 +135,12 @@ def test_deepspeed_zero_to_fp32_reads_the_checkpoint(stage1_run, tmp_path):
 
 
 def test_resume_is_equivalent_to_a_straight_run(stage1_run, base):
-    half = _train(base, "r", *STAGE1, f"training.stop_at_step={STEPS // 2}")
+    # Saved in the background (training.async_checkpoint): published on both ranks' "written" (a collective each
+    # step), the same checkpoints and the same resumed run as the synchronous reference's.
+    half = _train(base, "r", *STAGE1, f"training.stop_at_step={STEPS // 2}", "training.async_checkpoint=true")
     run = Path(half["run_dir"])
     assert half["step"] == STEPS // 2 and latest_checkpoint(run).name == "step-000008"
-    full = _train(base, "r", *STAGE1, resume=True)
+    full = _train(base, "r", *STAGE1, "training.async_checkpoint=true", resume=True)
     assert full["step"] == STEPS and full["resumed_from"].endswith("step-000008")
     assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))
     assert _losses(run) == pytest.approx(_losses(stage1_run), rel=1e-6, abs=1e-7)
@@ -175,7 +177,7 @@ def _kill_rank_mid_run(run_dir: Path, rank: int, final: str, timeout: float = 30
 
 
 def test_killed_worker_restarts_from_latest(stage1_run, base):
-    from uniemo.distributed.ray_train import run_dir_of
+    from uniemo.run_layout import run_dir_of
 
     run = run_dir_of(load_config(None, [*base, "run.name=k"]))
     thread, killed = _kill_rank_mid_run(run, rank=1, final=f"step-{STEPS:06d}")
@@ -209,8 +211,11 @@ def test_stage2_zero2_from_the_stage1_run(stage1_run, base):
     )
     run = Path(summary["run_dir"])
     assert summary["step"] == 3 and summary["init_from"] == str(latest_checkpoint(stage1_run))
-    state = read_trainer_state(latest_checkpoint(run))
-    assert state["init_from"] == str(latest_checkpoint(stage1_run))  # export rebuilds the frozen parts from it
+    from uniemo.training.run_weights import recorded_init
+
+    assert recorded_init(latest_checkpoint(run)) == latest_checkpoint(stage1_run)  # the frozen parts come from it
+    assert not Path(read_trainer_state(latest_checkpoint(run))["init_from"]).is_absolute()  # runs are movable
+    assert (run / "initial_weights.safetensors").is_file()  # what no checkpoint holds: saved, not replayed
     records = read_metrics(run)
     assert {"loss/diffusion", "loss/condition/total", "loss/understanding/total"} <= set(records[-1])
     assert "val/loss/diffusion" in records[-1]

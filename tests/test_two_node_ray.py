@@ -26,7 +26,7 @@ import pytest
 from _ray_cluster import RayCluster, follow, need_ray_default, submit  # tests/_ray_cluster.py
 from test_feedback_loop import FEEDBACK, _base  # the start runs' settings (tiny presets at 32 px)
 
-from uniemo.distributed.ray_train import read_placement
+from uniemo.distributed.placement import read_placement
 from uniemo.training.checkpoint import latest_checkpoint, step_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_a_resource_no_node_has_is_one_line(cluster, root, synth_shards):
 def test_placement_keys_are_checked_and_recorded(tmp_path):
     """The config keys name the problem; the placement record is one JSON line per start, appended."""
     from uniemo.config import load_config
-    from uniemo.distributed.ray_train import PLACEMENT_STRATEGIES, record_placement
+    from uniemo.distributed.placement import PLACEMENT_STRATEGIES, record_placement
     from uniemo.errors import ConfigError, UserError
     from uniemo.launchers.job import Job
     from uniemo.launchers.ray_jobs import runtime_env_for

@@ -22,7 +22,7 @@ from uniemo import cli
 from uniemo.config import load_config
 from uniemo.errors import UserError
 from uniemo.models.generator import Generator, build_generator, check_generator_folder
-from uniemo.models.weights import build_understanding, check_model_folders
+from uniemo.models.weights import build_understanding, build_understanding_reported, check_model_folders
 
 STAGE1_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_stage1.yaml"
 WEIGHTED_PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -125,12 +125,12 @@ def test_fp16_variant_clip_folder_loads(layout, tmp_path):
     assert sorted(p.name for p in clip.glob("*.safetensors")) == ["model.fp16.safetensors"]
     cfg = load_config(None, ["model.understanding.preset=from_clip", f"model.understanding.clip_path={clip}"])
     check_model_folders(cfg.model)
-    model = build_understanding(cfg.model.understanding, num_scenes=3, num_objects=3)
+    model, report = build_understanding_reported(cfg.model.understanding, num_scenes=3, num_objects=3)
     stored = load_file(str(clip / "model.fp16.safetensors"))
     towers = {k.removeprefix("vision_model."): t for k, t in stored.items() if layout == "vision" or
               k.startswith("vision_model.")}
     params = dict(model.named_parameters())
-    assert set(model.load_report.loaded) == set(towers) | ({"logit_scale_scene"} if layout == "full" else set())
+    assert report is not None and set(report.loaded) == set(towers) | ({"logit_scale_scene"} if layout == "full" else set())
     for name, tensor in towers.items():
         assert params[name].dtype == torch.float32 and torch.equal(params[name], tensor.float()), name
 

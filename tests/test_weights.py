@@ -17,7 +17,12 @@ from uniemo.errors import UserError
 from uniemo.models.text_features import attribute_text_features, attribute_text_features_path
 from uniemo.models.tokenizer import build_local_tokenizer
 from uniemo.models.understanding import UnderstandingModel
-from uniemo.models.weights import build_understanding, dims_from_clip, load_clip_into_understanding
+from uniemo.models.weights import (
+    build_understanding,
+    build_understanding_reported,
+    dims_from_clip,
+    load_clip_into_understanding,
+)
 
 SCENES, OBJECTS = 4, 6
 
@@ -65,21 +70,20 @@ def _cfg(clip_dir, **overrides) -> UnderstandingConfig:
 
 
 def test_backbone_equals_clip_vision_tower_when_queries_are_off(clip_dir):
-    model = build_understanding(
+    model, report = build_understanding_reported(
         _cfg(clip_dir, use_scene_queries=False, use_object_queries=False), 4, 6
-    ).eval()
+    )
+    model.eval()
     reference = CLIPVisionModel.from_pretrained(clip_dir, local_files_only=True).eval()
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2
     with torch.no_grad():
         expected = reference(pixel_values=images).pooler_output
         got = model(images).cls_feature
     assert (got - expected).abs().max().item() < 1e-5
-    assert model.load_report.new == sorted(
+    assert report is not None and report.new == sorted(
         f"emotion_head.{n}" for n in ("fc0.bias", "fc0.weight", "fc1.bias", "fc1.weight")
     )
-    assert (
-        "text_projection.weight" in model.load_report.ignored and "logit_scale" in model.load_report.ignored
-    )
+    assert "text_projection.weight" in report.ignored and "logit_scale" in report.ignored
 
 
 def test_report_lists_exactly_the_new_parameters_with_queries_on(clip_dir):
@@ -123,10 +127,10 @@ def test_vision_only_and_sharded_folders_load(clip_dir, tmp_path):
     outs = []
     for folder in (clip_dir, tmp_path / "vision", tmp_path / "sharded"):
         torch.manual_seed(0)  # the same fresh parameters in every model
-        model = build_understanding(_cfg(folder), SCENES, OBJECTS).eval()
+        model, report = build_understanding_reported(_cfg(folder), SCENES, OBJECTS)
         with torch.no_grad():
-            outs.append(model(images).cls_feature)
-        assert "scene_queries.weight" in model.load_report.new
+            outs.append(model.eval()(images).cls_feature)
+        assert report is not None and "scene_queries.weight" in report.new
     assert torch.allclose(outs[0], outs[1]) and torch.allclose(outs[0], outs[2])
 
 

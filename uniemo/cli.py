@@ -12,6 +12,7 @@ import os
 import sys
 
 from uniemo import __version__
+from uniemo.console import VERBOSE_ENV
 from uniemo.errors import DISK_FULL_ERRNOS, UserError
 from uniemo.logging import say
 
@@ -47,12 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     from uniemo import pipeline
     from uniemo.data import cli as data_cli
     from uniemo.evaluation import cli as evaluation_cli
-    from uniemo.evaluation import report_cli
+    from uniemo.evaluation import metrics_cli, report_cli
     from uniemo.feedback import cli as feedback_cli
+    from uniemo.inference import cli as inference_cli
     from uniemo.launchers import cli as launchers_cli
     from uniemo.models import convert_cli
     from uniemo.training import cli as training_cli
-    from uniemo.training import export_cli
 
     parser = _Parser(
         prog="uniemo",
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"uniemo {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show other packages' output (Ray, warnings) on the console too, not only in the run's "
+                             "uniemo.log")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     _register_config(sub)
     pipeline.register(sub)  # uniemo run: the whole loop
@@ -67,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(sub)
     feedback_cli.register(sub)
     evaluation_cli.register(sub)  # train-judge, evaluate
+    metrics_cli.register(sub)  # EmoGen's metrics of any image folder
     report_cli.register(sub)
-    export_cli.register(sub)
+    inference_cli.register(sub)  # export, generate, classify, transfer
     launchers_cli.register(sub)
     convert_cli.register(sub)  # uniemo convert: downloaded weights -> the folders uniemo loads
     return parser
@@ -76,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `--debug` may stand anywhere on the line, not only before the subcommand.
+    # `--debug` and `--verbose` may stand anywhere on the line, not only before the subcommand.
     debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    if "--verbose" in argv:
+        os.environ[VERBOSE_ENV] = "1"  # read by uniemo.console here and in Ray's workers, which inherit it
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may also follow an option (`uniemo run --config F --resume a.b=1`): argparse leaves

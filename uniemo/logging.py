@@ -5,7 +5,7 @@
 effects) elsewhere, so the loop calls ``logger.log(...)`` on every rank without ``if rank == 0``.
 
 - ``metrics.jsonl``: one JSON object per logged step (``step``, each loss term, learning rates, ``samples_per_s``,
-  validation metrics when the step validated). Opening it for a run resumed at step N drops the lines after N,
+  ``data_wait_share``, validation metrics when the step validated). Opening it for a run resumed at step N drops the lines after N,
   so the file stays one line per step however often the run was interrupted.
 - wandb with ``logging.wandb.mode`` passed explicitly (``online`` / ``offline`` / ``disabled``; offline by
   default, no network needed), files under ``<run_dir>/wandb/``, the resolved config attached, one wandb run
@@ -29,19 +29,35 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from uniemo.atomic import atomic_path, atomic_write
+from uniemo.errors import UserError
+from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE, WANDB_ID_FILE, sample_grid_path
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
 
     from uniemo.config.schema import Config
-
-from uniemo.run_layout import SAMPLES_DIR, STEP_METRICS_FILE, WANDB_ID_FILE
-
 
 def say(message: str, topic: str = "") -> None:
     """One user-facing line on stderr, flushed: ``uniemo: <message>``, or ``uniemo <topic>: <message>`` for a
     command's own lines (``topic="feedback"``). Every module of uniemo writes its messages to the user here."""
     sys.stderr.write(f"uniemo{' ' + topic if topic else ''}: {message}\n")
     sys.stderr.flush()
+
+
+def check_wandb_credentials(cfg: Config) -> None:
+    """With ``logging.wandb.mode=online``: one line when no wandb credentials are found (before any work)."""
+    if cfg.logging.wandb.mode != "online":
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    raise UserError(
+        "logging.wandb.mode=online needs wandb credentials (WANDB_API_KEY or `wandb login`); "
+        "use logging.wandb.mode=offline (sync later with `wandb sync`) or disabled"
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -68,9 +84,7 @@ def truncate_metrics(path: str | Path, keep_through_step: int) -> int:
             continue  # a line cut by a crash
         if isinstance(record, dict) and int(record.get("step", 0)) <= keep_through_step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(f"{line}\n" for line in kept))
     return len(kept)
 
 
@@ -206,10 +220,7 @@ class RunLogger(NullRunLogger):
                             f"val/accuracy {record['val/accuracy']:.3f}")
 
     def write_json(self, name: str, data: Any) -> None:
-        path = self.run_dir / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write(self.run_dir / name, json.dumps(data, indent=1) + "\n")
 
     def info(self, message: str) -> None:
         if self._bar is not None:
@@ -227,7 +238,7 @@ class RunLogger(NullRunLogger):
         self._bar = tqdm(
             total=total,
             initial=initial,
-            desc=f"stage {self.cfg.training.stage}",
+            desc=f"uniemo stage {self.cfg.training.stage}",  # a uniemo line on the console (uniemo.console)
             unit="step",
             file=sys.stderr if tty else _LineStream(sys.stderr),
             mininterval=0.5 if tty else 10.0,
@@ -252,9 +263,8 @@ class RunLogger(NullRunLogger):
         """A file of the run written once (by this rank) and atomically: ``write(tmp)``, then renamed to
         ``<run_dir>/<name>``."""
         path = self.run_dir / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write(tmp)
         return path
 
     def log_samples(self, step: int, make: Callable[[], dict[str, np.ndarray]]) -> list[Path]:
@@ -273,14 +283,14 @@ class RunLogger(NullRunLogger):
         rows = []
         for emotion, batch in images.items():
             grid = image_grid(batch)
-            path = folder / f"{emotion}.png"
+            path = sample_grid_path(self.run_dir, emotion)
             Image.fromarray(grid).save(path)
             written.append(path)
             rows.append(grid)
         if rows:
             width = max(r.shape[1] for r in rows)
             padded = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-            overview = folder / "grid.png"
+            overview = sample_grid_path(self.run_dir)
             Image.fromarray(np.concatenate(padded)).save(overview)
             written.append(overview)
         if self._wandb is not None and rows:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict
+from typing import Any, TypedDict, cast
 
+from uniemo.data.attributes import write_json_atomic
 from uniemo.errors import UserError
 from uniemo.feedback.filtering import REJECTIONS
-from uniemo.run_layout import ROUNDS_DIR
+from uniemo.run_layout import PIPELINE_FILE, ROUNDS_DIR
 
 ROUND_REPORT_VERSION = 2
 """2: ``version``, and per emotion ``passed`` (survivors of each filter step) and ``kept_share``."""
@@ -59,7 +60,12 @@ class EmotionRound(EmotionFunnel):
     attribute_spread: dict[str, Any]
 
 
-class RoundReport(TypedDict):
+class _ControlPart(TypedDict, total=False):
+    control: dict[str, Any]
+    """Only in a control run's round (``uniemo.feedback.controls``): what it did, from which round, labels written."""
+
+
+class RoundReport(_ControlPart):
     version: int
     round: int
     checkpoint: str
@@ -71,8 +77,6 @@ class RoundReport(TypedDict):
     samples: int
     pool: dict[str, Any]
     seconds: dict[str, float]
-    control: NotRequired[dict[str, Any]]
-    """Only in a control run's round (``uniemo.feedback.controls``): what it did, from which round, labels written."""
 
 
 def passed_after_each_step(scored: int, rejections: dict[str, int], steps: tuple[str, ...]) -> dict[str, int]:
@@ -158,7 +162,9 @@ class Evaluation(TypedDict):
     understanding: Understanding
     generation: dict[str, Any] | None
     """Stage 2: ``emo_a`` (``top1``, ``judge``, ...), ``fid`` (``pooled``, ``extractor``, ...), ``diversity``
-    (``mean_pairwise_distance``, ``sem_d``, ``extractor``), ``images_per_emotion``, sampler settings."""
+    (``mean_pairwise_distance``, ``sem_d``, ``extractor``), ``images_per_emotion``, sampler settings, and
+    ``paper``: EmoGen's protocol (``metrics``: ``fid``, ``emo_a``, ``lpips``, ``sem_c``, ``sem_d`` as
+    ``uniemo metrics`` writes them; ``left_out``; ``generated``; ``real``; ``settings``; ``seconds``)."""
     judge: dict[str, Any]
     feedback_rounds: list[RoundFunnel]
     left_out: list[str]
@@ -178,7 +184,6 @@ class StageState(TypedDict, total=False):
 
 class PipelineState(TypedDict, total=False):
     version: int
-    root: str
     order: list[str]
     """The stages this invocation runs, in order."""
     stages: dict[str, StageState]
@@ -186,11 +191,46 @@ class PipelineState(TypedDict, total=False):
     """The whole invocation's time."""
 
 
+def new_pipeline_state() -> PipelineState:
+    """The record of a pipeline that has not run a stage yet."""
+    return {"version": PIPELINE_VERSION, "order": [], "stages": {}}
+
+
+def read_pipeline_state(root: str | Path) -> PipelineState | None:
+    """``<root>/pipeline.json`` (None: there is none). A record written before versions existed reads as
+    version 1 (it has the same fields, and an absolute ``root`` no reader uses).
+
+    Raises:
+        RunFileError: the file is unreadable or of another version (one line: move it away to start again).
+    """
+    path = Path(root) / PIPELINE_FILE
+    if not path.is_file():
+        return None
+    redo = "move it away to start the pipeline again"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunFileError(f"cannot read the pipeline record {path} ({exc}); {redo}") from None
+    if isinstance(data, dict) and "version" not in data:
+        data["version"] = PIPELINE_VERSION
+    if not isinstance(data, dict) or data.get("version") != PIPELINE_VERSION:
+        return cast(PipelineState, read_versioned(path, PIPELINE_VERSION, "a pipeline record", redo))  # raises
+    data.setdefault("stages", {})
+    return cast(PipelineState, data)
+
+
+def write_pipeline_state(root: str | Path, state: PipelineState) -> None:
+    """Write ``<root>/pipeline.json`` atomically (paths in it are relative to ``root``: :mod:`uniemo.pipeline`)."""
+    state["version"] = PIPELINE_VERSION
+    write_json_atomic(Path(root) / PIPELINE_FILE, state)
+
+
 # -- report/report.json ---------------------------------------------------------------------------------------
 class ReportState(TypedDict):
     version: int
     format: str
     target: str
+    """The folder reported on; this and the run paths below are relative to it (``.`` for itself)."""
     pipeline: bool
     runs: dict[str, str]
     evaluated: str | None

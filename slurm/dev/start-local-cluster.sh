@@ -17,10 +17,14 @@
 #                        those nodes would share one host name and 127.0.0.1, while Ray and gloo find a node's
 #                        address from its host name and routes, as on a real cluster.
 #   --subnet A.B.C       the nodes' /24 (UNIEMO_SLURM_SUBNET, default: the first free 10.213.C, C = 1..254)
-#   --dir DIR            state folder: slurm.conf, daemon state, spool, logs, pid files
-#                        (UNIEMO_SLURM_DIR, default /tmp/uniemo-slurm; keep it short, munge puts a socket in it)
-#   --auth munge|none    munge (a private munged with its own key and socket) or auth/none
-#                        (UNIEMO_SLURM_AUTH, default: munge when munged is installed, else none)
+#   --dir DIR            state folder: slurm.conf, daemon state, spool, logs, pid files, munge's key and socket
+#                        (UNIEMO_SLURM_DIR, default /run/uniemo-slurm; keep it short, munge puts a socket in it).
+#                        It must be root's alone: made 0700 when new, else checked to be a real folder owned by
+#                        root that no one else can write (nor its parent, unless sticky like /tmp); then 0700,
+#                        or 0710 with munge's group, so that munged reaches its own sub-folder
+#   --auth munge|none    munge (a private munged with a fresh random key each start, its own socket), or auth/none
+#                        (UNIEMO_SLURM_AUTH, default munge). auth/none only when asked for: with it any local user
+#                        can talk to the daemons as anyone, root included
 #   --ctld-port P        slurmctld port (UNIEMO_SLURM_CTLD_PORT, default 6817)
 #   --slurmd-port P      slurmd port (UNIEMO_SLURM_SLURMD_PORT, default 6818)
 #   --keep-state         keep the jobs of an earlier cluster in DIR (default: start from a clean state, so jobs
@@ -39,7 +43,7 @@
 # the route to the internet (Ray does) get the node's address, and a packet meant for elsewhere goes nowhere.
 set -euo pipefail
 
-DIR="${UNIEMO_SLURM_DIR:-/tmp/uniemo-slurm}"
+DIR="${UNIEMO_SLURM_DIR:-/run/uniemo-slurm}"
 AUTH="${UNIEMO_SLURM_AUTH:-}"
 CTLD_PORT="${UNIEMO_SLURM_CTLD_PORT:-6817}"
 SLURMD_PORT="${UNIEMO_SLURM_SLURMD_PORT:-6818}"
@@ -58,7 +62,7 @@ while [ $# -gt 0 ]; do
         --nodes) NODES="$2"; shift 2 ;;
         --subnet) SUBNET="$2"; shift 2 ;;
         --keep-state) KEEP_STATE=1; shift ;;
-        -h|--help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,43p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) usage_error "unknown option $1 (see --help)" ;;
     esac
 done
@@ -70,6 +74,7 @@ fi
 
 log() { echo "start-local-cluster.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
+refuse() { log "$*"; exit 2; }  # a setting the user must change (exit 2, as usage errors)
 HERE="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=slurm/dev/local-nodes.sh
 source "$HERE/local-nodes.sh"
@@ -77,18 +82,37 @@ source "$HERE/local-nodes.sh"
 for tool in slurmctld slurmd scontrol sinfo; do
     command -v "$tool" >/dev/null || die "$tool is not installed; run: bash slurm/dev/install.sh"
 done
-if [ -z "$AUTH" ]; then
-    if command -v munged >/dev/null; then AUTH=munge; else AUTH=none; fi
-fi
+AUTH="${AUTH:-munge}"
 case "$AUTH" in
-    munge) command -v munged >/dev/null || die "munged is not installed; run slurm/dev/install.sh or pass --auth none" ;;
-    none) ;;
+    munge) command -v munged >/dev/null || refuse "munged is not installed; run slurm/dev/install.sh (or pass --auth none" \
+        "to run without authentication: any local user could then act as anyone, root included)" ;;
+    none) log "warning: --auth none: the daemons authenticate no one; any local user can submit jobs as any user," \
+        "root included. Use it only on a machine of your own" ;;
     *) usage_error "--auth must be munge or none, got $AUTH" ;;
 esac
 [ "$(id -u)" -eq 0 ] || die "run as root: slurmd starts job processes as their submitting user"
 
-mkdir -p "$DIR"
-DIR="$(cd "$DIR" && pwd)"
+# -- the state folder: root's alone (a folder someone else made first would hand them the key or the config) ------
+case "$DIR" in /*) ;; *) DIR="$PWD/$DIR" ;; esac
+PARENT="$(dirname "$DIR")"
+mkdir -p -- "$PARENT"
+if [ ! -e "$DIR" ] && [ ! -L "$DIR" ]; then
+    mkdir -m 0700 -- "$DIR" || refuse "could not create $DIR"
+fi
+# mode_of PATH: the octal permission bits (stat -c %a; 4 digits with a sticky or set-id bit)
+mode_of() { stat -c %a -- "$1"; }
+[ -L "$DIR" ] && refuse "$DIR is a symbolic link; give a real folder (--dir) that only root can write"
+[ -d "$DIR" ] || refuse "$DIR is not a folder; give another --dir"
+[ "$(stat -c %u -- "$DIR")" = 0 ] || refuse "$DIR is owned by $(stat -c %U -- "$DIR"), not root: someone else made it;" \
+    "remove it or give another --dir"
+[ $((8#$(mode_of "$DIR") & 8#022)) -eq 0 ] || refuse "$DIR can be written by others (mode $(mode_of "$DIR")); remove it" \
+    "or give another --dir"
+parent_mode=$((8#$(mode_of "$PARENT")))
+if [ $((parent_mode & 8#022)) -ne 0 ] && [ $((parent_mode & 8#1000)) -eq 0 ]; then
+    refuse "$PARENT can be written by others and is not sticky: the state folder could be swapped; give another --dir"
+fi
+chmod 0700 "$DIR"  # root's; munge's group may pass through to its own sub-folder (below)
+DIR="$(cd "$DIR" && pwd -P)"
 CONF="$DIR/slurm.conf"
 PIDS="$DIR/pids"
 export SLURM_CONF="$CONF"
@@ -147,24 +171,23 @@ if [ "$NODES" -gt 1 ]; then
     CTLD_ADDR="$SUBNET.1"
 fi
 
-# -- munge: a private daemon (own key, socket, pid) run as the munge user --------------------------------------
+# -- munge: a private daemon (a fresh key every start, own socket, pid) run as the munge user ---------------------
 AUTH_LINES="AuthType=auth/none
 CredType=cred/none"
 if [ "$AUTH" = munge ]; then
     MDIR="$DIR/munge"
-    mkdir -p "$MDIR"
-    if [ ! -s "$MDIR/munge.key" ]; then
-        head -c 1024 /dev/urandom >"$MDIR/munge.key"
-    fi
+    rm -rf -- "$MDIR"  # a key of an earlier start (or anything else) is never reused
+    mkdir -m 0700 -- "$MDIR"
+    (umask 077 && head -c 1024 /dev/urandom >"$MDIR/munge.key")
     MUNGE_USER=root
     id munge >/dev/null 2>&1 && MUNGE_USER=munge
+    if [ "$MUNGE_USER" != root ]; then
+        chgrp "$(id -g munge)" "$DIR" && chmod 0710 "$DIR"  # munged reaches its sub-folder; no one else gets in
+    fi
     chown -R "$MUNGE_USER" "$MDIR"
-    chmod 0755 "$DIR"  # mktemp makes 0700 folders; the munge user must reach its own sub-folder
-    chmod 0700 "$MDIR"
     chmod 0400 "$MDIR/munge.key"
     runuser -u "$MUNGE_USER" -- test -w "$MDIR" \
-        || die "the $MUNGE_USER user cannot reach $MDIR (a parent folder is private); use another --dir or --auth none"
-    rm -f "$MDIR/munge.socket" "$MDIR/munge.socket.lock"
+        || die "the $MUNGE_USER user cannot reach $MDIR (a parent folder is private); use another --dir"
     # munged refuses a socket folder others can write to unless told the sticky bit is fine (--force).
     # One munged serves every node: its socket is a file, which the nodes' namespaces reach like any file.
     runuser -u "$MUNGE_USER" -- munged --force \
@@ -201,7 +224,8 @@ SlurmdLogFile=$DIR/log/slurmd-%n.log"
     DESCRIPTION="$NODES nodes on this machine, each a network namespace (slurm/dev/local-nodes.sh), every node
 # the whole machine's CPUs and memory"
 fi
-cat >"$CONF" <<CONF
+CONF_TMP="$(mktemp "$DIR/.slurm.conf.XXXXXX")"  # a new file, then renamed: never written through a link
+cat >"$CONF_TMP" <<CONF
 # Written by slurm/dev/start-local-cluster.sh: $DESCRIPTION.
 ClusterName=uniemo-local
 SlurmctldHost=localhost($CTLD_ADDR)
@@ -236,6 +260,8 @@ JobRequeue=1
 ${NODE_LINES%$'\n'}
 PartitionName=debug Nodes=$PARTITION_NODES Default=YES MaxTime=INFINITE State=UP
 CONF
+chmod 0644 "$CONF_TMP"  # clients (sbatch as any user) read it
+mv -f -- "$CONF_TMP" "$CONF"
 
 # -- daemons ------------------------------------------------------------------------------------------------------
 CTLD_FLAGS=()

@@ -3,14 +3,14 @@
 #
 #   bash slurm/dev/stop-local-cluster.sh [--dir DIR] [--purge]
 #
-# DIR: as for the start script (UNIEMO_SLURM_DIR, default /tmp/uniemo-slurm). Cancels the cluster's jobs, then
+# DIR: as for the start script (UNIEMO_SLURM_DIR, default /run/uniemo-slurm). Cancels the cluster's jobs, then
 # stops every slurmd, slurmctld and munged by the pids in DIR/pids (only when the pid still runs that program),
 # SIGTERM first and SIGKILL after 10 s. An N-node cluster: then whatever still runs inside its nodes' namespaces,
 # and the namespaces and links the start script made (listed in DIR/net/created). Idempotent: a stopped cluster,
 # or no DIR at all, is fine; afterwards the cluster can be started again. --purge also deletes DIR.
 set -euo pipefail
 
-DIR="${UNIEMO_SLURM_DIR:-/tmp/uniemo-slurm}"
+DIR="${UNIEMO_SLURM_DIR:-/run/uniemo-slurm}"
 PURGE=0
 while [ $# -gt 0 ]; do
     case "$1" in

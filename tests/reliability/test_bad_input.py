@@ -6,7 +6,7 @@ case's pattern (the line names the thing that is wrong); no ``Traceback``; every
 command (the inputs, the session's shards, earlier runs) has the same bytes after it. The same command with
 ``--debug`` raises the same error with its traceback (checked in this process through :func:`uniemo.cli.main`,
 and in a child for the full disk). No case starts Ray or DeepSpeed: each error is detected before (most by the
-driver's checks in :func:`uniemo.distributed.ray_train.prepare_run`). RELIABILITY.md lists the cases.
+driver's checks in :func:`uniemo.training.driver.prepare_run`). RELIABILITY.md lists the cases.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 runs; a wandb key never reaches the run's files or output; the embedded Ray stays on loopback.
 
 The runs are real and tiny: one rank, DeepSpeed ZeRO-2 on gloo, in a child process that runs the driver's checks
-(:func:`uniemo.distributed.ray_train.prepare_run`) and one rank's job (:func:`uniemo.training.worker.run_worker`)
+(:func:`uniemo.training.driver.prepare_run`) and one rank's job (:func:`uniemo.training.worker.run_worker`)
 without Ray, over the session's shards at 32 px. The loss becomes non-finite honestly: learning rates of 1e30
 blow the weights up at the first update, so the second step's loss is not finite.
 """
@@ -27,7 +27,7 @@ SECRET = "wandb-secret-0123456789abcdef0123456789abcdef"
 WORKER = r"""
 import sys
 from uniemo.config import load_config
-from uniemo.distributed.ray_train import prepare_run
+from uniemo.training.driver import prepare_run
 from uniemo.errors import UserError
 from uniemo.training.worker import run_worker
 
@@ -190,10 +190,10 @@ def test_wandb_key_is_never_written(one_step_run):
 
 def test_embedded_ray_binds_loopback_by_default(monkeypatch):
     from uniemo.config.schema import DistributedConfig
-    from uniemo.distributed.ray_train import _keep_embedded_ray_on_loopback
+    from uniemo.distributed.ray_session import keep_embedded_ray_on_loopback
 
     cfg = DistributedConfig()
     assert cfg.bind_host == "127.0.0.1" and cfg.dashboard is False and cfg.ray_address == ""
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
-    _keep_embedded_ray_on_loopback(cfg)  # Ray's local-only switch: the node advertises 127.0.0.1, not the LAN
+    keep_embedded_ray_on_loopback(cfg)  # Ray's local-only switch: the node advertises 127.0.0.1, not the LAN
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"

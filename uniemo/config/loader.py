@@ -1,14 +1,21 @@
-"""YAML + dotted overrides → a validated :class:`Config`.
+"""YAML + dotted overrides → a validated :class:`Config` whose paths are absolute.
 
 Order of precedence: schema defaults < YAML file < ``key=value`` overrides. YAML is read with
 ``yaml.safe_load`` only. Every error names the full key path and, for unknown keys, suggests the nearest valid
-one.
+one. Relative paths follow the rule of :mod:`uniemo.config.paths`: a file's own against its folder (the
+repository for the shipped configs), overrides and defaults against the current directory.
+
+The pieces, for a caller that builds a config from several files (a sweep): :func:`read_config_file` (a file's
+mapping, paths resolved), :func:`set_override` / :func:`apply_overrides` (dotted values, paths resolved against
+a given folder), :func:`build_config` (check, validate, resolve what is left against the current directory).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 import subprocess
 import types
 import typing
@@ -18,33 +25,94 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from uniemo import __version__
+from uniemo.atomic import atomic_write
+from uniemo.config.paths import absolute, config_base, paths_for_run_file, resolve_paths
 from uniemo.config.schema import Config
 from uniemo.errors import ConfigError
 from uniemo.run_layout import CONFIG_FILE
 
 _MISSING = object()
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build the config from defaults, an optional YAML file and dotted overrides, then validate it."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_yaml(path)
-    return _build(raw, overrides)
+    raw: dict[str, Any] = read_config_file(path) if path is not None else {}
+    return build_config(raw, overrides)
 
 
 def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """A new config: ``cfg`` with dotted overrides applied (checked and validated like the command line's)."""
-    return _build(to_dict(cfg), overrides)
+    return build_config(to_dict(cfg), overrides)
 
 
-def _build(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Config:
+MOVED_KEYS = {"evaluation.inception_weights": "evaluation.weights.inception"}
+"""Keys that moved: old dotted key -> new one. Configs written before the move (a run's ``config.yaml``) still
+load; their value is carried to the new key."""
+
+
+def _move_keys(raw: dict[str, Any]) -> None:
+    for old, new in MOVED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target: Any = raw
+        for part in new_parents:
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict) and target.get(new_leaf) not in (None, "") and value not in (None, ""):
+            raise ConfigError(f"{old} moved to {new}, and both are set; keep only {new}")
+        if value not in (None, ""):
+            set_dotted(raw, new, value)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of a YAML config file, its relative paths (a moved key's too) made absolute against
+    :func:`config_base`."""
+    base = config_base(path)
+    raw = resolve_paths(read_yaml(path), base, Config)
+    for old in MOVED_KEYS:  # moved later, by build_config, which refuses the old and the new key set together
+        *parents, leaf = old.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = absolute(node[leaf], base)
+    return raw
+
+
+def set_override(raw: dict[str, Any], key: str, value: Any, base: str | Path | None = None) -> None:
+    """Set dotted ``key`` of ``raw`` to ``value``; relative paths in it resolve against ``base`` (default: the
+    current directory)."""
+    scratch: dict[str, Any] = {}
+    set_dotted(scratch, key, value)
+    scratch = resolve_paths(scratch, Path.cwd() if base is None else base, Config)
+    node: Any = scratch
+    for part in key.split("."):
+        node = node[part]
+    set_dotted(raw, key, node)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], base: str | Path | None = None) -> None:
+    """Apply ``key=value`` strings to ``raw`` in order (:func:`set_override`)."""
     for item in overrides:
         key, value = parse_override(item)
-        set_dotted(raw, key, value)
+        set_override(raw, key, value, base)
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """``raw`` plus command-line ``overrides``, checked (keys, types) and validated; paths still relative (the
+    defaults) resolve against the current directory."""
+    raw = copy.deepcopy(raw)
+    apply_overrides(raw, overrides)
+    _move_keys(raw)
     cfg = from_dict(Config, raw)
     cfg.validate()
-    return cfg
+    return resolve_paths(cfg, Path.cwd())
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -185,6 +253,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
+        if _CONTROL.search(value):
+            # Names and paths end up in file names, batch scripts and log lines: a newline would start a new one.
+            raise ConfigError(f"{key}={value!r} holds a control character (newline, tab, ...); remove it")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {key}")  # a schema bug, not a user error
 
@@ -215,12 +286,12 @@ def dump_config(cfg: Config) -> str:
 
 
 def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
-    """Write ``config.yaml`` (resolved config + ``code_version``) into the run directory."""
+    """Write ``config.yaml`` (resolved config + ``code_version``) into the run directory, its paths into the run's
+    parent folder relative to the run folder (:func:`uniemo.config.paths.paths_for_run_file`): the folder reads
+    back the same wherever it is copied."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / CONFIG_FILE
-    text = f"# code_version: {code_version()}\n" + dump_config(cfg)
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    text = f"# code_version: {code_version()}\n" + dump_config(paths_for_run_file(cfg, run_dir))
+    atomic_write(out, text)
     return out

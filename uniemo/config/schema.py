@@ -4,15 +4,19 @@ Every field has a default and a comment. YAML files only override defaults; dott
 the command line come last (see :mod:`uniemo.config.loader`). Cross-field checks live in ``validate`` methods
 and raise :class:`uniemo.errors.ConfigError` naming the full key path.
 
-Ownership: each section is one dataclass. Later issues extend their own section.
+Ownership: each section is one dataclass. A field holding a file system path is tagged ``metadata=PATH``: relative
+paths resolve by the rule of :mod:`uniemo.config.paths` (a config file's folder, the repository for the shipped
+configs, the current directory for the command line and defaults).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from uniemo.errors import ConfigError
+from uniemo.run_layout import PIPELINE_STAGES
 
 EMOTIONS: tuple[str, ...] = (
     "amusement",
@@ -28,15 +32,33 @@ EMOTIONS: tuple[str, ...] = (
 
 NUM_EMOTIONS = len(EMOTIONS)
 
+PATH_FIELD = "path"
+PATH = {PATH_FIELD: True}
+"""Field metadata of a file system path (:func:`uniemo.config.paths.path_keys` lists them)."""
+
+
+NAME_CHARS = "A-Za-z0-9._=,+-"
+"""The characters of a run name (``run.name``, sweep points): safe in a file name, a SLURM log pattern, a shell
+word and a wandb run name."""
+_RUN_NAME = re.compile(rf"[A-Za-z0-9][{NAME_CHARS}]{{0,99}}")
+
 
 @dataclass
 class RunConfig:
     name: str = "run"
-    """Run directory name; the run lives in ``<output_dir>/<name>/``."""
-    output_dir: str = "runs"
+    """Run directory name; the run lives in ``<output_dir>/<name>/``. A plain name: letters, digits and
+    ``._=,+-``, starting with a letter or digit, at most 100 characters (no ``/``, no ``..``)."""
+    output_dir: str = field(default="runs", metadata=PATH)
     """Parent folder of run directories."""
     seed: int = 0
     """Global seed (data order, initialisation, sampling)."""
+
+    def validate(self) -> None:
+        if not _RUN_NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"run.name={self.name!r} is not a plain name; use letters, digits and ._=,+- (starting with a letter "
+                "or digit, at most 100 characters), e.g. run.name=my-run"
+            )
 
 
 @dataclass
@@ -63,7 +85,7 @@ class SourceConfig:
 
     name: str = "real"
     """Name of the source (``real``, ``synthetic``, ...), as recorded in each sample's ``json.source``."""
-    path: str = ""
+    path: str = field(default="", metadata=PATH)
     """Folder holding ``manifest.json`` and the shards (or a sub-folder per round), or a URL of one."""
     weight: float = 1.0
     """Relative sampling weight of this source in training streams."""
@@ -82,11 +104,41 @@ class StorageConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Caps on what data from outside may make uniemo read, fetch or decode (``uniemo.data.limits``).
+
+    A shard folder, a URL source or an image may come from someone else; none of them may exhaust the memory,
+    disk or network of the machine. Going over a cap is one error line naming its key. Commands that take no config
+    (``uniemo data shards``, ``uniemo data inspect``, the report) use these defaults."""
+
+    max_manifest_bytes: int = 256 * 2**20
+    """Size of a ``manifest.json`` or ``attributes.json``, read from disk or fetched from a URL (256 MiB: about a
+    million shard entries)."""
+    max_manifest_entries: int = 100_000
+    """Shards one manifest may list (each is a size check, an HTTP HEAD for a URL source, before training)."""
+    max_fetch_bytes: int = 64 * 2**30
+    """Bytes read from one shard's file, URL or ``pipe:`` command, as stored (64 GiB). A shard listed with its
+    size is also never read past that size."""
+    max_shard_bytes: int = 64 * 2**30
+    """Bytes of all members of one shard, after decompression (gzip, bzip2 or xz tars; 64 GiB)."""
+    max_member_bytes: int = 256 * 2**20
+    """Bytes of one tar member (an image or its metadata), after decompression; each is held in memory (256 MiB)."""
+    max_image_pixels: int = 8192 * 8192
+    """Pixels of one image to decode (width x height; PIL's ``Image.MAX_IMAGE_PIXELS``): 67 megapixels, about 200
+    MB as RGB. Larger than 4096 x 4096 so that photos of today's cameras (24-50 megapixels) pass."""
+
+    def validate(self) -> None:
+        for name in ("max_manifest_bytes", "max_manifest_entries", "max_fetch_bytes", "max_shard_bytes",
+                     "max_member_bytes", "max_image_pixels"):
+            _positive(f"data.limits.{name}", getattr(self, name))
+
+
+@dataclass
 class DataConfig:
-    shards: str = ""
+    shards: str = field(default="", metadata=PATH)
     """Folder with ``manifest.json`` of the real shards, or a URL of one (``https://host/shards``,
     ``s3://bucket/shards``, ``pipe:CMD`` with ``{name}``). Empty: use the synthetic set (``data.synthetic``)."""
-    cache_dir: str = ".cache/uniemo"
+    cache_dir: str = field(default=".cache/uniemo", metadata=PATH)
     """Where the synthetic set and its shards are generated on first use."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     extra_sources: list[SourceConfig] = field(default_factory=list)
@@ -95,6 +147,10 @@ class DataConfig:
     """Side of the understanding model's input images."""
     generator_image_size: int = 64
     """Side of the images given to the VAE in stage 2 (``pixel_values``)."""
+    precomputed_latents: bool = False
+    """Stage 2 reads each image's VAE latent distribution (both flips) from ``<shards>/latents-<G>/``, written once
+    by ``uniemo data latents``, instead of running the VAE encoder every step (the same loss given the same noise;
+    data/FORMAT.md). Sources without them (feedback rounds) are encoded in the step."""
     normalization: Literal["imagenet", "clip", "symmetric"] = "imagenet"
     """Normalisation of the understanding input: ImageNet mean/std (METHOD §2.6), CLIP's, or [-1, 1]."""
     train_augment: bool = True
@@ -112,7 +168,7 @@ class DataConfig:
     """Samples held in the shuffle buffer of training streams."""
     labelled_per_emotion: int = 0
     """The label-scarce regime: keep only this many labelled train images per emotion (chosen deterministically,
-    ``uniemo/data/subsets.py``); val and test stay whole, the other train images are kept apart for the control
+    ``uniemo/data/shards.py``); val and test stay whole, the other train images are kept apart for the control
     that adds real data (``feedback.control=real_extra``). 0: every train image."""
     min_attribute_count: int = 5
     """An attribute enters the attribute base and Phi when seen at least this often (METHOD D6, m)."""
@@ -124,10 +180,17 @@ class DataConfig:
     """Attribute base and Phi of alpha (METHOD §3.5, D6): ``counts`` derives them from the training annotations
     (``attributes.json`` of the shards); ``emogen`` takes EmoGen's curated names and classifier-confidence Phi,
     the official tables, from ``data.attribute_base``."""
-    attribute_base: str = ""
+    attribute_base: str = field(default="", metadata=PATH)
     """``data.attributes=emogen``: the file written by ``uniemo data attributes --from-emogen DIR --out FILE``."""
+    generator_resample: Literal["bicubic", "bilinear"] = "bicubic"
+    """Filter of the whole-image resize to ``generator_image_size`` (the VAE input, METHOD §3.2): ``bicubic`` is what
+    the official ``image.resize((512, 512))`` does (PIL's default filter, Pillow >= 7; EmoGen pins 9.4);
+    ``bilinear`` is torchvision's default, used for the understanding views."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Caps on manifests, fetched and decompressed bytes and image pixels (a hostile or broken source)."""
 
     def validate(self) -> None:
+        self.limits.validate()
         _positive("data.batch_size", self.batch_size)
         _positive("data.image_size", self.image_size)
         _positive("data.generator_image_size", self.generator_image_size)
@@ -160,7 +223,7 @@ class UnderstandingConfig:
 
     preset: str = "tiny"
     """Backbone preset: ``vit-l14`` (CLIP ViT-L/14, 224 px), ``vit-b16``, ``small``, ``tiny``, ``from_clip`` (clip_path's)."""
-    clip_path: str = ""
+    clip_path: str = field(default="", metadata=PATH)
     """transformers-format CLIP folder (``CLIPModel.save_pretrained``) to load; empty: random init."""
     image_size: int | None = None
     """Overrides the preset's image size."""
@@ -202,7 +265,7 @@ class GeneratorConfig:
 
     preset: str = "tiny"
     """Used when ``path`` is empty: ``tiny`` builds a small random UNet/VAE/text encoder."""
-    path: str = ""
+    path: str = field(default="", metadata=PATH)
     """diffusers-format folder (``StableDiffusionPipeline.save_pretrained`` layout); empty: random preset."""
     train_unet: bool = False
     """Fine-tune the UNet (D8); frozen by default as in the official run."""
@@ -218,6 +281,10 @@ class GeneratorConfig:
     """Word whose mean token embedding initialises the placeholder row (METHOD §3.1: ``cat``)."""
     generation_batch_size: int = 8
     """Images denoised together at generation time (images depend on it only up to float rounding)."""
+    compile: bool = False
+    """Generation: ``torch.compile`` the UNet and the VAE decoder; on CUDA in mode ``reduce-overhead`` (CUDA
+    graphs), every batch denoised at ``generation_batch_size`` (a short last batch is padded, its extra images
+    dropped) so the shapes stay static. Pays a compilation at the first batch; for long generation runs."""
 
 
 @dataclass
@@ -233,6 +300,14 @@ class ConditionerConfig:
     dropout: float = 0.0
     fixed_alpha: bool = False
     """Ablation switch (D13): alpha_s = alpha_o = 1."""
+    attribute_space: Literal["token_embeddings", "clip_text"] = "token_embeddings"
+    """Space in which alpha retrieves the nearest attribute (METHOD §3.5, D6): ``token_embeddings``, each name as the
+    mean of the generator's input token embeddings (D6, the space the mapped vectors live in); ``clip_text``, the
+    official one: CLIP's projected text features (``get_text_features``) of the raw names, from
+    ``attribute_clip_path``."""
+    attribute_clip_path: str = field(default="", metadata=PATH)
+    """``attribute_space=clip_text``: the transformers CLIP folder (``CLIPModel.save_pretrained``, text tower and
+    tokenizer) whose text features embed the names; empty: ``model.understanding.clip_path``."""
 
 
 @dataclass
@@ -334,12 +409,17 @@ class TrainingConfig:
     """Weight decay of the backbone group (METHOD §2.5); 1-D parameters and biases never decay."""
     weight_decay: float = 1e-2
     """Weight decay of every other group (METHOD §2.5, §3.1); 1-D parameters and biases never decay."""
+    emotion_space_view: Literal["eval", "official"] = "eval"
+    """The images the emotion space is computed from (METHOD §4.1, D9), one pass over the train split on all ranks:
+    ``eval``, the evaluation view (Resize + CenterCrop, ``data.normalization``); ``official``, the official
+    ``cal_emotion_space`` view, the stage-1 training transform: RandomResizedCrop + horizontal flip with ImageNet
+    mean/std (seeded per sample)."""
     stage2_head_dropout: bool = True
     """Stage 2: run the frozen emotion head in train mode, dropout active, as the official code (METHOD §3.1);
     False keeps it in eval mode like the other frozen modules."""
     losses: LossConfig = field(default_factory=LossConfig)
     generator: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
-    init_from: str = ""
+    init_from: str = field(default="", metadata=PATH)
     """Stage 2: checkpoint or run directory of stage 1; empty: the latest stage-1 run."""
     epochs: int = 0
     """When > 0, train this many epochs of the train split instead of ``training.steps`` (steps are derived)."""
@@ -356,6 +436,16 @@ class TrainingConfig:
     training.gradient_accumulation x distributed.num_workers."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0: no clipping."""
+    compile: bool = False
+    """``torch.compile`` the UNet and each block of the understanding ViT (the same outputs to float tolerance;
+    a compilation at the first steps). Needs distributed.zero_stage <= 2."""
+    channels_last: bool = False
+    """Keep the UNet and the VAE in the channels-last memory format (faster convolutions on GPUs; the same
+    outputs to float tolerance)."""
+    async_checkpoint: bool = False
+    """Write checkpoints in a background thread: a save blocks only while the states are copied to host memory;
+    the checkpoint becomes ``latest`` once every rank has written it (checked after each step, and before the
+    run ends), so a crash still never leaves a partial ``latest``."""
     max_bad_steps: int = 0
     """Steps with a non-finite loss (on any rank) that are skipped (no update, counted as ``bad_steps`` in the
     metrics) before the run stops; the next one stops it with a clear error, saving nothing (``latest`` stays the
@@ -446,7 +536,7 @@ class DistributedConfig:
     """Address the embedded Ray binds its services (and dashboard) to."""
     dashboard: bool = False
     """Start the Ray dashboard of the embedded cluster (on ``bind_host``)."""
-    ray_temp_dir: str = ""
+    ray_temp_dir: str = field(default="", metadata=PATH)
     """Session folder of the embedded Ray; empty: a fresh folder under the system temp dir, removed on success."""
     placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
     """How Ray places the workers on the cluster's nodes (Ray's placement-group strategies): ``pack`` as few nodes
@@ -498,6 +588,9 @@ class FeedbackConfig:
     """CPUs Ray reserves per filter actor (fractions allowed)."""
     filter_gpus: float = 0.0
     """GPUs per filter actor (fractions allowed); > 0 scores on CUDA."""
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Weights and activations of the generator and filter actors on a GPU (fp16/bf16 halve memory and time;
+    the latents and the sampler stay float32). Actors on the CPU always run fp32."""
     writer_cpus: float = 0.25
     """CPUs Ray reserves per shard-writer task."""
     threads_per_actor: int = 1
@@ -518,7 +611,7 @@ class FeedbackConfig:
     """Times Ray restarts a dead generator or filter actor (Ray ``max_restarts``)."""
     max_task_retries: int = 1
     """Times a task of a dead actor is retried on its restarted actor; 0: its batch is lost (and counted)."""
-    from_run: str = ""
+    from_run: str = field(default="", metadata=PATH)
     """The finished stage-2 run the loop starts from (its latest checkpoint); empty: the newest stage-2 run under
     ``run.output_dir`` that is not itself a feedback run (no ``rounds/`` folder)."""
     steps_per_round: int = 50
@@ -587,21 +680,63 @@ class FeedbackConfig:
 
 
 @dataclass
+class MetricWeightsConfig:
+    """Local weight files of the networks of EmoGen's evaluation protocol (METHOD §6.2, D12), read by ``uniemo
+    metrics`` and ``uniemo evaluate``. A metric whose weights are empty is left out (``metrics.json`` says so);
+    nothing is ever downloaded, and every pickle is read with ``weights_only=True``."""
+
+    inception: str = field(default="", metadata=PATH)
+    """FID: torch-fidelity's Inception-v3 state dict (``weights-inception-2015-12-05-6726825d.pth``, what
+    torchmetrics' ``FrechetInceptionDistance`` downloads)."""
+    clip: str = field(default="", metadata=PATH)
+    """Emo-A and Sem-D: a transformers CLIP folder (``CLIPModel.save_pretrained`` of
+    ``openai/clip-vit-large-patch14``, safetensors)."""
+    emo_a_probe: str = field(default="", metadata=PATH)
+    """Emo-A: EmoGen's linear probe on CLIP image features, a state dict with ``fc.weight`` [8, 768] and
+    ``fc.bias`` [8] (``weights/Clip_emotion_classifier/time_2023-11-12_03-29-best.pth``); needs ``clip``."""
+    lpips_alexnet: str = field(default="", metadata=PATH)
+    """LPIPS: torchvision's AlexNet state dict (``alexnet-owt-7be5be79.pth``); the linear layers ship in lpips."""
+    places365_resnet50: str = field(default="", metadata=PATH)
+    """Sem-C: the CSAIL Places365 ResNet-50 (``resnet50_places365.pth.tar``: ``state_dict`` with ``module.``
+    prefixes); needs ``imagenet_resnet50`` too."""
+    imagenet_resnet50: str = field(default="", metadata=PATH)
+    """Sem-C: torchvision's ImageNet ResNet-50 state dict (``resnet50-0676ba61.pth``, IMAGENET1K_V1, what EmoGen's
+    ``resnet50(pretrained=True)`` loads); needs ``places365_resnet50`` too."""
+
+
+@dataclass
 class EvaluationConfig:
-    """``uniemo train-judge`` and ``uniemo evaluate`` (METHOD §6, D12)."""
+    """``uniemo train-judge``, ``uniemo evaluate`` and ``uniemo metrics`` (METHOD §6, D12)."""
 
     images_per_emotion: int = 8
     """M: generated images per emotion for generation metrics."""
-    judge: str = ""
+    judge: str = field(default="", metadata=PATH)
     """Folder of the evaluation classifier (``uniemo train-judge``); empty: ``<run>/../judge`` when it exists."""
-    inception_weights: str = ""
-    """Local safetensors file of Inception-v3 (torchvision layout) for FID; empty: FID on the judge's features."""
+    weights: MetricWeightsConfig = field(default_factory=MetricWeightsConfig)
+    """Weights of EmoGen's metrics (FID, CLIP Emo-A, LPIPS, Sem-C, Sem-D); each empty one leaves its metric out."""
+    real_images: str = field(default="", metadata=PATH)
+    """``uniemo evaluate``: the real set of the Inception FID, a folder ``<emotion>/<images>`` (EmoSet's ``image/``,
+    all splits, as in the paper); empty: the run's real test split."""
+    image_format: Literal["png", "jpg"] = "png"
+    """Format of the evaluation images: ``png`` (the seed in a text chunk) or ``jpg`` (PIL's default quality 75,
+    as EmoGen saves them; its scripts read only ``*.jpg``)."""
+    sem_d_variant: Literal["paper", "corrected"] = "paper"
+    """Sem-D preprocessing: ``paper`` reproduces EmoGen's script, which hands [0, 1] tensors to ``CLIPProcessor``
+    so they are rescaled by 1/255 twice; ``corrected`` rescales once (METHOD §6.2)."""
+    lpips_image_size: int = 0
+    """Side LPIPS images are resized to; 0: their own size, as EmoGen (a pair of unequal sizes: the second image
+    is resized to the first's)."""
+    metric_batch_size: int = 16
+    """Images per forward of the metric networks."""
+    metric_device: str = ""
+    """Device of the metric networks (``cpu``, ``cuda``, ``cuda:1``); empty: CUDA when available, else CPU."""
     sampling_steps: int | None = None
     """Denoising steps of the evaluation images; None: model.generator.sampling_steps."""
     seed: int = 0
     """Seeds of the evaluation images (image i of emotion k: seed + k*M + i) and of the diversity pairs."""
     diversity_pairs: int = 1000
-    """Random pairs per emotion for Sem-D and the mean pairwise distance (fixed count and seed, METHOD §6.2)."""
+    """Random pairs per emotion for the diversity metrics (the judge's Sem-D and mean distance, LPIPS, CLIP Sem-D);
+    all pairs when an emotion has fewer; fixed count and seed (METHOD §6.2; EmoGen's script draws 10)."""
     judge_steps: int = 300
     """Optimizer steps of the judge's training."""
     judge_batch_size: int = 32
@@ -614,8 +749,10 @@ class EvaluationConfig:
     """Seed of the judge's initialisation and data order."""
 
     def validate(self) -> None:
-        for key in ("images_per_emotion", "diversity_pairs", "judge_steps", "judge_batch_size", "judge_width"):
+        for key in ("images_per_emotion", "diversity_pairs", "judge_steps", "judge_batch_size", "judge_width",
+                    "metric_batch_size"):
             _positive(f"evaluation.{key}", getattr(self, key))
+        _non_negative("evaluation.lpips_image_size", self.lpips_image_size)
         _positive("evaluation.judge_lr", self.judge_lr)
         _non_negative("evaluation.seed", self.seed)
         if self.sampling_steps is not None:
@@ -639,10 +776,6 @@ class LoggingConfig:
     """Progress bar (loss, samples/s) on rank 0."""
     sample_images: int = 2
     """Stage 2: images per emotion in the sample grids made at the end of the run; 0: none."""
-
-
-PIPELINE_STAGES: tuple[str, ...] = ("data", "stage1", "stage2", "feedback", "judge", "evaluate", "report")
-"""The stages of ``uniemo run``, in order."""
 
 
 @dataclass
@@ -687,8 +820,19 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks of every section that has them."""
-        for section in (self.data, self.training, self.distributed, self.feedback, self.evaluation, self.pipeline):
+        sections = (self.run, self.data, self.training, self.distributed, self.feedback, self.evaluation, self.pipeline)
+        for section in sections:
             section.validate()
+        if self.training.compile and self.distributed.zero_stage == 3:
+            raise ConfigError(
+                "training.compile needs distributed.zero_stage <= 2 (ZeRO-3 gathers parameters in hooks that "
+                "torch.compile does not trace); set one of them back"
+            )
+        if self.data.precomputed_latents and self.training.stage == "generator":
+            raise ConfigError(
+                "data.precomputed_latents is for stage 2; generator pretraining trains the VAE, so its latents "
+                "cannot be stored: set data.precomputed_latents=false"
+            )
 
 
 def _positive(key: str, value: float) -> None:

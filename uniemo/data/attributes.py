@@ -22,22 +22,21 @@ import hashlib
 import io
 import json
 import math
-import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from uniemo.atomic import atomic_write
 from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS
 from uniemo.data.records import EMOTION_INDEX, Record
 from uniemo.errors import DataError
+from uniemo.run_layout import ATTRIBUTES_FILE
 
 if TYPE_CHECKING:
     import torch
 
-ATTRIBUTES_FILE = "attributes.json"
 
 EMOGEN_BASE_FILES = ("object_attr.pkl", "scene_attr.pkl")
 """EmoGen's curated attribute names per emotion, objects then scenes: the base A (METHOD §3.5, 156 + 122 = 278)."""
@@ -222,18 +221,8 @@ class AttributeTable:
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON to ``path`` through a temporary file in the same folder and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the manifest is shared by every reader
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # 0o644 whatever the umask: a manifest is shared by every reader.
+    atomic_write(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n", mode=0o644)
 
 
 # -- EmoGen's tables (METHOD §3.5, §8.2, D6) -----------------------------------------------------------------

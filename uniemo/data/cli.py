@@ -7,6 +7,7 @@
                         [--on-error {skip,fail}]
     uniemo data inspect DIR
     uniemo data attributes --from-emogen DIR --out FILE
+    uniemo data latents --config FILE [key=value ...] [--splits train,val] [--batch-size N] [--part K/N]
 
 Neither writer overwrites what it did not make: ``synth`` only re-enters a folder holding a synthetic set of
 the same parameters (``.uniemo-synthetic.json``), ``shards`` only a folder of its own shards from the same
@@ -23,13 +24,13 @@ from typing import Any
 
 from uniemo.config.schema import EMOTIONS
 from uniemo.data.records import SPLITS
-from uniemo.data.synthetic import SYNTH_MARKER
 from uniemo.errors import DataError
+from uniemo.run_layout import ATTRIBUTES_FILE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="synthetic set, sharding, inspection")
-    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{synth,shards,inspect,attributes}")
+    dsub = p.add_subparsers(dest="data_cmd", required=True, metavar="{synth,shards,inspect,attributes,latents}")
 
     s = dsub.add_parser("synth", help="draw the synthetic emotion set (EmoSet layout)")
     s.add_argument(
@@ -81,6 +82,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--out", required=True, help="JSON file to write (a new file); use it as data.attribute_base")
     a.set_defaults(func=_attributes)
 
+    lat = dsub.add_parser(
+        "latents", help="precompute stage 2's VAE latents (both flips) beside the shards (data.precomputed_latents)"
+    )
+    lat.add_argument("--config", required=True, help="the stage-2 config (data.shards, model.generator, "
+                     "data.generator_image_size)")
+    lat.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.shards=/data/shards")
+    lat.add_argument("--splits", default="train,val", help="splits to encode (default train,val)")
+    lat.add_argument("--batch-size", type=int, default=16, help="images per VAE batch (x2 for the flips)")
+    lat.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                     help="storage dtype of the moments (default float16: half the disk)")
+    lat.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1 ...")
+    lat.add_argument("--part", default="0/1", help="K/N: this process takes shards K, K+N, ... (one per GPU)")
+    lat.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lat.set_defaults(func=_latents)
+
 
 # ---------------------------------------------------------------------------------------------------------
 def _synth(args: argparse.Namespace) -> int:
@@ -95,6 +111,8 @@ def _synth(args: argparse.Namespace) -> int:
         raise DataError(f"--workers must be >= 1, got {args.workers}")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; give a folder")
+    from uniemo.data.synthetic import SYNTH_MARKER  # numpy: not on the --help path
+
     marker = out / SYNTH_MARKER
     if out.is_dir() and any(out.iterdir()):
         previous = _read_json(marker)
@@ -196,6 +214,41 @@ def _attributes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latents(args: argparse.Namespace) -> int:
+    import torch
+
+    from uniemo.config import load_config
+    from uniemo.data.latents import parse_part, write_latents
+    from uniemo.data.records import SPLITS
+    from uniemo.data.source import data_source
+    from uniemo.models.generator import build_generator
+
+    cfg = load_config(args.config, args.overrides)
+    splits = [s for s in args.splits.split(",") if s]
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise DataError(f"--splits {args.splits!r}: choose from {', '.join(SPLITS)}")
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
+    part = parse_part(args.part)
+    from uniemo.data.remote import is_url
+
+    if cfg.data.shards and is_url(cfg.data.shards):
+        raise DataError(f"data.shards={cfg.data.shards!r} is a URL; precomputed latents are read from a local "
+                        "shard folder: copy the shards (or mount them) and give that folder")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    folder = data_source(cfg.data, progress=not args.no_progress)
+    size = cfg.data.generator_image_size
+    generator = build_generator(cfg.model.generator, image_size=size, seed=cfg.run.seed).to(device).eval()
+    manifest = write_latents(folder, generator, size, resample=cfg.data.generator_resample, splits=splits,
+                             batch_size=args.batch_size, dtype=args.dtype, part=part, progress=not args.no_progress)
+    samples = sum(e["samples"] for e in manifest["shards"])
+    print(f"{folder}/latents-{size}: {len(manifest['shards'])} shards, {samples} images x 2 flips "
+          f"({manifest['dtype']})")
+    print("next: uniemo train --config <stage-2 config> data.precomputed_latents=true")
+    return 0
+
+
 def format_inspection(folder: Path, manifest: dict[str, Any]) -> str:
     """A readable report of one shard folder: origin, counts per split x emotion, sources, skips, shards."""
     from uniemo.data.attributes import AttributeTable
@@ -251,7 +304,7 @@ def format_inspection(folder: Path, manifest: dict[str, Any]) -> str:
             examples = ", ".join(ignored.get("examples", {}).get(reason, [])[:3])
             lines.append(f"  {reason}: {count} (e.g. {examples})")
 
-    if (folder / "attributes.json").is_file():
+    if (folder / ATTRIBUTES_FILE).is_file():
         table = AttributeTable.load(folder)
         lines += [
             "",

@@ -76,12 +76,27 @@ def read_folder(
     if on_error not in ("skip", "fail"):
         raise ConfigError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     ratios = _check_ratios(ratios)
+    ignored = SkipLog() if ignored is None else ignored
+    by_emotion, problems = list_emotion_folders(root, ignored)
+    if problems and on_error == "fail":
+        raise problems[0]
+    if skiplog is not None:
+        for found in problems:
+            skiplog.add(found.reason, str(found))
+    return _iter_records(by_emotion, ratios, seed, on_error, skiplog, source)
+
+
+def list_emotion_folders(root: str | Path, ignored: SkipLog) -> tuple[dict[str, list[Path]], list[RecordProblem]]:
+    """The image files of each emotion folder under ``root`` (sorted by name) and one ``unknown_emotion`` problem
+    per image in a folder that is not an emotion; the rest is counted in ``ignored`` (module docstring).
+
+    Raises:
+        DataError: ``root`` is missing, or holds no image at all (naming what was ignored).
+    """
     root = Path(root)
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
         raise DataError(f"image folder {root} {what}; {_EXPECTED}")
-
-    ignored = SkipLog() if ignored is None else ignored
     by_emotion: dict[str, list[Path]] = {}
     problems: list[RecordProblem] = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
@@ -98,16 +113,10 @@ def read_folder(
             problems.extend(RecordProblem(problem.reason, f"{f}: {problem}") for f in files)
             continue
         by_emotion.setdefault(emotion, []).extend(files)
-
     if not any(by_emotion.values()) and not problems:
         left_out = f" ({describe_ignored(ignored.as_dict())})" if ignored.total else ""
         raise DataError(f"no images found under {root}{left_out}; {_EXPECTED}")
-    if problems and on_error == "fail":
-        raise problems[0]
-    if skiplog is not None:
-        for found in problems:
-            skiplog.add(found.reason, str(found))
-    return _iter_records(by_emotion, ratios, seed, on_error, skiplog, source)
+    return by_emotion, problems
 
 
 def describe_ignored(ignored: dict, examples: int = 3) -> str:

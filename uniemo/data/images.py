@@ -14,6 +14,10 @@ the judge, the report, ``uniemo classify``), so a photo looks the same everywher
 - transparent images (``RGBA``, ``LA``, ``PA``, ``P`` or ``L``/``RGB`` with a transparency colour) are
   composited on :data:`BACKGROUND`, white;
 - every other mode (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ...) is converted by PIL.
+
+Images from outside are opened with :func:`open_image`, which refuses one of more than ``data.limits.
+max_image_pixels`` from its header, before any pixel is decoded (a small PNG can decode to gigabytes). The same cap
+is PIL's own ``Image.MAX_IMAGE_PIXELS`` in every uniemo process, so other readers fail at twice it at the latest.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from uniemo.config.schema import LimitsConfig
 from uniemo.data.records import RecordProblem
+
+Image.MAX_IMAGE_PIXELS = LimitsConfig().max_image_pixels  # PIL's own cap (warns above it, fails at twice it)
 
 BACKGROUND = (255, 255, 255)
 """The colour transparent pixels are composited on (white)."""
@@ -39,13 +46,36 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
 
 
-def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
+class TooManyPixels(ValueError):
+    """An image over ``data.limits.max_image_pixels``; its message names the size and the cap."""
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """``Image.open`` of bytes from outside, refusing (:class:`TooManyPixels`) an image of more than ``max_pixels``
+    pixels before its pixels are decoded. Other failures are PIL's (``UnidentifiedImageError``, ...)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # over twice the cap: PIL refuses before telling the size
+        raise TooManyPixels(f"over twice data.limits.max_image_pixels = {max_pixels:,} pixels") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise TooManyPixels(
+            f"{width}x{height} = {width * height:,} pixels, over data.limits.max_image_pixels = {max_pixels:,}"
+        )
+    return image
+
+
+def load_image_bytes(path: str | Path, max_pixels: int = LimitsConfig().max_image_pixels) -> tuple[bytes, str]:
     """Read an image file and return ``(bytes, ext)`` with ``ext`` in ``{"jpg", "png"}``.
 
     The file must decode completely (a truncated JPEG fails) and convert to RGB (:func:`to_rgb`). JPEG/PNG bytes
     come back unchanged; any other format PIL reads comes back as the PNG of :func:`to_rgb` of its first frame.
-    Raises :class:`RecordProblem` with reason ``missing_image``,
-    ``empty_image`` or ``undecodable_image`` and a one-line message naming the path.
+    Raises :class:`RecordProblem` with reason ``missing_image``, ``empty_image``, ``image_too_large`` (over
+    ``max_pixels``) or ``undecodable_image`` and a one-line message naming the path.
     """
     path = Path(path)
     try:
@@ -60,16 +90,15 @@ def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
         raise RecordProblem("empty_image", f"{path}: image file is empty (0 bytes)")
 
     try:
-        with warnings.catch_warnings():
-            # A decompression-bomb warning is not a decoding failure; only the error form is.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                fmt = img.format or ""
-                img.load()  # decodes every byte: truncated or corrupt data raises here
-                rgb = to_rgb(img)  # what training will see: a mode PIL cannot convert fails here, not there
-                if fmt in _KEPT_FORMATS:
-                    return data, _KEPT_FORMATS[fmt]
-                return _encode_png(rgb), "png"
+        with open_image(data, max_pixels) as img:
+            fmt = img.format or ""
+            img.load()  # decodes every byte: truncated or corrupt data raises here
+            rgb = to_rgb(img)  # what training will see: a mode PIL cannot convert fails here, not there
+            if fmt in _KEPT_FORMATS:
+                return data, _KEPT_FORMATS[fmt]
+            return _encode_png(rgb), "png"
+    except TooManyPixels as e:
+        raise RecordProblem("image_too_large", f"{path}: image is {e}; resize it") from None
     except (
         UnidentifiedImageError,
         OSError,
@@ -80,6 +109,13 @@ def load_image_bytes(path: str | Path) -> tuple[bytes, str]:
     ) as e:
         reason = "not an image PIL can identify" if isinstance(e, UnidentifiedImageError) else _one_line(e)
         raise RecordProblem("undecodable_image", f"{path}: image does not decode ({reason})") from None
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """The image file at ``path`` through :func:`to_rgb`: how every reader of an image file decodes it (the
+    evaluation's generated images, the report's pictures)."""
+    with Image.open(path) as image:
+        return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -26,10 +26,13 @@ epoch early when a round appears). Worker ``w`` of a rank yields batches ``w, w+
 the order in which ``DataLoader`` returns them.
 
 **Skipped samples.** A shard that cannot be opened (``missing_shard``) or read to its end (``corrupt_shard``,
-e.g. a truncated tar) and a sample that is incomplete (``incomplete_sample``), has a bad label or JSON
-(``bad_metadata``) or an image that does not decode (``undecodable_image``) are skipped and counted by reason,
-never fatal; only a training source whose shard reads give no sample many times in a row is a
-:class:`DataError` (instead of an endless loop). Workers send their counts inside the batches (``_stats``,
+e.g. a truncated tar, one longer than its manifest says, or one holding a link, device or a member named with an
+absolute path or ``..``) and a sample that is incomplete (``incomplete_sample``), has a bad label or JSON
+(``bad_metadata``), an image that does not decode (``undecodable_image``) or one over ``data.limits.
+max_image_pixels`` (``image_too_large``) are skipped and counted by reason, never fatal; only a training source
+whose shard reads give no sample many times in a row is a :class:`DataError` (instead of an endless loop), and so
+is a shard that goes over a cap of ``data.limits`` (fetched bytes, a decompressed member or shard; one line
+naming the cap). Workers send their counts inside the batches (``_stats``,
 removed before the batch is yielded; a worker with counts left and no batch sends a stats-only marker), so
 :meth:`ShardLoader.stats` in the main process sees every worker's.
 
@@ -49,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import random
@@ -63,20 +65,25 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from PIL import Image
 
-from uniemo.config.schema import NUM_EMOTIONS
+from uniemo.config.schema import NUM_EMOTIONS, LimitsConfig
 from uniemo.data.attributes import AttributeTable, resolve_attribute_table
+from uniemo.data.images import TooManyPixels, open_image
+from uniemo.data.latents import LatentReader, covered_shards
+from uniemo.data.limits import DEFAULT_LIMITS, BoundedStream, active_limits, limits_of, over_cap
 from uniemo.data.remote import Storage, join_location, open_stream, preload_clients
 from uniemo.data.shards import (
-    ensure_synthetic_shards,
     folder_location,
     manifest_folders,
     read_manifest,
     resolve_shard_folder,
 )
+from uniemo.data.source import data_source
+from uniemo.data.tar_members import tar_members
 from uniemo.data.transforms import SampleTransform, build_sample_transform
 from uniemo.errors import ConfigError, DataError
+from uniemo.run_layout import ATTRIBUTES_FILE
+from uniemo.seeds import stream_seed
 
 STATE_VERSION = 1
 _PRIVATE_KEYS = ("_stats", "_worker", "_cursor", "_marker")
@@ -108,6 +115,10 @@ class ShardRef:
     samples: int
     storage: Storage = Storage()
     """How to reach ``url`` when it is an ``s3://`` URL (endpoint)."""
+    bytes: int | None = None
+    """The shard's size as its manifest lists it: the loader reads no further (``None``: not listed)."""
+    latents: str = ""
+    """The file of the shard's precomputed VAE latents (:mod:`uniemo.data.latents`); empty: none."""
 
 
 @dataclass
@@ -132,24 +143,25 @@ class EpochPlan:
 # ---------------------------------------------------------------------------------------------------------
 # Manifest -> shard lists
 # ---------------------------------------------------------------------------------------------------------
-def list_split_shards(folders: Sequence[Path], split: str, *, required: bool) -> list[ShardRef]:
-    """The shards of ``split`` listed in the manifests under ``folders`` (each folder or its round sub-folders)."""
+def list_split_shards(
+    folders: Sequence[Path], split: str, *, required: bool, latent_size: int = 0, limits: LimitsConfig | None = None
+) -> list[ShardRef]:
+    """The shards of ``split`` listed in the manifests under ``folders`` (each folder or its round sub-folders),
+    with the file of their current precomputed latents of ``latent_size`` px where there is one (0: not looked
+    for; a URL source has none)."""
     refs: list[ShardRef] = []
     for folder in folders:
         found = manifest_folders(folder)
         if not found and required:
-            read_manifest(folder)  # raises the DataError that names the folder
+            read_manifest(folder, limits)  # raises the DataError that names the folder
         for sub in found:
             base, storage = folder_location(sub)  # a URL source's mirror: its shards are at the URL
-            for entry in read_manifest(sub)["shards"]:
+            latents = covered_shards(sub, latent_size) if latent_size and base == str(sub) else {}
+            for entry in read_manifest(sub, limits)["shards"]:
                 if entry["split"] == split:
-                    refs.append(ShardRef(join_location(base, entry["name"]), int(entry["samples"]), storage))
+                    refs.append(ShardRef(join_location(base, entry["name"]), int(entry["samples"]), storage,
+                                         bytes=entry.get("bytes"), latents=latents.get(entry["name"], "")))
     return refs
-
-
-def _seed(*parts: Any) -> int:
-    """A 64-bit seed from a tuple of parts, stable across processes and Python runs."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,8 +208,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int,
         transform: SampleTransform,
         attributes: AttributeTable,
+        limits: LimitsConfig = DEFAULT_LIMITS,
     ):
         super().__init__()
+        self.limits = limits
         self.plan = plan
         self.split = split
         self.training = training
@@ -221,8 +235,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         per_source = [
             wds.DataPipeline(
                 partial(self._shard_urls, i, worker, num_workers, state, key),
-                partial(_open_shards, handler=partial(state.tar_error, i)),
-                partial(wds.tariterators.tar_file_expander, handler=partial(state.tar_error, i)),
+                partial(_open_shards, handler=partial(state.tar_error, i), limits=self.limits),
+                partial(tar_members, handler=partial(state.tar_error, i), limits=self.limits),
                 partial(wds.tariterators.group_by_keys, handler=partial(state.tar_error, i)),
             )
             for i in range(len(self.plan.shards))
@@ -232,13 +246,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.plan.split_samples:  # evaluation, fewer shards than readers: this reader's share of samples
             stages.append(partial(_every, start=self.rank * num_workers + worker, step=self.world_size * num_workers))
         if self.training:
-            shuffle_rng = random.Random(_seed("shuffle", *key))
+            shuffle_rng = random.Random(stream_seed("shuffle", *key))
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=shuffle_rng))
-        # number samples (drop those a restored position already consumed) -> decode + transforms -> batches
+        # number samples (drop those a restored position already consumed) -> decode + transforms (+ the sample's
+        # precomputed latents) -> batches
         skip = self.plan.cursors[worker] if self.plan.cursors else 0
+        latents = {ref.url: ref.latents for refs in self.plan.shards for ref in refs if ref.latents}
         stages += [
             partial(_number, skip=skip),
-            partial(self._decode_transform, state, key),
+            partial(self._decode_transform, state, key, latents),
             partial(self._batch, state, worker, physical),
         ]
         return iter(wds.DataPipeline(*stages))
@@ -257,9 +273,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 by_worker = by_node[worker::num_workers]  # split by worker
             for ref in by_worker:
                 state.current_read[source] += 1
-                yield {"url": ref.url, "storage": ref.storage}
+                yield {"url": ref.url, "storage": ref.storage, "bytes": ref.bytes}
             return
-        rng = random.Random(_seed("shards", *key, source))
+        rng = random.Random(stream_seed("shards", *key, source))
         weights = [r.samples for r in shards]
         patience = max(64, 4 * len(shards))
         while True:
@@ -271,7 +287,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             state.current_read[source] += 1
             state.empty_reads[source] += 1
             ref = rng.choices(shards, weights)[0]
-            yield {"url": ref.url, "storage": ref.storage}
+            yield {"url": ref.url, "storage": ref.storage, "bytes": ref.bytes}
 
     def _mix(self, per_source: list, state: _WorkerState, key: tuple) -> Iterator[dict[str, Any]]:
         """Tag samples with their source; training with several sources draws a source per sample by weight."""
@@ -282,7 +298,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 sample["__source__"] = 0
                 yield sample
             return
-        rng = random.Random(_seed("mix", *key))
+        rng = random.Random(stream_seed("mix", *key))
         choices = list(range(len(iters)))
         while True:
             i = rng.choices(choices, self.plan.weights)[0]
@@ -292,19 +308,28 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield sample
 
     def _decode_transform(
-        self, state: _WorkerState, key: tuple, src: Iterator
+        self, state: _WorkerState, key: tuple, latents: dict[str, str], src: Iterator
     ) -> Iterator[tuple[int, dict[str, Any] | None]]:
         fixed = None if self.transform.is_random else random.Random(0)  # deterministic transforms: no seeding
+        reader = LatentReader() if latents else None
         for index, sample in src:
-            item = self._decode(sample, fixed or random.Random(_seed("sample", *key, index)))
+            found = None
+            if reader is not None and sample.get("__url__") in latents:
+                path = latents[sample["__url__"]]
+                row = reader.row(path, sample["__key__"])
+                found = (reader, path, row) if row is not None else None
+            item = self._decode(sample, fixed or random.Random(stream_seed("sample", *key, index)), found)
             if isinstance(item, str):
                 state.skips[item] += 1
                 yield index, None
             else:
                 yield index, item
 
-    def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | str:
-        """One raw sample -> the per-sample fields of the batch contract, or the reason it is skipped."""
+    def _decode(
+        self, sample: dict[str, Any], rng: random.Random, latents: tuple[LatentReader, str, int] | None = None
+    ) -> dict[str, Any] | str:
+        """One raw sample -> the per-sample fields of the batch contract, or the reason it is skipped. With the
+        sample's precomputed ``latents`` (reader, file, row), its latent moments replace ``pixel_values``."""
         ext = "jpg" if "jpg" in sample else "png" if "png" in sample else None
         if ext is None or "cls" not in sample or "json" not in sample:
             return "incomplete_sample"
@@ -316,15 +341,20 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not 0 <= label < NUM_EMOTIONS or not isinstance(meta, dict):
             return "bad_metadata"
         try:
-            image = Image.open(io.BytesIO(sample[ext]))
+            image = open_image(sample[ext], self.limits.max_image_pixels)
             image.load()
+        except TooManyPixels:
+            return "image_too_large"
         except Exception:  # PIL raises many types for bad bytes; any of them means "skip this sample"
             return "undecodable_image"
         objects = meta.get("objects") or []
         if not isinstance(objects, list):
             objects = []
         table = self.attributes
-        item: dict[str, Any] = self.transform(image, rng)
+        item: dict[str, Any] = self.transform(image, rng, pixels=latents is None)
+        if latents is not None and "pixel_flip" in item:
+            reader, path, row = latents
+            item["latent_mean"], item["latent_std"] = reader.read(path, row, item.pop("pixel_flip"))
         item.update(
             label=label,
             scene_idx=table.scene_index(meta.get("scene")),
@@ -372,17 +402,33 @@ class ShardStream(torch.utils.data.IterableDataset):
         return batch
 
 
-def _open_shards(src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+class ShardLongerThanListed(OSError):
+    """A shard stream that goes on past the size its manifest lists (changed, or a lying server): a corrupt shard."""
+
+
+def _open_shards(
+    src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool], limits: LimitsConfig = DEFAULT_LIMITS
+) -> Iterator[dict[str, Any]]:
     """Open each shard's byte stream (a local file or a URL, :func:`uniemo.data.remote.open_stream`) and close it
     once the next stage has read it; a failure to open or close (a ``pipe:`` or ``curl`` that exited with an
-    error) goes to ``handler``, which counts it against that shard's read."""
+    error) goes to ``handler``, which counts it against that shard's read.
+
+    The stream is read no further than the shard's listed size (past it: a corrupt shard) nor than
+    ``data.limits.max_fetch_bytes`` (past it: a :class:`DataError` naming the cap)."""
     for item in src:
+        url, listed = item["url"], item.get("bytes")
         try:
-            stream = open_stream(item["url"], item.get("storage"))
+            raw = open_stream(url, item.get("storage"))
         except Exception as exn:  # FileNotFoundError, an HTTP or S3 error: the shard's read is counted and skipped
             if handler(exn):
                 continue
             return
+        if isinstance(listed, int) and listed <= limits.max_fetch_bytes:
+            stream = BoundedStream(raw, listed, partial(ShardLongerThanListed, f"{url} is longer than listed"))
+        else:
+            stream = BoundedStream(raw, limits.max_fetch_bytes, partial(
+                over_cap, f"shard {url} is larger than the cap", "max_fetch_bytes", limits.max_fetch_bytes
+            ))
         try:
             yield {"url": item["url"], "stream": stream}
         except GeneratorExit:  # the consumer stopped mid-shard (a full quota): nothing to report
@@ -394,6 +440,24 @@ def _open_shards(src: Iterator[dict[str, Any]], handler: Callable[[Exception], b
         except Exception as exn:
             if not handler(exn):
                 return
+
+
+def _skip_unreadable(exn: Exception) -> bool:
+    return True
+
+
+def read_split_samples(
+    folder: str | Path, split: str, limits: LimitsConfig = DEFAULT_LIMITS
+) -> Iterator[dict[str, Any]]:
+    """The raw samples (``__key__`` and each member's bytes: ``jpg`` or ``png``, ``json``, ``cls``) of ``split`` of
+    a shard folder, in manifest order, through the loader's own stages: the shard list of the manifest, the shard
+    opener (a local file, or a URL source's shards at their URL), the capped tar reader (:func:`uniemo.data.tar_members.tar_members`),
+    members grouped by key. A shard or sample that cannot be read is skipped. For readers that want the stored
+    images as they are (the report)."""
+    refs = list_split_shards([Path(folder)], split, required=False)
+    streams = _open_shards(({"url": r.url, "storage": r.storage} for r in refs), handler=_skip_unreadable)
+    members = tar_members(streams, handler=_skip_unreadable, limits=limits)
+    return wds.tariterators.group_by_keys(members, handler=_skip_unreadable)
 
 
 def _every(src: Iterator[dict[str, Any]], start: int, step: int) -> Iterator[dict[str, Any]]:
@@ -420,7 +484,10 @@ def collate(items: list[dict[str, Any]], num_objects: int) -> dict[str, Any]:
     # tensors on their way to the main process.
     stack = torch.utils.data.default_collate
     batch: dict[str, Any] = {"image": stack([it["image"] for it in items])}
-    if "pixel_values" in items[0]:
+    with_latents = [b for b, it in enumerate(items) if "latent_mean" in it]
+    if with_latents:
+        batch.update(_collate_latents(items, with_latents))
+    elif "pixel_values" in items[0]:
         batch["pixel_values"] = stack([it["pixel_values"] for it in items])
     # One storage for the three index rows: a worker ships one shared-memory block instead of three.
     indices_3B = torch.tensor(
@@ -440,6 +507,22 @@ def collate(items: list[dict[str, Any]], num_objects: int) -> dict[str, Any]:
     batch["key"] = [it["key"] for it in items]
     batch["source"] = [it["source"] for it in items]
     return batch
+
+
+def _collate_latents(items: list[dict[str, Any]], with_latents: list[int]) -> dict[str, torch.Tensor]:
+    """``latent_mean`` / ``latent_std`` of every row; rows without precomputed latents (a source without them, e.g.
+    a feedback round) are zero there and listed in ``pixel_rows``, with their ``pixel_values`` in that order."""
+    like = items[with_latents[0]]
+    mean = torch.zeros((len(items), *like["latent_mean"].shape), dtype=like["latent_mean"].dtype)
+    std = torch.zeros_like(mean)
+    for b in with_latents:
+        mean[b], std[b] = items[b]["latent_mean"], items[b]["latent_std"]
+    out = {"latent_mean": mean, "latent_std": std}
+    missing = [b for b, it in enumerate(items) if "pixel_values" in it]
+    if missing:
+        out["pixel_rows"] = torch.tensor(missing, dtype=torch.int64)
+        out["pixel_values"] = torch.stack([items[b]["pixel_values"] for b in missing])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -468,6 +551,8 @@ class ShardLoader:
         shuffle_buffer: int = 256,
         multiprocessing_context: Any = None,
         pin_memory: bool = False,
+        limits: LimitsConfig | None = None,
+        latent_size: int = 0,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
@@ -494,6 +579,9 @@ class ShardLoader:
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.multiprocessing_context = multiprocessing_context
         self.pin_memory = pin_memory
+        self.limits = active_limits(limits)  # fixed now: it travels to the loader workers with the stream
+        self.latent_size = latent_size
+        """Stage 2 with precomputed latents: G of the latents read instead of ``pixel_values`` (0: none)."""
         self.samples_consumed = 0
         self._batches_in_epoch = 0
         self._cursors = [0] * max(1, num_workers)
@@ -507,11 +595,19 @@ class ShardLoader:
     def _list_shards(self) -> tuple[list[list[ShardRef]], str]:
         shards = []
         for i, s in enumerate(self.sources):
-            refs = list_split_shards(s.folders, self.split, required=(i == 0))
+            refs = list_split_shards(s.folders, self.split, required=(i == 0), latent_size=self.latent_size,
+                                     limits=self.limits)
             if i == 0 and not any(r.samples for r in refs):
                 raise DataError(
                     f"source {s.name!r} ({', '.join(map(str, s.folders))}) has no {self.split} samples; "
                     f"check it with `uniemo data inspect`"
+                )
+            lacking = [r for r in refs if not r.latents] if self.latent_size and i == 0 else []
+            if lacking:  # other sources (feedback rounds) may lack them: those samples are encoded in the step
+                raise DataError(
+                    f"{len(lacking)} of the {len(refs)} {self.split} shards of {', '.join(map(str, s.folders))} "
+                    f"have no current {self.latent_size} px latents (e.g. {lacking[0].url}); run `uniemo data "
+                    "latents --config <this config>` (it resumes), or set data.precomputed_latents=false"
                 )
             if i > 0 and not any(r.samples for r in refs) and s.name not in self._warned_empty:
                 self._warned_empty.add(s.name)  # e.g. a feedback source before its first round
@@ -614,6 +710,7 @@ class ShardLoader:
             shuffle_buffer=self.shuffle_buffer,
             transform=self.transform,
             attributes=self.attributes,
+            limits=self.limits,
         )
         loader = torch.utils.data.DataLoader(
             stream,
@@ -741,12 +838,15 @@ def build_loader(
     shuffle_buffer: int = 256,
     multiprocessing_context: Any = None,
     pin_memory: bool = False,
+    limits: LimitsConfig | None = None,
+    latent_size: int = 0,
 ) -> ShardLoader:
     """The stream of one rank: a shard folder (or weighted :class:`Source` list) -> batches (``data/FORMAT.md``).
 
     ``shards`` is one folder (the source ``real``) or a list of sources whose first is the real data; the
     attribute table defaults to that folder's ``attributes.json``. ``position`` is a
-    :meth:`ShardLoader.state_dict` to continue from. See the module docstring for the guarantees.
+    :meth:`ShardLoader.state_dict` to continue from; ``limits`` caps what the shards may make it read
+    (``data.limits``). See the module docstring for the guarantees.
     """
     if isinstance(shards, (str, Path)):
         sources = [Source.of("real", shards)]
@@ -769,6 +869,8 @@ def build_loader(
         shuffle_buffer=shuffle_buffer,
         multiprocessing_context=multiprocessing_context,
         pin_memory=pin_memory,
+        limits=limits,
+        latent_size=latent_size,
     )
     if position is not None:
         loader.load_state_dict(position)
@@ -789,14 +891,19 @@ def build_loader_from_config(
     batch_size: int | None = None,
     num_workers: int | None = None,
     multiprocessing_context: Any = None,
+    transform: SampleTransform | None = None,
+    latents: bool = False,
+    pin_memory: bool = False,
 ) -> ShardLoader:
     """A rank's loader from ``DataConfig``: the real (or synthetic) shards, plus ``data.extra_sources`` in training.
 
-    ``training`` defaults to ``split == "train"``; stage 2 adds ``pixel_values``. The attribute table is the
-    real folder's, re-based with ``data.min_attribute_count`` and ``data.phi_beta``.
+    ``training`` defaults to ``split == "train"``; stage 2 adds ``pixel_values``, or with ``latents`` the
+    precomputed VAE latents (``data.precomputed_latents``, :mod:`uniemo.data.latents`). The attribute table is
+    the real folder's, re-based with ``data.min_attribute_count`` and ``data.phi_beta``. ``transform`` replaces the
+    stream's transform (None: :func:`build_sample_transform` of the config, stage and ``training``).
     """
 
-    folder = ensure_synthetic_shards(data_cfg)
+    folder = data_source(data_cfg)
     training = (split == "train") if training is None else training
     sources = [Source.of("real", folder)]
     if training:
@@ -815,7 +922,7 @@ def build_loader_from_config(
         world_size=world_size,
         batch_size=data_cfg.batch_size if batch_size is None else batch_size,
         num_workers=data_cfg.num_workers if num_workers is None else num_workers,
-        transform=build_sample_transform(data_cfg, stage=stage, training=training),
+        transform=transform or build_sample_transform(data_cfg, stage=stage, training=training),
         training=training,
         attributes=attributes,
         seed=seed,
@@ -823,6 +930,9 @@ def build_loader_from_config(
         position=position,
         shuffle_buffer=data_cfg.shuffle_buffer,
         multiprocessing_context=multiprocessing_context,
+        limits=limits_of(data_cfg),
+        pin_memory=pin_memory,
+        latent_size=data_cfg.generator_image_size if latents and stage == 2 else 0,
     )
 
 
@@ -830,13 +940,13 @@ def load_attribute_table(data_cfg: Any) -> AttributeTable:
     """The attribute table of the run's real shards (making the synthetic set on first use), re-based per config,
     or with EmoGen's base and Phi (``data.attributes=emogen``)."""
 
-    folder = ensure_synthetic_shards(data_cfg)
+    folder = data_source(data_cfg)
     return resolve_attribute_table(AttributeTable.load(folder), data_cfg)
 
 
 def _attribute_folder(source: Source) -> Path:
     for folder in source.folders:
         for sub in manifest_folders(folder):
-            if (sub / "attributes.json").is_file():
+            if (sub / ATTRIBUTES_FILE).is_file():
                 return sub
     return source.folders[0]

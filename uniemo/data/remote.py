@@ -1,7 +1,8 @@
-"""Where shard bytes come from: a local path, or a URL (``http(s)://``, ``s3://``, ``pipe:``); issue 13.
+"""Where shard bytes come from: a local path, or a URL (``http(s)://``, ``s3://``, ``pipe:``).
 
-``data.shards``, ``data.extra_sources[*].path`` and the shard names a manifest lists may each be a local folder
-(file) or a URL. This module is the one place that tells the two apart and opens bytes from either:
+``data.shards`` and ``data.extra_sources[*].path`` may each be a local folder or a URL; the shards a manifest
+lists are plain file names inside that folder or URL (:func:`is_file_name`: never a path, never a URL). This
+module is the one place that tells the two apart and opens bytes from either:
 
 - ``http://host/path`` and ``https://``: a source's manifest is ``<base>/manifest.json`` and a shard
   ``<base>/<name>``, all read with :mod:`urllib` (the checks before training with a short timeout).
@@ -10,35 +11,45 @@
   (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``~/.aws/config``); credentials come only from botocore's
   usual places (``AWS_ACCESS_KEY_ID`` ..., config files, instance roles), never from uniemo's config.
 - ``pipe:CMD``: a shell command that writes one file to stdout, with ``{name}`` where the file's name goes
-  (``pipe:aws s3 cp s3://bucket/shards/{name} -``). A pipe source has no cheap size check: its manifest is
-  read through the command, its shards' sizes are not checked before training.
+  (``pipe:aws s3 cp s3://bucket/shards/{name} -``). The command is the user's; the name put into it is a plain
+  file name, shell-quoted as well. A pipe source has no cheap size check: its manifest is read through the
+  command, its shards' sizes are not checked before training (the loader still reads no shard past its listed
+  size).
 
 Shards are read in the loader worker's own process (no ``curl`` per shard, one S3 client per worker made
 before the fork): over loopback that costs 0.90-0.99x (HTTP) and 0.85-0.89x (S3) of a local read's CPU per
-sample (BENCHMARKS.md). A shard name that is itself a URL is used as it is, whatever the source's base. What readers of manifests do
-with a URL source (a local mirror of its metadata) is in :func:`uniemo.data.shards.resolve_shard_folder`.
+sample (BENCHMARKS.md). What readers of manifests do with a URL source (a local mirror of its metadata) is in
+:func:`uniemo.data.shards.resolve_shard_folder`.
+
+HTTP is read with an opener that knows ``http`` and ``https`` only: no ``file://``, ``ftp://`` or ``data:`` URL,
+and no redirect to one. Small files (a manifest) are read up to a cap (``data.limits``, :mod:`uniemo.data.limits`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shlex
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from uniemo.errors import ConfigError
+from uniemo.data.limits import read_capped
+from uniemo.errors import ConfigError, UserError
 
 URL_PREFIXES = ("http://", "https://", "s3://", "pipe:")
 NAME_FIELD = "{name}"
 """Placeholder of a ``pipe:`` source where a file name goes."""
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _STREAM_TIMEOUT_S = 120.0
 """An HTTP shard stream that sends nothing for this long fails (and is counted as a corrupt shard)."""
 _HTTP_ATTEMPTS = 3
@@ -75,12 +86,18 @@ def is_url(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(URL_PREFIXES)
 
 
+def is_file_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name: letters, digits and ``._-``, starting with a letter or digit (no
+    path, no URL, nothing a shell or a command's option parser reads specially)."""
+    return isinstance(name, str) and _FILE_NAME.fullmatch(name) is not None
+
+
 def join_location(base: str, name: str) -> str:
-    """The location of file ``name`` of the source ``base`` (a URL ``name`` is kept as it is)."""
-    if is_url(name):
-        return name
+    """The location of the file ``name`` (a plain file name, :func:`is_file_name`) of the source ``base``."""
+    if not is_file_name(name):
+        raise ValueError(f"{name!r} is not a plain file name")  # manifests are checked before: a bug, not input
     if base.startswith("pipe:"):
-        return base.replace(NAME_FIELD, name)
+        return base.replace(NAME_FIELD, shlex.quote(name))
     if is_url(base):
         return f"{base.rstrip('/')}/{name}"
     return str(Path(base) / name)
@@ -120,12 +137,40 @@ def open_stream(location: str, storage: Storage | None = None) -> IO[bytes]:
     return open(location, "rb")
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to another ``http(s)://`` URL (urllib alone also follows one to ``ftp://``)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise urllib.error.HTTPError(newurl, code, f"redirected to {newurl!r}, which is not http(s)", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _http_opener() -> urllib.request.OpenerDirector:
+    """urllib's opener without its ``file:``, ``ftp:`` and ``data:`` handlers (``build_opener`` adds them all)."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        _HttpOnlyRedirects(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+_OPENER = _http_opener()
+
+
 def _open_http(location: str) -> IO[bytes]:
     request = urllib.request.Request(location, headers={"User-Agent": "uniemo"})
     for attempt in range(_HTTP_ATTEMPTS):
         last = attempt == _HTTP_ATTEMPTS - 1
         try:
-            response: IO[bytes] = urllib.request.urlopen(request, timeout=_STREAM_TIMEOUT_S)
+            response: IO[bytes] = _OPENER.open(request, timeout=_STREAM_TIMEOUT_S)
             return response
         except urllib.error.HTTPError as exc:
             if exc.code in (404, 410):
@@ -202,14 +247,15 @@ def preload_clients(locations: Iterable[tuple[str, Storage]]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Small files and sizes (checks before any worker starts)
 # ---------------------------------------------------------------------------------------------------------
-def fetch(location: str, storage: Storage) -> bytes:
-    """The whole (small) file at URL ``location``; :class:`SourceUnavailable` when absent or unreachable."""
+def fetch(location: str, storage: Storage, max_bytes: int, too_large: Callable[[], Exception]) -> bytes:
+    """The whole (small) file at URL ``location``; :class:`SourceUnavailable` when absent or unreachable,
+    ``too_large()`` when it holds more than ``max_bytes`` (read no further than that)."""
     if location.startswith("s3://"):
-        data: bytes = _s3_call(location, storage, "get_object")
+        data: bytes = _s3_call(location, storage, "get_object", max_bytes=max_bytes, too_large=too_large)
         return data
     if location.startswith("pipe:"):
-        return _run_pipe(location, storage)
-    body, _ = _http(location, "GET", storage)
+        return _run_pipe(location, storage, max_bytes, too_large)
+    body, _ = _http(location, "GET", storage, max_bytes=max_bytes, too_large=too_large)
     return body
 
 
@@ -238,14 +284,27 @@ def sizes_of(locations: Sequence[str], storage: Storage, threads: int = 8) -> li
         return list(pool.map(one, locations))
 
 
-def _http(location: str, method: str, storage: Storage) -> tuple[bytes, int | None]:
-    """``(body, Content-Length)`` of one request with the storage timeout (a HEAD has an empty body)."""
+def _http(
+    location: str,
+    method: str,
+    storage: Storage,
+    *,
+    max_bytes: int = 0,
+    too_large: Callable[[], Exception] | None = None,
+) -> tuple[bytes, int | None]:
+    """``(body, Content-Length)`` of one request with the storage timeout (a HEAD has an empty body; a GET reads
+    at most ``max_bytes``, else ``too_large()``)."""
     request = urllib.request.Request(location, method=method, headers={"User-Agent": "uniemo"})
     try:
-        with urllib.request.urlopen(request, timeout=storage.timeout_s) as response:
+        with _OPENER.open(request, timeout=storage.timeout_s) as response:
             length = response.headers.get("Content-Length")
-            body = response.read() if method == "GET" else b""
-            return body, int(length) if length is not None else None
+            body = b""
+            if method == "GET":
+                assert too_large is not None
+                if length is not None and length.isdigit() and int(length) > max_bytes:
+                    raise too_large()
+                body = read_capped(response, max_bytes, too_large)
+            return body, int(length) if length is not None and length.isdigit() else None
     except urllib.error.HTTPError as exc:
         missing = exc.code in (403, 404, 410)
         raise SourceUnavailable(location, f"HTTP {exc.code} {exc.reason}", missing=missing) from None
@@ -257,21 +316,51 @@ def _http(location: str, method: str, storage: Storage) -> tuple[bytes, int | No
         raise SourceUnavailable(location, f"unreachable: {exc}", missing=False) from None
 
 
-def _run_pipe(location: str, storage: Storage) -> bytes:
+def _run_pipe(location: str, storage: Storage, max_bytes: int, too_large: Callable[[], Exception]) -> bytes:
+    """The output of a ``pipe:`` command (the user's command, with a quoted file name), at most ``max_bytes``."""
     command = location[len("pipe:") :]
-    try:
-        done = subprocess.run(command, shell=True, capture_output=True, timeout=max(storage.timeout_s, 30.0))
-    except subprocess.TimeoutExpired:
-        raise SourceUnavailable(location, "the command did not finish", missing=False) from None
-    if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
-        detail = f": {lines[-1]}" if lines else ""
-        raise SourceUnavailable(location, f"the command exited with {done.returncode}{detail}", missing=True)
-    return done.stdout
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=stderr)
+        timed_out = threading.Event()
+
+        def stop() -> None:
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(max(storage.timeout_s, 30.0), stop)
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            output = read_capped(proc.stdout, max_bytes, too_large)
+            returncode = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if timed_out.is_set():
+            raise SourceUnavailable(location, "the command did not finish", missing=False)
+        if returncode != 0:
+            stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - 4096))
+            lines = stderr.read().decode(errors="replace").strip().splitlines()
+            detail = f": {lines[-1]}" if lines else ""
+            raise SourceUnavailable(location, f"the command exited with {returncode}{detail}", missing=True)
+    return output
 
 
-def _s3_call(location: str, storage: Storage, method: str) -> Any:
-    """One S3 request (``get_object`` or ``head_object``) of the checks: one attempt, the storage timeout."""
+def _s3_call(
+    location: str,
+    storage: Storage,
+    method: str,
+    *,
+    max_bytes: int = 0,
+    too_large: Callable[[], Exception] | None = None,
+) -> Any:
+    """One S3 request (``get_object``, read up to ``max_bytes``, or ``head_object``) of the checks: one attempt,
+    the storage timeout."""
     from botocore.config import Config
     from botocore.exceptions import ClientError, NoCredentialsError
 
@@ -289,7 +378,15 @@ def _s3_call(location: str, storage: Storage, method: str) -> Any:
         client = _BOTO[cache_key]
     try:
         response = getattr(client, method)(Bucket=bucket, Key=key)
-        return response["Body"].read() if method == "get_object" else response
+        if method != "get_object":
+            return response
+        assert too_large is not None
+        if int(response.get("ContentLength") or 0) > max_bytes:
+            response["Body"].close()
+            raise too_large()
+        return read_capped(response["Body"], max_bytes, too_large)
+    except UserError:
+        raise
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchKey", "NoSuchBucket", "404"):

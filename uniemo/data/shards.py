@@ -25,25 +25,27 @@ import random
 import re
 import shutil
 import tarfile
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uniemo.config.schema import NUM_EMOTIONS
+from uniemo.atomic import atomic_file, atomic_write, is_temp_file
+from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, LimitsConfig
 from uniemo.data.attributes import ATTRIBUTES_FILE, AttributeTable, write_json_atomic
 from uniemo.data.emoset import read_emoset
 from uniemo.data.folders import read_folder
 from uniemo.data.images import load_image_bytes
+from uniemo.data.limits import active_limits, limits_of, over_cap, read_capped, use_limits
 from uniemo.data.records import SPLITS, Record, RecordProblem, SkipLog
 from uniemo.data.remote import (
     SourceUnavailable,
     Storage,
     check_location,
     fetch,
+    is_file_name,
     is_url,
     join_location,
     sizes_of,
@@ -107,42 +109,29 @@ def write_sample_shard(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
     emotion_counts = [0] * NUM_EMOTIONS
     n = 0
     try:
-        with os.fdopen(fd, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for sample in samples:
-                    members = _encode_sample(sample)
-                    label = int(members["cls"])
-                    if not 0 <= label < NUM_EMOTIONS:
-                        raise DataError(
-                            f"sample {sample['__key__']}: cls {label} is not an emotion index 0-7"
-                        )
-                    if source is None:
-                        source = str(json.loads(members["json"]).get("source", ""))
-                    emotion_counts[label] += 1
-                    n += 1
-                    for ext in sorted(members):
-                        _add_member(tar, f"{sample['__key__']}.{ext}", members[ext])
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        size, digest = file_digest(tmp)
-        os.replace(tmp, path)
+        with atomic_file(path, mode=0o644) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for sample in samples:
+                members = _encode_sample(sample)
+                label = int(members["cls"])
+                if not 0 <= label < NUM_EMOTIONS:
+                    raise DataError(f"sample {sample['__key__']}: cls {label} is not an emotion index 0-7")
+                if source is None:
+                    source = str(json.loads(members["json"]).get("source", ""))
+                emotion_counts[label] += 1
+                n += 1
+                for ext in sorted(members):
+                    _add_member(tar, f"{sample['__key__']}.{ext}", members[ext])
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if exc.errno in DISK_FULL_ERRNOS:
             raise DataError(
                 f"cannot write shard {path} ({os.strerror(exc.errno)}); free some space and re-run the same "
                 "command (complete shards are kept)"
             ) from exc
         raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    size, digest = file_digest(path)
     return {
         "name": path.name,
         "split": split,
@@ -177,7 +166,7 @@ def _encode_sample(sample: dict[str, Any]) -> dict[str, bytes]:
     return members
 
 
-def read_shard_samples(path: str | Path) -> Iterator[dict[str, bytes]]:
+def read_shard_samples(path: str | Path) -> Iterator[dict[str, Any]]:
     """The samples of one local shard, in order: ``{"__key__": key, ext: bytes, ...}`` per sample (its members
     are consecutive and named ``<key>.<ext>``; keys hold no dot, :func:`sample_key`)."""
     with tarfile.open(path, mode="r|") as tar:
@@ -232,44 +221,83 @@ def compute_totals(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any
     return {s: totals[s] for s in sorted(totals, key=lambda s: (order.get(s, len(order)), s))}
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
+def read_manifest(folder: str | Path, limits: LimitsConfig | None = None) -> dict[str, Any]:
     """Load and check ``<folder>/manifest.json``; :class:`DataError` naming the folder when absent or malformed."""
     path = Path(folder) / MANIFEST_FILE
+    limits = active_limits(limits)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = read_capped(f, limits.max_manifest_bytes, _manifest_too_large(str(path), limits))
     except FileNotFoundError:
         raise DataError(
             f"{path} not found: {folder} is not a (complete) shard folder; write it with `uniemo data shards`"
         ) from None
     except OSError as e:
         raise DataError(f"{path}: unreadable manifest ({e}); rewrite the shard folder") from None
-    return parse_manifest(data, str(path))
+    return parse_manifest(data, str(path), limits)
 
 
-def parse_manifest(data: bytes, path: str) -> dict[str, Any]:
-    """Check the bytes of a manifest read from ``path`` (a file or a URL); :class:`DataError` naming it."""
+def _manifest_too_large(path: str, limits: LimitsConfig) -> Callable[[], DataError]:
+    return lambda: over_cap(f"{path} is larger than the cap", "max_manifest_bytes", limits.max_manifest_bytes)
+
+
+def parse_manifest(data: bytes, path: str, limits: LimitsConfig | None = None) -> dict[str, Any]:
+    """Check the bytes of a manifest read from ``path`` (a file or a URL); :class:`DataError` naming it.
+
+    Every entry must name a shard of the manifest's own folder by a plain file name ending in ``.tar``
+    (:func:`check_shard_entry`): a manifest never points at another path, a URL or a command."""
+    limits = active_limits(limits)
     try:
         manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable manifest ({e}); rewrite the shard folder") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: unreadable manifest ({_one_line(e)}); rewrite the shard folder") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise DataError(f"{path}: not a uniemo manifest of format {FORMAT_VERSION}; rewrite the shard folder")
     shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(
-        isinstance(e, dict) and {"name", "split", "samples"} <= e.keys() for e in shards
-    ):
+    if not isinstance(shards, list):
         raise DataError(f"{path}: malformed shard list; rewrite the shard folder")
+    if len(shards) > limits.max_manifest_entries:
+        raise over_cap(f"{path} lists {len(shards):,} shards", "max_manifest_entries",
+                       limits.max_manifest_entries, unit="shards")
+    for i, entry in enumerate(shards):
+        check_shard_entry(entry, i, path)
     return manifest
 
 
-def check_shard_files(folder: str | Path) -> dict[str, Any]:
+def check_shard_entry(entry: Any, index: int, path: str) -> None:
+    """A :class:`DataError` naming manifest ``path`` and entry ``index`` unless the entry is well-formed: ``name``
+    a plain file name ending in ``.tar``, ``split`` a string, ``samples`` (and ``bytes`` when given) a count."""
+    if not isinstance(entry, dict) or not {"name", "split", "samples"} <= entry.keys():
+        raise DataError(f"{path} entry {index}: malformed shard entry (needs name, split, samples); rewrite the "
+                        "shard folder")
+    name = entry["name"]
+    if not (is_file_name(name) and name.endswith(".tar")):
+        shown = repr(name[:200] + ("..." if len(name) > 200 else "")) if isinstance(name, str) else repr(name)
+        raise DataError(
+            f"{path} entry {index}: shard name {shown} is not a plain file name ([A-Za-z0-9._-], starting with a "
+            "letter or digit, ending in .tar); a manifest lists shards of its own folder only, never a path, URL "
+            "or command: rewrite the shard folder with `uniemo data shards`"
+        )
+    counts = [entry["samples"]] + ([entry["bytes"]] if entry.get("bytes") is not None else [])
+    if not isinstance(entry["split"], str) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
+    ):
+        raise DataError(f"{path} entry {index} ({name}): split must be a string and samples, bytes counts; "
+                        "rewrite the shard folder")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def check_shard_files(folder: str | Path, limits: LimitsConfig | None = None) -> dict[str, Any]:
     """Every shard ``<folder>/manifest.json`` lists exists with the size it was written with (a cheap ``stat`` per
     shard, no reading): :class:`DataError` naming the first missing or truncated shard. Returns the manifest.
 
-    Shards at URLs (a mirrored URL source, or names that are URLs) are checked by their size as the server
-    reports it (HTTP ``HEAD``, S3 ``HeadObject``; not for ``pipe:``), once per process and manifest."""
+    The shards of a mirrored URL source are checked by their size as the server reports it (HTTP ``HEAD``, S3
+    ``HeadObject``; not for ``pipe:``), once per process and manifest."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, limits)
     base, storage = folder_location(folder)
     remote: list[tuple[str, dict[str, Any]]] = []
     for entry in manifest["shards"]:
@@ -326,17 +354,39 @@ def _check_remote_shards(base: str, shards: list[tuple[str, dict[str, Any]]], st
 # ---------------------------------------------------------------------------------------------------------
 # URL sources: a local mirror of their metadata
 # ---------------------------------------------------------------------------------------------------------
+def mirror_name(location: str) -> str:
+    """The folder name of the URL source ``location``'s mirror (under ``<data.cache_dir>/remote/``)."""
+    return hashlib.sha256(location.encode()).hexdigest()[:16]
+
+
 def folder_location(folder: str | Path) -> tuple[str, Storage]:
     """Where the shards of a shard folder are: the folder itself, or for a URL source's mirror the URL and
-    its :class:`~uniemo.data.remote.Storage` (recorded in ``remote.json``)."""
+    its :class:`~uniemo.data.remote.Storage` (recorded in ``remote.json``).
+
+    A ``remote.json`` redirects every shard read, so it is honoured only in a mirror folder that
+    :func:`mirror_source` writes: ``.../remote/<mirror_name(URL)>/``, whose name is bound to the URL it names.
+    One anywhere else (a local dataset folder, someone else's download) is refused with one line."""
     folder = Path(folder)
+    path = folder / REMOTE_FILE
     try:
-        info = json.loads((folder / REMOTE_FILE).read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = read_capped(f, 1 << 16, lambda: DataError(f"{path} is larger than a remote.json can be"))
+        info = json.loads(data)
+        location = info["location"]
+        storage = Storage(str(info.get("endpoint_url", "")), float(info.get("timeout_s", 10.0)))
     except FileNotFoundError:
         return str(folder), Storage()
-    except (OSError, ValueError) as e:
-        raise DataError(f"{folder / REMOTE_FILE}: unreadable ({e}); delete {folder} and run again") from None
-    return str(info["location"]), Storage(str(info.get("endpoint_url", "")), float(info.get("timeout_s", 10.0)))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{path}: unreadable ({_one_line(e)}); delete {folder} and run again") from None
+    if not (
+        isinstance(location, str) and is_url(location) and folder.parent.name == REMOTE_DIR
+        and folder.name == mirror_name(location)
+    ):
+        raise DataError(
+            f"{path}: a {REMOTE_FILE} redirects shard reads and is honoured only in uniemo's own mirror folders "
+            f"(<data.cache_dir>/{REMOTE_DIR}/); delete it, or set data.shards to the URL itself"
+        )
+    return location, storage
 
 
 def mirror_source(location: str, data_cfg: Any, *, key: str, require_attributes: bool) -> Path:
@@ -349,12 +399,14 @@ def mirror_source(location: str, data_cfg: Any, *, key: str, require_attributes:
     """
     check_location(location, key)
     storage = Storage.of(data_cfg)
-    folder = Path(data_cfg.cache_dir).expanduser() / REMOTE_DIR / hashlib.sha256(location.encode()).hexdigest()[:16]
+    limits = limits_of(data_cfg)
+    use_limits(limits)
+    folder = Path(data_cfg.cache_dir).expanduser() / REMOTE_DIR / mirror_name(location)
     files: dict[str, bytes] = {}
     for name in (MANIFEST_FILE, ATTRIBUTES_FILE):
         where = join_location(location, name)
         try:
-            files[name] = fetch(where, storage)
+            files[name] = fetch(where, storage, limits.max_manifest_bytes, _manifest_too_large(where, limits))
         except SourceUnavailable as exc:
             if not exc.missing:
                 raise DataError(
@@ -366,7 +418,7 @@ def mirror_source(location: str, data_cfg: Any, *, key: str, require_attributes:
                     f"{key}={location!r}: {where} is missing ({exc.reason}); give the URL of a whole shard folder "
                     f"written by `uniemo data shards` ({MANIFEST_FILE} and {ATTRIBUTES_FILE} included)"
                 ) from None
-    parse_manifest(files[MANIFEST_FILE], join_location(location, MANIFEST_FILE))
+    parse_manifest(files[MANIFEST_FILE], join_location(location, MANIFEST_FILE), limits)
     folder.mkdir(parents=True, exist_ok=True)
     remote = {"location": location, "endpoint_url": storage.endpoint_url, "timeout_s": storage.timeout_s}
     _write_if_changed(folder / REMOTE_FILE, json.dumps(remote, indent=1).encode())
@@ -376,20 +428,13 @@ def mirror_source(location: str, data_cfg: Any, *, key: str, require_attributes:
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
-    """Atomically (temporary file + rename), and only when the content differs: ranks mirror concurrently."""
+    """Atomically, and only when the content differs: ranks mirror concurrently."""
     try:
         if path.read_bytes() == data:
             return
     except FileNotFoundError:
         pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def resolve_shard_folder(location: str, data_cfg: Any, *, key: str, require_attributes: bool = False) -> Path:
@@ -398,7 +443,7 @@ def resolve_shard_folder(location: str, data_cfg: Any, *, key: str, require_attr
     if not is_url(location):
         return Path(location).expanduser()
     folder = mirror_source(location, data_cfg, key=key, require_attributes=require_attributes)
-    check_shard_files(folder)
+    check_shard_files(folder, limits_of(data_cfg))
     return folder
 
 
@@ -587,7 +632,7 @@ def _write_shards_locked(
 
     # Remove leftovers of a killed run: temporary files never become shards.
     for p in out.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
+        if is_temp_file(p.name):
             p.unlink(missing_ok=True)
     results: dict[str, dict[str, Any]] = {}
     todo: list[ShardJob] = []
@@ -693,7 +738,7 @@ def _check_out_folder(out: Path, origin: dict) -> None:
         p.name
         for p in out.iterdir()
         if not (
-            SHARD_NAME.match(p.name) or p.name in ours or (p.name.startswith(".") and p.name.endswith(".tmp"))
+            SHARD_NAME.match(p.name) or p.name in ours or is_temp_file(p.name)
         )
     )
     if foreign:
@@ -817,7 +862,7 @@ def synthetic_shards_folder(data_cfg: Any) -> Path:
 
 def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
     """The shard folder a run reads: ``data.shards`` when set, else the synthetic set, made on first use; with
-    ``data.labelled_per_emotion`` > 0, its label-scarce subset (:mod:`uniemo.data.subsets`).
+    ``data.labelled_per_emotion`` > 0, its label-scarce subset (:func:`ensure_label_scarce`).
 
     With ``data.shards`` set, the folder must hold ``manifest.json`` (:class:`DataError` otherwise); a URL is
     mirrored (:func:`mirror_source`) and its shards checked, and the mirror folder is returned. Else the
@@ -840,8 +885,6 @@ def left_out_shards(data_cfg: Any) -> Path:
 
 
 def _label_scarce(data_cfg: Any, full: Path) -> tuple[Path, Path]:
-    from uniemo.data.subsets import ensure_label_scarce
-
     if data_cfg.shards and is_url(data_cfg.shards):
         raise ConfigError("data.labelled_per_emotion needs local shards; data.shards is a URL: copy it first")
     return ensure_label_scarce(full, data_cfg.labelled_per_emotion, data_cfg.cache_dir,
@@ -850,6 +893,7 @@ def _label_scarce(data_cfg: Any, full: Path) -> tuple[Path, Path]:
 
 
 def _full_shards(data_cfg: Any, progress: bool) -> Path:
+    use_limits(limits_of(data_cfg))
     if data_cfg.shards:
         if is_url(data_cfg.shards):
             return resolve_shard_folder(data_cfg.shards, data_cfg, key="data.shards", require_attributes=True)
@@ -859,7 +903,7 @@ def _full_shards(data_cfg: Any, progress: bool) -> Path:
                 f"data.shards={data_cfg.shards!r} holds no {MANIFEST_FILE}; write it with `uniemo data shards "
                 f"--out {data_cfg.shards} ...`, or set data.shards='' to use the synthetic set"
             )
-        check_shard_files(folder)
+        check_shard_files(folder, limits_of(data_cfg))
         return folder
     shards = synthetic_shards_folder(data_cfg)
     base = shards.parent
@@ -891,3 +935,141 @@ def _full_shards(data_cfg: Any, progress: bool) -> Path:
             phi_beta=data_cfg.phi_beta,
         )
     return shards
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The label-scarce regime (``data.labelled_per_emotion``): N labelled train images per emotion, the rest left out.
+#
+# Where synthetic data can matter is where real labels are few. With ``data.labelled_per_emotion = N > 0`` a run
+# reads, instead of its shard folder (the synthetic set's, or ``data.shards``), a **labelled** folder derived from
+# it:
+#
+# - train: N samples of each emotion, chosen deterministically (the N with the smallest ``blake2b(key)``, so the
+#   choice depends only on the sample keys, not on shard order or worker count);
+# - val and test: the full folder's shards, whole (copied);
+# - ``attributes.json`` (vocabularies, base and Phi, METHOD D6) counted over the N x 8 labelled train samples only.
+#
+# Beside it a **left-out** folder holds the other train samples (train split only): real labelled images the run
+# never sees, for the control that adds real data instead of synthetic (``feedback.control=real_extra``,
+# :mod:`uniemo.feedback.controls`).
+#
+# Both folders are written once, under a file lock, next to the full folder (``<full>-labelled-<N>`` and
+# ``<full>-left-out-<N>``) or, for ``data.shards``, under ``<cache_dir>/labelled/``; a manifest is written last, so
+# a folder with a manifest is complete. The manifests record ``subset_of`` (the full folder) and
+# ``labelled_per_emotion``.
+# ---------------------------------------------------------------------------------------------------------
+LABELLED = "labelled"
+LEFT_OUT = "left-out"
+
+
+def _order(key: str) -> bytes:
+    """The deterministic rank of a sample among its emotion's train samples."""
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+
+
+def subset_folders(full: Path, per_emotion: int, cache_dir: str | Path, from_data_shards: bool) -> tuple[Path, Path]:
+    """Where the labelled and left-out folders of ``full`` live (whether or not they exist yet)."""
+    full = Path(full)
+    if from_data_shards:
+        digest = hashlib.sha256(str(full.resolve()).encode()).hexdigest()[:12]
+        base = Path(cache_dir).expanduser() / "labelled" / f"{full.name}-{digest}"
+    else:
+        base = full
+    return (base.with_name(f"{base.name}-{LABELLED}-{per_emotion}"),
+            base.with_name(f"{base.name}-{LEFT_OUT}-{per_emotion}"))
+
+
+def _train_samples(full: Path, manifest: dict[str, Any]) -> Iterator[dict[str, bytes]]:
+    for entry in manifest["shards"]:
+        if entry["split"] == "train":
+            yield from read_shard_samples(full / entry["name"])
+
+
+def _label(sample: dict[str, Any]) -> int:
+    try:
+        label = int(sample["cls"])
+    except (KeyError, ValueError):
+        raise DataError(f"sample {sample.get('__key__')} has no readable cls; check the folder with "
+                        "`uniemo data inspect`") from None
+    if not 0 <= label < NUM_EMOTIONS:
+        raise DataError(f"sample {sample.get('__key__')}: cls {label} is not an emotion index 0-7")
+    return label
+
+
+def _record(sample: dict[str, Any]) -> Record:
+    """The metadata of a shard sample as a record (for the attribute counts)."""
+    import json
+
+    meta = json.loads(sample["json"])
+    return Record(id=sample["__key__"], split="train", emotion=EMOTIONS[_label(sample)], image_path=Path(),
+                  scene=meta.get("scene"), objects=list(meta.get("objects") or []))
+
+
+def _write(samples: list[dict[str, bytes]], out: Path, shard_size: int) -> list[dict[str, Any]]:
+    return [
+        write_sample_shard(samples[start : start + shard_size], out / f"train-{start // shard_size:06d}.tar",
+                           split="train", source="real")
+        for start in range(0, len(samples), shard_size)
+    ]
+
+
+def ensure_label_scarce(
+    full: Path, per_emotion: int, cache_dir: str | Path, *, from_data_shards: bool, min_attribute_count: int,
+    phi_beta: float,
+) -> tuple[Path, Path]:
+    """Write (once) and return the labelled and left-out folders of ``full`` (module docstring).
+
+    Raises:
+        ConfigError: ``per_emotion`` is larger than the train samples of some emotion.
+    """
+    labelled, left_out = subset_folders(full, per_emotion, cache_dir, from_data_shards)
+    if (labelled / MANIFEST_FILE).is_file() and (left_out / MANIFEST_FILE).is_file():
+        return labelled, left_out
+    from filelock import FileLock
+
+    labelled.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(labelled) + ".lock"):
+        if (labelled / MANIFEST_FILE).is_file() and (left_out / MANIFEST_FILE).is_file():
+            return labelled, left_out
+        manifest = read_manifest(full)
+        by_emotion: list[list[dict[str, Any]]] = [[] for _ in range(NUM_EMOTIONS)]
+        for sample in _train_samples(full, manifest):
+            by_emotion[_label(sample)].append(sample)
+        short = [f"{EMOTIONS[k]} {len(s)}" for k, s in enumerate(by_emotion) if len(s) < per_emotion]
+        if short:
+            raise ConfigError(
+                f"data.labelled_per_emotion={per_emotion} is more than the train samples of {', '.join(short)} in "
+                f"{full}; lower it"
+            )
+        chosen: list[dict[str, Any]] = []
+        rest: list[dict[str, Any]] = []
+        for samples in by_emotion:
+            ranked = sorted(samples, key=lambda s: _order(s["__key__"]))
+            chosen += ranked[:per_emotion]
+            rest += ranked[per_emotion:]
+        # Mixed emotions in every shard (a one-emotion shard would fill a shuffle buffer with one class).
+        chosen.sort(key=lambda s: _order("shard" + s["__key__"]))
+        rest.sort(key=lambda s: _order("shard" + s["__key__"]))
+        size = max(1, min(int(manifest["shards"][0]["samples"]) if manifest["shards"] else 1000, 1000))
+        origin: dict[str, Any] = {"subset_of": str(Path(full).resolve()), "labelled_per_emotion": per_emotion}
+        world = synthetic_world(manifest)
+        if world:
+            origin["world"] = world
+
+        for folder, samples, keep_eval in ((left_out, rest, False), (labelled, chosen, True)):
+            shutil.rmtree(folder, ignore_errors=True)  # a partial folder of a killed run
+            folder.mkdir(parents=True)
+            entries = _write(samples, folder, size)
+            if keep_eval:
+                for entry in manifest["shards"]:
+                    if entry["split"] != "train":
+                        shutil.copyfile(full / entry["name"], folder / entry["name"])
+                        entries.append(dict(entry))
+                table = AttributeTable.from_records([_record(s) for s in samples], min_attribute_count, phi_beta)
+                table.save(folder / ATTRIBUTES_FILE)
+            write_json_atomic(folder / MANIFEST_FILE, {
+                "format": FORMAT_VERSION, **origin, "split": "train" if not keep_eval else "all",
+                "shards": entries, "totals": compute_totals(entries),
+                "skipped": {"total": 0, "by_reason": {}, "examples": {}},
+            })
+    return labelled, left_out

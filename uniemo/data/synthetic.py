@@ -22,7 +22,6 @@ import itertools
 import json
 import math
 import multiprocessing
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from uniemo.atomic import atomic_write
 from uniemo.config.schema import EMOTIONS
 from uniemo.data.folders import split_counts
 from uniemo.data.records import SPLITS
@@ -752,6 +752,4 @@ def _draw_object(
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)

@@ -6,7 +6,8 @@
   ``data.normalization``: ImageNet mean/std (the official Stage-1 choice), CLIP's, or ``symmetric`` ([-1, 1],
   the official Stage-2 ``image``, METHOD §3.2).
 - Generator input ``pixel_values`` (stage 2, METHOD §3.2 b): the whole image resized to G x G (aspect ratio
-  not kept, as in the official code), flipped with p = 0.5 in training, independently of ``image``, in [-1, 1].
+  not kept, as in the official code; bicubic by default, the filter of the official ``PIL.Image.resize`` call,
+  ``data.generator_resample``), flipped with p = 0.5 in training, independently of ``image``, in [-1, 1].
 
 Decoded images go through :func:`uniemo.data.images.to_rgb` first (orientation, bit depth, transparency).
 Every random choice draws from the ``random.Random`` passed in, so the loader can make a sample's
@@ -34,6 +35,11 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 """Mean and std per channel of each ``data.normalization``."""
 
 RESAMPLE = Image.Resampling.BILINEAR  # torchvision's default for PIL inputs
+GENERATOR_RESAMPLE: dict[str, Image.Resampling] = {
+    "bicubic": Image.Resampling.BICUBIC,  # PIL's default of Image.resize: the official VAE input (METHOD §3.2)
+    "bilinear": Image.Resampling.BILINEAR,
+}
+"""``data.generator_resample`` -> the PIL filter of the ``pixel_values`` resize."""
 
 
 def random_resized_crop_box(
@@ -121,6 +127,8 @@ class SampleTransform:
     """Side of ``pixel_values`` (stage 2); None: no ``pixel_values``."""
     flip_pixel_values: bool = False
     """Horizontal flip of ``pixel_values`` with p = 0.5 (training, METHOD §3.2)."""
+    generator_resample: str = "bicubic"
+    """Filter of the ``pixel_values`` resize (:data:`GENERATOR_RESAMPLE`)."""
 
     @property
     def is_random(self) -> bool:
@@ -132,8 +140,15 @@ class SampleTransform:
             raise ValueError(
                 f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}"
             )
+        if self.generator_resample not in GENERATOR_RESAMPLE:
+            raise ValueError(
+                f"generator_resample must be one of {', '.join(GENERATOR_RESAMPLE)}, got {self.generator_resample!r}"
+            )
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
+    def __call__(self, image: Image.Image, rng: random.Random, pixels: bool = True) -> dict[str, Any]:
+        """``{"image"}`` and, in stage 2, ``"pixel_values"``; with ``pixels`` False (the sample's VAE latents are
+        precomputed, :mod:`uniemo.data.latents`) ``"pixel_flip"`` instead: the flip the pixels would have had,
+        drawn from ``rng`` at the same point, so every other draw (and the ``image`` view) stays the same."""
         image = to_rgb(image)  # EXIF orientation, 16-bit scaled, transparency on white (uniemo.data.images)
         if self.augment:
             box = random_resized_crop_box(image.width, image.height, rng)
@@ -142,14 +157,25 @@ class SampleTransform:
                 view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
             view = resize_center_crop(image, self.image_size, self.crop_resize)
-        out = {"image": to_normalized_tensor(view, self.normalization)}
+        out: dict[str, Any] = {"image": to_normalized_tensor(view, self.normalization)}
         if self.generator_size is not None:
-            g = self.generator_size
-            pixels = image if image.size == (g, g) else image.resize((g, g), RESAMPLE)
-            if self.flip_pixel_values and rng.random() < 0.5:
-                pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            out["pixel_values"] = to_normalized_tensor(pixels, "symmetric")
+            flip = self.flip_pixel_values and rng.random() < 0.5
+            if pixels:
+                out["pixel_values"] = generator_pixels(image, self.generator_size, flip, self.generator_resample)
+            else:
+                out["pixel_flip"] = flip
         return out
+
+
+def generator_pixels(image: Image.Image, size: int, flip: bool, resample: str) -> torch.Tensor:
+    """The VAE input of an RGB image (METHOD §3.2 b): the whole image resized to ``size`` x ``size`` (aspect ratio
+    not kept) with the ``resample`` filter (``data.generator_resample``), flipped left-right when ``flip``, in
+    [-1, 1]; float32 ``[3, size, size]``. The one definition of ``pixel_values``, shared by the loader and the
+    precomputed latents."""
+    pixels = image if image.size == (size, size) else image.resize((size, size), GENERATOR_RESAMPLE[resample])
+    if flip:
+        pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_normalized_tensor(pixels, "symmetric")
 
 
 def build_sample_transform(data_cfg: Any, *, stage: int, training: bool) -> SampleTransform:
@@ -161,4 +187,5 @@ def build_sample_transform(data_cfg: Any, *, stage: int, training: bool) -> Samp
         crop_resize=data_cfg.crop_resize,
         generator_size=data_cfg.generator_image_size if stage == 2 else None,
         flip_pixel_values=training,
+        generator_resample=data_cfg.generator_resample,
     )

@@ -1,4 +1,5 @@
-"""Launching: the environment reader (``env``) and the Ray Train driver (``ray_train``). No training logic."""
+"""Distributed plumbing, no training logic: the environment reader (``env``), the Ray session (``ray_session``),
+Ray Train's trainer (``ray_trainer``) and where workers and actors run (``placement``)."""
 
 from __future__ import annotations
 

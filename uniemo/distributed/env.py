@@ -126,7 +126,7 @@ def launch_dir() -> Path:
 def ray_node_record(**fields: Any) -> dict[str, Any]:
     """Where this process runs on the Ray cluster it is part of: ``fields`` plus the Ray node id, the node's address
     and custom resources (the labels ``ray start --resources`` gave it), host name, pid and time. What a run's
-    placement record holds per trainer and feedback actor (:func:`uniemo.distributed.ray_train.record_placement`)."""
+    placement record holds per trainer and feedback actor (:func:`uniemo.distributed.placement.record_placement`)."""
     import time
 
     import ray

@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _train_judge(args: argparse.Namespace) -> int:
     from uniemo.config import load_config
-    from uniemo.distributed.ray_train import run_dir_of
     from uniemo.evaluation.judge import describe, load_judge, train_judge
+    from uniemo.run_layout import run_dir_of
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or cfg.evaluation.judge or run_dir_of(cfg) / JUDGE_DIR)
@@ -59,5 +59,5 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.images_per_emotion is not None:
         overrides.append(f"evaluation.images_per_emotion={args.images_per_emotion}")
     result = evaluate_run(args.run, args.judge, overrides)
-    print(summary_line(result), file=sys.stdout)
+    print(summary_line(result, Path(args.run).expanduser().resolve()), file=sys.stdout)
     return 0

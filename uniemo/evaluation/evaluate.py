@@ -5,7 +5,7 @@
 1. **The run's model, on the run's workers** (:func:`evaluate_rank`, one per rank). With
    ``distributed.num_workers`` > 1 the ranks are Ray Train workers (``TorchTrainer``, as ``uniemo train`` starts
    them, gloo on CPU / NCCL on GPU); with 1 the rank runs in this process. Each rank loads the run
-   (:func:`uniemo.training.inference.load_run`) and
+   (:func:`uniemo.inference.runs.load_run`) and
 
    - classifies its part of the **test** split: the loader's evaluation stream deals the split's shards out
      ``[rank::world_size]`` so every test sample is seen exactly once; the confusion matrices and loss sums are
@@ -15,13 +15,16 @@
      recorded in each PNG and in ``generations.jsonl``).
 
 2. **Judging, in this process**: the generated images and the real test images go through the judge
-   (:mod:`uniemo.evaluation.judge`, trained apart from the run) for Emo-A, FID (the judge's features, named
-   ``judge:<name>``, unless ``evaluation.inception_weights`` is given; see ``_fid_extractor``) and diversity;
-   the feedback rounds' filter funnel is read from ``<run>/rounds/round-*.json``. Everything lands in
-   ``<run>/metrics.json`` (and ``eval/confusion.json``), and in the run's wandb run (its summary).
+   (:mod:`uniemo.evaluation.judge`, trained apart from the run) for Emo-A, FID on the judge's features and
+   diversity, all named ``judge:<name>``; EmoGen's protocol (Inception FID, CLIP Emo-A, LPIPS, Sem-C, Sem-D:
+   :mod:`uniemo.evaluation.paper_metrics`, the numbers of ``uniemo metrics``) runs on the same images for each
+   metric whose ``evaluation.weights`` are configured, against ``evaluation.real_images`` or the run's real test
+   split (``generation.paper``); the feedback rounds' filter funnel is read from ``<run>/rounds/round-*.json``.
+   Everything lands in ``<run>/metrics.json`` (and ``eval/confusion.json``), and in the run's wandb run (its
+   summary).
 
-Every metric names the model that judged it: ``understanding`` is the run's own model (step N), Emo-A and the
-diversity are ``judge:<name>``, FID names its feature extractor.
+Every metric names the model that judged it: ``understanding`` is the run's own model (step N), Emo-A, FID and
+the diversity are ``judge:<name>``, each metric of ``generation.paper`` names its network and weight files.
 """
 
 from __future__ import annotations
@@ -38,16 +41,23 @@ import numpy as np
 
 from uniemo.config import load_config
 from uniemo.config.loader import from_dict
+from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, Config
+from uniemo.console import quiet_console
 from uniemo.data.attributes import write_json_atomic
+from uniemo.data.images import read_rgb
 from uniemo.data.loader import build_loader, build_loader_from_config, load_attribute_table
-from uniemo.data.shards import ensure_synthetic_shards
+from uniemo.data.source import data_source
 from uniemo.distributed.env import apply_worker_env, backend_for, device_for, ensure_process_group, read_env
-from uniemo.distributed.ray_train import _check_wandb, absolute_paths, fit, ray_session, torch_trainer
+from uniemo.distributed.ray_session import ray_session
+from uniemo.distributed.ray_trainer import fit, torch_trainer
 from uniemo.errors import UserError
-from uniemo.evaluation import metrics
+from uniemo.evaluation import metrics, paper_metrics, paper_nets
+from uniemo.evaluation.image_sets import ImageSet, read_image_folder, read_shard_split
 from uniemo.evaluation.judge import describe, load_judge, same_data
-from uniemo.logging import RunLogger, read_metrics, say
+from uniemo.inference.runs import default_device, generate_images, load_run
+from uniemo.logging import RunLogger, check_wandb_credentials, read_metrics, say
+from uniemo.models.generation import SamplingSettings, sampling_settings
 from uniemo.run_files import (
     EVALUATION_VERSION,
     EmotionFunnel,
@@ -68,9 +78,10 @@ from uniemo.run_layout import (
     UNDERSTANDING_FILE,
     WANDB_ID_FILE,
     is_export,
+    path_for_run_file,
 )
+from uniemo.seeds import evaluation_seeds
 from uniemo.training.checkpoint import checkpoint_step, require_checkpoint
-from uniemo.training.inference import default_device, generate_images, load_run
 from uniemo.training.preflight import check_evaluation_data
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -78,7 +89,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from uniemo.config.schema import Config
     from uniemo.evaluation.judge import Judge
-    from uniemo.training.inference import LoadedRun
+    from uniemo.inference.runs import LoadedRun
 
 
 
@@ -89,9 +100,10 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Part 1: one rank
 # ---------------------------------------------------------------------------------------------------------
-def emotion_seed(cfg: Config, k: int) -> int:
-    """Seed of the first evaluation image of emotion ``k``; image i has this + i."""
-    return cfg.evaluation.seed + k * cfg.evaluation.images_per_emotion
+def evaluation_sampling(cfg: Config) -> SamplingSettings:
+    """How the evaluation samples: ``evaluation.sampling_steps``, else ``model.generator``'s settings, of the
+    evaluation's config (the run's ``config.yaml`` plus the overrides given)."""
+    return sampling_settings(cfg.model.generator, steps=cfg.evaluation.sampling_steps)
 
 
 def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None) -> None:
@@ -120,7 +132,7 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
 
             write_json_atomic(run_dir / EVAL_DIR / UNDERSTANDING_FILE, {
                 "step": run.step,
-                "checkpoint": str(run.source),
+                "checkpoint": path_for_run_file(run.source, run_dir),
                 "confusion": confusion.tolist(),
                 "loss": float(vector[-1]) / samples if samples else None,
                 "workers": env.world_size,
@@ -131,10 +143,14 @@ def evaluate_rank(cfg: Config, run_dir: Path, device: torch.device | None = None
             emotion = EMOTIONS[k]
             t0 = time.perf_counter()
 
+            # The evaluation's config (the run's plus its overrides), not the run's own: an override such as
+            # model.generator.guidance_scale is what the images are generated with, and what metrics.json reports.
+            steps, guidance, sampler = evaluation_sampling(cfg)
             generate_images(
                 run, emotion, cfg.evaluation.images_per_emotion, run_dir / EVAL_DIR / GENERATED_DIR / emotion,
-                seed=emotion_seed(cfg, k), steps=cfg.evaluation.sampling_steps,
-                batch_size=cfg.model.generator.generation_batch_size,
+                seed=evaluation_seeds(cfg.evaluation.seed, k, cfg.evaluation.images_per_emotion)[0], steps=steps,
+                guidance_scale=guidance, sampler=sampler, batch_size=cfg.model.generator.generation_batch_size,
+                image_format=cfg.evaluation.image_format,
             )
             _say(f"rank {env.rank}: {cfg.evaluation.images_per_emotion} {emotion} images generated "
                  f"({time.perf_counter() - t0:.1f} s)")
@@ -199,7 +215,7 @@ def _real_test_set(cfg: Config, judge: Judge) -> tuple[np.ndarray, np.ndarray, n
     """``(probs [N,K], features [N,F], labels [N])`` of the real test split through the judge's transform."""
 
     loader = build_loader(
-        ensure_synthetic_shards(cfg.data), "test", rank=0, world_size=1, batch_size=64,
+        data_source(cfg.data), "test", rank=0, world_size=1, batch_size=64,
         num_workers=cfg.data.num_workers, transform=judge.transform, training=False,
         attributes=load_attribute_table(cfg.data),
     )
@@ -224,25 +240,35 @@ def _generated_set(run_dir: Path) -> tuple[list[Path], np.ndarray, dict[str, lis
     return paths, np.asarray(labels, dtype=np.int64), seeds
 
 
-def _fid_extractor(cfg: Config, judge: Judge, notes: list[str]) -> str:
-    """The name of the FID feature extractor (the judge's features are passed in by the caller).
-
-    D12 asks for Inception-v3 when its weights are supplied locally. This package has no Inception-v3
-    implementation (torchvision, which defines it, is not a dependency), so a configured
-    ``evaluation.inception_weights`` is reported in the notes and the judge's features are used, named as such.
-    """
-    if cfg.evaluation.inception_weights:
-        notes.append(
-            f"evaluation.inception_weights={cfg.evaluation.inception_weights!r} is set, but Inception-v3 cannot be "
-            "built here (torchvision is not installed and uniemo does not define it): FID uses the judge's "
-            "features instead"
-        )
-    return f"judge:{judge.name}"
+def real_image_set(cfg: Config) -> ImageSet:
+    """The real set of the paper's FID: ``evaluation.real_images`` (EmoSet's ``image/``), else the run's real
+    test split read from its local shards."""
+    if cfg.evaluation.real_images:
+        return read_image_folder(cfg.evaluation.real_images, "evaluation.real_images")
+    return read_shard_split(data_source(cfg.data), "test")
 
 
-def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]) -> tuple[dict, dict]:
-    """Generation metrics (Emo-A, FID, diversity) and the judge's accuracy on the real test split."""
-    from PIL import Image
+def _check_paper_inputs(cfg: Config) -> None:
+    """Before any model work: the configured metric weights and the real image folder exist (one-line errors)."""
+    paper_nets.check_weights(cfg.evaluation.weights)
+    paper_nets.resolve_device(cfg.evaluation)
+    if cfg.evaluation.real_images and int(cfg.training.stage) == 2:
+        read_image_folder(cfg.evaluation.real_images, "evaluation.real_images")
+
+
+def _paper_generation(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """``generation.paper``: EmoGen's metrics of the evaluation images (each left out without its weights)."""
+    generated = read_image_folder(run_dir / EVAL_DIR / GENERATED_DIR, "the evaluation images")
+    real = real_image_set(cfg) if cfg.evaluation.weights.inception else None
+    result = paper_metrics.compute_paper_metrics(
+        cfg.evaluation, generated, real, workers=cfg.data.num_workers, progress=cfg.logging.progress
+    )
+    return {"generated": generated.describe(), "real": real.describe() if real is not None else None, **result}
+
+
+def _judge_generation(cfg: Config, run_dir: Path, judge: Judge) -> tuple[dict, dict]:
+    """Generation metrics (the judge's Emo-A, FID and diversity, and EmoGen's protocol where its weights are
+    configured) and the judge's accuracy on the real test split."""
 
 
     real_probs, real_feats, real_labels = _real_test_set(cfg, judge)
@@ -254,8 +280,12 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]
         return {}, judge_on_run
 
     paths, fake_labels, seeds = _generated_set(run_dir)
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    fake_probs, fake_feats = judge.predict(judge.preprocess(images))
+    chunks = []
+    for start in range(0, len(paths), 256):  # a thousand 512-px images per emotion do not fit in memory at once
+        images = [np.asarray(read_rgb(p)) for p in paths[start : start + 256]]
+        chunks.append(judge.predict(judge.preprocess(images)))
+    fake_probs = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, NUM_EMOTIONS), np.float32)
+    fake_feats = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, judge.feature_dim), np.float32)
     judge_name = f"judge:{judge.name}"
 
     emo_a = {"judge": judge_name, **metrics.emotion_accuracy(fake_probs, fake_labels)}
@@ -263,11 +293,11 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]
         e: metrics.emotion_accuracy(fake_probs[fake_labels == k], fake_labels[fake_labels == k])
         for k, e in enumerate(EMOTIONS)
     }
-    extractor = _fid_extractor(cfg, judge, notes)
-    fid = {"extractor": extractor, **metrics.fid_per_emotion(real_feats, real_labels, fake_feats, fake_labels)}
+    fid = {"extractor": judge_name, **metrics.fid_per_emotion(real_feats, real_labels, fake_feats, fake_labels)}
     fid["note"] = (
-        "pooled = Fréchet distance of the summed per-emotion statistics (METHOD §6.2); per-emotion FIDs from "
-        f"{cfg.evaluation.images_per_emotion} generated images are noisy, compare them only at equal M"
+        "pooled = Fréchet distance of the summed per-emotion statistics (METHOD §6.2) of the judge's features; "
+        f"per-emotion FIDs from {cfg.evaluation.images_per_emotion} generated images are noisy, compare them only "
+        "at equal M; the Inception FID of the paper is generation.paper.metrics.fid"
     )
     ev = cfg.evaluation
     generated_diversity = metrics.diversity_per_emotion(fake_feats, fake_labels, ev.diversity_pairs, ev.seed)
@@ -288,16 +318,18 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge, notes: list[str]
             "over the real test images of each emotion, generated_vs_real: generated / real per emotion, averaged"
         ),
     }
+    sampling = evaluation_sampling(cfg)
     generation = {
         "images_per_emotion": ev.images_per_emotion,
-        "sampling_steps": ev.sampling_steps or cfg.model.generator.sampling_steps,
-        "guidance_scale": cfg.model.generator.guidance_scale,
-        "sampler": cfg.model.generator.sampler,
+        "sampling_steps": sampling.steps,
+        "guidance_scale": sampling.guidance_scale,
+        "sampler": sampling.sampler,
         "images_dir": f"{EVAL_DIR}/{GENERATED_DIR}",
         "seeds": seeds,
         "emo_a": emo_a,
         "fid": fid,
         "diversity": diversity,
+        "paper": _paper_generation(cfg, run_dir),
     }
     return generation, judge_on_run
 
@@ -381,18 +413,24 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     ``distributed.num_workers``, ``data.num_workers``, ...).
     """
 
-    started = time.perf_counter()
     run_dir = Path(run_dir).expanduser().resolve()
     step_dir = _check_run(run_dir)
+    with quiet_console(run_dir):  # other packages' console output to <run>/uniemo.log (uniemo.console)
+        return _evaluate_run(run_dir, step_dir, judge_dir, cfg_overrides)
+
+
+def _evaluate_run(run_dir: Path, step_dir: Path, judge_dir: str | Path | None, cfg_overrides: Any) -> Evaluation:
+    started = time.perf_counter()
     cfg = absolute_paths(load_config(run_dir / CONFIG_FILE, list(cfg_overrides)))
     if cfg.logging.wandb.mode == "online":
 
-        _check_wandb(cfg)  # before the work, not after it
+        check_wandb_credentials(cfg)  # before the work, not after it
     judge_path = resolve_judge_dir(run_dir, judge_dir, cfg)
     judge = load_judge(judge_path)
     left_out, notes = check_evaluation_data(cfg)  # the test split exists; what data without annotations left out
     for note in notes:
         _say(note)
+    _check_paper_inputs(cfg)
     _say(describe(judge))
     if not same_data(judge, cfg):
         notes.append(f"the judge was trained on {judge.info.get('data', {}).get('shards')}, not on this run's shards")
@@ -414,7 +452,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
 
     t0 = time.perf_counter()
     _say("judging generated and real test images" if stage == 2 else "judging real test images")
-    generation, judge_on_run = _judge_generation(cfg, run_dir, judge, notes)
+    generation, judge_on_run = _judge_generation(cfg, run_dir, judge)
     judge_seconds = time.perf_counter() - t0
 
     understanding: Understanding = {  # type: ignore[typeddict-item]  # the summary spreads its own keys
@@ -429,7 +467,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     result: Evaluation = {
         "version": EVALUATION_VERSION,
         "run": {
-            "dir": str(run_dir),
+            "dir": ".",  # where metrics.json is: paths in run files are relative to their run folder
             "name": cfg.run.name,
             "id": wandb_id.read_text().strip() if wandb_id.is_file() else cfg.run.name,
             "stage": stage,
@@ -439,7 +477,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
         "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "evaluation": {
             **dataclasses.asdict(cfg.evaluation),
-            "judge": str(judge_path.resolve()),
+            "judge": path_for_run_file(judge_path.resolve(), run_dir),
             "workers": cfg.distributed.num_workers,
             "distributed": how,
             "seconds": {
@@ -453,7 +491,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
         "generation": generation or None,
         "judge": {
             "name": f"judge:{judge.name}",
-            "dir": str(judge_path.resolve()),
+            "dir": path_for_run_file(judge_path.resolve(), run_dir),
             "architecture": judge.info.get("architecture"),
             "val_accuracy": judge.info.get("val_accuracy"),
             "test_accuracy": judge_on_run["top1"],
@@ -470,7 +508,7 @@ def evaluate_run(run_dir: str | Path, judge_dir: str | Path | None = None, cfg_o
     })
     write_json_atomic(run_dir / EVALUATION_FILE, result)
     _log_wandb(cfg, run_dir, result)
-    _say(summary_line(result))
+    _say(summary_line(result, run_dir))
     return result
 
 
@@ -497,6 +535,11 @@ def flat_metrics(result: Evaluation) -> dict[str, float | None]:
         if "real" in g["diversity"]:  # metrics.json written before real diversity was measured has none
             flat["eval/diversity/real_sem_d"] = g["diversity"]["real"]["sem_d"]
             flat["eval/diversity/generated_vs_real"] = g["diversity"]["generated_vs_real"]["sem_d"]
+        for name, block in g.get("paper", {}).get("metrics", {}).items():
+            flat[f"eval/paper/{name}"] = block.get(paper_metrics.HEADLINES[name])
+            if name == "fid":
+                for e, value in block["per_emotion"].items():
+                    flat[f"eval/paper/fid/{e}"] = value
     for r in result.get("feedback_rounds", []):
         flat[f"eval/round-{r['round']}/kept"] = r["funnel"]["kept"]
         flat[f"eval/round-{r['round']}/candidates"] = r["funnel"]["candidates"]
@@ -528,8 +571,8 @@ def _log_wandb(cfg: Config, run_dir: Path, result: Evaluation) -> None:
         logger.close()
 
 
-def summary_line(result: Evaluation) -> str:
-    """One line of the headline numbers."""
+def summary_line(result: Evaluation, run_dir: str | Path) -> str:
+    """One line of the headline numbers, naming ``<run_dir>/metrics.json``."""
     u = result["understanding"]
     parts = [f"test top-1 {u['top1']:.3f} ({u['samples']} images)"]
     g = result.get("generation")
@@ -541,4 +584,6 @@ def summary_line(result: Evaluation) -> str:
         ratio = (g["diversity"].get("generated_vs_real") or {}).get("sem_d")
         parts.append((f"Sem-D {sem_d:.4g}" + (f" ({ratio:.2f}x real)" if ratio is not None else ""))
                      if sem_d is not None else "Sem-D n/a")
-    return f"{result['run']['dir']}/{EVALUATION_FILE}: " + ", ".join(parts)
+        if g.get("paper", {}).get("metrics"):
+            parts.append(f"EmoGen protocol: {paper_metrics.summary(g['paper'])}")
+    return f"{Path(run_dir) / EVALUATION_FILE}: " + ", ".join(parts)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
 import time
@@ -33,11 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from uniemo.atomic import atomic_path, is_temp_file
 from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, TrainingConfig
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.images import to_rgb
 from uniemo.data.loader import build_loader_from_config
-from uniemo.data.shards import MANIFEST_FILE, ensure_synthetic_shards, file_digest, read_manifest
+from uniemo.data.shards import MANIFEST_FILE, file_digest, read_manifest
+from uniemo.data.source import data_source
 from uniemo.data.transforms import SampleTransform
 from uniemo.distributed.env import worker_threads
 from uniemo.errors import UserError
@@ -217,7 +218,7 @@ def load_judge(path: str | Path, device: torch.device | str = "cpu") -> Judge:
 def _judge_data(cfg: Config) -> dict[str, Any]:
     """What the judge is trained on: the real shard folder and its manifest's digest and split totals."""
 
-    folder = ensure_synthetic_shards(cfg.data, progress=True).resolve()
+    folder = data_source(cfg.data, progress=True).resolve()
     manifest = read_manifest(folder)
     return {
         "shards": str(folder),
@@ -283,9 +284,8 @@ def train_judge(cfg: Config, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / JUDGE_FILE).unlink(missing_ok=True)  # the folder is incomplete until the new judge.json lands
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": str(JUDGE_FORMAT), "architecture": ARCHITECTURE})
-    os.replace(tmp, out / WEIGHTS_FILE)
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": str(JUDGE_FORMAT), "architecture": ARCHITECTURE})
     digest = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
     info = {
         "format": JUDGE_FORMAT,
@@ -348,7 +348,7 @@ def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"judge output {str(out)!r} is a file; give a folder")
     if out.is_dir():
-        foreign = [p.name for p in out.iterdir() if p.name not in (JUDGE_FILE, WEIGHTS_FILE, f".{WEIGHTS_FILE}.tmp")]
+        foreign = [p.name for p in out.iterdir() if p.name not in (JUDGE_FILE, WEIGHTS_FILE) and not is_temp_file(p.name)]
         if foreign:
             raise UserError(
                 f"judge output {str(out)!r} holds other files ({', '.join(sorted(foreign)[:3])}); give an empty "

@@ -220,7 +220,7 @@ def diversity_against_real(generated: dict, real: dict) -> dict:
     }
     out: dict = {}
     for key in ("sem_d", "mean_pairwise_distance"):
-        values = [v[key] for v in per_emotion.values() if v[key] is not None]
+        values = [x for x in (v[key] for v in per_emotion.values()) if x is not None]
         out[key] = float(np.mean(values)) if values else None
     out["per_emotion"] = per_emotion
     return out

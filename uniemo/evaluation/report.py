@@ -18,7 +18,7 @@ Sections, each shown when its data exists and replaced by a one-line "not availa
   grids) beside **real test images** read from the run's shards;
 - **filter funnel** of each round (candidates, what each filter step rejected, kept);
 - **attention maps** of the scene and object queries over the patches of a few test images (the run's latest
-  checkpoint through :func:`uniemo.training.inference.load_run`, METHOD §2.2).
+  checkpoint through :func:`uniemo.inference.runs.load_run`, METHOD §2.2).
 
 ``report.json`` beside the page records each section's state (``ok`` or the reason it is missing) and the
 summary numbers. :func:`summary_lines` gives the five lines the pipeline prints at its end.
@@ -55,7 +55,7 @@ from uniemo.evaluation.report_collect import (
 from uniemo.evaluation.report_html import Log, build_sections, check_links, render_page
 from uniemo.logging import say
 from uniemo.run_files import REPORT_STATE_VERSION, ReportState
-from uniemo.run_layout import REPORT_DIR, REPORT_INDEX_FILE, REPORT_STATE_FILE
+from uniemo.run_layout import REPORT_DIR, REPORT_INDEX_FILE, REPORT_STATE_FILE, path_for_run_file
 
 __all__ = [
     "PIPELINE_RUNS",
@@ -111,10 +111,10 @@ def write_report(target: str | Path, out_dir: str | Path | None = None, *, log: 
         state: ReportState = {
             "version": REPORT_STATE_VERSION,
             "format": REPORT_FORMAT,
-            "target": str(data.target),
+            "target": path_for_run_file(data.target, data.target),
             "pipeline": data.pipeline,
-            "runs": {label: str(path) for label, path in data.runs.items()},
-            "evaluated": str(data.evaluated) if data.evaluated else None,
+            "runs": {label: path_for_run_file(path, data.target) for label, path in data.runs.items()},
+            "evaluated": path_for_run_file(data.evaluated, data.target) if data.evaluated else None,
             "sections": {s.key: s.state for s in sections},
             "validation_by_round": accuracy_by_round(data),
             "summary": summarize(data),

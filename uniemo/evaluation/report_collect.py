@@ -28,13 +28,16 @@ from uniemo.run_files import (
     Evaluation,
     PipelineState,
     RoundReport,
+    read_pipeline_state,
     read_round_reports,
     read_versioned,
 )
 from uniemo.run_layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
+    EVALUATED_STAGES,
     EVALUATION_FILE,
+    FEEDBACK_STAGE,
     JUDGE_DIR,
     JUDGE_FILE,
     LATEST_FILE,
@@ -42,6 +45,8 @@ from uniemo.run_layout import (
     ROUNDS_DIR,
     STEP_METRICS_FILE,
     TRAINING_STAGES,
+    path_from_run_file,
+    run_of_checkpoint,
 )
 
 __all__ = [
@@ -66,6 +71,10 @@ __all__ = [
 
 PIPELINE_RUNS = (*TRAINING_STAGES, JUDGE_DIR)
 """Sub-runs of a pipeline folder, in pipeline order (``runs/<name>/<stage>``)."""
+SINGLE_RUN = "run"
+"""The label of the one run of a report on a single training run folder."""
+MODEL_RUNS = (*EVALUATED_STAGES, SINGLE_RUN)
+"""The runs whose model the report shows, by preference: the last trained one."""
 CHANCE = 1.0 / len(EMOTIONS)
 
 
@@ -134,7 +143,7 @@ class ReportData:
     @property
     def model_run(self) -> Path | None:
         """The newest run with a checkpoint: the model the report shows attention maps of."""
-        for label in ("feedback", "stage2", "stage1", "run"):
+        for label in MODEL_RUNS:
             run = self.runs.get(label)
             if run is not None and _has_checkpoint(run):
                 return run
@@ -152,7 +161,7 @@ def _find_runs(target: Path) -> tuple[bool, dict[str, Path]]:
     if subs or (target / PIPELINE_FILE).is_file():
         return True, subs
     if _is_run_dir(target):
-        return False, {"run": target}
+        return False, {SINGLE_RUN: target}
     raise UserError(
         f"{str(target)!r} is neither a pipeline folder (with {', '.join(PIPELINE_RUNS)} sub-runs) nor a training "
         "run folder (config.yaml, metrics.jsonl, checkpoints/); pass runs/<name>"
@@ -196,7 +205,7 @@ def collect_report_data(target: str | Path) -> ReportData:
     data = ReportData(target=root, pipeline=pipeline, runs=runs)
     for label, run_dir in runs.items():
         data.metrics[label] = _read_metrics_lines(run_dir)
-    for label in ("feedback", "stage2", "stage1", "run"):
+    for label in MODEL_RUNS:
         run = runs.get(label)
         if run is not None and (run / EVALUATION_FILE).is_file():
             data.evaluated = run
@@ -206,14 +215,14 @@ def collect_report_data(target: str | Path) -> ReportData:
             data.evaluated = root
     if data.evaluated is not None:
         data.evaluation = read_evaluation(data.evaluated)
-    for label in ("feedback", "run"):
+    for label in (FEEDBACK_STAGE, SINGLE_RUN):
         run = runs.get(label)
         if run is not None and (run / ROUNDS_DIR).is_dir():
             data.rounds = read_round_reports(run)
             data.rounds_run = run
             break
-    state = read_json(root / PIPELINE_FILE) if pipeline else None
-    data.pipeline_state = cast(PipelineState, state) if isinstance(state, dict) else PipelineState()
+    state = read_pipeline_state(root) if pipeline else None
+    data.pipeline_state = state if state is not None else PipelineState()
     judge = read_json(root / JUDGE_DIR / JUDGE_FILE) if pipeline else None
     data.judge = judge if isinstance(judge, dict) else {}
     return data
@@ -297,12 +306,14 @@ def series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list
 
 
 def _checkpoint_of(data: ReportData, checkpoint: str) -> tuple[str, int] | None:
-    """(run label, step) of a round's checkpoint id (``<run>/checkpoints/step-000012``): the first round of a
-    feedback run generates from the stage-2 run's checkpoint, later ones from the feedback run's own."""
+    """(run label, step) of a round's checkpoint id (``<run>/checkpoints/step-000012``, relative to the feedback
+    run): the first round of a feedback run generates from the stage-2 run's checkpoint, later ones from the
+    feedback run's own."""
     match = re.search(r"step-(\d+)", checkpoint)
     if not match:
         return None
-    folder = Path(checkpoint).parent.parent  # <run>/checkpoints/step-N -> <run>
+    base = data.rounds_run if data.rounds_run is not None else data.target
+    folder = run_of_checkpoint(path_from_run_file(checkpoint, base))
     for label, run in data.runs.items():
         if folder.name == run.name and (folder == run or folder.resolve() == run.resolve()):
             return label, int(match.group(1))

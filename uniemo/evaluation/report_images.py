@@ -1,8 +1,9 @@
 """The pictures the report shows: real test images read from a run's shards, generated ones from the run.
 
 Real examples come from the test split of the shard folder the runs trained on (``data.shards`` of their
-``config.yaml``, else the synthetic set's cache), read straight from the tar files in shard order. Generated
-images are the PNGs ``uniemo evaluate`` wrote (``<run>/eval/generated/<emotion>/``), else the sample grids the
+``config.yaml``, a folder or a URL, else the synthetic set's cache), read through the loader's stages in shard
+order. Generated images are the PNGs (or JPEGs) ``uniemo evaluate`` wrote (``<run>/eval/generated/<emotion>/``),
+else the sample grids the
 run logged in training (``<run>/samples/<emotion>.png``).
 """
 
@@ -16,13 +17,20 @@ from PIL import Image
 
 from uniemo.config import load_config
 from uniemo.config.schema import EMOTIONS
-from uniemo.data.images import to_rgb
-from uniemo.data.loader import list_split_shards
-from uniemo.data.shards import MANIFEST_FILE, read_shard_samples, synthetic_shards_folder
+from uniemo.data.images import read_rgb, to_rgb
+from uniemo.data.loader import list_split_shards, read_split_samples
+from uniemo.data.shards import MANIFEST_FILE, resolve_shard_folder, synthetic_shards_folder
 from uniemo.data.transforms import resize_center_crop
 from uniemo.errors import UserError
 from uniemo.evaluation.report_collect import ReportData
-from uniemo.run_layout import CONFIG_FILE, EVAL_DIR, GENERATED_DIR, SAMPLES_DIR, generated_dir
+from uniemo.run_layout import (
+    CONFIG_FILE,
+    EVAL_DIR,
+    GENERATED_DIR,
+    SAMPLES_DIR,
+    generated_dir,
+    sample_grid_path,
+)
 
 __all__ = ["EXAMPLES_PER_EMOTION", "TILE", "generated_images", "read_examples", "shard_folder", "tiles"]
 
@@ -33,7 +41,8 @@ TILE = 96
 
 
 def shard_folder(data: ReportData) -> tuple[Path | None, str]:
-    """The real shard folder of the runs (``data.shards``, else the synthetic set's cache), or why not."""
+    """The real shard folder the runs trained on (``data.shards``: a folder, or a URL source's local mirror; else
+    the synthetic set's cache, never made here), or why there is none."""
     candidates = [data.evaluated, data.model_run, *data.runs.values()]
     if data.pipeline:
         candidates.append(data.target)
@@ -45,10 +54,11 @@ def shard_folder(data: ReportData) -> tuple[Path | None, str]:
         seen.add(run)
         try:
             cfg = load_config(run / CONFIG_FILE)
+            folder = (resolve_shard_folder(cfg.data.shards, cfg.data, key="data.shards") if cfg.data.shards
+                      else synthetic_shards_folder(cfg.data))
         except UserError as e:
             why = f"{run / CONFIG_FILE}: {e}"
             continue
-        folder = Path(cfg.data.shards).expanduser() if cfg.data.shards else synthetic_shards_folder(cfg.data)
         if (folder / MANIFEST_FILE).is_file():
             return folder, ""
         why = f"the shard folder of {run.name} ({folder}) has no manifest.json"
@@ -57,32 +67,27 @@ def shard_folder(data: ReportData) -> tuple[Path | None, str]:
 
 def read_examples(shards: Path, per_emotion: int) -> tuple[str | None, dict[str, list[Image.Image]]]:
     """Up to ``per_emotion`` images of each emotion from the test split of ``shards`` (val when there is no
-    test split), in shard order: (split, {emotion: [PIL image]})."""
+    test split), in shard order, read through the loader's stages (:func:`uniemo.data.loader.read_split_samples`:
+    local shards or a URL source's): (split, {emotion: [PIL image]})."""
     found: dict[str, list[Image.Image]] = {e: [] for e in EMOTIONS}
     for split in ("test", "val"):
-        refs = list_split_shards([shards], split, required=False)
-        if refs:
+        if list_split_shards([shards], split, required=False):
             break
     else:
         return None, found
-
-    def add(sample: dict[str, bytes]) -> None:
+    for sample in read_split_samples(shards, split):
         try:
             emotion = EMOTIONS[int(sample["cls"])]
         except (KeyError, ValueError, IndexError):
-            return
+            continue
         data = sample.get("jpg") or sample.get("png")
         if data is None or len(found[emotion]) >= per_emotion:
-            return
+            continue
         try:
             with Image.open(io.BytesIO(data)) as image:
                 found[emotion].append(to_rgb(image))
         except Exception:  # a corrupt image is skipped, as the loader skips it
-            return
-
-    for ref in refs:
-        for sample in read_shard_samples(ref.url):
-            add(sample)
+            continue
         if all(len(v) >= per_emotion for v in found.values()):
             break
     return split, found
@@ -90,12 +95,7 @@ def read_examples(shards: Path, per_emotion: int) -> tuple[str | None, dict[str,
 
 def tiles(images: list[Image.Image], size: int = TILE) -> np.ndarray:
     """``[N, size, size, 3]`` uint8: each image resized and centre-cropped to a square tile."""
-    return np.stack([np.asarray(resize_center_crop(image.convert("RGB"), size)) for image in images])
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return np.stack([np.asarray(resize_center_crop(to_rgb(image), size)) for image in images])
 
 
 def generated_images(data: ReportData) -> tuple[str, dict[str, list[Image.Image] | Path]]:
@@ -109,15 +109,16 @@ def generated_images(data: ReportData) -> tuple[str, dict[str, list[Image.Image]
         if folder.is_dir():
             found: dict[str, list[Image.Image] | Path] = {}
             for emotion in EMOTIONS:
-                files = sorted((folder / emotion).glob("*.png"))[:EXAMPLES_PER_EMOTION]
+                # PNG, or JPEG with evaluation.image_format=jpg
+                files = sorted([*(folder / emotion).glob("*.png"), *(folder / emotion).glob("*.jpg")])
+                files = files[:EXAMPLES_PER_EMOTION]
                 if files:
-                    found[emotion] = [_open_rgb(f) for f in files]
+                    found[emotion] = [read_rgb(f) for f in files]
             if found:
                 return f"{data.run_label(run)}/{EVAL_DIR}/{GENERATED_DIR} (uniemo evaluate)", found
     for run in runs:
-        folder = run / SAMPLES_DIR
         grids: dict[str, list[Image.Image] | Path] = {
-            e: folder / f"{e}.png" for e in EMOTIONS if (folder / f"{e}.png").is_file()
+            e: sample_grid_path(run, e) for e in EMOTIONS if sample_grid_path(run, e).is_file()
         }
         if grids:
             return f"{data.run_label(run)}/{SAMPLES_DIR} (sample grids logged in training)", grids

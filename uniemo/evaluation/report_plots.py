@@ -18,10 +18,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from uniemo.config.schema import EMOTIONS
+from uniemo.data.images import to_rgb
 from uniemo.data.transforms import resize_center_crop
 from uniemo.evaluation.report_collect import CHANCE, NotAvailable, ReportData, series
+from uniemo.inference.runs import load_run
 from uniemo.run_files import RoundReport
-from uniemo.training.inference import load_run
 
 __all__ = [
     "FUNNEL_STEPS",
@@ -218,7 +219,7 @@ def plot_attention(run_dir: Path, examples: list[tuple[str, Image.Image]], path:
     fig = _figure(2.3 * len(columns), 2.4 * len(examples))
     axes = fig.subplots(len(examples), len(columns), squeeze=False)
     for row, (emotion, image) in enumerate(examples):
-        shown = np.asarray(resize_center_crop(image.convert("RGB"), size))
+        shown = np.asarray(resize_center_crop(to_rgb(image), size))
         top = int(probs[row].argmax())
         for col, (name, maps) in enumerate(columns):
             ax = axes[row][col]

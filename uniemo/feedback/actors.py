@@ -2,7 +2,7 @@
 
 - :class:`ModelBundle` is what a round needs from a checkpoint (trained states, emotion space, attribute base),
   picklable and put once in the Ray object store. Built from a finished run (:func:`load_bundle`, through
-  :func:`uniemo.training.inference.load_run`) or at random from config (:meth:`ModelBundle.random`, tests). The
+  :func:`uniemo.inference.runs.load_run`) or at random from config (:meth:`ModelBundle.random`, tests). The
   generator's frozen Stable Diffusion parts are not in it: each generator actor rebuilds them from
   ``model.generator.path`` or the seeded random preset, as training did.
 - :class:`GeneratorWorker` (generator + conditioner + emotion space) turns a :class:`GenerationJob` (an emotion
@@ -45,14 +45,15 @@ from uniemo.config.schema import EMOTIONS, Config, FeedbackConfig
 from uniemo.data.shards import write_sample_shard
 from uniemo.data.transforms import build_sample_transform
 from uniemo.distributed.env import ray_node_record
-from uniemo.distributed.ray_train import RESOURCE_SHARE, check_custom_resource
+from uniemo.distributed.placement import RESOURCE_SHARE, check_custom_resource
 from uniemo.errors import UserError
+from uniemo.inference.runs import load_run
+from uniemo.models.acceleration import compile_for_generation
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.emotion_space import EmotionSpace
 from uniemo.models.generation import generate
 from uniemo.models.generator import build_generator
 from uniemo.models.understanding import UnderstandingModel, resolve_dims
-from uniemo.training.inference import load_run
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.data.attributes import AttributeTable
@@ -122,7 +123,7 @@ class ModelBundle:
 
     @classmethod
     def from_loaded_run(cls, run: Any, checkpoint_id: str | None = None) -> ModelBundle:
-        """From a stage-2 :class:`uniemo.training.inference.LoadedRun` (its models moved to CPU copies)."""
+        """From a stage-2 :class:`uniemo.inference.runs.LoadedRun` (its models moved to CPU copies)."""
         if getattr(run, "stage", None) != 2 or run.conditioner is None or run.generator is None:
             raise FeedbackError(
                 f"{run.source} is not a stage-2 checkpoint: the feedback pool needs the generator side; "
@@ -218,6 +219,14 @@ def _device(use_gpu: bool) -> torch.device:
     return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
+_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def actor_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of an actor's models: ``feedback.precision`` on a GPU, float32 on the CPU."""
+    return _PRECISIONS[precision] if device.type == "cuda" else torch.float32
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Work items
 # ---------------------------------------------------------------------------------------------------------
@@ -311,12 +320,15 @@ class GeneratorWorker:
             has_base=bundle.has_base,
         )
         self.conditioner.load_state_dict(bundle.conditioner_state, strict=True)
-        self.generator.to(self.device).eval()
+        # feedback.precision: the SD parts in fp16/bf16 on a GPU (the sampler's latents stay float32).
+        self.generator.to(self.device, actor_dtype(cfg.feedback.precision, self.device)).eval()
         self.conditioner.to(self.device).eval()
         self.emotion_space = bundle.emotion_space
         self.attribute_embeddings = bundle.attribute_embeddings.to(self.device)
         self.phi = bundle.phi.to(self.device)
         self.batch_size = cfg.model.generator.generation_batch_size
+        if cfg.model.generator.compile:  # CUDA graphs at a fixed batch of generation_batch_size on a GPU
+            compile_for_generation(self.generator, self.batch_size)
 
     def pid(self) -> int:
         """This actor's process id (for monitoring, and for the test that kills it)."""
@@ -376,8 +388,9 @@ class FilterWorker:
             has_base=bundle.has_base,
         )
         self.conditioner.load_state_dict(bundle.conditioner_state, strict=True)
-        self.understanding.to(self.device).eval()
-        self.conditioner.to(self.device).eval()
+        self.dtype = actor_dtype(cfg.feedback.precision, self.device)
+        self.understanding.to(self.device, self.dtype).eval()
+        self.conditioner.to(self.device, self.dtype).eval()
         # The understanding input of evaluation: Resize + CenterCrop, data.normalization (as the test split).
         self.transform = build_sample_transform(cfg.data, stage=1, training=False)
         embeddings = bundle.attribute_embeddings.float()
@@ -398,7 +411,7 @@ class FilterWorker:
         start = time.perf_counter()
         rng = random.Random(0)  # evaluation transforms draw nothing; the argument is part of their signature
         tensors = [self.transform(Image.open(io.BytesIO(data)), rng)["image"] for data in images]
-        images_BCHW = torch.stack(tensors).to(self.device)
+        images_BCHW = torch.stack(tensors).to(self.device, self.dtype)
         out = self.understanding(images_BCHW)
         probs_BK = out.emotion_logits.float().softmax(dim=-1)
         similarity_BA = self._similarity(out.scene_feature, out.object_feature, len(images))

@@ -24,7 +24,6 @@ Shape legend: N candidates, K = 8 emotions (``probs``), D f_cls width, A attribu
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -67,12 +66,6 @@ class FilterResult:
     def score(self) -> np.ndarray:
         """p_k(x) * s(x), float64 [N] (steps 3-4)."""
         return self.p_k * self.s
-
-
-def derive_seed(*parts: object) -> int:
-    """A 31-bit seed from a tuple of parts, stable across processes, machines and Python runs."""
-    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**31 - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

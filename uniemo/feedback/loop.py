@@ -2,7 +2,7 @@
 
 :func:`run_feedback` (``uniemo feedback --config FILE``) continues a finished stage-2 run (``feedback.from_run``;
 empty: the newest stage-2 run under ``run.output_dir`` that is not a feedback run) in ONE new training run, the
-feedback run ``<run.output_dir>/<run.name>/`` (:func:`uniemo.distributed.ray_train.run_dir_of`)::
+feedback run ``<run.output_dir>/<run.name>/`` (:func:`uniemo.run_layout.run_dir_of`)::
 
     config.yaml, checkpoints/, metrics.jsonl, ...   an ordinary stage-2 training run (one continuous curve)
     shards/synthetic/round-<r>/*.tar + manifest     round r's kept images (:func:`uniemo.feedback.rounds.run_round`)
@@ -56,30 +56,33 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import EMOTIONS, Config
+from uniemo.console import quiet_console
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.shards import MANIFEST_FILE, manifest_folders
-from uniemo.distributed.ray_train import (
-    absolute_paths,
-    ray_session,
-    record_placement,
-    run_dir_of,
-    run_training,
-)
+from uniemo.distributed.placement import record_placement
+from uniemo.distributed.ray_session import ray_session
 from uniemo.errors import ConfigError, UserError
 from uniemo.feedback.actors import FeedbackError, ModelBundle
 from uniemo.feedback.controls import check_control, run_control_round
 from uniemo.feedback.filtering import REJECTIONS
 from uniemo.feedback.rounds import _completed_report, pool_cpus, run_round, synthetic_source
+from uniemo.inference.runs import load_run
 from uniemo.logging import read_metrics, say
 from uniemo.run_files import EmotionFunnel, RoundReport
 from uniemo.run_layout import (
+    COMPLETE_FILE,
     EMOTION_SPACE_FILE,
     LOOP_FILE,
     ROUNDS_DIR,
     SYNTHETIC_DIR,
+    path_for_run_file,
+    path_from_run_file,
     round_dir,
     round_report_path,
+    run_dir_of,
+    run_of_checkpoint,
     stop_request_path,
 )
 from uniemo.training.checkpoint import (
@@ -89,8 +92,8 @@ from uniemo.training.checkpoint import (
     resolve_checkpoint,
     step_of,
 )
+from uniemo.training.driver import run_training
 from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
-from uniemo.training.inference import load_run
 from uniemo.training.stages import find_latest_run
 
 __all__ = ["format_round_summary", "run_feedback", "training_config"]
@@ -190,32 +193,34 @@ def _check_start(run_dir: Path, resume: bool) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # Models of a checkpoint
 # ---------------------------------------------------------------------------------------------------------
-def bundle_of_run(run_dir: Path, log: Callable[[str], None] = _log) -> ModelBundle:
+def bundle_of_run(run_dir: Path, log: Callable[[str], None] = _log, feedback_run: Path | None = None) -> ModelBundle:
     """The pool's models of ``run_dir``'s latest checkpoint, with an emotion space that belongs to it: the run's
     ``emotion_space.safetensors`` when it was written after that checkpoint, else computed here over the real
-    train split (a mid-run checkpoint of the feedback run)."""
+    train split (a mid-run checkpoint of the feedback run). The checkpoint is named relative to ``feedback_run``
+    (the run whose round reports and shards record it; default ``run_dir``)."""
 
     run = load_run(run_dir, device="cpu", compute_missing_emotion_space=False)
     space_file = run_dir / EMOTION_SPACE_FILE
-    complete = run.source / "COMPLETE"
+    complete = run.source / COMPLETE_FILE
     fresh = space_file.is_file() and complete.is_file() and space_file.stat().st_mtime >= complete.stat().st_mtime
     if not fresh:
         log(f"computing the emotion space of {run.source.name} over the real train split")
         run.emotion_space = compute_emotion_space(run.understanding, emotion_space_loader(run.config), run.device)
-    return ModelBundle.from_loaded_run(run, checkpoint_id=str(run.source))
+    checkpoint_id = path_for_run_file(run.source, feedback_run if feedback_run is not None else run_dir)
+    return ModelBundle.from_loaded_run(run, checkpoint_id=checkpoint_id)
 
 
-def _bundle_of_checkpoint(step_dir: Path, log: Callable[[str], None]) -> ModelBundle:
+def _bundle_of_checkpoint(step_dir: Path, log: Callable[[str], None], feedback_run: Path) -> ModelBundle:
     """:func:`bundle_of_run` of the run holding ``step_dir``, which must be that run's latest checkpoint."""
 
-    run_dir = step_dir.parent.parent
+    run_dir = run_of_checkpoint(step_dir)
     latest = latest_checkpoint(run_dir)
     if latest is None or latest.resolve() != step_dir.resolve():
         raise FeedbackError(
             f"{run_dir} moved on from {step_dir.name} (latest: {latest.name if latest else None}); the loop "
             "reads a run's latest checkpoint: set feedback.from_run to the run whose latest checkpoint it should use"
         )
-    return bundle_of_run(run_dir, log)
+    return bundle_of_run(run_dir, log, feedback_run)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,7 +287,7 @@ def _run_one_round(
 
     started = time.perf_counter()
     log(f"round {index}: loading the models of {step_dir}")
-    bundle = _bundle_of_checkpoint(step_dir, log)
+    bundle = _bundle_of_checkpoint(step_dir, log, run_dir)
     log(f"round {index}: generating {cfg.feedback.candidates_per_emotion} candidates per emotion "
         f"({cfg.feedback.generator_actors} generator, {cfg.feedback.filter_actors} filter actor(s))")
     report = run_round(bundle, cfg, run_dir, index, log=log, observer=partial(_record_actors, run_dir, index))
@@ -313,13 +318,18 @@ def run_feedback(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     cfg = absolute_paths(cfg)
     cfg.validate()
-    fb = cfg.feedback
     run_dir = run_dir_of(cfg)
+    with quiet_console(run_dir):  # other packages' console output to <run_dir>/uniemo.log
+        return _run_feedback(cfg, run_dir, resume)
+
+
+def _run_feedback(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
+    fb = cfg.feedback
     started = _check_start(run_dir, resume)
     record = _Record(run_dir)
     recorded = record.data.get("from_run") if started else None  # nothing made yet: resolve it again
     if recorded:
-        from_ckpt = Path(recorded)
+        from_ckpt = path_from_run_file(recorded, run_dir).resolve()
         if not from_ckpt.is_dir():
             raise UserError(f"cannot resume {run_dir}: its start checkpoint {from_ckpt} is gone; restore it")
         if fb.from_run:
@@ -328,7 +338,7 @@ def run_feedback(cfg: Config, resume: bool = False) -> dict[str, Any]:
         from_ckpt = resolve_from_run(cfg, run_dir)
     training_config(cfg, from_ckpt, run_dir)  # checks the derived config before any work
     check_control(cfg)
-    record.update(mode=fb.mode, from_run=str(from_ckpt), rounds_planned=fb.rounds,
+    record.update(mode=fb.mode, from_run=path_for_run_file(from_ckpt, run_dir), rounds_planned=fb.rounds,
                   steps_per_round=fb.steps_per_round)
     _log(f"{fb.mode} loop of {fb.rounds} round(s) x {fb.steps_per_round} steps from {from_ckpt} -> {run_dir}"
          + (" (resuming)" if started else ""))
@@ -428,7 +438,7 @@ class _PoolThread(threading.Thread):
                 return
             if round_complete(self.run_dir, r):
                 report = _completed(self.run_dir, r, _log)
-                last_used = report["checkpoint"]
+                last_used = self._used(report)
                 self.rounds.append(_round_entry(report, skipped=True))
                 continue
             step_dir = self._candidate()
@@ -439,8 +449,13 @@ class _PoolThread(threading.Thread):
                         return
                     step_dir = self._candidate()
             report = self._round_with_retry(r, step_dir)
-            last_used = report["checkpoint"]
+            last_used = self._used(report)
             self.rounds.append(_round_entry(report, skipped=False))
+
+    def _used(self, report: RoundReport) -> str:
+        """The checkpoint a round report records, as :meth:`_candidate` names it (round reports store it relative
+        to the run folder)."""
+        return str(path_from_run_file(report["checkpoint"], self.run_dir).resolve())
 
     def _round_with_retry(self, r: int, step_dir: Path) -> RoundReport:
         """The round; when the checkpoint is rotated away while its models load, again with the newest one."""

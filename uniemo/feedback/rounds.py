@@ -2,7 +2,7 @@
 
 :func:`run_round` is the whole round against one checkpoint (a :class:`uniemo.feedback.actors.ModelBundle`):
 
-1. Jobs: for each emotion k, N candidates with seeds ``derive_seed(run.seed, "feedback", r, k, i)``, cut into
+1. Jobs: for each emotion k, N candidates with seeds :func:`uniemo.seeds.candidate_seeds`, cut into
    batches of ``feedback.batch_size`` (the per-emotion quota; emotions are queued one after the other, so an
    emotion's pool completes early and its candidates leave the object store).
 2. The pool (:class:`uniemo.feedback.actors.FeedbackPool`) generates and scores them. When every batch of
@@ -48,7 +48,7 @@ import numpy as np
 from uniemo.config.schema import EMOTIONS, Config, SourceConfig
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.shards import MANIFEST_FILE, read_manifest, sample_key, update_manifest
-from uniemo.distributed.ray_train import ray_session
+from uniemo.distributed.ray_session import ray_session
 from uniemo.feedback.actors import (
     FeedbackError,
     FeedbackPool,
@@ -61,8 +61,9 @@ from uniemo.feedback.actors import (
     gather_samples,
     write_shard,
 )
-from uniemo.feedback.filtering import REJECTIONS, derive_seed, filter_pool
+from uniemo.feedback.filtering import REJECTIONS, filter_pool
 from uniemo.logging import say
+from uniemo.models.generation import sampling_settings
 from uniemo.run_files import (
     ROUND_REPORT_VERSION,
     EmotionFunnel,
@@ -73,6 +74,7 @@ from uniemo.run_files import (
     upgrade_round_report,
 )
 from uniemo.run_layout import STAGING_DIR, SYNTHETIC_DIR, round_dir, round_lock_path, round_report_path
+from uniemo.seeds import candidate_seeds, round_shuffle_seed, selection_seed
 
 __all__ = ["plan_jobs", "pool_cpus", "publish_round", "run_round", "synthetic_source"]
 
@@ -101,15 +103,11 @@ def pool_cpus(cfg: Config) -> float:
 # ---------------------------------------------------------------------------------------------------------
 def plan_jobs(cfg: Config, round_index: int) -> list[GenerationJob]:
     """The round's generation jobs: N candidates per emotion in batches, emotion after emotion (deterministic)."""
-    fb, gen = cfg.feedback, cfg.model.generator
-    steps = fb.sampling_steps if fb.sampling_steps is not None else gen.sampling_steps
-    guidance = fb.guidance_scale if fb.guidance_scale is not None else gen.guidance_scale
-    sampler = fb.sampler if fb.sampler is not None else gen.sampler
+    fb = cfg.feedback
+    steps, guidance, sampler = sampling_settings(cfg.model.generator, fb.sampling_steps, fb.guidance_scale, fb.sampler)
     jobs: list[GenerationJob] = []
     for k in range(len(EMOTIONS)):
-        seeds = [
-            derive_seed(cfg.run.seed, "feedback", round_index, k, i) for i in range(fb.candidates_per_emotion)
-        ]
+        seeds = candidate_seeds(cfg.run.seed, round_index, k, fb.candidates_per_emotion)
         for start in range(0, len(seeds), fb.batch_size):
             jobs.append(
                 GenerationJob(
@@ -189,7 +187,7 @@ def _finish_emotion(
         delta=fb.delta,
         keep=keep,
         cap_fraction=fb.attribute_cap,
-        seed=derive_seed(cfg.run.seed, "feedback-select", round_index, k),
+        seed=selection_seed(cfg.run.seed, round_index, k),
     )
     # Pool position -> (batch position, index in batch).
     where = [(b, i) for b, batch in enumerate(batches) for i in range(len(batch.meta.seeds))]
@@ -292,7 +290,7 @@ def run_round(
 ) -> RoundReport:
     """Run feedback round ``round_index`` with ``bundle``'s checkpoint; returns the round report (module doc).
 
-    Ray comes from :func:`uniemo.distributed.ray_train.ray_session`: the Ray this process is connected to, the
+    Ray comes from :func:`uniemo.distributed.ray_session.ray_session`: the Ray this process is connected to, the
     cluster at ``distributed.ray_address``, or an embedded local one for the round with the pool's CPUs (and the
     visible GPUs when the pool's actors ask for GPUs; ``extra_gpus`` overrides how many it asks for). ``observer`` sees pool events (``submitted`` with the generator
     actor's pid, ``lost``, ...). ``log`` gets one line per finished emotion (default: stderr).
@@ -442,7 +440,7 @@ def _write_shards(
         for g, k in enumerate(k for k in range(len(EMOTIONS)) if pools[k].kept)
         for i in range(pools[k].kept)
     ]
-    random.Random(derive_seed(cfg.run.seed, "feedback-shards", round_index)).shuffle(order)
+    random.Random(round_shuffle_seed(cfg.run.seed, round_index)).shuffle(order)
     shard_refs = []
     for start in range(0, len(order), fb.shard_size):
         name = f"train-{start // fb.shard_size:06d}.tar"

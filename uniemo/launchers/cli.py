@@ -192,11 +192,18 @@ def _submit_slurm(args: argparse.Namespace) -> int:
 
 
 def _submit_ray(args: argparse.Namespace) -> int:
-    from uniemo.launchers.job import check_run_dirs, resolve_job, write_job_config
-    from uniemo.launchers.ray_jobs import connect, follow_logs, submit_job
+    from uniemo.distributed.ray_session import ray_auth_errors
 
     if not args.address:
         raise UserError("give --address (the Ray dashboard, e.g. http://127.0.0.1:8265) or set RAY_API_SERVER_ADDRESS")
+    with ray_auth_errors(args.address):  # a token-auth cluster reached without its token: one line
+        return _submit_ray_job(args)
+
+
+def _submit_ray_job(args: argparse.Namespace) -> int:
+    from uniemo.launchers.job import check_run_dirs, resolve_job, write_job_config
+    from uniemo.launchers.ray_jobs import connect, follow_logs, submit_job
+
     if args.logs:
         if args.config or args.overrides:
             raise UserError("--logs JOB_ID follows a submitted job; do not give --config or overrides with it")
@@ -304,8 +311,7 @@ def _sweep_slurm(sweep, args: argparse.Namespace) -> int:
 
 
 def _sweep_ray(sweep, args: argparse.Namespace) -> int:
-    from uniemo.launchers.job import write_job_config
-    from uniemo.launchers.ray_jobs import connect, submit_job, wait_for_status
+    from uniemo.distributed.ray_session import ray_auth_errors
 
     if args.dry_run:
         for job in sweep.jobs:
@@ -313,6 +319,14 @@ def _sweep_ray(sweep, args: argparse.Namespace) -> int:
         return 0
     if not args.address:
         raise UserError("--backend ray needs --address (the Ray dashboard, e.g. http://127.0.0.1:8265)")
+    with ray_auth_errors(args.address):
+        return _submit_sweep_jobs(sweep, args)
+
+
+def _submit_sweep_jobs(sweep, args: argparse.Namespace) -> int:
+    from uniemo.launchers.job import write_job_config
+    from uniemo.launchers.ray_jobs import connect, submit_job, wait_for_status
+
     client = connect(args.address)
     ids = []
     for job in sweep.jobs:

@@ -15,7 +15,10 @@ from pathlib import Path
 import yaml
 
 from uniemo.cli import main as cli_main
-from uniemo.launchers.job import JOB_CONFIG, LAUNCH_DIR, load_job_config
+from uniemo.config.loader import from_dict
+from uniemo.config.schema import Config
+from uniemo.errors import ConfigError, UserError
+from uniemo.launchers.job import Job, write_job_config
 from uniemo.launchers.ray_jobs import COMMAND_ENV, CONFIG_ENV, JOB_COMMANDS, RESUME_ENV
 from uniemo.logging import say
 
@@ -29,17 +32,27 @@ def main() -> int:
         say(f"error: {CONFIG_ENV} is not set or {COMMAND_ENV} is not one of {', '.join(JOB_COMMANDS)}; submit jobs "
             "with `uniemo submit ray`")
         return 2
-    raw = yaml.safe_load(text)
-    run_dir = Path(raw["run"]["output_dir"]) / raw["run"]["name"]
-    run_launch = run_dir / LAUNCH_DIR
-    config_path = run_launch / JOB_CONFIG
-    run_launch.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(text)
-    load_job_config(config_path)  # fail here, with the key named, if the config does not fit this checkout
+    try:
+        config_path = _write_job_config(text)
+    except UserError as exc:
+        say(f"error: {exc}")
+        return 2
     argv = [command, "--config", str(config_path)]
     if os.environ.get(RESUME_ENV) == "1":
         argv.append("--resume")
     return cli_main(argv)
+
+
+def _write_job_config(text: str) -> Path:
+    """``<run_dir>/launch/job.yaml`` from the job's config text, checked before anything is written: the run
+    folder comes from ``run.output_dir`` and ``run.name``, which the config's checks keep to a plain name."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{CONFIG_ENV} is not valid YAML; submit jobs with `uniemo submit ray`") from None
+    cfg = from_dict(Config, raw if raw is not None else {})  # the key named if it does not fit this checkout
+    cfg.validate()
+    return write_job_config(Job(config=cfg, name=cfg.run.name))  # the run folder of uniemo.run_layout
 
 
 if __name__ == "__main__":

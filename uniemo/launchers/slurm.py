@@ -139,7 +139,18 @@ def sbatch_directives(
         f"--chdir={chdir}",
         *resources.extra,
     ]
-    return [f"#SBATCH {shlex.quote(line) if ' ' in line else line}" for line in lines]
+    for line in lines:
+        _check_no_control(line, "an sbatch option")
+    return [f"#SBATCH {shlex.quote(line)}" for line in lines]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_no_control(value: str, what: str) -> None:
+    """A newline in a value rendered into the batch script would end its line: the rest would run as a command."""
+    if _CONTROL.search(value):
+        raise UserError(f"{what} {value!r} holds a control character (newline, tab, ...); remove it")
 
 
 def render_template(template: str, values: dict[str, str]) -> str:
@@ -150,6 +161,10 @@ def render_template(template: str, values: dict[str, str]) -> str:
         if name not in values:
             raise UserError(f"the SLURM template uses {{{{{name}}}}}, which uniemo does not fill; check the template")
         return values[name]
+
+    for name, value in values.items():
+        if name != "sbatch_directives":  # several lines on purpose, each checked by sbatch_directives
+            _check_no_control(value, f"the value of {{{{{name}}}}}")
 
     return _PLACEHOLDER.sub(value_of, template)
 
@@ -187,7 +202,7 @@ def render_script(
     )
     values = {
         "sbatch_directives": "\n".join(directives),
-        "rendered_by": rendered_by,
+        "rendered_by": shlex.quote(rendered_by),
         "python": shlex.quote(python),
         "configs": " ".join(shlex.quote(str(job.config_path)) for job in jobs),
         "run_dirs": " ".join(shlex.quote(str(job.run_dir)) for job in jobs),

@@ -32,16 +32,18 @@ from typing import Any
 
 import yaml
 
-from uniemo.config.loader import parse_override, set_dotted
+from uniemo.config.loader import apply_overrides, build_config, parse_override, read_config_file, set_override
+from uniemo.config.paths import config_base
+from uniemo.config.schema import NAME_CHARS
 from uniemo.errors import ConfigError, UserError
-from uniemo.launchers.job import Job, build_raw, config_from_raw
+from uniemo.launchers.job import Job
 from uniemo.run_layout import LAUNCH_DIR
 
 SWEEP_KEYS = ("name", "base", "overrides", "grid", "points", "command")
 SWEEP_COMMANDS = ("train", "run")
 """The top-level keys of a sweep file."""
 
-_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=,+-]")
+_NAME_CHARS = re.compile(rf"[^{NAME_CHARS}]")
 _MAX_NAME = 100
 
 
@@ -145,8 +147,9 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
 
 
 def sanitize_name(text: str) -> str:
-    """A name safe for a folder, a SLURM log pattern and a wandb run: ``[A-Za-z0-9._=,+-]``, at most 100 chars."""
-    clean = _NAME_CHARS.sub("_", text).strip("._") or "point"
+    """A name safe for a folder, a SLURM log pattern and a wandb run (a valid ``run.name``): ``[A-Za-z0-9._=,+-]``,
+    starting with a letter or digit, at most 100 chars."""
+    clean = _NAME_CHARS.sub("_", text).lstrip("._=,+-").rstrip("._") or "point"
     if len(clean) > _MAX_NAME:
         digest = hashlib.sha1(text.encode()).hexdigest()[:8]
         clean = f"{clean[: _MAX_NAME - 9]}-{digest}"
@@ -170,25 +173,24 @@ def point_names(values: list[dict[str, Any]], explicit: list[str | None]) -> lis
     return [sanitize_name(f"{name}-{i}") if name in clashing else name for i, name in enumerate(names)]
 
 
-def _merge_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``key`` to ``value``; a mapping value is merged key by key, so ``model.understanding: {depth: 2}``
-    changes the depth and keeps the rest of the base config's section."""
+def _merge_dotted(raw: dict[str, Any], key: str, value: Any, base: Path) -> None:
+    """Set ``key`` to ``value`` (relative paths against ``base``, the sweep file's); a mapping value is merged key
+    by key, so ``model.understanding: {depth: 2}`` changes the depth and keeps the rest of the base config's
+    section."""
     if isinstance(value, dict):
         for sub, sub_value in value.items():
-            _merge_dotted(raw, f"{key}.{sub}", sub_value)
+            _merge_dotted(raw, f"{key}.{sub}", sub_value, base)
         return
-    set_dotted(raw, key, value)
+    set_override(raw, key, value, base)
 
 
-def load_sweep(
-    path: str | Path,
-    overrides: list[str] | tuple[str, ...] = (),
-    base_dir: str | Path | None = None,
-) -> Sweep:
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
     """Expand the sweep file ``path`` (module docstring) into one resolved :class:`Job` per point.
 
     ``overrides`` are the command line's ``key=value``, applied to every point; they may not name a key the
-    sweep varies (every point would be the same). Errors name the sweep file, the point and the key.
+    sweep varies (every point would be the same). Errors name the sweep file, the point and the key. Paths in the
+    sweep file (its ``overrides`` and points) are relative to its folder (the repository for a shipped sweep),
+    those of the command line to the current directory (:mod:`uniemo.config.paths`).
     """
     path = Path(path)
     data = _read_sweep_file(path)
@@ -226,8 +228,11 @@ def load_sweep(
             base_path = path.parent / base_path
         if not base_path.is_file():
             raise _error(path, f"base config {base_path} does not exist; 'base' is relative to the sweep file")
+    sweep_base = config_base(path)
     try:
-        common = build_raw(base_path, [*sweep_overrides, *overrides])
+        common = read_config_file(base_path) if base_path is not None else {}
+        apply_overrides(common, sweep_overrides, sweep_base)
+        apply_overrides(common, list(overrides))
     except ConfigError as exc:
         raise _error(path, str(exc)) from None
     sweep_name = sanitize_name(str(data.get("name") or path.stem))
@@ -239,14 +244,15 @@ def load_sweep(
         raw = copy.deepcopy(common)
         try:
             for key, value in point.items():
-                _merge_dotted(raw, key, value)
-            cfg = config_from_raw(raw, base_dir)
+                _merge_dotted(raw, key, value, sweep_base)
+            cfg = build_config(raw)
         except ConfigError as exc:
             raise _error(path, f"point {name}: {exc}") from None
         point_parent = Path(cfg.run.output_dir) / sweep_name
         output_dir = output_dir or point_parent
         cfg.run.output_dir = str(point_parent)
         cfg.run.name = name
+        cfg.run.validate()  # sanitize_name makes it valid; a check here keeps it so
         cfg.logging.wandb.group = sweep_name
         jobs.append(Job(config=cfg, name=name, overrides=[f"{k}={format_value(v)}" for k, v in point.items()]))
     assert output_dir is not None  # at least one point (checked above)

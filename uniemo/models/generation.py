@@ -15,16 +15,47 @@ Shape legend: N images, B a batch of them, C/h/w latent channels and sides, Dt t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from uniemo.config.schema import EMOTIONS
+from uniemo.errors import UserError
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.emotion_space import EmotionSpace
 from uniemo.models.generator import Generator
 
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from uniemo.config.schema import GeneratorConfig
+
 SAMPLERS = ("unipc", "ddim")
+
+
+class SamplingSettings(NamedTuple):
+    """How images are sampled: denoising steps, classifier-free guidance scale, sampler (D10)."""
+
+    steps: int
+    guidance_scale: float
+    sampler: str
+
+
+def sampling_settings(
+    gen_cfg: GeneratorConfig, steps: int | None = None, guidance_scale: float | None = None,
+    sampler: str | None = None,
+) -> SamplingSettings:
+    """The one resolver of sampling settings: each value given (a command's flag, ``feedback.*``,
+    ``evaluation.sampling_steps``) or, when None, ``model.generator``'s (of the config the caller runs with).
+
+    Raises:
+        UserError: an unknown sampler.
+    """
+    steps = gen_cfg.sampling_steps if steps is None else int(steps)
+    guidance = gen_cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+    sampler = gen_cfg.sampler if sampler is None else sampler
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    return SamplingSettings(steps, guidance, sampler)
 
 
 @dataclass
@@ -83,13 +114,20 @@ def _denoise(
     sampler: str,
 ) -> torch.Tensor:
     scheduler = build_sampler(generator, sampler, steps)
+    num = latents_BChw.shape[0]
+    latents_BChw, cond_BLD = _pad(generator, latents_BChw), _pad(generator, cond_BLD)
     latents = latents_BChw * scheduler.init_noise_sigma
     guided = guidance_scale > 1.0
     if guided:
         context = torch.cat([uncond_1LD.expand_as(cond_BLD), cond_BLD])
     else:
         context = cond_BLD
+    # Compiled with CUDA graphs (fixed_batch on a GPU): each UNet call starts a new graph step, so no output
+    # of a replay is read after the next one overwrote it.
+    graph_steps = generator.fixed_batch is not None and latents.device.type == "cuda"
     for t in scheduler.timesteps:
+        if graph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
         eps = generator.predict_noise(model_in, t, context)
@@ -98,7 +136,21 @@ def _denoise(
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
-    return latents
+    return latents[:num]
+
+
+def _pad(generator: Generator, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` padded to ``generator.fixed_batch`` with copies of its last row (static shapes for CUDA graphs);
+    each image is denoised on its own, so the padding rows change no other image (beyond float rounding)."""
+    extra = (generator.fixed_batch or 0) - rows.shape[0]
+    if extra <= 0:
+        return rows
+    return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])])
+
+
+def _decode(generator: Generator, latents: torch.Tensor) -> torch.Tensor:
+    """Decoded images of ``latents`` (padded like the denoising batch, then cut back)."""
+    return generator.decode_latents(_pad(generator, latents))[: latents.shape[0]]
 
 
 @torch.no_grad()
@@ -207,7 +259,7 @@ def render_conditions(
                 guidance_scale,
                 sampler,
             )
-            images.append(_to_uint8(generator.decode_latents(final)))
+            images.append(_to_uint8(_decode(generator, final)))
             alpha_s.append(out.alpha_scene.float().cpu().numpy())
             alpha_o.append(out.alpha_object.float().cpu().numpy())
             attr_s.append(out.scene_attribute.cpu().numpy())
@@ -261,7 +313,7 @@ def generate_from_prompts(
                                  for s in seeds[start : start + batch_size]])
             final = _denoise(generator, latents.to(generator.device), generator.encode_prompts(chunk),
                              uncond_1LD, steps, guidance_scale, sampler)
-            images.append(_to_uint8(generator.decode_latents(final)))
+            images.append(_to_uint8(_decode(generator, final)))
     finally:
         generator.train(was_training)
     h = w = generator.image_size

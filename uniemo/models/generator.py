@@ -77,7 +77,7 @@ class GeneratorPreset:
 
 
 GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
-    # Text width 32 pairs with the `tiny` understanding preset (embed_dim 32, MODELS.md). Three VAE blocks give a
+    # Text width 32 pairs with the `tiny` understanding preset (embed_dim 32, uniemo.models.understanding.PRESETS). Three VAE blocks give a
     # latent 4x smaller than the image (16x16 at 64 px), enough to keep a stage-2 step fast on one CPU core.
     "tiny": GeneratorPreset(
         text_hidden=32,
@@ -173,6 +173,14 @@ class Generator(nn.Module):
                 f"{text_encoder.config.hidden_size}: the generator folder mixes incompatible parts"
             )
         self.train_unet = train_unet
+        self._ids_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.fixed_batch: int | None = None
+        """Generation pads every batch to this size (static shapes for CUDA graphs,
+        :func:`uniemo.models.acceleration.compile_for_generation`); None: batches as they come."""
+        from uniemo.models.acceleration import use_sdpa
+
+        use_sdpa(unet)  # fused attention whatever processor a loaded folder came with (acceleration module)
+        use_sdpa(vae)
         self.placeholder_token = placeholder_token
         self.placeholder_id = self._add_placeholder(placeholder_token, placeholder_init)
         self._freeze()
@@ -350,6 +358,15 @@ class Generator(nn.Module):
         ).input_ids
         return ids.to(self.device)
 
+    def _prompt_ids(self, prompt: str) -> torch.Tensor:
+        """Input ids [1,L] of one prompt on the current device, tokenized once (the tokenizer is fixed): the
+        condition prompt is the same at every training step, and tokenizing it each time costs host time."""
+        key = (prompt, str(self.device))
+        ids = self._ids_cache.get(key)
+        if ids is None:
+            ids = self._ids_cache[key] = self.tokenize([prompt])
+        return ids
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder last hidden state of plain prompts, [B,L,Dt] (e.g. the empty prompt for guidance)."""
         return self.text_encoder(input_ids=self.tokenize(prompts)).last_hidden_state
@@ -362,7 +379,7 @@ class Generator(nn.Module):
         if condition_BD.dim() != 2 or condition_BD.shape[1] != self.token_dim:
             raise ValueError(f"condition must be [B,{self.token_dim}], got {list(condition_BD.shape)}")
         prompt = self.placeholder_token if prompt is None else prompt
-        ids_BL = self.tokenize([prompt] * condition_BD.shape[0])
+        ids_BL = self._prompt_ids(prompt).expand(condition_BD.shape[0], -1)
         slot_BL1 = (ids_BL == self.placeholder_id).unsqueeze(-1)
         if not bool(slot_BL1.any()):
             raise ValueError(f"prompt {prompt!r} does not contain the placeholder {self.placeholder_token!r}")
@@ -396,13 +413,33 @@ class Generator(nn.Module):
     # image side
 
     @torch.no_grad()
+    def latent_moments(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of the VAE's latent distribution of x in [-1, 1], unscaled, in the VAE's dtype, each
+        [B,C,h,w]: what :mod:`uniemo.data.latents` stores so stage 2 need not run the encoder (METHOD §3.7)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        posterior = self.vae.encode(pixel_values.to(self.device, vae_dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    def sample_latents(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """z_0 = (mean + std * eps) * scaling_factor, float32 [B,C,h,w]: the VAE posterior's own ``sample`` (one
+        ``randn_tensor`` draw of the moments' shape and dtype), so stored moments give the latents the encoder
+        gives with the same random state."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        vae_dtype = next(self.vae.parameters()).dtype
+        mean = mean.to(self.device, vae_dtype)
+        std = std.to(self.device, vae_dtype)
+        eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return ((mean + std * eps) * self.latent_scale).float()
+
+    @torch.no_grad()
     def encode_images(
         self, pixel_values: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """z_0 = VAE.enc(x).sample * scaling_factor, float32 [B,C,h,w] (METHOD §3.7); x in [-1, 1]."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode(pixel_values.to(self.device, vae_dtype)).latent_dist
-        return (posterior.sample(generator=generator) * self.latent_scale).float()
+        return self.sample_latents(*self.latent_moments(pixel_values), generator=generator)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -411,10 +448,20 @@ class Generator(nn.Module):
         return self.vae.decode((latents / self.latent_scale).to(vae_dtype)).sample.float()
 
     def diffusion_inputs(
-        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        pixel_values: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+        moments: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> DiffusionInputs:
-        """Encode, draw noise and t ~ U{0..T-1}, add the noise (METHOD §3.7). Random draws use ``generator``."""
-        latents = self.encode_images(pixel_values, generator)
+        """Encode (or sample the given latent ``moments``, :meth:`latent_moments`), draw noise and t ~ U{0..T-1},
+        add the noise (METHOD §3.7). Random draws use ``generator``, in the same order either way."""
+        if moments is None:
+            if pixel_values is None:
+                raise ValueError("diffusion_inputs needs pixel_values or latent moments")
+            latents = self.encode_images(pixel_values, generator)
+        else:
+            with torch.no_grad():
+                latents = self.sample_latents(*moments, generator=generator)
         rng_device = generator.device if generator is not None else latents.device
         noise = torch.randn(latents.shape, generator=generator, device=rng_device).to(latents.device)
         timesteps = torch.randint(

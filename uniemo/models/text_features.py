@@ -7,24 +7,35 @@ tower is built with a fixed seed on the local tokenizer, so tests and the CPU de
 
 The features are cached on disk as safetensors, keyed by a hash of the tower's identity (path plus the size and
 modification time of its config and weights, or the random tower's config and seed) and of the vocabulary.
+
+:func:`attribute_base_embeddings` embeds stage 2's attribute base for alpha (METHOD §3.5) in the space
+``model.conditioner.attribute_space`` names: the generator's token embeddings (D6) or, as the official code, the
+same CLIP text features of the raw names (``get_text_features``, cached here too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
+from uniemo.atomic import atomic_path
 from uniemo.config.schema import UnderstandingConfig
+from uniemo.errors import ConfigError
 from uniemo.models.tokenizer import MAX_LENGTH, build_local_tokenizer
 from uniemo.models.understanding import resolve_dims
 from uniemo.models.weights import WeightsError, read_clip_folder, read_safetensors, safetensors_files
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from uniemo.config.schema import Config
+    from uniemo.models.generator import Generator
 
 CACHE_VERSION = 1
 """Bump when the feature computation changes, so old cache files are not reused."""
@@ -34,7 +45,7 @@ _BATCH = 256
 
 
 def random_text_config(embed_dim: int, vocab_size: int) -> CLIPTextConfig:
-    """The small random CLIP text tower (MODELS.md): hidden = projection = ``embed_dim``, 2 layers, 77 positions."""
+    """The small random CLIP text tower of the small presets: hidden = projection = ``embed_dim``, 2 layers, 77 positions."""
     heads = 4 if embed_dim % 4 == 0 else (2 if embed_dim % 2 == 0 else 1)
     tokenizer = build_local_tokenizer()  # only its special-token ids
     return CLIPTextConfig(
@@ -181,7 +192,41 @@ def attribute_text_features(
         features_NE = torch.zeros(0, model.text_projection.out_features)  # E: the projection width
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write-then-rename: ranks that race on the same cache file each write a whole file.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"features": features_NE.contiguous()}, str(tmp), metadata={"names": json.dumps(names)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"features": features_NE.contiguous()}, str(tmp), metadata={"names": json.dumps(names)})
     return features_NE
+
+
+def attribute_base_embeddings(
+    cfg: Config, generator: Generator, names: list[str], cache_dir: str | Path
+) -> torch.Tensor:
+    """E_A, the attribute base embedded for alpha's retrieval (METHOD §3.5), [A, Dt] float32.
+
+    ``model.conditioner.attribute_space``: ``token_embeddings`` (D6), each name as the mean input embedding of its
+    tokens (:meth:`Generator.embed_names`); ``clip_text`` (the official ``generate_attr``), each raw name's
+    projected CLIP text feature from ``attribute_clip_path`` (else ``model.understanding.clip_path``). Retrieval
+    is by cosine, so the CLIP features' L2 normalisation here changes no retrieved index.
+
+    Raises:
+        ConfigError: ``clip_text`` without a CLIP folder, or one whose projection width is not the generator's
+            token width (the mapped vectors are compared with these features).
+    """
+    cond = cfg.model.conditioner
+    names = list(names)
+    if cond.attribute_space == "token_embeddings":
+        return generator.embed_names(names)
+    clip_dir = cond.attribute_clip_path or cfg.model.understanding.clip_path
+    if not clip_dir:
+        raise ConfigError(
+            "model.conditioner.attribute_space=clip_text embeds the attribute names with a CLIP text tower: set "
+            "model.conditioner.attribute_clip_path (or model.understanding.clip_path) to a transformers CLIP folder"
+        )
+    tower = dataclasses.replace(cfg.model.understanding, clip_path=clip_dir)
+    features_AE = attribute_text_features(tower, names, cache_dir)
+    if features_AE.shape[-1] != generator.token_dim:
+        raise ConfigError(
+            f"model.conditioner.attribute_space=clip_text: the CLIP folder {clip_dir} projects names to "
+            f"{features_AE.shape[-1]} dimensions, but the mapped vectors they are compared with have the generator's "
+            f"token width {generator.token_dim}; use a CLIP whose projection_dim is {generator.token_dim}"
+        )
+    return features_AE

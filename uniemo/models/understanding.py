@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +32,8 @@ from uniemo.config.schema import NUM_EMOTIONS, UnderstandingConfig
 from uniemo.errors import ConfigError
 from uniemo.models.outputs import UnderstandingOutput
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from uniemo.models.weights import LoadReport
-
 # ---------------------------------------------------------------------------------------------------------
-# Presets: a small name -> dims registry (MODELS.md table). L1 / L2 are not stored: they default to
+# Presets: a small name -> dims registry (METHOD D2). L1 / L2 are not stored: they default to
 # depth // 3 and 2 * depth // 3 (D2), which gives 8/16, 4/8, 2/5 and 2/4 for the four presets.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -384,8 +381,6 @@ class UnderstandingModel(nn.Module):
         self.use_scene_queries = cfg.use_scene_queries
         self.use_object_queries = cfg.use_object_queries
         self.gradient_checkpointing = False
-        self.load_report: LoadReport | None = None
-        """What loading a CLIP folder did (:func:`uniemo.models.weights.build_understanding`); None: not loaded."""
 
         d, eps = dims.width, dims.layer_norm_eps
         self.embeddings = VisionEmbeddings(dims)

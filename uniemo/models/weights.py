@@ -187,6 +187,19 @@ def check_model_folders(cfg: ModelConfig) -> None:
         safetensors_files(path)
     if cfg.generator.path:
         check_generator_folder(cfg.generator.path)
+    attribute_clip = cfg.conditioner.attribute_clip_path
+    if cfg.conditioner.attribute_space == "clip_text" and attribute_clip:
+        if not Path(attribute_clip).expanduser().is_dir():
+            raise WeightsError(
+                f"model.conditioner.attribute_clip_path {attribute_clip} does not exist; put a transformers CLIP "
+                "folder there (CLIPModel.save_pretrained, with its tokenizer) or fix the path"
+            )
+        if not read_clip_folder(attribute_clip).has_text:
+            raise WeightsError(
+                f"model.conditioner.attribute_clip_path {attribute_clip} holds only a CLIP vision tower; the attribute "
+                "names need a full CLIPModel folder (text tower and text_projection)"
+            )
+        safetensors_files(Path(attribute_clip).expanduser())
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -264,13 +277,19 @@ def load_clip_into_understanding(model: UnderstandingModel, clip_dir: str | Path
 
 
 def build_understanding(cfg: UnderstandingConfig, num_scenes: int, num_objects: int) -> UnderstandingModel:
-    """Build the understanding model from config; load ``cfg.clip_path`` when set (its report is kept as
-    ``model.load_report``). ``preset: from_clip`` takes the architecture from the CLIP folder."""
+    """Build the understanding model from config; load ``cfg.clip_path`` when set. ``preset: from_clip`` takes the
+    architecture from the CLIP folder."""
+    return build_understanding_reported(cfg, num_scenes, num_objects)[0]
+
+
+def build_understanding_reported(
+    cfg: UnderstandingConfig, num_scenes: int, num_objects: int
+) -> tuple[UnderstandingModel, LoadReport | None]:
+    """:func:`build_understanding`, and what loading ``cfg.clip_path`` did (None: no CLIP folder)."""
     dims = None
     if cfg.preset == "from_clip":
         if not cfg.clip_path:
             raise ConfigError("model.understanding.preset 'from_clip' needs model.understanding.clip_path")
         dims = dims_from_clip(cfg.clip_path, cfg)
     model = UnderstandingModel(cfg, num_scenes, num_objects, dims=dims)
-    model.load_report = load_clip_into_understanding(model, cfg.clip_path) if cfg.clip_path else None
-    return model
+    return model, load_clip_into_understanding(model, cfg.clip_path) if cfg.clip_path else None

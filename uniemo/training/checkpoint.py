@@ -8,8 +8,7 @@ Layout (ARCHITECTURE.md)::
         ds/ ...                   DeepSpeed's checkpoint of every rank (tag "ds"), frozen parameters excluded
         latest                    DeepSpeed's own tag file ("ds"), so DeepSpeed's zero_to_fp32 works on the folder
         zero_to_fp32.py           copied by DeepSpeed
-        rng/rank-00000.pt ...     per-rank RNG states (torch, CUDA, Python, NumPy), plain tensors and lists:
-                                  they load with torch.load(weights_only=True)
+        rng/rank-00000.pt ...     per-rank RNG states (torch, CUDA, Python, NumPy), plain tensors and lists
         trainer_state.json        step, loader position of every rank, config digest, resume-compatibility keys
         COMPLETE                  written last, after every rank finished and a barrier
 
@@ -26,7 +25,10 @@ run has none yet), :func:`require_checkpoint` (the same, but a run without a che
 :func:`consolidated_state_dict`, which turns one step folder into fp32 tensors: ZeRO 1-3 through DeepSpeed's own
 ``zero_to_fp32``, ZeRO 0 from the model-states file (with the fp32 master copies when the run was bf16/fp16).
 Checkpoints are saved with ``exclude_frozen_parameters=True``, so one holds only what its stage trains (plus
-persistent buffers); :func:`uniemo.training.inference.load_run` puts the frozen pieces back.
+persistent buffers); :func:`uniemo.inference.runs.load_run` puts the frozen pieces back.
+
+Every file of a step folder is unpickled with torch's restricted unpickler, DeepSpeed's loads included, and a
+step folder may hold no symbolic link that leaves it (:mod:`uniemo.training.safe_pickle`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
+import pickle
 import random
 import re
 import shutil
@@ -47,10 +49,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from uniemo.atomic import atomic_write
 from uniemo.errors import UserError
 from uniemo.run_layout import (
     CHECKPOINTS_DIR,
     COMPLETE_FILE,
+    CONSOLIDATED_FILE,
     DS_TAG,
     LATEST_FILE,
     RNG_DIR,
@@ -58,7 +62,13 @@ from uniemo.run_layout import (
     checkpoints_dir,
     step_dir_name,
 )
-from uniemo.training.safe_pickle import check_checkpoint_folder
+from uniemo.training.safe_pickle import (
+    check_step_folder,
+    install_safe_engine,
+    refused_file_in,
+    safe_load,
+    weights_only_loads,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
@@ -145,29 +155,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new content, never a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, text)
 
 
 def publish(run_dir: str | Path, step_dir: Path) -> None:
@@ -235,15 +225,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), Python and NumPy."""
-    import numpy as np
-
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 # -- compatibility --------------------------------------------------------------------------------------------
 
 
@@ -263,7 +244,7 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 
 # Generation-time settings: they do not shape the trained model, so a resumed run may change them.
-_INFERENCE_ONLY = ("sampler", "sampling_steps", "guidance_scale", "generation_batch_size")
+_INFERENCE_ONLY = ("sampler", "sampling_steps", "guidance_scale", "generation_batch_size", "compile")
 
 
 def compat_keys(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -285,11 +266,27 @@ def compat_keys(cfg: Config, world_size: int) -> dict[str, Any]:
     return keys
 
 
+_NO_DEFAULT = object()
+
+
+def _model_defaults() -> dict[str, Any]:
+    from uniemo.config.schema import ModelConfig
+
+    return _flatten("model", dataclasses.asdict(ModelConfig()))
+
+
+_MODEL_DEFAULTS = _model_defaults()
+"""Every ``model.*`` key at its schema default: a key added to the schema after a checkpoint was saved is
+compatible with it when the resumed run leaves the key at its default (the behaviour of the older code)."""
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], step_dir: Path) -> None:
     """Raise a one-line :class:`CheckpointError` naming the first key that changed since ``step_dir`` was saved."""
     # The run-level keys first (a stage change would otherwise surface as some model key), then the model's.
     first = [k for k in current if not k.startswith("model.")]
     for key in first + sorted((set(saved) | set(current)) - set(first)):
+        if key not in saved and current[key] == _MODEL_DEFAULTS.get(key, _NO_DEFAULT):
+            continue  # a key newer than the checkpoint, at its default: the saved run trained with that behaviour
         if saved.get(key) != current.get(key):
             raise CheckpointError(
                 f"cannot resume from {step_dir}: {key} was {saved.get(key)!r} there and is {current.get(key)!r} "
@@ -314,13 +311,25 @@ def _gather_objects(obj: Any, world_size: int) -> list[Any]:
 
 
 class Checkpointer:
-    """Saves and restores the checkpoints of one run on every rank (the calls are collective)."""
+    """Saves and restores the checkpoints of one run on every rank (the calls are collective).
 
-    def __init__(self, run_dir: str | Path, env: DistEnv, keep: int) -> None:
+    With ``background`` (``training.async_checkpoint``) a save returns once the states are serialized in host memory
+    (:mod:`uniemo.training.checkpoint_writer`) and the checkpoint is *pending*: :meth:`poll` (after each step)
+    publishes it once every rank's files are on disk, :meth:`wait` blocks until then. Publication itself is the same
+    protocol as a synchronous save's.
+    """
+
+    def __init__(self, run_dir: str | Path, env: DistEnv, keep: int, background: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.env = env
         self.keep = keep
         self.root = checkpoints_dir(run_dir)
+        self.background = background
+        self.pending: Path | None = None
+        """A background save's folder, written but not yet published."""
+        self.blocking_seconds = 0.0
+        """How long the last :meth:`save` kept the caller (the training loop) waiting."""
+        self._writer: Any = None
 
     def save(
         self,
@@ -332,8 +341,11 @@ class Checkpointer:
         """Write the checkpoint of ``step`` and publish it as ``latest`` (module docstring for the protocol).
 
         ``trainer_state`` (the same on every rank) goes into ``trainer_state.json`` with the loader position of
-        every rank (``loader_state`` is this rank's ``ShardLoader.state_dict()``).
+        every rank (``loader_state`` is this rank's ``ShardLoader.state_dict()``). A background save returns the
+        folder unpublished (:attr:`pending`).
         """
+        self.wait()  # the previous background save is published first
+        start = time.perf_counter()
         folder = self.root / step_dir_name(step)
         published = latest_checkpoint(self.run_dir)
         if published is not None and published.name == folder.name:
@@ -343,6 +355,10 @@ class Checkpointer:
                 shutil.rmtree(folder)  # a crashed save of this step, or a re-run of it after a restart
             folder.mkdir(parents=True)
         _barrier()
+        if self.background:
+            from uniemo.training.checkpoint_writer import install
+
+            self._writer = install(engine)
         engine.save_checkpoint(str(folder), tag=DS_TAG, exclude_frozen_parameters=True)
         rng_dir = folder / RNG_DIR
         rng_dir.mkdir(exist_ok=True)
@@ -352,12 +368,38 @@ class Checkpointer:
             state = dict(trainer_state, step=step, version=STATE_VERSION, loader_positions=positions,
                          world_size=self.env.world_size, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             atomic_write_text(folder / TRAINER_STATE_FILE, json.dumps(state, indent=1, sort_keys=True) + "\n")
+        if self._writer is not None:
+            self.pending = folder
+        else:
+            self._publish(folder)
+        self.blocking_seconds = time.perf_counter() - start
+        return folder
+
+    def _publish(self, folder: Path) -> None:
         _barrier()  # every rank has finished writing
         if self.env.is_main:
             publish(self.run_dir, folder)
             rotate(self.run_dir, self.keep)
         _barrier()  # nobody reads `latest` (or exits) before it is published
-        return folder
+
+    def poll(self) -> bool:
+        """Publish the pending background save if every rank's files are on disk (collective while one is pending,
+        a no-op otherwise); returns whether it did."""
+        if self.pending is None:
+            return False
+        if not all(_gather_objects(bool(self._writer.done()), self.env.world_size)):
+            return False
+        folder, self.pending = self.pending, None
+        self._publish(folder)
+        return True
+
+    def wait(self) -> None:
+        """Block until the pending background save is on disk on every rank, then publish it (collective)."""
+        if self.pending is None:
+            return
+        self._writer.wait()
+        folder, self.pending = self.pending, None
+        self._publish(folder)
 
     def load(self, engine: Any, folder: Path, compat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore the engine, this rank's RNG and return ``(trainer_state, this rank's loader position)``.
@@ -373,15 +415,22 @@ class Checkpointer:
                 f"cannot resume from {folder}: saved by {len(positions)} ranks, this job has "
                 f"{self.env.world_size}; use distributed.num_workers={len(positions)}"
             )
-        check_checkpoint_folder(folder)  # DeepSpeed unpickles with weights_only=False: refuse foreign code first
-        load_path, _ = engine.load_checkpoint(
-            str(folder), tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        folder = check_step_folder(folder)
+        # DeepSpeed's own loads (weights_only=False) go through the restricted unpickler: its checkpoint engine is
+        # swapped for one that loads safely, and any torch.load it makes itself is forced to weights-only.
+        install_safe_engine(engine)
+        with weights_only_loads():
+            try:
+                load_path, _ = engine.load_checkpoint(
+                    str(folder), tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                )
+            except pickle.UnpicklingError as exc:  # a load DeepSpeed made itself, refused
+                raise refused_file_in(folder / DS_TAG, exc) from None
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint under {folder / DS_TAG}; the folder is damaged")
         rng_file = folder / RNG_DIR / f"rank-{self.env.rank:05d}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(safe_load(rng_file))
         return state, positions[self.env.rank]
 
 
@@ -401,9 +450,10 @@ def read_trainer_state(folder: str | Path) -> dict[str, Any]:
 # Consolidation: a step folder as plain fp32 weights
 # ---------------------------------------------------------------------------------------------------------
 def is_checkpoint(step_dir: str | Path) -> bool:
-    """Whether ``step_dir`` holds a DeepSpeed checkpoint under the tag ``ds`` (a model-states file)."""
+    """Whether ``step_dir`` holds a DeepSpeed checkpoint under the tag ``ds`` (a model-states file), or consolidated
+    weights (``model.safetensors``, a converted run)."""
     ds_dir = Path(step_dir) / DS_TAG
-    return ds_dir.is_dir() and any(ds_dir.glob("*model_states.pt"))
+    return (Path(step_dir) / CONSOLIDATED_FILE).is_file() or (ds_dir.is_dir() and any(ds_dir.glob("*model_states.pt")))
 
 
 def consolidated_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -412,7 +462,8 @@ def consolidated_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
     ZeRO 1-3: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` over every rank's optimizer shard (the fp32
     master weights). ZeRO 0: the model-states file; a bf16/fp16 run's weights come from the optimizer's fp32
     master copies (matched to names, see :func:`_zero0_state_dict`). Frozen parameters are included only when the
-    checkpoint was saved with them; persistent buffers always are.
+    checkpoint was saved with them; persistent buffers always are. A step folder of consolidated weights
+    (``model.safetensors``, written by ``uniemo convert official``) is read as it is, without any pickle.
 
     Raises:
         UserError: ``step_dir`` holds no DeepSpeed checkpoint (tag ``ds``) or is incomplete.
@@ -423,19 +474,27 @@ def consolidated_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
             f"{str(step_dir)!r} is not a checkpoint folder: it has no {DS_TAG}/*model_states.pt "
             "(expected runs/<name>/checkpoints/step-NNNNNN)"
         )
-    check_checkpoint_folder(step_dir)  # the loads below (and zero_to_fp32's) unpickle with weights_only=False
+    step_dir = check_step_folder(step_dir)
+    if (step_dir / CONSOLIDATED_FILE).is_file():
+        from safetensors.torch import load_file
+
+        return {k: v.float().contiguous() if v.is_floating_point() else v
+                for k, v in load_file(str(step_dir / CONSOLIDATED_FILE)).items()}
     ds_dir = step_dir / DS_TAG
     optim_files = sorted(ds_dir.glob("*_optim_states.pt"))
     if optim_files and _is_zero_optimizer_file(optim_files[0]):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # zero_to_fp32 reports progress with print and tqdm; the CLI keeps its output to its own lines.
+        # zero_to_fp32 reports progress with print and tqdm; the CLI keeps its output to its own lines. It calls
+        # torch.load(weights_only=False) itself: weights_only_loads makes those loads restricted.
         sink = io.StringIO()
         try:
-            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            with weights_only_loads(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                 state = get_fp32_state_dict_from_zero_checkpoint(
                     str(step_dir), tag=DS_TAG, exclude_frozen_parameters=False
                 )
+        except pickle.UnpicklingError as exc:
+            raise refused_file_in(ds_dir, exc) from None
         except (ValueError, FileNotFoundError) as e:
             raise UserError(
                 f"checkpoint {str(step_dir)!r} is incomplete or damaged ({_one_line(e)}); use an earlier step folder"
@@ -451,7 +510,7 @@ def _is_zero_optimizer_file(path: Path) -> bool:
     """Whether an ``*_optim_states.pt`` file is a ZeRO 1-3 shard (zero_to_fp32's input) rather than ZeRO-0 bf16."""
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
 
-    data = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    data = safe_load(path, mmap=True)
     inner = data.get(OPTIMIZER_STATE_DICT, {}) if isinstance(data, dict) else {}
     return isinstance(inner, dict) and ZERO_STAGE in inner
 
@@ -465,10 +524,10 @@ def _zero0_state_dict(model_file: Path) -> dict[str, torch.Tensor]:
     whose next master has its shape and rounds to its 16-bit value. A parameter no master matches keeps its
     upcast 16-bit value (a warning says how many).
     """
+    saved = safe_load(model_file)  # a refused or unreadable file: one line naming it
     try:
-        saved = torch.load(model_file, map_location="cpu", weights_only=False)
         module = saved["module"]
-    except Exception as e:  # a truncated or foreign file: any load failure means "not a usable checkpoint"
+    except Exception as e:  # a foreign file: anything but DeepSpeed's mapping means "not a usable checkpoint"
         raise UserError(f"cannot read {str(model_file)!r} ({_one_line(e)}); use an earlier step folder") from None
     state = dict(module)
     low = [k for k, v in module.items() if v.dtype in (torch.float16, torch.bfloat16)]

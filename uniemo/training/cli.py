@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from uniemo.config import load_config
-    from uniemo.distributed.ray_train import run_training
+    from uniemo.training.driver import run_training
 
     cfg = load_config(args.config, args.overrides)
     summary = run_training(cfg, resume=args.resume)

@@ -1,8 +1,8 @@
 """Computing the emotion space at the end of stage 2 (METHOD §4.1, D9).
 
 One evaluation-style pass over the **train** split: the model in eval mode, no gradients, evaluation transforms
-(Resize + CenterCrop, not the training augmentation the official code used, METHOD §9.9), every training image
-exactly once over all ranks (the evaluation stream deals shards ``[rank::world_size]``). Each rank accumulates
+(Resize + CenterCrop; ``training.emotion_space_view=official`` takes the official view instead, the stage-1 training
+augmentation with ImageNet mean/std, METHOD §9.9), every training image exactly once over all ranks (the evaluation stream deals shards ``[rank::world_size]``). Each rank accumulates
 count / sum / sum of squares of ``f_cls``, ``f_scene`` and ``f_object`` per ground-truth emotion; the ranks' sums
 are then added (:func:`all_reduce_emotion_space`), so the result equals one pass over the whole split on one
 process, up to float64 summation order. That fixes the official "last rank to write wins" (METHOD §4.1 caveat).
@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from uniemo.data.loader import build_loader_from_config, list_split_shards
-from uniemo.data.shards import ensure_synthetic_shards
+from uniemo.data.source import data_source
+from uniemo.data.transforms import SampleTransform
 from uniemo.models.emotion_space import EmotionSpace
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -32,7 +33,13 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.data.loader import ShardLoader
     from uniemo.models.understanding import UnderstandingModel
 
-__all__ = ["all_reduce_emotion_space", "compute_emotion_space", "emotion_space_dims", "emotion_space_loader"]
+__all__ = [
+    "all_reduce_emotion_space",
+    "compute_emotion_space",
+    "emotion_space_dims",
+    "emotion_space_loader",
+    "official_space_transform",
+]
 
 
 def emotion_space_dims(understanding: UnderstandingModel) -> dict[str, int]:
@@ -49,14 +56,16 @@ def emotion_space_dims(understanding: UnderstandingModel) -> dict[str, int]:
 def emotion_space_loader(
     cfg: Config, *, rank: int = 0, world_size: int = 1, num_workers: int | None = None
 ) -> ShardLoader:
-    """This rank's share of the train split as an evaluation stream with evaluation transforms (D9).
+    """This rank's share of the train split as an evaluation stream (every image once) with evaluation transforms
+    (D9), or with ``training.emotion_space_view=official`` the official view: RandomResizedCrop + flip, ImageNet
+    mean/std (``train_vit.py``'s train loader, METHOD §4.1), drawn per sample from the run seed.
 
     No ``pixel_values`` (stage-1 transform): only the understanding input is needed. ``num_workers`` defaults to
     ``data.num_workers``, lowered so that every loader worker of every rank gets a shard.
     """
 
     if num_workers is None:
-        shards = list_split_shards([ensure_synthetic_shards(cfg.data)], "train", required=True)
+        shards = list_split_shards([data_source(cfg.data)], "train", required=True)
         num_workers = max(0, min(cfg.data.num_workers, len(shards) // max(1, world_size)))
     return build_loader_from_config(
         cfg.data,
@@ -67,7 +76,14 @@ def emotion_space_loader(
         training=False,
         seed=cfg.run.seed,
         num_workers=num_workers,
+        transform=official_space_transform(cfg) if cfg.training.emotion_space_view == "official" else None,
     )
+
+
+def official_space_transform(cfg: Config) -> SampleTransform:
+    """The official emotion-space view: the stage-1 training transform of ``train_vit_class/EmoSet.py``
+    (RandomResizedCrop(S) + horizontal flip, ImageNet mean/std), whatever ``data.normalization`` is."""
+    return SampleTransform(image_size=cfg.data.image_size, normalization="imagenet", augment=True)
 
 
 @torch.no_grad()

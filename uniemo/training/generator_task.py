@@ -36,6 +36,7 @@ from uniemo.data.captions import batch_captions, caption_vocabulary
 from uniemo.distributed.env import launch_dir
 from uniemo.models.generator import SD15_SCHEDULER_CONFIG, build_random_parts, save_pipeline
 from uniemo.models.tokenizer import build_local_tokenizer
+from uniemo.run_layout import GENERATOR_DIR, PROVENANCE_FILE
 from uniemo.training.task import Task, _move_batch
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -47,15 +48,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from uniemo.config.schema import Config
     from uniemo.data.attributes import AttributeTable
-    from uniemo.training.trainer import Trainer
+    from uniemo.training.parts import FinishedTraining
 
 ROLE_VAE = "generator_vae"
 ROLE_UNET_PRETRAIN = "generator_unet"
 ROLE_TEXT = "generator_text"
-GENERATOR_FOLDER = "generator"
-"""The exported diffusers folder inside the run directory."""
-PROVENANCE_FILE = "provenance.json"
-"""Beside the exported weights: config, code version, steps, data seed, times, quality figures."""
 
 
 class GeneratorPretrainTask(Task):
@@ -190,7 +187,7 @@ def annotation_note(attributes: AttributeTable) -> str | None:
     return f"the training data has no {' or '.join(missing)} annotations: captions hold {kept}"
 
 
-def finish_generator(trainer: Trainer) -> None:
+def finish_generator(trainer: FinishedTraining) -> None:
     """Rank 0: the trained parts as a diffusers folder ``<run>/generator/`` plus ``provenance.json``."""
     from uniemo.config.loader import code_version, dump_config
     from uniemo.training.checkpoint import consolidated_state_dict
@@ -200,7 +197,7 @@ def finish_generator(trainer: Trainer) -> None:
         task = trainer.parts.task
         assert isinstance(task, GeneratorPretrainTask), "finish_generator ends a generator-pretraining run"
         trained = consolidated_state_dict(trainer.final_checkpoint())
-        out = Path(trainer.run_dir) / GENERATOR_FOLDER
+        out = Path(trainer.run_dir) / GENERATOR_DIR
         export_generator(task, trained, cfg, out)
         provenance = {
             "what": "uniemo's pretrained CPU-world generator (METHOD D15): VAE, CLIP text encoder and UNet trained "

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from uniemo.data.loader import load_attribute_table
 from uniemo.data.records import SPLITS
 from uniemo.data.remote import is_url
-from uniemo.data.shards import ensure_synthetic_shards, read_manifest, resolve_shard_folder
+from uniemo.data.shards import read_manifest, resolve_shard_folder
+from uniemo.data.source import data_source
 from uniemo.errors import DataError
 from uniemo.training.task import left_out_note, parts_left_out
 
@@ -67,7 +68,7 @@ def require_batches(folder: Path, samples: int, split: str, ranks: int, batch_si
 
 def check_url_sources(cfg: Config) -> None:
     """The extra training sources given as URLs are there and reachable, with every shard their manifests list
-    (``data.shards`` itself is checked by :func:`ensure_synthetic_shards`). A local extra source may still be
+    (``data.shards`` itself is checked by :func:`uniemo.data.source.data_source`). A local extra source may still be
     empty (a feedback source before its first round), so it is not checked here."""
     for i, source in enumerate(cfg.data.extra_sources):
         if is_url(source.path):
@@ -78,7 +79,7 @@ def check_training_data(cfg: Config, world_size: int) -> list[str]:
     """``uniemo train`` (stage 1 and 2, feedback training): the train split fills a batch on every rank, and
     the val split exists when the run validates. Returns the notes to print (what the data leaves out)."""
 
-    folder = ensure_synthetic_shards(cfg.data)
+    folder = data_source(cfg.data)
     check_url_sources(cfg)
     samples = split_samples(folder)
     require_split(folder, samples, "train", "training reads it", "give the data a train split")
@@ -96,7 +97,7 @@ def check_judge_data(cfg: Config) -> None:
     """``uniemo train-judge`` (one process): a train batch of ``evaluation.judge_batch_size``, and a val split
     for the accuracy it records at the end."""
 
-    folder = ensure_synthetic_shards(cfg.data, progress=True)
+    folder = data_source(cfg.data, progress=True)
     samples = split_samples(folder)
     require_split(folder, samples, "train", "the judge trains on it", "give the data a train split")
     require_batches(folder, samples["train"], "train", 1, cfg.evaluation.judge_batch_size,
@@ -108,7 +109,7 @@ def check_evaluation_data(cfg: Config) -> tuple[list[str], list[str]]:
     """``uniemo evaluate``: the test split exists. Returns what the evaluated run left out
     (:func:`uniemo.training.task.parts_left_out`) and the notes for ``metrics.json`` that say so."""
 
-    folder = ensure_synthetic_shards(cfg.data, progress=True)
+    folder = data_source(cfg.data, progress=True)
     require_split(folder, split_samples(folder), "test", "uniemo evaluate classifies it", "give the data a test split")
     if cfg.training.stage not in (1, 2):
         return [], []

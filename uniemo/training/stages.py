@@ -1,16 +1,17 @@
 """What makes stage 1 and stage 2 different: the task, its data, its initialisation, and what happens at the end.
 
 The loop (:mod:`uniemo.training.trainer`) is the same for both stages; :func:`build_stage` hands it a
-:class:`StageParts`:
+:class:`uniemo.training.parts.StageParts`:
 
 - **stage 1** (METHOD §2): :func:`uniemo.training.task.build_stage1_task`, the train and validation streams.
 - **stage 2** (METHOD §3): :func:`uniemo.training.task.build_stage2_task` with the understanding model loaded from
   stage 1 (:func:`resolve_init_from`: ``training.init_from``, else the latest stage-1 run under
-  ``run.output_dir``), through :func:`uniemo.training.checkpoint.consolidated_state_dict` of that run's checkpoint.
+  ``run.output_dir``), through :func:`uniemo.training.run_weights.load_stage2_task` of that run's checkpoint.
   ``training.init_from`` may also name a stage-2 run (the feedback loop continues one, :mod:`uniemo.feedback.loop`):
   then the frozen backbone and head come from that run's own stage-1 checkpoint and every weight it trained
   (understanding queries and blocks, attribute classifiers, mappers, the UNet with ``train_unet``) from its
-  checkpoint (:func:`split_init`); the new run records the stage-1 checkpoint as its ``init_from``.
+  checkpoint (:func:`uniemo.training.run_weights.split_init`); the new run records the stage-1 checkpoint as its
+  ``init_from``.
   At the end (:func:`finish_stage2`): the emotion space over the whole train split with evaluation transforms,
   its sufficient statistics summed over all ranks (METHOD §4.1, D9), saved as ``emotion_space.safetensors``;
   then sample grids per emotion (METHOD §4.2) on rank 0.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,18 +28,26 @@ import torch
 from torch import nn
 
 from uniemo.config.schema import EMOTIONS
+from uniemo.data.latents import check_latents
 from uniemo.data.loader import build_loader_from_config, load_attribute_table
+from uniemo.data.source import data_source
 from uniemo.errors import ConfigError
 from uniemo.models.conditioner import Conditioner
-from uniemo.models.generation import generate
+from uniemo.models.generation import generate, sampling_settings
 from uniemo.models.generator import build_generator
 from uniemo.models.weights import build_understanding
-from uniemo.run_layout import CONFIG_FILE, EMOTION_SPACE_FILE, TRAINER_STATE_FILE
+from uniemo.run_layout import (
+    COMPLETE_FILE,
+    CONFIG_FILE,
+    EMOTION_SPACE_COUNTS_FILE,
+    EMOTION_SPACE_FILE,
+    TRAINER_STATE_FILE,
+)
+from uniemo.seeds import sample_grid_seeds
 from uniemo.training.checkpoint import (
     CheckpointError,
     consolidated_state_dict,
     latest_checkpoint,
-    read_trainer_state,
     resolve_checkpoint,
 )
 from uniemo.training.emotion_space import (
@@ -48,42 +56,26 @@ from uniemo.training.emotion_space import (
     emotion_space_loader,
 )
 from uniemo.training.generator_task import annotation_note, build_generator_task, finish_generator
+from uniemo.training.parts import FinishedTraining, StageParts
+from uniemo.training.run_weights import (
+    UNDERSTANDING,
+    load_stage2_task,
+    load_weights,
+    split_init,
+    strip,
+    untrained_state,
+)
 from uniemo.training.task import Stage2Task, Task, build_stage1_task, build_stage2_task
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
-    from uniemo.data.loader import ShardLoader
     from uniemo.distributed.env import DistEnv
     from uniemo.models.emotion_space import EmotionSpace
     from uniemo.models.understanding import UnderstandingModel
-    from uniemo.training.trainer import Trainer
 
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=nn.Module)
 
-# Stage-1 parameters that may be absent from a stage-1 checkpoint: frozen there (so not saved, see
-# checkpoint.py) and unused in stage 2 (METHOD §3.1: the contrastive heads are not part of the joint loss).
-_STAGE1_OPTIONAL_ROLES = frozenset({"logit_scales", "projections"})
-
-
-@dataclass
-class StageParts:
-    """Everything stage-specific the loop needs."""
-
-    task: Task
-    train_loader: ShardLoader
-    val_loader: ShardLoader | None
-    """Full validation split, evaluation transforms, every sample once over all ranks; None: no validation."""
-    init_from: str | None = None
-    """Stage 2: the stage-1 checkpoint folder the understanding model came from."""
-    continued_from: str | None = None
-    """Stage 2 continuing a stage-2 run (feedback): that run's checkpoint, the source of every trained weight."""
-    initial_understanding: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Stage 2: fp32 CPU copy of the understanding weights before training (the frozen ones never change)."""
-    finish: Callable[[Trainer], None] | None = None
-    """Called on every rank after the final checkpoint."""
-    notes: list[str] = field(default_factory=list)
-    """One-line remarks about the run's set-up, logged once at the start (e.g. annotations the data lacks)."""
 
 
 # -- stage-2 initialisation -----------------------------------------------------------------------------------
@@ -121,7 +113,7 @@ def find_latest_run(
                 continue
             if step_dir is None:
                 continue
-            mtime = (step_dir / "COMPLETE").stat().st_mtime
+            mtime = (step_dir / COMPLETE_FILE).stat().st_mtime
             if best is None or mtime > best[0]:
                 best = (mtime, step_dir)
     return best[1] if best is not None else None
@@ -156,66 +148,10 @@ def resolve_init_from(cfg: Config, run_dir: Path) -> Path | None:
     return find_latest_stage1_run(cfg.run.output_dir, exclude=run_dir)
 
 
-def load_stage1_understanding(understanding: UnderstandingModel, step_dir: str | Path) -> None:
-    """Load the understanding weights of a stage-1 checkpoint folder into ``understanding`` (fp32).
-
-    Only the parameters stage 1 may have kept frozen, and stage 2 does not use, may be missing: the logit scales
-    and the contrastive projections (they keep their initial values).
-    """
-
-    prefix = "understanding."
-    state = {k[len(prefix) :]: v.float() for k, v in consolidated_state_dict(step_dir).items() if k.startswith(prefix)}
-    if not state:
-        raise ConfigError(f"{step_dir} holds no understanding weights; training.init_from must be a stage-1 run")
-    roles = understanding.parameter_roles()
-    missing, unexpected = understanding.load_state_dict(state, strict=False)
-    missing = [k for k in missing if roles.get(k) not in _STAGE1_OPTIONAL_ROLES]
-    if missing or unexpected:
-        raise ConfigError(
-            f"the stage-1 weights in {step_dir} do not fit model.understanding (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); use the model.understanding settings of that stage-1 run"
-        )
-
-
-def split_init(step_dir: Path) -> tuple[Path, Path | None]:
-    """``(stage-1 checkpoint, stage-2 checkpoint or None)`` of a stage-2 ``init_from`` checkpoint folder.
-
-    A stage-1 checkpoint is its own first part. A stage-2 checkpoint holds only what stage 2 trains; its frozen
-    backbone and head come from the stage-1 checkpoint it records as ``init_from``.
-    """
-
-    try:
-        state = read_trainer_state(step_dir)
-    except CheckpointError as e:
-        raise ConfigError(f"training.init_from: {e}") from None
-    if int(state.get("stage", 1)) != 2:
-        return step_dir, None
-    root = state.get("init_from")
-    if not root or not Path(root).is_dir():
-        raise ConfigError(
-            f"training.init_from {step_dir} is a stage-2 checkpoint whose stage-1 weights ({root!r}) are gone; "
-            "restore that stage-1 run or start from another run"
-        )
-    return Path(root), step_dir
-
-
-def load_stage2_weights(task: nn.Module, step_dir: str | Path) -> None:
-    """Load every weight a stage-2 checkpoint trained into a stage-2 ``task`` (fp32); each trainable parameter of
-    ``task`` must be among them."""
-
-    state = {k: v.float() for k, v in consolidated_state_dict(step_dir).items()}
-    own = task.state_dict()
-    unexpected = [k for k in state if k not in own or own[k].shape != state[k].shape]
-    missing = [n for n, p in task.named_parameters() if p.requires_grad and n not in state]
-    if unexpected or missing:
-        raise ConfigError(
-            f"the stage-2 weights in {step_dir} do not fit this run's model (missing {missing[:3]}, not fitting "
-            f"{unexpected[:3]}); use the model settings of that stage-2 run"
-        )
-    task.load_state_dict(state, strict=False)
-
-
 # -- building a stage ------------------------------------------------------------------------------------------
+
+
+_INIT_HINT = "use the model settings of the run training.init_from names"
 
 
 def _stage2_init(init_from: Path | None) -> tuple[Path, Path | None]:
@@ -225,17 +161,18 @@ def _stage2_init(init_from: Path | None) -> tuple[Path, Path | None]:
     return split_init(init_from)
 
 
-def _build_task(cfg: Config, attributes: Any, init_from: Path | None) -> Task:
-
+def _build_task(cfg: Config, attributes: Any, init_from: Path | None) -> tuple[Task, dict[str, torch.Tensor]]:
+    """The task with its initial weights (same on every rank) and what of them no checkpoint will hold
+    (:func:`uniemo.training.run_weights.untrained_state`)."""
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     if cfg.training.stage == 1:
-        return build_stage1_task(cfg, attributes)
+        task: Task = build_stage1_task(cfg, attributes)
+        return task, untrained_state(task)
     task = build_stage2_task(cfg, attributes)
-    stage1, stage2 = _stage2_init(init_from)
-    load_stage1_understanding(task.understanding, stage1)
-    if stage2 is not None:
-        load_stage2_weights(task, stage2)
-    return task
+    if init_from is None:
+        raise ValueError("stage 2 needs a stage-1 checkpoint (resolve_init_from)")
+    from_stage1 = load_stage2_task(task, init_from, _INIT_HINT)
+    return task, untrained_state(task, supplied=from_stage1)
 
 
 def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts:
@@ -245,21 +182,29 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
     barrier and then read them.
     """
 
-    def build() -> Task:
+    def build() -> tuple[Task, dict[str, torch.Tensor]]:
         attributes = load_attribute_table(cfg.data)
         return _build_task(cfg, attributes, init_from)
 
     if cfg.training.stage == "generator":
         return _build_generator_stage(cfg, env)
-    task = _rank0_first(env, build)
+    task, untrained = _rank0_first(env, build)
     stage = cfg.training.stage
+    latents = stage == 2 and cfg.data.precomputed_latents
+    if latents and isinstance(task, Stage2Task):  # the stored latents must be this VAE's (uniemo.data.latents)
+        check_latents(data_source(cfg.data), cfg.data.generator_image_size, cfg.data.generator_resample,
+                      task.generator.vae)
+    # Pinned batches copy to the GPU asynchronously (the engine moves them with non_blocking=True).
+    pin = cfg.distributed.gpus_per_worker > 0 and torch.cuda.is_available()
     train_loader = build_loader_from_config(
-        cfg.data, "train", rank=env.rank, world_size=env.world_size, stage=stage, training=True, seed=cfg.run.seed
+        cfg.data, "train", rank=env.rank, world_size=env.world_size, stage=stage, training=True, seed=cfg.run.seed,
+        latents=latents, pin_memory=pin,
     )
     val_loader = None
     if cfg.training.eval_every > 0:
         val_loader = build_loader_from_config(
-            cfg.data, "val", rank=env.rank, world_size=env.world_size, stage=stage, training=False, seed=cfg.run.seed
+            cfg.data, "val", rank=env.rank, world_size=env.world_size, stage=stage, training=False, seed=cfg.run.seed,
+            latents=latents, pin_memory=pin,
         )
     initial: dict[str, torch.Tensor] = {}
     stage1, stage2 = (init_from, None)
@@ -273,6 +218,7 @@ def build_stage(cfg: Config, env: DistEnv, init_from: Path | None) -> StageParts
         init_from=str(stage1) if stage1 is not None else None,
         continued_from=str(stage2) if stage2 is not None else None,
         initial_understanding=initial,
+        untrained=untrained,
         finish=finish_stage2 if stage == 2 else None,
     )
 
@@ -307,6 +253,9 @@ def _rank0_first(env: DistEnv, fn: Callable[[], _T]) -> _T:
 # -- end of stage 2 --------------------------------------------------------------------------------------------
 
 
+_FINAL_HINT = "the run's own checkpoint does not fit its model: a bug, please report it"
+
+
 def final_understanding(
     cfg: Config, parts: StageParts, trained: dict[str, torch.Tensor], device: torch.device
 ) -> UnderstandingModel:
@@ -315,10 +264,8 @@ def final_understanding(
 
     counts = _attribute_counts(_stage2_task(parts).understanding)
     model = _fresh(lambda: build_understanding(cfg.model.understanding, *counts))
-    state = dict(parts.initial_understanding)
-    prefix = "understanding."
-    state.update({k[len(prefix) :]: v.float() for k, v in trained.items() if k.startswith(prefix)})
-    model.load_state_dict(state, strict=True)
+    state = {**parts.initial_understanding, **strip(trained, UNDERSTANDING)}
+    load_weights(model, state, "the final checkpoint", required=model.state_dict(), hint=_FINAL_HINT)
     return model.to(device).eval()
 
 
@@ -340,7 +287,7 @@ def _fresh(build: Callable[[], _M]) -> _M:
         return build()
 
 
-def finish_stage2(trainer: Trainer) -> None:
+def finish_stage2(trainer: FinishedTraining) -> None:
     """Emotion space over all ranks (METHOD §4.1, D9) and, on rank 0, sample grids per emotion (METHOD §4.2)."""
 
     cfg, env, parts = trainer.cfg, trainer.env, trainer.parts
@@ -355,14 +302,14 @@ def finish_stage2(trainer: Trainer) -> None:
     path = logger.save_artifact(EMOTION_SPACE_FILE, space.save)
     counts = {EMOTIONS[k]: int(n) for k, n in enumerate(space.counts().tolist())}
     logger.info(f"emotion space over {sum(counts.values())} train images -> {path}")
-    logger.write_json("emotion_space_counts.json", counts)
+    logger.write_json(EMOTION_SPACE_COUNTS_FILE, counts)
     if cfg.logging.sample_images > 0:
         logger.log_samples(trainer.step, lambda: sample_grids(cfg, parts, trainer, space, understanding, trained))
     if torch.distributed.is_initialized() and env.world_size > 1:
         torch.distributed.barrier()
 
 
-def sample_grids(cfg: Config, parts: StageParts, trainer: Trainer, space: EmotionSpace,
+def sample_grids(cfg: Config, parts: StageParts, trainer: FinishedTraining, space: EmotionSpace,
                  understanding: UnderstandingModel, trained: dict[str, torch.Tensor]) -> dict[str, Any]:
     """``logging.sample_images`` generated images per emotion seen in the space, as uint8 ``[N,H,W,3]`` arrays."""
 
@@ -372,16 +319,17 @@ def sample_grids(cfg: Config, parts: StageParts, trainer: Trainer, space: Emotio
         # The trained UNet lives in the engine (partitioned under ZeRO-3): a fresh fp32 generator + its weights.
         generator = _fresh(lambda: build_generator(
             cfg.model.generator, image_size=cfg.data.generator_image_size, seed=cfg.run.seed))
-        prefix = "generator.unet."
-        generator.unet.load_state_dict({k[len(prefix) :]: v for k, v in trained.items() if k.startswith(prefix)})
+        unet = strip(trained, "generator.unet.")
+        load_weights(generator.unet, unet, "the final checkpoint", required=generator.unet.state_dict(),
+                     hint=_FINAL_HINT)
         generator.to(device)
     else:
         generator = task.generator  # frozen, held outside the engine: plain tensors on this device
     conditioner = _fresh(lambda: Conditioner(
         cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim,
         has_base=task.attribute_embeddings.shape[0] > 0))
-    prefix = "conditioner."
-    conditioner.load_state_dict({k[len(prefix) :]: v.float() for k, v in trained.items() if k.startswith(prefix)})
+    load_weights(conditioner, strip(trained, "conditioner."), "the final checkpoint",
+                 required=conditioner.state_dict(), hint=_FINAL_HINT)
     conditioner.to(device).eval()
     attribute_embeddings = task.attribute_embeddings.to(device, torch.float32)
     phi = task.phi.to(device, torch.float32)
@@ -394,9 +342,8 @@ def sample_grids(cfg: Config, parts: StageParts, trainer: Trainer, space: Emotio
         # The generator casts to its own dtype at each part (a bf16 training run keeps bf16 frozen parts).
         result = generate(
             generator, conditioner, space, attribute_embeddings, phi, emotion, n,
-            seeds=[cfg.run.seed * 1000 + k * 100 + i for i in range(n)],
-            steps=cfg.model.generator.sampling_steps, guidance_scale=cfg.model.generator.guidance_scale,
-            sampler=cfg.model.generator.sampler, batch_size=cfg.model.generator.generation_batch_size,
+            seeds=sample_grid_seeds(cfg.run.seed, k, n),
+            **sampling_settings(cfg.model.generator)._asdict(), batch_size=cfg.model.generator.generation_batch_size,
         )
         grids[emotion] = result.images
     return grids

@@ -36,7 +36,7 @@ from uniemo.losses import (
 )
 from uniemo.models.conditioner import Conditioner, uses_attribute_branches
 from uniemo.models.generator import build_generator
-from uniemo.models.text_features import attribute_text_features
+from uniemo.models.text_features import attribute_base_embeddings, attribute_text_features
 from uniemo.models.weights import build_understanding
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -87,6 +87,22 @@ def _gather_rows(table_NE: torch.Tensor, index_B: torch.Tensor, placeholder_last
         return table_NE.new_zeros(index_B.shape[0], table_NE.shape[1])
     rows_BE = table_NE[index_B.clamp(min=0)]
     return torch.where((index_B >= 0)[:, None], rows_BE, torch.zeros_like(rows_BE))
+
+
+def _latent_moments(generator: Generator, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE latent distribution of every sample when the batch carries precomputed moments
+    (``latent_mean`` / ``latent_std``, data/FORMAT.md); the rows listed in ``pixel_rows`` came without them and
+    are encoded here from their ``pixel_values``. None: the batch has only ``pixel_values`` (encode them all)."""
+    if "latent_mean" not in batch:
+        return None
+    mean, std = batch["latent_mean"], batch["latent_std"]
+    rows = batch.get("pixel_rows")
+    if rows is not None and rows.numel():
+        encoded_mean, encoded_std = generator.latent_moments(batch["pixel_values"])
+        rows = rows.to(encoded_mean.device)
+        mean = mean.to(encoded_mean.device, encoded_mean.dtype).index_copy(0, rows, encoded_mean)
+        std = std.to(encoded_std.device, encoded_std.dtype).index_copy(0, rows, encoded_std)
+    return mean, std
 
 
 def _frozen_submodules(module: nn.Module, prefix: str = "") -> Iterator[str]:
@@ -295,10 +311,10 @@ class Stage2Task(Task):
         # §3.4-3.6: map, weight by alpha (from the ground-truth emotion at training), fuse into c. The paper's
         # implicit-feedback ablation (D13) stops generation's gradient at the mappers' inputs: the mappers still
         # learn, the understanding model gets nothing from the diffusion or the condition loss.
-        features = (out.cls_feature, out.scene_feature, out.object_feature)
+        cls_f, scene_f, object_f = out.cls_feature, out.scene_feature, out.object_feature
         if not self.losses.implicit_feedback:
-            features = tuple(f.detach() if f is not None else None for f in features)
-        cond = self.conditioner(*features, labels_B, self.attribute_embeddings, self.phi)
+            cls_f, scene_f, object_f = (f.detach() if f is not None else None for f in (cls_f, scene_f, object_f))
+        cond = self.conditioner(cls_f, scene_f, object_f, labels_B, self.attribute_embeddings, self.phi)
         condition_BD = cond.condition
 
         # §3.7-3.8, D5: c is spliced into the prompt embeddings, so dL(θ)/dc is exact. The switch
@@ -306,7 +322,9 @@ class Stage2Task(Task):
         # mappers.
         diffusion_condition_BD = condition_BD if self.losses.diffusion_to_condition else condition_BD.detach()
         hidden_BLD = self.generator.encode_condition(diffusion_condition_BD)
-        noisy_latents, noise, latents, timesteps = self.generator.diffusion_inputs(batch["pixel_values"])
+        noisy_latents, noise, latents, timesteps = self.generator.diffusion_inputs(
+            batch.get("pixel_values"), moments=_latent_moments(self.generator, batch)
+        )
         prediction = self.generator.predict_noise(noisy_latents, timesteps, hidden_BLD)
         diffusion = diffusion_loss(prediction, noise, latents, timesteps, self.generator.noise_scheduler)
 
@@ -498,12 +516,15 @@ def _load_understanding_state(model: nn.Module, state: dict[str, torch.Tensor]) 
 
 
 def build_stage2_task(
-    cfg: Config, attributes: AttributeTable, understanding_state: dict[str, torch.Tensor] | None = None
+    cfg: Config,
+    attributes: AttributeTable,
+    understanding_state: dict[str, torch.Tensor] | None = None,
+    cache_dir: str | None = None,
 ) -> Stage2Task:
     """The stage-2 task from config (METHOD §3): understanding model (+ stage-1 weights), generator (a
     diffusers folder at ``model.generator.path`` or a random preset), conditioner, and the attribute base
-    embedded in the generator's token space with Φ (D6, recomputed for ``data.min_attribute_count`` /
-    ``data.phi_beta``)."""
+    embedded in ``model.conditioner.attribute_space`` (the generator's token space, D6, or CLIP's text features)
+    with Φ (recomputed for ``data.min_attribute_count`` / ``data.phi_beta``)."""
 
     und_cfg, gen_cfg = cfg.model.understanding, cfg.model.generator
     attributes = attributes.rebased(cfg.data.min_attribute_count, cfg.data.phi_beta)
@@ -522,7 +543,9 @@ def build_stage2_task(
     conditioner = Conditioner(cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim,
                               has_base=bool(attributes.base_names))
     with torch.no_grad():
-        attribute_embeddings = generator.embed_names(list(attributes.base_names))
+        attribute_embeddings = attribute_base_embeddings(
+            cfg, generator, list(attributes.base_names), cache_dir if cache_dir is not None else cfg.data.cache_dir
+        )
     return Stage2Task(
         understanding,
         generator,

@@ -12,7 +12,7 @@
       maybe_refresh_sources()       every feedback.refresh_every steps: new feedback rounds start a new epoch
     finish                          the stage's end hook (stage 2: emotion space, sample grids)
 
-Stage 1 and 2 differ only by the :class:`uniemo.training.stages.StageParts` (task, data, end hook) and config.
+Stage 1 and 2 differ only by the :class:`uniemo.training.parts.StageParts` (task, data, end hook) and config.
 A rank's whole job (process group, stage, engine, logger, this loop) is :func:`uniemo.training.worker.run_worker`.
 
 Reductions across ranks: logged training terms are the mean over ranks (and over the steps since the last
@@ -20,14 +20,14 @@ log); validation sums loss x samples, correct predictions and samples over every
 mean of per-rank means). ``data/samples/<source>`` in a metrics line is the number of training samples of that
 source (``real``, ``synthetic``, ...) consumed since the previous line, summed over ranks (per interval, not
 cumulative); ``data/labels/<source>/<emotion>`` counts the labels the extra sources (not ``real``) fed the
-trainers in that interval, per emotion (only non-zero counts); ``time`` is when the line was written (Unix seconds). Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose
-validation shards ran out keeps joining forwards (on a batch it already has, results discarded) until every
-rank is done.
+trainers in that interval, per emotion (only non-zero counts); ``time`` is when the line was written (Unix
+seconds); ``data_wait_share`` is the share of the interval the loop waited for its next batch (mean over ranks).
+Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose validation shards ran out keeps
+joining forwards (on a batch it already has, results discarded) until every rank is done.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import Counter
@@ -41,23 +41,20 @@ from uniemo.config.schema import EMOTIONS
 from uniemo.errors import UserError
 from uniemo.logging import NullRunLogger
 from uniemo.run_layout import stop_request_path
+from uniemo.seeds import seed_everything, training_seed, validation_seed
 from uniemo.training.checkpoint import (
     Checkpointer,
     compat_keys,
     config_digest,
     latest_checkpoint,
-    seed_everything,
 )
 from uniemo.training.engine import Engine, check_batch_arithmetic
+from uniemo.training.run_weights import stored_init
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
     from uniemo.distributed.env import DistEnv
-    from uniemo.training.stages import StageParts
-
-
-def _derived_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
+    from uniemo.training.parts import StageParts
 
 
 def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
@@ -90,7 +87,8 @@ class Trainer:
         self.device = engine.device
         self.reduce_device = reduce_device
         self.global_batch = check_batch_arithmetic(cfg, env.world_size)
-        self.checkpointer = Checkpointer(run_dir, env, cfg.training.keep_checkpoints)
+        self.checkpointer = Checkpointer(run_dir, env, cfg.training.keep_checkpoints,
+                                         background=cfg.training.async_checkpoint)
         self.compat = compat_keys(cfg, env.world_size)
         self.logger: NullRunLogger = NullRunLogger()
         """The run's logger, set by :meth:`train` (a null object before, STYLE 14)."""
@@ -113,6 +111,8 @@ class Trainer:
         self._source_window: Counter = Counter()
         # Labels the extra sources (feedback rounds, controls) fed this rank, by (source, emotion index).
         self._label_window: Counter = Counter()
+        self._data_wait = 0.0
+        """Seconds this log window spent waiting for the next batch (``data_wait_share`` in the metrics)."""
 
     # -- start --------------------------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -124,7 +124,7 @@ class Trainer:
         latest = latest_checkpoint(self.run_dir)
         if latest is None:
             # Same model on every rank (seeded before building); per-rank streams for dropout and noise.
-            seed_everything(_derived_seed(self.cfg.run.seed, "train", self.env.rank))
+            seed_everything(training_seed(self.cfg.run.seed, self.env.rank))
             return 0
         state, position = self.checkpointer.load(self.engine.ds_engine, latest, self.compat)
         self.step = int(state["step"])
@@ -155,11 +155,13 @@ class Trainer:
             # safe, because a resume truncates metrics.jsonl back to the checkpoint's step.
             self.maybe_log(terms, val)
             self.maybe_checkpoint()
+            self.checkpointer.poll()  # a background save becomes `latest` once every rank has written it
             self.maybe_refresh_sources()
             if self.stop_requested():
                 stopped = True
                 break
         self.maybe_checkpoint(final=True)
+        self.checkpointer.wait()
         logger.end_progress()
         if not stopped and self.step >= self.total_steps and self.parts.finish is not None:
             self.parts.finish(self)
@@ -199,8 +201,10 @@ class Trainer:
         # of every epoch and after a resume). Forking keeps the training RNG (dropout, noise) independent of
         # when that happens, so a resumed run draws exactly what the uninterrupted one draws.
         assert self._batches is not None, "train() starts the batch stream"
+        start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             batch = next(self._batches)
+        self._data_wait += time.perf_counter() - start
         self._source_window.update(batch["source"])
         self._label_window.update((s, int(k)) for s, k in zip(batch["source"], batch["label"].tolist(), strict=True)
                                   if s != self._source_names[0])
@@ -241,6 +245,7 @@ class Trainer:
         so no gradient of another micro-batch is left behind.)"""
 
         self.bad_steps += 1
+        self.checkpointer.wait()  # a pending background save was taken at a good step: publish it either way
         if self.bad_steps <= self.cfg.training.max_bad_steps:
             self.logger.info(
                 f"step {self.step + 1}: non-finite loss, step skipped "
@@ -282,7 +287,7 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             # Deterministic validation (stage-2 noise and timesteps), without moving the training RNG.
-            torch.manual_seed(_derived_seed(self.cfg.run.seed, "val", self.env.rank))
+            torch.manual_seed(validation_seed(self.cfg.run.seed, self.env.rank))
             batches = iter(val_loader)
             while True:
                 batch = next(batches, None)
@@ -325,8 +330,8 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "bad_steps": self.bad_steps,
             "total_steps": self.total_steps,
-            "init_from": self.parts.init_from,
-            "continued_from": self.parts.continued_from,
+            "init_from": stored_init(self.parts.init_from, self.run_dir),
+            "continued_from": stored_init(self.parts.continued_from, self.run_dir),
             "epoch": self.parts.train_loader.epoch,
         }
         self.last_checkpoint = self.checkpointer.save(
@@ -354,14 +359,16 @@ class Trainer:
             return None
         keys = sorted(self._window)
         means = torch.stack([self._window[k].to(torch.float64) for k in keys]) / self._window_steps
-        counts = torch.tensor([self._source_window[n] for n in self._source_names], dtype=torch.float64)
+        counts = torch.tensor([self._source_window[n] for n in self._source_names] + [self._data_wait],
+                              dtype=torch.float64)
         label_keys = [(n, k) for n in self._source_names[1:] for k in range(len(EMOTIONS))]
         labels = torch.tensor([self._label_window[key] for key in label_keys], dtype=torch.float64)
-        reduced = self._all_reduce(torch.cat([means, counts, labels]))  # one collective for all
-        n_means, n_counts = len(keys), len(self._source_names)
-        means, counts = reduced[:n_means] / self.env.world_size, reduced[n_means : n_means + n_counts]
-        labels = reduced[n_means + n_counts :]
+        reduced = self._all_reduce(torch.cat([means, labels, counts]))  # one collective for all
+        n_means, n_labels = len(keys), len(label_keys)
+        means, labels = reduced[:n_means] / self.env.world_size, reduced[n_means : n_means + n_labels]
+        counts = reduced[n_means + n_labels : -1]
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        data_wait = float(reduced[-1]) / self.env.world_size
         self._samples_per_s = self._window_steps * self.global_batch / elapsed
         metrics: dict[str, Any] = {}
         for key, value in zip(keys, means.tolist(), strict=True):
@@ -373,6 +380,8 @@ class Trainer:
                 metrics[f"loss/{key}"] = value
         metrics.update({f"lr/{name}": lr for name, lr in self._step_lrs.items()})
         metrics["samples_per_s"] = self._samples_per_s
+        # Share of the window's wall time the loop waited for batches (mean over ranks): > a few % is a data stall.
+        metrics["data_wait_share"] = round(min(1.0, data_wait / elapsed), 4)
         metrics["samples"] = self.samples_seen
         metrics["bad_steps"] = self.bad_steps
         for name, count in zip(self._source_names, counts.tolist(), strict=True):
@@ -388,6 +397,7 @@ class Trainer:
         self._window = {}
         self._source_window = Counter()
         self._label_window = Counter()
+        self._data_wait = 0.0
         self._window_steps = 0
         self._window_start = time.perf_counter()
         return metrics

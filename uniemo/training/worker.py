@@ -1,16 +1,19 @@
 """A rank's whole training job, for any launcher (:mod:`uniemo.distributed.env` says which rank this is): join the
 process group, build the stage and the DeepSpeed engine, restore or seed, run the loop of
-:mod:`uniemo.training.trainer`, finish. Ray Train workers run it (:func:`uniemo.distributed.ray_train.train_worker`),
-and so do tests and benchmarks in one process.
+:mod:`uniemo.training.trainer`, finish. Ray Train workers run it through :func:`train_worker` (what the driver,
+:mod:`uniemo.training.driver`, hands Ray Train), and so do tests and benchmarks in one process.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from uniemo.atomic import atomic_write
+from uniemo.config.loader import from_dict
 from uniemo.config.schema import Config
 from uniemo.distributed.env import (
     apply_worker_env,
@@ -18,10 +21,14 @@ from uniemo.distributed.env import (
     device_for,
     ensure_process_group,
     export_torch_env,
+    ray_node_record,
     read_env,
 )
+from uniemo.distributed.placement import record_placement
 from uniemo.logging import make_run_logger
+from uniemo.run_layout import worker_pid_path
 from uniemo.training.engine import build_engine
+from uniemo.training.run_weights import save_initial_weights
 from uniemo.training.stages import build_stage, describe_init
 from uniemo.training.trainer import Trainer, total_steps_for
 
@@ -46,6 +53,8 @@ def run_worker(cfg: Config, run_dir: str | Path, init_from: str | None = None) -
     logger = None
     try:
         parts = build_stage(cfg, env, Path(init_from) if init_from else None)
+        if env.is_main and parts.untrained:
+            save_initial_weights(run_dir, parts.untrained)  # once per run; loading it replays no random draws
         total = total_steps_for(cfg, parts.train_loader.batches_per_epoch)
         engine = build_engine(parts.task, cfg, world_size=env.world_size, device=device, total_steps=total)
         trainer = Trainer(cfg, env, run_dir, engine, parts, total, reduce_device)
@@ -71,3 +80,16 @@ def run_worker(cfg: Config, run_dir: str | Path, init_from: str | None = None) -
             logger.close()  # idempotent; after a failure it still flushes metrics and wandb
         if created and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (picklable by reference: a module-level function)."""
+
+    run_dir = Path(loop_config["run_dir"])
+    env = read_env()
+    pid_file = worker_pid_path(run_dir, env.rank)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(pid_file, f"{os.getpid()}\n")
+    record_placement(run_dir, [ray_node_record(role="trainer", rank=env.rank)])
+    cfg = from_dict(Config, loop_config["config"])
+    run_worker(cfg, run_dir, init_from=loop_config.get("init_from"))

@@ -6,12 +6,14 @@
 - stage 2: the whole task of :func:`uniemo.training.task.build_stage2_task`. The checkpoint holds only what stage 2
   trains (queries + interactive blocks, attribute classifiers, mappers; the UNet with ``train_unet``), because the
   trainer saves with ``exclude_frozen_parameters``. The frozen ViT backbone and emotion head come from the stage-1
-  checkpoint the run started from (``training.init_from``, or ``init_from`` in ``trainer_state.json``); the
-  frozen generator from ``model.generator.path`` or the random preset, which is rebuilt bit for bit from the
-  config's seed. Parameters that never train and are in no checkpoint (the contrastive logit scales, frozen
-  projections) are rebuilt from config and the run seed; neither generation nor classification reads them.
+  checkpoint the run records (``init_from`` in ``trainer_state.json``); the frozen generator from
+  ``model.generator.path`` or its preset's own seed. Parameters that never train and are in no checkpoint (the
+  contrastive logit scales, frozen projections) come from the run's ``initial_weights.safetensors``; a run written
+  before uniemo saved that file gets them by replaying its training's random draws.
 
-or from an export folder (:mod:`uniemo.training.export`), which is self-contained.
+Every weight goes through :mod:`uniemo.training.run_weights`, the one loader.
+
+or from an export folder (:mod:`uniemo.inference.export`), which is self-contained.
 
 Generation samples a condition per image from the emotion space (METHOD §4.2, D10) through
 :func:`uniemo.models.generation.generate`; classification runs the understanding model with evaluation transforms.
@@ -37,34 +39,38 @@ from uniemo.data.records import RecordProblem
 from uniemo.data.transforms import SampleTransform, build_sample_transform
 from uniemo.errors import UserError
 from uniemo.logging import say
+from uniemo.models.acceleration import compile_for_generation
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.emotion_space import EmotionSpace
-from uniemo.models.generation import SAMPLERS, generate
+from uniemo.models.generation import generate, sampling_settings
 from uniemo.models.generator import Generator
 from uniemo.models.understanding import UnderstandingDims, UnderstandingModel
 from uniemo.models.weights import build_understanding
 from uniemo.run_layout import (
     ATTRIBUTE_BASE_FILE,
     ATTRIBUTES_FILE,
-    CHECKPOINTS_DIR,
     CONFIG_FILE,
     EMOTION_SPACE_FILE,
     EXPORT_MANIFEST,
     GENERATIONS_FILE,
+    INITIAL_WEIGHTS_FILE,
     PIPELINE_DIR,
-    STEP_DIR_PREFIX,
     WEIGHTS_FILE,
     is_export,
 )
-from uniemo.training.checkpoint import (
-    checkpoint_step,
-    consolidated_state_dict,
-    is_complete,
-    read_trainer_state,
-    require_checkpoint,
-    resolve_checkpoint,
-)
+from uniemo.seeds import request_seeds
+from uniemo.training.checkpoint import checkpoint_step, consolidated_state_dict, require_checkpoint
 from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
+from uniemo.training.run_weights import (
+    UNDERSTANDING,
+    load_initial_weights,
+    load_stage1_understanding,
+    load_stage2_weights,
+    load_weights,
+    recorded_init,
+    strip,
+    trained_names,
+)
 from uniemo.training.task import build_stage2_task
 
 __all__ = [
@@ -76,14 +82,12 @@ __all__ = [
     "generate_images",
     "load_run",
     "mean_conditions",
-    "request_seeds",
     "require_stage2",
-    "sampling_settings",
     "save_generations",
 ]
 
 EXPORT_FORMAT = "uniemo-export-1"
-"""The format of ``uniemo_export.json`` this module reads (and :mod:`uniemo.training.export` writes)."""
+"""The format of ``uniemo_export.json`` this module reads (and :mod:`uniemo.inference.export` writes)."""
 
 
 @dataclass
@@ -176,34 +180,32 @@ def load_run(
     return _load_run_dir(p, device, compute_missing_emotion_space)
 
 
-def _load_run_dir(run_dir: Path, device: torch.device, compute_missing_emotion_space: bool) -> LoadedRun:
+_RUN_HINT = "the run folder mixes configs or is damaged"
 
+
+def _load_run_dir(run_dir: Path, device: torch.device, compute_missing_emotion_space: bool) -> LoadedRun:
     cfg = load_config(run_dir / CONFIG_FILE)
     step_dir = require_checkpoint(run_dir)
-    state = consolidated_state_dict(step_dir)
     attributes = load_attribute_table(cfg.data)
     stage = int(cfg.training.stage)
     transform = build_sample_transform(cfg.data, stage=1, training=False)
-    torch.manual_seed(cfg.run.seed)  # parameters in no checkpoint (never trained) are rebuilt as at training
-    if stage == 1:
-
-        understanding = build_understanding(cfg.model.understanding, len(attributes.scenes), len(attributes.objects))
-        _load_into(understanding, _strip(state, "understanding."), step_dir)
-        run = LoadedRun(cfg, 1, checkpoint_step(step_dir), step_dir, understanding.eval(), transform, attributes)
-        return run.to(device)
-
-
-    task = build_stage2_task(cfg, attributes)
-    # The frozen backbone and head are not in a stage-2 checkpoint: start from the stage-1 weights.
-    frozen_understanding = [
-        f"understanding.{n}"
-        for n, role in task.understanding.parameter_roles().items()
-        if role in ("backbone", "head") and f"understanding.{n}" not in state
-    ]
-    if frozen_understanding:
-        stage1 = _stage1_understanding_state(run_dir, step_dir, cfg)
-        _load_into(task.understanding, stage1, step_dir, partial=True)
-    _load_into(task, state, step_dir)
+    with torch.random.fork_rng(devices=[]):
+        if not (run_dir / INITIAL_WEIGHTS_FILE).is_file():
+            # A run written before its never-trained parameters were saved with it: they are rebuilt by the
+            # random draws its training made (stages._build_task seeds the same way before building).
+            torch.manual_seed(cfg.run.seed)
+        if stage == 1:
+            understanding = build_understanding(
+                cfg.model.understanding, len(attributes.scenes), len(attributes.objects))
+            load_initial_weights(understanding, run_dir, prefix=UNDERSTANDING)
+            load_weights(understanding, strip(consolidated_state_dict(step_dir), UNDERSTANDING), step_dir,
+                         required=trained_names(understanding), hint=_RUN_HINT)
+            run = LoadedRun(cfg, 1, checkpoint_step(step_dir), step_dir, understanding.eval(), transform, attributes)
+            return run.to(device)
+        task = build_stage2_task(cfg, attributes)
+    load_initial_weights(task, run_dir)
+    load_stage1_understanding(task.understanding, _stage1_checkpoint(run_dir, step_dir), _RUN_HINT)
+    load_stage2_weights(task, step_dir, _RUN_HINT)
     task.eval()
     run = LoadedRun(
         cfg,
@@ -222,6 +224,18 @@ def _load_run_dir(run_dir: Path, device: torch.device, compute_missing_emotion_s
     return run
 
 
+def _stage1_checkpoint(run_dir: Path, step_dir: Path) -> Path:
+    """The stage-1 checkpoint the stage-2 checkpoint ``step_dir`` builds on (the one it records)."""
+    stage1 = recorded_init(step_dir)
+    if stage1 is None:
+        raise UserError(
+            f"stage-2 run {str(run_dir)!r} does not record its stage-1 checkpoint (no init_from in "
+            f"{step_dir.name}'s trainer state), and its checkpoint holds only the stage-2 trained weights; it was not "
+            "written by uniemo's trainer"
+        )
+    return stage1
+
+
 def _run_emotion_space(run: LoadedRun, run_dir: Path, compute: bool) -> EmotionSpace | None:
 
     path = run_dir / EMOTION_SPACE_FILE
@@ -234,79 +248,6 @@ def _run_emotion_space(run: LoadedRun, run_dir: Path, compute: bool) -> EmotionS
     say(note)
     run.notes.append(note)
     return compute_emotion_space(run.understanding, emotion_space_loader(run.config), run.device)
-
-
-def _stage1_understanding_state(run_dir: Path, step_dir: Path, cfg: Config) -> dict[str, torch.Tensor]:
-    """The understanding weights of the stage-1 checkpoint a stage-2 run started from (bare names)."""
-    from safetensors.torch import load_file
-
-    candidates: list[tuple[str, str]] = []
-    for source in (read_trainer_state(step_dir), _first_trainer_state(run_dir)):
-        if isinstance(source.get("init_from"), str) and source["init_from"]:
-            candidates.append(("trainer_state.json init_from", source["init_from"]))
-    if cfg.training.init_from:
-        candidates.append(("training.init_from", cfg.training.init_from))
-    if not candidates:
-        raise UserError(
-            f"stage-2 run {str(run_dir)!r} does not record its stage-1 checkpoint (training.init_from is empty), "
-            "and its checkpoint holds only the stage-2 trained weights; set training.init_from in its config.yaml "
-            "to the stage-1 run folder"
-        )
-    where, value = candidates[0]
-    init = Path(value)
-    if not init.is_absolute() and not init.exists() and (run_dir / init).exists():
-        init = run_dir / init
-    if is_export(init):
-        return _strip(load_file(str(init / WEIGHTS_FILE)), "understanding.")
-    try:
-        stage1_dir = resolve_checkpoint(init)
-    except UserError as e:
-        raise UserError(f"the stage-1 checkpoint of this stage-2 run ({where}={value!r}) cannot be read: {e}") from None
-    return _strip(consolidated_state_dict(stage1_dir), "understanding.")
-
-
-def _first_trainer_state(run_dir: Path) -> dict[str, Any]:
-    """The trainer_state.json of the run's earliest step folder ({} if none): where the run began."""
-    steps = [s for s in sorted((run_dir / CHECKPOINTS_DIR).glob(f"{STEP_DIR_PREFIX}*")) if is_complete(s)]
-    return read_trainer_state(steps[0]) if steps else {}
-
-
-def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _load_into(
-    module: torch.nn.Module,
-    state: dict[str, torch.Tensor],
-    source: Path,
-    *,
-    partial: bool = False,
-) -> None:
-    """Copy ``state`` into ``module`` and check that it fits.
-
-    Every key must name a parameter or buffer of ``module`` with the same shape (else the checkpoint belongs to
-    another config). Unless ``partial``, every parameter the stage trains (``requires_grad`` after the task's
-    freezing) must be present; frozen ones are rebuilt from config (see the module docstring).
-    """
-    own = module.state_dict()
-    unexpected = sorted(k for k in state if k not in own)
-    shape_errors = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
-    missing = [] if partial else sorted(
-        n for n, p in module.named_parameters() if p.requires_grad and n not in state
-    )
-    if unexpected or shape_errors or missing:
-        detail = (
-            f"unknown keys {unexpected[:3]}" if unexpected
-            else f"shape mismatch at {shape_errors[:3]}" if shape_errors
-            else f"missing trained parameters {missing[:3]}"
-        )
-        raise UserError(
-            f"checkpoint {str(source)!r} does not fit the model built from the run's config ({detail}); "
-            "the run folder mixes configs or is damaged"
-        )
-    with torch.no_grad():
-        for name, value in state.items():
-            own[name].copy_(value.to(own[name].dtype))
 
 
 def _load_export(folder: Path) -> LoadedRun:
@@ -323,14 +264,13 @@ def _load_export(folder: Path) -> LoadedRun:
     attributes = AttributeTable.load(folder / ATTRIBUTES_FILE)
     weights = load_file(str(folder / WEIGHTS_FILE))
     stage = int(info["stage"])
-    torch.manual_seed(cfg.run.seed)
     understanding = UnderstandingModel(
         cfg.model.understanding,
         int(info["num_scenes"]),
         int(info["num_objects"]),
         dims=UnderstandingDims(**info["understanding_dims"]),
     )
-    _load_strict(understanding, _strip(weights, "understanding."), folder)
+    _load_export_weights(understanding, strip(weights, UNDERSTANDING), folder)
     transform = build_sample_transform(cfg.data, stage=1, training=False)
     run = LoadedRun(cfg, stage, info.get("step"), folder, understanding.eval(), transform, attributes)
     if stage == 1:
@@ -347,7 +287,7 @@ def _load_export(folder: Path) -> LoadedRun:
     base = load_file(str(folder / ATTRIBUTE_BASE_FILE))
     conditioner = Conditioner(cfg.model.conditioner, in_dim=understanding.width, out_dim=generator.token_dim,
                               has_base=base["embeddings"].shape[0] > 0)
-    _load_strict(conditioner, _strip(weights, "conditioner."), folder)
+    _load_export_weights(conditioner, strip(weights, "conditioner."), folder)
     run.conditioner = conditioner.eval()
     run.generator = generator.eval()
     run.attribute_embeddings = base["embeddings"]
@@ -356,12 +296,9 @@ def _load_export(folder: Path) -> LoadedRun:
     return run
 
 
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{folder / WEIGHTS_FILE} does not fit {EXPORT_MANIFEST} ({first}); export the run again") from None
+def _load_export_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
+    load_weights(module, state, folder / WEIGHTS_FILE, required=module.state_dict(),
+                 hint=f"it does not match {EXPORT_MANIFEST}: export the run again")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -433,10 +370,12 @@ def generate_images(
     guidance_scale: float | None = None,
     sampler: str | None = None,
     batch_size: int | None = None,
+    image_format: str = "png",
 ) -> list[dict[str, Any]]:
     """Generate ``num`` images of ``emotion`` with sampled conditions (METHOD §4.2, D10) into ``out_dir``.
 
-    Images are ``<emotion>_<seed>.png``; one JSON line per image is appended to ``out_dir/generations.jsonl``
+    Images are ``<emotion>_<seed>.png`` (``.jpg`` with ``image_format="jpg"``, :func:`save_generations`); one JSON
+    line per image is appended to ``out_dir/generations.jsonl``
     (file, emotion, seed, steps, guidance, sampler, α_s, α_o, retrieved attributes, checkpoint). Seeds are
     ``seed, seed+1, ...`` when ``seed`` is given, else drawn at random; defaults for steps, guidance and sampler
     come from ``model.generator``.
@@ -444,7 +383,7 @@ def generate_images(
     k = emotion_index(emotion)
     parts = require_stage2(run, "generation")
     gen_cfg = run.config.model.generator
-    steps, guidance_scale, sampler = sampling_settings(run, steps, guidance_scale, sampler)
+    steps, guidance_scale, sampler = sampling_settings(gen_cfg, steps, guidance_scale, sampler)
     batch_size = gen_cfg.generation_batch_size if batch_size is None else int(batch_size)
     if num < 1:
         raise UserError(f"--num must be >= 1, got {num}")
@@ -458,6 +397,8 @@ def generate_images(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder for the images")
     out.mkdir(parents=True, exist_ok=True)
+    if gen_cfg.compile and parts.generator.fixed_batch != batch_size:  # CUDA graphs at this batch (once)
+        compile_for_generation(parts.generator, batch_size)
     result = generate(
         parts.generator,
         parts.conditioner,
@@ -479,7 +420,7 @@ def generate_images(
 
     records = []
     for i in range(len(result.images)):
-        name = f"{EMOTIONS[k]}_{result.seeds[i]}.png"
+        name = f"{EMOTIONS[k]}_{result.seeds[i]}.{image_format}"
         record = {
             "file": name,
             "emotion": EMOTIONS[k],
@@ -499,38 +440,24 @@ def generate_images(
     return records
 
 
-def sampling_settings(
-    run: LoadedRun, steps: int | None, guidance_scale: float | None, sampler: str | None
-) -> tuple[int, float, str]:
-    """Steps, guidance and sampler of a request, each defaulting to ``model.generator``'s; an unknown sampler is a
-    UserError."""
-    gen_cfg = run.config.model.generator
-    steps = gen_cfg.sampling_steps if steps is None else int(steps)
-    guidance = gen_cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
-    sampler = gen_cfg.sampler if sampler is None else sampler
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    return steps, guidance, sampler
-
-
-def request_seeds(seed: int | None, num: int) -> list[int]:
-    """``seed, seed+1, ...`` for ``num`` images, or ``num`` random seeds when ``seed`` is None (D10)."""
-    if seed is None:
-        return random.SystemRandom().sample(range(2**31 - 1), num)
-    if seed < 0:
-        raise UserError(f"--seed must be a non-negative integer, got {seed}")
-    return [seed + i for i in range(num)]
+JPEG_QUALITY = 75
+"""Quality of JPEG evaluation images: PIL's default, which EmoGen's ``img.save(f"...jpg")`` uses."""
 
 
 def save_generations(out: Path, images: Any, records: list[dict[str, Any]]) -> None:
-    """Write image i as PNG ``records[i]["file"]`` in ``out``, its record in the PNG's ``uniemo`` text chunk (D10:
-    the seed travels with the image), and append the records to ``out/generations.jsonl``."""
+    """Write image i as ``records[i]["file"]`` in ``out`` with its record inside (D10: the seed travels with the
+    image): a PNG's ``uniemo`` text chunk, or a JPEG's comment (``.jpg``, quality :data:`JPEG_QUALITY`); append
+    the records to ``out/generations.jsonl``."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     for image, record in zip(images, records, strict=True):
+        text = json.dumps(record)
+        if str(record["file"]).endswith(".jpg"):
+            Image.fromarray(image).save(out / record["file"], quality=JPEG_QUALITY, comment=text.encode("utf-8"))
+            continue
         info = PngInfo()
-        info.add_text("uniemo", json.dumps(record))
+        info.add_text("uniemo", text)
         Image.fromarray(image).save(out / record["file"], pnginfo=info)
     with open(out / GENERATIONS_FILE, "a", encoding="utf-8") as f:
         for record in records:

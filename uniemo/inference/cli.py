@@ -2,13 +2,17 @@
 
 ::
 
-    uniemo export   --run DIR [--out DIR]
+    uniemo export   --run DIR [--out DIR] [--official]
     uniemo generate --run DIR --emotion awe [--num 8] --out DIR [--seed S] [--steps N] [--guidance G]
                     [--sampler {unipc,ddim}] [--batch-size B]
     uniemo classify --run DIR IMAGE... [--json FILE]
-    uniemo transfer --run DIR --image IMG --emotion awe [--object bag] --out DIR [--num 1] [--seed S] [--steps N]
+    uniemo transfer --run DIR (--image IMG | --emoset ROOT) --emotion awe [--object bag] [--official] --out DIR
+                    [--num 1] [--seed S] [--steps N]
 
 ``--run`` is a run folder (``runs/<name>``, its latest checkpoint is used) or a folder written by ``uniemo export``.
+``export --official`` writes the official UniEmo layout (best.pth; VIT_query.pth, mapper*.pth, params.json,
+UniEmo_space/); ``transfer --official`` takes the official ``inference_transfer.py`` defaults: the stage-1 ViT, the
+object ``bag`` and, with ``--emoset``, a random image of the target emotion per output (:mod:`uniemo.inference.official`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="write safetensors weights, the emotion space and a diffusers pipeline")
     e.add_argument("--run", required=True, help="run folder (runs/<name>) or an earlier export")
     e.add_argument("--out", default=None,
-                   help="export folder: new, empty, or an earlier export to replace (default <run>/export)")
+                   help="export folder: new, empty, or an earlier export to replace (default <run>/export; with "
+                        "--official: new or empty, default <run>/official)")
+    e.add_argument("--official", action="store_true",
+                   help="write the official UniEmo layout (best.pth, or VIT_query.pth + mapper*.pth + params.json + "
+                        "UniEmo_space/) that the official inference scripts load")
     e.set_defaults(func=_export)
 
     g = sub.add_parser("generate", help="generate images of an emotion with sampled conditions (METHOD §4.2)")
@@ -53,10 +61,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("transfer", help="render a real image with a target emotion (emotion transfer)")
     t.add_argument("--run", required=True, help="stage-2 run folder or export folder")
-    t.add_argument("--image", required=True, help="the source image file")
+    source = t.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", default=None, help="the source image file (the same for every output)")
+    source.add_argument("--emoset", default=None, metavar="ROOT",
+                        help="draw each output's source image at random (from its seed) from ROOT/image/<emotion>/, "
+                             "the target emotion's EmoSet folder, as the official inference_transfer.py")
     t.add_argument("--emotion", required=True, help=f"target emotion: one of {', '.join(EMOTIONS)}")
     t.add_argument("--object", default=None, dest="object_word",
-                   help="an object word after the emotion token, as in the official '<emotion> bag' (default none)")
+                   help="an object word after the emotion token, as in the official '<emotion> bag' (default none; "
+                        "'bag' with --official)")
+    t.add_argument("--official", action="store_true",
+                   help="the official transfer's defaults: the stage-1 ViT the run started from (with the run's "
+                        "mappers) and the object 'bag'")
     t.add_argument("--out", required=True,
                    help="folder for <image>-<emotion>_<seed>.png, its textual-inversion embedding and generations.jsonl")
     t.add_argument("--num", type=int, default=1, help="number of images (default 1)")
@@ -70,8 +86,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from uniemo.inference.export import export_run
     from uniemo.run_layout import EXPORT_MANIFEST
-    from uniemo.training.export import export_run
+
+    if args.official:
+        from uniemo.inference.official import export_official
+
+        files = export_official(args.run, args.out or Path(args.run) / "official")
+        shown = sorted({str(f.relative_to(files[0].parent)).split("/")[0] for f in files})
+        print(f"exported {args.run} in the official UniEmo layout to {files[0].parent}: {', '.join(shown)}")
+        return 0
 
     out = export_run(args.run, args.out)
     info = json.loads((out / EXPORT_MANIFEST).read_text(encoding="utf-8"))
@@ -83,7 +107,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from uniemo.training.inference import emotion_index, generate_images, load_run
+    from uniemo.inference.runs import emotion_index, generate_images, load_run
 
     emotion_index(args.emotion)  # a bad name fails before the models load
     run = load_run(args.run, device=_device(args.device))
@@ -98,26 +122,46 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _transfer(args: argparse.Namespace) -> int:
     from uniemo.errors import UserError
-    from uniemo.training.inference import emotion_index, load_run
-    from uniemo.training.transfer import check_request, transfer_image
+    from uniemo.inference.official import (
+        OFFICIAL_OBJECT,
+        check_official_transfer_source,
+        emoset_images,
+        official_transfer_run,
+    )
+    from uniemo.inference.runs import emotion_index, load_run
+    from uniemo.inference.transfer import check_request, transfer_image
+    from uniemo.seeds import request_seeds
 
     emotion_index(args.emotion)  # bad arguments or a missing image fail before the models load
-    check_request(args.num, args.object_word, args.seed, args.steps)
-    if not Path(args.image).is_file():
+    object_word = OFFICIAL_OBJECT if args.official and args.object_word is None else args.object_word
+    check_request(args.num, object_word, args.seed, args.steps)
+    if args.image is not None and not Path(args.image).is_file():
         raise UserError(f"--image {args.image!r} does not exist; give an image file")
+    if args.official:
+        check_official_transfer_source(args.run)
+    seeds = request_seeds(args.seed, args.num)
+    sources = emoset_images(args.emoset, args.emotion.strip().lower(), seeds) if args.emoset else []
     run = load_run(args.run, device=_device(args.device))
-    records = transfer_image(
-        run, args.image, args.emotion, args.out, num=args.num, object_word=args.object_word, seed=args.seed,
-        steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-    )
+    if args.official:
+        run, note = official_transfer_run(run)
+        print(note)
+    records = []
+    if args.emoset:  # one source image per output, drawn from the output's seed: one transfer each
+        for seed, image in zip(seeds, sources, strict=True):
+            records += transfer_image(run, image, args.emotion, args.out, num=1, object_word=object_word, seed=seed,
+                                      steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler)
+    else:
+        records = transfer_image(run, args.image, args.emotion, args.out, num=args.num, object_word=object_word,
+                                 seed=args.seed, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler)
     first = records[0]
-    print(f"wrote {len(records)} {first['emotion']} transfer(s) of {args.image} to {args.out} "
+    what = args.image if args.image else f"{len({r['source_image'] for r in records})} image(s) of {args.emoset}"
+    print(f"wrote {len(records)} {first['emotion']} transfer(s) of {what} to {args.out} "
           f"(prompt {first['prompt']!r}); diffusers: pipe.load_textual_inversion({first['embedding']!r})")
     return 0
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from uniemo.training.inference import classify_images, load_run
+    from uniemo.inference.runs import classify_images, load_run
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:

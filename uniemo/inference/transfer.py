@@ -27,16 +27,10 @@ from uniemo.config.schema import EMOTIONS
 from uniemo.data.images import load_image_bytes
 from uniemo.data.records import RecordProblem
 from uniemo.errors import UserError
+from uniemo.inference.runs import LoadedRun, emotion_index, require_stage2, save_generations
 from uniemo.models.conditioner import Conditioner
-from uniemo.models.generation import render_conditions
-from uniemo.training.inference import (
-    LoadedRun,
-    emotion_index,
-    request_seeds,
-    require_stage2,
-    sampling_settings,
-    save_generations,
-)
+from uniemo.models.generation import render_conditions, sampling_settings
+from uniemo.seeds import request_seeds
 
 __all__ = ["check_request", "image_features", "transfer_image", "transfer_token"]
 
@@ -112,7 +106,7 @@ def transfer_image(
     parts = require_stage2(run, "emotion transfer")
     generator, conditioner, base, phi = parts.generator, parts.conditioner, parts.attribute_embeddings, parts.phi
     check_request(num, object_word, seed, steps)
-    steps, guidance_scale, sampler = sampling_settings(run, steps, guidance_scale, sampler)
+    steps, guidance_scale, sampler = sampling_settings(run.config.model.generator, steps, guidance_scale, sampler)
     seeds = request_seeds(seed, num)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -1,6 +1,6 @@
 """``uniemo export``: a run's weights as safetensors, the emotion space, and a diffusers pipeline.
 
-The run is loaded by :func:`uniemo.training.inference.load_run`, which puts the checkpoint's trained weights and
+The run is loaded by :func:`uniemo.inference.runs.load_run`, which puts the checkpoint's trained weights and
 the frozen parts back together (checkpoints are read by :mod:`uniemo.training.checkpoint`).
 
 An export folder (:func:`export_run`)::
@@ -33,18 +33,19 @@ from safetensors.torch import save_file
 from uniemo.config.loader import code_version, to_dict
 from uniemo.config.schema import EMOTIONS
 from uniemo.errors import UserError
+from uniemo.inference.runs import EXPORT_FORMAT, LoadedRun, load_run, mean_conditions, require_stage2
 from uniemo.logging import say
 from uniemo.models.generator import save_pipeline, token_embedding
 from uniemo.run_layout import (
     ATTRIBUTE_BASE_FILE,
     ATTRIBUTES_FILE,
     EMOTION_SPACE_FILE,
+    EXPORT_DIR,
     EXPORT_MANIFEST,
     PIPELINE_DIR,
     WEIGHTS_FILE,
     is_export,
 )
-from uniemo.training.inference import EXPORT_FORMAT, LoadedRun, load_run, mean_conditions, require_stage2
 
 __all__ = ["emotion_token", "export_run", "write_export", "write_pipeline"]
 
@@ -68,7 +69,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         UserError: ``out_dir`` exists, is not empty and is not an earlier export; or the run cannot be loaded.
     """
     source = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else source / "export"
+    out = Path(out_dir) if out_dir is not None else source / EXPORT_DIR
     _check_out_folder(out, source)
     run = load_run(source, device="cpu")  # files are written from CPU tensors; nothing heavy runs here
 
