@@ -277,3 +277,10 @@ def test_label_scarce_subset_and_inspect(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="more than the train samples"):
         ensure_synthetic_shards(load_config(None, [*common, "data.labelled_per_emotion=500"]).data)
+    # A set drawn from an older version of the world's tables is not read silently.
+    record = full.parent / "raw" / "world.json"
+    record.write_text(record.read_text().replace('"bayes"', '"bayes_old"'))
+    from uniemo.errors import DataError
+
+    with pytest.raises(DataError, match="older version of the hard world"):
+        ensure_synthetic_shards(load_config(None, common).data)

@@ -909,6 +909,7 @@ def _full_shards(data_cfg: Any, progress: bool) -> Path:
     base = shards.parent
     syn = data_cfg.synthetic
     if (shards / MANIFEST_FILE).is_file():
+        _check_world_version(base / "raw", syn.world)
         return shards
     from filelock import FileLock
 
@@ -935,6 +936,23 @@ def _full_shards(data_cfg: Any, progress: bool) -> Path:
             phi_beta=data_cfg.phi_beta,
         )
     return shards
+
+
+def _check_world_version(raw: Path, world: str) -> None:
+    """A cached set of a world other than ``easy`` must have been drawn from the world's current tables: its
+    ``world.json`` (name and rates) equals what they give now. A world's tables changed under the same cache
+    name would otherwise be read silently (the hard world's scenes did change once)."""
+    if world == "easy":
+        return
+    from uniemo.data.synthetic import world_of, world_record
+
+    try:
+        recorded = json.loads((raw / WORLD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != world_record(world_of(world)):
+        raise DataError(f"{raw.parent} was drawn from an older version of the {world} world (its {WORLD_FILE} "
+                        f"differs from the world's tables now); delete that folder to draw it again")
 
 
 # ---------------------------------------------------------------------------------------------------------
