@@ -261,6 +261,7 @@ def test_label_scarce_subset_and_inspect(tmp_path, capsys):
     assert not set(keys(labelled, "train")) & set(keys(left_out, "train"))
     table = AttributeTable.load(labelled)
     assert sum(sum(c) for c in table.scene_counts.values()) == 24  # counted over the 24 labelled images only
+    assert table.scenes == AttributeTable.load(full).scenes  # the full set's vocabulary: the heads keep their shapes
     # deterministic: written again elsewhere, the same samples are chosen
     again = ensure_synthetic_shards(load_config(None, [*common, "data.labelled_per_emotion=3",
                                                        f"data.cache_dir={tmp_path / 'again'}"]).data)

@@ -263,7 +263,9 @@ def test_wrong_labels_control_feeds_the_trainers_wrong_labels(sequential_run, st
     summary = run_feedback(cfg)
     run = Path(summary["run_dir"])
     mirrored = json.loads((mirrored_run / "rounds" / "round-0.json").read_text())
-    report = _check_round(run, 0, Path(mirrored["checkpoint"]))
+    from uniemo.run_layout import path_from_run_file
+
+    report = _check_round(run, 0, path_from_run_file(mirrored["checkpoint"], mirrored_run))
     assert report["control"]["kind"] == "wrong_labels" and report["samples"] == mirrored["totals"]["kept"]
     generated_for = Counter({k: mirrored["emotions"][e]["kept"] for k, e in enumerate(EMOTIONS)})
     assert report["control"]["labels"] == {EMOTIONS[wrong_label(k)]: n for k, n in generated_for.items()}

@@ -1083,7 +1083,15 @@ def ensure_label_scarce(
                     if entry["split"] != "train":
                         shutil.copyfile(full / entry["name"], folder / entry["name"])
                         entries.append(dict(entry))
-                table = AttributeTable.from_records([_record(s) for s in samples], min_attribute_count, phi_beta)
+                # Counted over the labelled samples only, over the full folder's vocabularies: a scene that none
+                # of the N x 8 shows keeps its (zero) row, so the attribute heads keep the full set's shapes.
+                counted = AttributeTable.from_records([_record(s) for s in samples], min_attribute_count, phi_beta)
+                vocab = AttributeTable.load(full)
+                zeros = [0] * NUM_EMOTIONS
+                table = AttributeTable.from_counts(
+                    {n: counted.scene_counts.get(n, zeros) for n in sorted({*vocab.scenes, *counted.scenes})},
+                    {n: counted.object_counts.get(n, zeros) for n in sorted({*vocab.objects, *counted.objects})},
+                    min_attribute_count, phi_beta)
                 table.save(folder / ATTRIBUTES_FILE)
             write_json_atomic(folder / MANIFEST_FILE, {
                 "format": FORMAT_VERSION, **origin, "split": "train" if not keep_eval else "all",
