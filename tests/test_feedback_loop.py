@@ -115,7 +115,10 @@ def _check_round(run_dir: Path, index: int, checkpoint: Path) -> dict:
     folder = round_dir(run_dir, index)
     manifest = read_manifest(folder)
     report = json.loads(round_report_path(run_dir, index).read_text())
-    assert manifest["report"] == report and manifest["round"] == index
+    later = ("entered_step", "retired")  # set in the report file after the round was published
+    assert {k: v for k, v in manifest["report"].items() if k not in later} == {
+        k: v for k, v in report.items() if k not in later}
+    assert manifest["round"] == index
     assert not Path(report["checkpoint"]).is_absolute()  # run files name paths relative to their run folder
     assert path_from_run_file(report["checkpoint"], run_dir) == checkpoint
     _check_counts(report)
@@ -372,3 +375,99 @@ def test_async_pool_delivers_rounds_to_the_running_training(start_runs, synth_sh
     assert all(r["data/samples/real"] + r["data/samples/synthetic"] == 32 for r in records)
     loop = json.loads((run / "rounds" / "loop.json").read_text())
     assert loop["mode"] == "async" and loop["rounds"]["1"]["checkpoint_step"] > 0
+    # What depended on timing is recorded: the step each round generated from, and when it entered the mix.
+    from uniemo.training.checkpoint import step_of
+    from uniemo.training.feedback_schedule import read_mix
+
+    reports = [json.loads((run / "rounds" / f"round-{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0]["generated_from_step"] == 0 and reports[1]["generated_from_step"] == step_of(step_dir) > 0
+    mix = read_mix(run)
+    assert mix[-1]["rounds"] == [0, 1]
+    for report in reports:
+        entered = report["entered_step"]
+        assert entered == next(line["step"] for line in mix if report["round"] in line["rounds"])
+        assert loop["rounds"][str(report["round"])]["entered_step"] == entered
+    assert reports[1]["entered_step"] >= reports[1]["generated_from_step"]
+    assert all(r["data/samples/synthetic"] == 0 for r in records if r["step"] <= reports[0]["entered_step"])
+    assert sum(r["data/samples/synthetic"] for r in records if r["step"] > reports[0]["entered_step"]) > 0
+    assert [t["entered_step"] for t in summary["timing"]] == [reports[0]["entered_step"], reports[1]["entered_step"]]
+
+
+def _stop_after_step(run: Path, step: int) -> None:
+    """Ask the trainers of ``run`` to checkpoint and stop (what SIGTERM does) once ``step`` is logged."""
+    from uniemo.run_layout import stop_request_path
+
+    while not (run / "metrics.jsonl").is_file() or not any(r["step"] >= step for r in _metrics(run)):
+        time.sleep(0.2)
+    stop_request_path(run).touch()
+
+
+def _comparable(run: Path) -> dict:
+    """What two runs of one config and seed must agree on: every training metric but the clock, the mix record
+    without its clock, and each round's funnel and timing."""
+    from uniemo.training.feedback_schedule import read_mix
+
+    clock = ("time", "samples_per_s")
+    rounds = {}
+    for path in sorted((run / "rounds").glob("round-*.json")):
+        report = json.loads(path.read_text())
+        rounds[report["round"]] = {k: report[k] for k in ("emotions", "totals", "samples", "generated_from_step",
+                                                          "entered_step")}
+        rounds[report["round"]]["checkpoint"] = Path(report["checkpoint"]).name
+    return {
+        "metrics": [{k: v for k, v in r.items() if k not in clock} for r in _metrics(run)],
+        "mix": [{k: v for k, v in line.items() if k not in ("time", "waited_s")} for line in read_mix(run)],
+        "rounds": rounds,
+    }
+
+
+@pytest.mark.slow
+def test_pinned_async_runs_twice_to_the_same_numbers(start_runs, synth_shards):
+    """``feedback.pinned``: round r generates from the checkpoint of step 2r and enters the mix after step 2r + 1,
+    the trainers waiting for it. Two runs of one config and seed, the second stopped (SIGTERM's path: checkpoint and
+    stop) after its first step and resumed, give the same metrics, rounds and weights. With
+    ``feedback.keep_rounds=1`` the mix reads the newest round only, and round 0's shards are deleted once no
+    trainer and no kept checkpoint reads them (its report stays), without a single skipped shard."""
+    import torch
+
+    from uniemo.feedback.loop import run_feedback
+    from uniemo.run_layout import round_dir
+    from uniemo.training.checkpoint import consolidated_state_dict, latest_checkpoint
+
+    pinned = ["feedback.mode=async", "feedback.pinned=true", "feedback.rounds=2", "feedback.steps_per_round=2",
+              "feedback.pinned_delay=1", "feedback.keep_rounds=1", "training.checkpoint_every=2",
+              "training.keep_checkpoints=1", "feedback.trainer_cpus=0.5", "feedback.generator_cpus=0.5",
+              "feedback.filter_cpus=0.25"]
+    runs = []
+    for name in ("pinned-a", "pinned-b"):
+        cfg = _config(start_runs, synth_shards, f"run.name={name}", *pinned)
+        started = time.perf_counter()
+        if name == "pinned-b":  # stopped once its first step is logged, then resumed
+            watcher = threading.Thread(target=_stop_after_step, args=(start_runs / name, 1), daemon=True)
+            watcher.start()
+            first = run_feedback(cfg)
+            watcher.join(timeout=5)
+            assert first["stopped"] and first["step"] < 4, first
+            summary = run_feedback(cfg, resume=True)
+        else:
+            summary = run_feedback(cfg)
+        print(f"\n[pinned {name}] {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        runs.append(Path(summary["run_dir"]))
+        assert summary["pinned"] and summary["step"] == 4 and not summary["stopped"]
+        assert [(t["round"], t["generated_from_step"], t["entered_step"]) for t in summary["timing"]] == [
+            (0, 0, 1), (1, 2, 3)]
+    a, b = (_comparable(run) for run in runs)
+    assert a == b
+    assert [(line["step"], line["rounds"]) for line in a["mix"]] == [(0, []), (1, [0]), (3, [1])]
+    assert [r["step"] for r in a["metrics"]] == [1, 2, 3, 4]
+    assert a["metrics"][0]["data/samples/synthetic"] == 0  # round 0 enters after step 1
+    assert sum(r["data/samples/synthetic"] for r in a["metrics"][1:]) > 0
+    assert all(r["data/skipped"] == 0 for r in a["metrics"])  # retention never took a shard from a reader
+    assert a["rounds"][1]["checkpoint"] == "step-000002"
+    weights = [consolidated_state_dict(latest_checkpoint(run)) for run in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for run in runs:  # retention: round 0's shards are gone, its report stays; round 1 is what the last epoch read
+        assert not round_dir(run, 0).exists() and round_dir(run, 1).is_dir()
+        assert json.loads((run / "rounds" / "round-0.json").read_text())["retired"]["bytes"] > 0
+        assert json.loads((run / "rounds" / "round-1.json").read_text())["retired"] is None

@@ -138,6 +138,12 @@ def test_whole_loop_killed_in_stage2_then_resumed(tmp_path):
     assert (root / "feedback" / "shards" / "synthetic").is_dir()
     fb_steps = [json.loads(line) for line in (root / "feedback" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in fb_steps) == 6
+    # The demo's pinned async loop: round 0 from the start checkpoint, in the mix after step 6 // 2, as recorded.
+    feedback = state["stages"]["feedback"]["result"]
+    assert feedback["pinned"] and state["version"] == 2
+    assert [(t["round"], t["generated_from_step"], t["entered_step"]) for t in feedback["rounds"]] == [(0, 0, 3)]
+    assert report["generated_from_step"] == 0 and report["entered_step"] == 3
+    assert all(r["data/samples/synthetic"] == 0 for r in fb_steps if r["step"] <= 3)
     # Evaluation of the final run, judged by the pipeline's own judge, and the report.
     metrics = json.loads((root / "feedback" / "metrics.json").read_text())
     assert metrics["judge"]["dir"] == "../judge"  # relative to the evaluated run: the folder is movable

@@ -56,6 +56,7 @@ from uniemo.run_layout import (
     STAGE2,
     TRAINING_STAGES,
     path_for_run_file,
+    path_from_run_file,
     run_dir_of,
 )
 
@@ -151,7 +152,10 @@ def _stage_feedback(p: Pipeline, resume: bool) -> dict[str, Any]:
 
     cfg = p.stage_config(FEEDBACK_STAGE)
     summary = run_feedback(cfg, resume=resume)  # resume=True also starts a fresh loop
-    return {"run": p.stored(p.run_dir(FEEDBACK_STAGE)), **_small(p, summary)}
+    run_dir = p.run_dir(FEEDBACK_STAGE)
+    # What depends on the async loop's timing, per round (run_files.RoundTiming): read these to tell two runs apart.
+    rounds = [{**t, "checkpoint": p.stored(path_from_run_file(t["checkpoint"], run_dir))} for t in summary["timing"]]
+    return {"run": p.stored(run_dir), **_small(p, summary), "rounds": rounds}
 
 
 def _stage_judge(p: Pipeline, resume: bool) -> dict[str, Any]:

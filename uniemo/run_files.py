@@ -9,8 +9,8 @@
 | ``report/report.json``          | :class:`ReportState` | :mod:`uniemo.evaluation.report` | the report (may replace its folder) |
 
 A reader goes through :func:`read_versioned`: a file of another version is one :class:`RunFileError` line that
-says what to re-run. Round reports written before versions existed (version 1, no ``version`` key) still read:
-:func:`upgrade_round_report` derives the fields added since from the ones they have.
+says what to re-run. Round reports of older versions (1: no ``version`` key; 2) still read:
+:func:`upgrade_round_report` derives the fields added since from the ones they have, or marks them unknown.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from uniemo.errors import UserError
 from uniemo.feedback.filtering import REJECTIONS
 from uniemo.run_layout import PIPELINE_FILE, ROUNDS_DIR
 
-ROUND_REPORT_VERSION = 2
-"""2: ``version``, and per emotion ``passed`` (survivors of each filter step) and ``kept_share``."""
+ROUND_REPORT_VERSION = 3
+"""2: ``version``, and per emotion ``passed`` (survivors of each filter step) and ``kept_share``. 3: what depends
+on the async loop's timing, ``generated_from_step`` and ``entered_step``; and ``retired`` (retention)."""
 EVALUATION_VERSION = 1
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
+"""2: the feedback stage's ``result`` has ``rounds`` (:class:`RoundTiming` per round) and ``pinned``."""
 REPORT_STATE_VERSION = 1
 
 
@@ -60,6 +62,13 @@ class EmotionRound(EmotionFunnel):
     attribute_spread: dict[str, Any]
 
 
+class Retirement(TypedDict):
+    """A round whose shards retention deleted (:mod:`uniemo.feedback.retention`)."""
+
+    at: str
+    bytes: int
+
+
 class _ControlPart(TypedDict, total=False):
     control: dict[str, Any]
     """Only in a control run's round (``uniemo.feedback.controls``): what it did, from which round, labels written."""
@@ -69,6 +78,14 @@ class RoundReport(_ControlPart):
     version: int
     round: int
     checkpoint: str
+    generated_from_step: int | None
+    """The feedback run's step of the checkpoint the round generated from (0: the start run's checkpoint, the
+    feedback run's weights before any step); None: unknown (a report of version < 3)."""
+    entered_step: int | None
+    """The trainer step after which the round's shards were first in the mix (first trained on in the next
+    step; rank 0's listing, ``rounds/mix.jsonl``); None: never (yet), or unknown."""
+    retired: Retirement | None
+    """Set when retention deleted the round's shards (the report stays)."""
     filter: dict[str, Any]
     generation: dict[str, Any]
     emotions: dict[str, EmotionRound]
@@ -93,13 +110,17 @@ def kept_share(kept: int, candidates: int) -> float | None:
 
 
 def upgrade_round_report(report: dict[str, Any], steps: tuple[str, ...] = REJECTIONS) -> RoundReport:
-    """A round report of version 1 (written before ``version`` existed) as version 2: ``passed`` and
-    ``kept_share`` are derived from ``scored``, ``rejections``, ``kept`` and ``candidates``, which it has."""
+    """A round report of an older version as the current one. Version 1 (written before ``version`` existed):
+    ``passed`` and ``kept_share`` are derived from ``scored``, ``rejections``, ``kept`` and ``candidates``, which
+    it has. Versions 1 and 2: the timing fields of version 3 are unknown (None), and the round not retired."""
     if report.get("version") == ROUND_REPORT_VERSION:
         return report  # type: ignore[return-value]
-    for row in [*report.get("emotions", {}).values(), report.get("totals", {})]:
-        row["passed"] = passed_after_each_step(int(row["scored"]), row["rejections"], steps)
-        row["kept_share"] = kept_share(int(row["kept"]), int(row["candidates"]))
+    if report.get("version", 1) == 1:
+        for row in [*report.get("emotions", {}).values(), report.get("totals", {})]:
+            row["passed"] = passed_after_each_step(int(row["scored"]), row["rejections"], steps)
+            row["kept_share"] = kept_share(int(row["kept"]), int(row["candidates"]))
+    for key in ("generated_from_step", "entered_step", "retired"):
+        report.setdefault(key, None)
     report["version"] = ROUND_REPORT_VERSION
     return report  # type: ignore[return-value]
 
@@ -116,9 +137,9 @@ def read_round_reports(run_dir: str | Path) -> list[RoundReport]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:  # the pool writes them atomically: this is damage
             raise RunFileError(f"cannot read the round report {path} ({exc}); remove its round and resume") from None
-        if data.get("version", 1) not in (1, ROUND_REPORT_VERSION):
+        if data.get("version", 1) not in range(1, ROUND_REPORT_VERSION + 1):
             raise RunFileError(
-                f"{path} is a round report of version {data.get('version')!r}; this uniemo reads versions 1 and "
+                f"{path} is a round report of version {data.get('version')!r}; this uniemo reads versions 1 to "
                 f"{ROUND_REPORT_VERSION}"
             )
         reports.append(upgrade_round_report(data))
@@ -179,7 +200,19 @@ class StageState(TypedDict, total=False):
     finished: str
     seconds: float
     result: dict[str, Any]
+    """What the stage produced (README, "The whole loop"); the feedback stage's also holds ``pinned`` and
+    ``rounds``, a :class:`RoundTiming` per round."""
     error: str
+
+
+class RoundTiming(TypedDict):
+    """What of a feedback round depends on the async loop's timing (``pipeline.json``: the feedback stage's
+    ``result.rounds``; also in the round report and ``rounds/loop.json``)."""
+
+    round: int
+    checkpoint: str
+    generated_from_step: int | None
+    entered_step: int | None
 
 
 class PipelineState(TypedDict, total=False):
@@ -211,8 +244,8 @@ def read_pipeline_state(root: str | Path) -> PipelineState | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RunFileError(f"cannot read the pipeline record {path} ({exc}); {redo}") from None
-    if isinstance(data, dict) and "version" not in data:
-        data["version"] = PIPELINE_VERSION
+    if isinstance(data, dict) and data.get("version", 1) == 1:
+        data["version"] = PIPELINE_VERSION  # version 1 has the same fields; the feedback stage's rounds are new
     if not isinstance(data, dict) or data.get("version") != PIPELINE_VERSION:
         return cast(PipelineState, read_versioned(path, PIPELINE_VERSION, "a pipeline record", redo))  # raises
     data.setdefault("stages", {})

@@ -20,6 +20,7 @@ A training run folder ``runs/<name>/``::
     shards/synthetic/round-R/   feedback: round R's kept images                 SYNTHETIC_DIR, round_dir()
     rounds/round-R.json         feedback: round R's report                      ROUNDS_DIR, round_report_path()
     rounds/loop.json            feedback: the loop's record                     LOOP_FILE
+    rounds/mix.jsonl            feedback: the rounds the trainers read, by step  MIX_FILE
     workers/rank-R.pid          the pid of each Ray Train worker                WORKERS_DIR
     workers/placement.jsonl     the Ray node of every trainer and pool actor    PLACEMENT_FILE
     wandb/, wandb_id            wandb's files and the run's id                  WANDB_ID_FILE
@@ -106,6 +107,11 @@ ROUNDS_DIR = Path("rounds")
 """Round reports, relative to the run folder."""
 LOOP_FILE = ROUNDS_DIR / "loop.json"
 """The feedback loop's own record (mode, start checkpoint, per round the checkpoint used)."""
+MIX_FILE = ROUNDS_DIR / "mix.jsonl"
+"""One JSON line per change of the round folders the trainers' mix lists (rank 0): step, epoch, rounds."""
+RETIRED_DIR = Path("shards") / ".retired"
+"""Where a round folder is moved (out of the synthetic source, in one rename) before retention deletes it."""
+ROUND_PREFIX = "round-"
 
 # -- what a launcher writes into a run folder ----------------------------------------------------------------
 LAUNCH_DIR = "launch"
@@ -199,7 +205,14 @@ def stop_request_path(run_dir: str | Path) -> Path:
 
 def round_dir(run_dir: str | Path, round_index: int) -> Path:
     """``<run_dir>/shards/synthetic/round-<r>``."""
-    return Path(run_dir) / SYNTHETIC_DIR / f"round-{round_index}"
+    return Path(run_dir) / SYNTHETIC_DIR / f"{ROUND_PREFIX}{round_index}"
+
+
+def round_of(folder: str | Path) -> int | None:
+    """The round index of a round folder's name (``round-<r>``), else None."""
+    name = Path(folder).name
+    digits = name[len(ROUND_PREFIX):]
+    return int(digits) if name.startswith(ROUND_PREFIX) and digits.isdigit() else None
 
 
 def round_report_path(run_dir: str | Path, round_index: int) -> Path:

@@ -89,6 +89,12 @@ class SourceConfig:
     """Folder holding ``manifest.json`` and the shards (or a sub-folder per round), or a URL of one."""
     weight: float = 1.0
     """Relative sampling weight of this source in training streams."""
+    keep_rounds: int = 0
+    """A source of round sub-folders (``round-<r>/``, the feedback loop's): training reads only the newest this
+    many rounds; 0: all. The feedback loop sets it from ``feedback.keep_rounds``."""
+    keep_bytes: int = 0
+    """A source of round sub-folders: training reads only the newest rounds whose shards add up to at most this
+    many bytes (the newest round always); 0: no cap. The feedback loop sets it from ``feedback.keep_bytes``."""
 
 
 @dataclass
@@ -215,6 +221,8 @@ class DataConfig:
         for i, src in enumerate(self.extra_sources):
             if src.weight <= 0:
                 raise ConfigError(f"data.extra_sources[{i}].weight must be > 0, got {src.weight}")
+            _non_negative(f"data.extra_sources[{i}].keep_rounds", src.keep_rounds)
+            _non_negative(f"data.extra_sources[{i}].keep_bytes", src.keep_bytes)
 
 
 @dataclass
@@ -634,6 +642,22 @@ class FeedbackConfig:
     actor_resource: str = ""
     """A custom Ray resource every generator and filter actor asks for (a tiny share): the pool runs only on nodes
     started with it, e.g. other nodes than the trainers' (``distributed.worker_resource``); empty: any node."""
+    pinned: bool = False
+    """``async`` mode only: pin the loop's timing so that two runs of one config and seed train the same: round r
+    generates from the feedback run's checkpoint at step ``r x steps_per_round`` (round 0: the start run's), and
+    its shards enter the trainers' mix at step ``r x steps_per_round + pinned_delay``, where the trainers wait for
+    the round when the pool is late (``refresh_every`` is not used). The pool still runs beside the trainers."""
+    pinned_delay: int | None = None
+    """Pinned mode: steps between the checkpoint a round generates from and the step its shards enter the mix
+    (the pool's time to make the round while the trainers go on), 0 to ``steps_per_round``; None:
+    ``steps_per_round // 2``."""
+    keep_rounds: int = 0
+    """Retention of synthetic rounds: the trainers read the newest this many rounds, and older round folders are
+    deleted once no trainer and no kept checkpoint reads them (their reports stay); 0: keep every round."""
+    keep_bytes: int = 0
+    """Retention by size: the trainers read the newest rounds whose shards add up to at most this many bytes (the
+    newest round always), and older round folders are deleted as with ``keep_rounds``; 0: no byte cap. With both
+    set, a round must pass both."""
 
     def validate(self) -> None:
         _check_resource_name("feedback.actor_resource", self.actor_resource)
@@ -672,6 +696,23 @@ class FeedbackConfig:
             raise ConfigError(f"feedback.control={self.control} needs feedback.control_of=<the feedback run it mirrors>")
         if self.control and self.mode != "sequential":
             raise ConfigError(f"feedback.control={self.control} runs in feedback.mode=sequential only")
+        if self.pinned and self.mode != "async":
+            raise ConfigError(
+                f"feedback.pinned=true pins the async loop's timing, but feedback.mode is {self.mode!r} (the "
+                "sequential mode is repeatable as it is); set feedback.mode=async or feedback.pinned=false"
+            )
+        if self.pinned_delay is not None and not 0 <= self.pinned_delay <= self.steps_per_round:
+            raise ConfigError(
+                f"feedback.pinned_delay must lie in [0, feedback.steps_per_round={self.steps_per_round}], got "
+                f"{self.pinned_delay}"
+            )
+        _non_negative("feedback.keep_rounds", self.keep_rounds)
+        _non_negative("feedback.keep_bytes", self.keep_bytes)
+
+    @property
+    def delay(self) -> int:
+        """``pinned_delay`` resolved: the value, or ``steps_per_round // 2``."""
+        return self.pinned_delay if self.pinned_delay is not None else self.steps_per_round // 2
 
     @property
     def keep_per_emotion(self) -> int:

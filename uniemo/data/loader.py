@@ -22,7 +22,9 @@ rounds, ...) are mixed sample by sample by weight; a seeded shuffle buffer mixes
 ``batches_per_epoch = floor(train_samples / (world_size * batch_size))`` batches on **every** rank, where
 ``train_samples`` is the number of train samples over all sources listed in the manifests when the epoch
 starts (new feedback rounds join at the next epoch; :meth:`ShardLoader.listing_changed` lets a trainer end an
-epoch early when a round appears). Worker ``w`` of a rank yields batches ``w, w+W, ...`` of the epoch, which is
+epoch early when a round appears). Of a source's round sub-folders an epoch lists those up to
+:attr:`ShardLoader.round_limit` (the pinned feedback mode) within the source's retention window
+(:class:`Source`); :attr:`ShardLoader.listed` names them, and the position saves it. Worker ``w`` of a rank yields batches ``w, w+W, ...`` of the epoch, which is
 the order in which ``DataLoader`` returns them.
 
 **Skipped samples.** A shard that cannot be opened (``missing_shard``) or read to its end (``corrupt_shard``,
@@ -82,7 +84,7 @@ from uniemo.data.source import data_source
 from uniemo.data.tar_members import tar_members
 from uniemo.data.transforms import SampleTransform, build_sample_transform
 from uniemo.errors import ConfigError, DataError
-from uniemo.run_layout import ATTRIBUTES_FILE
+from uniemo.run_layout import ATTRIBUTES_FILE, round_of
 from uniemo.seeds import stream_seed
 
 STATE_VERSION = 1
@@ -94,18 +96,57 @@ class Source:
     """A named set of shard folders mixed into training streams with ``weight``.
 
     Each folder holds a ``manifest.json``, or sub-folders that do (one per feedback round); they are listed
-    again at every epoch start.
+    again at every epoch start. Of round sub-folders (``round-<r>``) a listing reads the rounds up to the
+    loader's :attr:`ShardLoader.round_limit`, and of those the newest ``keep_rounds`` (0: all) whose shards add
+    up to at most ``keep_bytes`` (0: no cap; the newest round always) - the retention window of the feedback
+    loop (:mod:`uniemo.feedback.retention`).
     """
 
     name: str
     folders: tuple[Path, ...]
     weight: float = 1.0
+    keep_rounds: int = 0
+    keep_bytes: int = 0
 
     @classmethod
-    def of(cls, name: str, folders: str | Path | Sequence[str | Path], weight: float = 1.0) -> Source:
+    def of(
+        cls, name: str, folders: str | Path | Sequence[str | Path], weight: float = 1.0, keep_rounds: int = 0,
+        keep_bytes: int = 0,
+    ) -> Source:
         if isinstance(folders, (str, Path)):
             folders = [folders]
-        return cls(name, tuple(Path(f) for f in folders), float(weight))
+        return cls(name, tuple(Path(f) for f in folders), float(weight), int(keep_rounds), int(keep_bytes))
+
+    def listed_folders(self, round_limit: int | None = None) -> list[Path]:
+        """The shard folders a listing of this source reads now (class docstring), rounds in round order."""
+        out: list[Path] = []
+        for folder in self.folders:
+            found = manifest_folders(folder)
+            if found == [Path(folder)]:  # the folder itself is the shard folder
+                out += found
+                continue
+            rounds = sorted((r, f) for f in found if (r := round_of(f)) is not None)
+            if round_limit is not None:
+                rounds = [(r, f) for r, f in rounds if r <= round_limit]
+            out += [f for f in found if round_of(f) is None] + self._window([f for _, f in rounds])
+        return out
+
+    def _window(self, rounds: list[Path]) -> list[Path]:
+        """The newest rounds within ``keep_rounds`` and ``keep_bytes`` (oldest first)."""
+        if not self.keep_rounds and not self.keep_bytes:
+            return rounds
+        kept: list[Path] = []
+        total = 0
+        for folder in reversed(rounds):
+            size = sum(int(e.get("bytes", 0)) for e in read_manifest(folder)["shards"])
+            if kept and (
+                (self.keep_rounds and len(kept) >= self.keep_rounds)
+                or (self.keep_bytes and total + size > self.keep_bytes)
+            ):
+                break
+            kept.append(folder)
+            total += size
+        return kept[::-1]
 
 
 @dataclass(frozen=True)
@@ -589,13 +630,20 @@ class ShardLoader:
         self._by_source: Counter = Counter()
         self._batches_total = 0
         self._warned_empty: set[str] = set()
+        self.round_limit: int | None = None
+        """Round sub-folders above this round are not listed (None: every round; the pinned feedback mode)."""
+        self.listed: dict[str, list[str]] = {}
+        """Per source, the names of the folders the current epoch's listing reads (``state_dict``'s ``listed``)."""
         self._shards, self._digest = self._list_shards()  # checks shard counts now, not at the first batch
 
     # -- manifest -> shard lists ------------------------------------------------------------------------
     def _list_shards(self) -> tuple[list[list[ShardRef]], str]:
         shards = []
+        listed: dict[str, list[str]] = {}
         for i, s in enumerate(self.sources):
-            refs = list_split_shards(s.folders, self.split, required=(i == 0), latent_size=self.latent_size,
+            folders = s.folders if i == 0 else tuple(s.listed_folders(self.round_limit))
+            listed[s.name] = [f.name for f in folders]
+            refs = list_split_shards(folders, self.split, required=(i == 0), latent_size=self.latent_size,
                                      limits=self.limits)
             if i == 0 and not any(r.samples for r in refs):
                 raise DataError(
@@ -624,6 +672,7 @@ class ShardLoader:
                 ]
             ).encode()
         ).hexdigest()
+        self.listed = listed
         return shards, digest
 
     def listing_changed(self) -> bool:
@@ -631,7 +680,14 @@ class ShardLoader:
 
         A trainer that wants them before the epoch ends calls ``set_epoch(epoch + 1)`` and iterates again.
         """
-        return self._list_shards()[1] != self._digest
+        listed = self.listed
+        changed = self._list_shards()[1] != self._digest
+        self.listed = listed  # still the current epoch's
+        return changed
+
+    def set_round_limit(self, limit: int | None) -> None:
+        """List round sub-folders up to round ``limit`` from the next listing on (an epoch start)."""
+        self.round_limit = limit
 
     @property
     def train_samples(self) -> int:
@@ -785,6 +841,7 @@ class ShardLoader:
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
             "shards_sha256": self._digest,
+            "listed": {name: list(folders) for name, folders in self.listed.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -913,7 +970,7 @@ def build_loader_from_config(
                     f"data.extra_sources[{i}].path is empty; give the folder of source {s.name!r}"
                 )
             path = resolve_shard_folder(s.path, data_cfg, key=f"data.extra_sources[{i}].path")
-            sources.append(Source.of(s.name, path, s.weight))
+            sources.append(Source.of(s.name, path, s.weight, s.keep_rounds, s.keep_bytes))
     attributes = AttributeTable.load(folder).rebased(data_cfg.min_attribute_count, data_cfg.phi_beta)
     return build_loader(
         sources,

@@ -36,6 +36,16 @@ pool gets a new model is ``training.checkpoint_every``. When training ends, a ro
 (its shards stay for a later run) and no further round starts; when the pool fails, the trainers are asked to
 checkpoint and stop, and the error is raised.
 
+**Pinned async** (``feedback.pinned=true``): the async loop on the fixed schedule of
+:mod:`uniemo.training.feedback_schedule`: round r waits for the feedback run's checkpoint of step ``r x steps_per_round``
+(round 0 uses the start run's) and every round is made, also after training ended; the trainers wait for round r
+after step ``r x steps_per_round + pinned_delay``. Two runs of one config and seed then train the same.
+
+**Timing and retention.** Each round report, ``rounds/loop.json`` and the returned summary (``timing``, which
+``pipeline.json`` keeps) record the step of the checkpoint a round generated from and the step after which its
+shards entered the mix (:func:`record_timing`, from the trainers' ``rounds/mix.jsonl``). After each round and at
+the end, :func:`uniemo.feedback.retention.prune_rounds` deletes the round folders retention lets go.
+
 **Resume** (``resume=True``, ``--resume``): rounds whose folder is complete are not generated again, finished
 training is not repeated, an interrupted training continues from ``checkpoints/latest``. The start checkpoint is
 the one recorded in ``rounds/loop.json``. Without ``resume`` a run folder that already holds checkpoints or
@@ -67,26 +77,36 @@ from uniemo.errors import ConfigError, UserError
 from uniemo.feedback.actors import FeedbackError, ModelBundle
 from uniemo.feedback.controls import check_control, run_control_round
 from uniemo.feedback.filtering import REJECTIONS
-from uniemo.feedback.rounds import _completed_report, pool_cpus, run_round, synthetic_source
+from uniemo.feedback.retention import prune_rounds
+from uniemo.feedback.rounds import (
+    _completed_report,
+    pool_cpus,
+    run_round,
+    synthetic_source,
+    update_round_report,
+)
 from uniemo.inference.runs import load_run
 from uniemo.logging import read_metrics, say
-from uniemo.run_files import EmotionFunnel, RoundReport
+from uniemo.run_files import EmotionFunnel, RoundReport, RoundTiming
 from uniemo.run_layout import (
     COMPLETE_FILE,
     EMOTION_SPACE_FILE,
     LOOP_FILE,
     ROUNDS_DIR,
     SYNTHETIC_DIR,
+    checkpoints_dir,
     path_for_run_file,
     path_from_run_file,
     round_dir,
     round_report_path,
     run_dir_of,
     run_of_checkpoint,
+    step_dir_name,
     stop_request_path,
 )
 from uniemo.training.checkpoint import (
     CheckpointError,
+    is_complete,
     latest_checkpoint,
     read_trainer_state,
     resolve_checkpoint,
@@ -94,6 +114,7 @@ from uniemo.training.checkpoint import (
 )
 from uniemo.training.driver import run_training
 from uniemo.training.emotion_space import compute_emotion_space, emotion_space_loader
+from uniemo.training.feedback_schedule import entered_steps, generation_step, round_published
 from uniemo.training.stages import find_latest_run
 
 __all__ = ["format_round_summary", "run_feedback", "training_config"]
@@ -193,16 +214,24 @@ def _check_start(run_dir: Path, resume: bool) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # Models of a checkpoint
 # ---------------------------------------------------------------------------------------------------------
-def bundle_of_run(run_dir: Path, log: Callable[[str], None] = _log, feedback_run: Path | None = None) -> ModelBundle:
-    """The pool's models of ``run_dir``'s latest checkpoint, with an emotion space that belongs to it: the run's
-    ``emotion_space.safetensors`` when it was written after that checkpoint, else computed here over the real
-    train split (a mid-run checkpoint of the feedback run). The checkpoint is named relative to ``feedback_run``
-    (the run whose round reports and shards record it; default ``run_dir``)."""
+def bundle_of_run(
+    run_dir: Path, log: Callable[[str], None] = _log, feedback_run: Path | None = None,
+    checkpoint: Path | None = None,
+) -> ModelBundle:
+    """The pool's models of ``run_dir``'s latest checkpoint (or of its step folder ``checkpoint``), with an emotion
+    space that belongs to it: the run's ``emotion_space.safetensors`` when it was written after that checkpoint
+    and the checkpoint is the latest, else computed here over the real train split (a mid-run checkpoint of the
+    feedback run). The checkpoint is named relative to ``feedback_run`` (the run whose round reports and shards
+    record it; default ``run_dir``)."""
 
-    run = load_run(run_dir, device="cpu", compute_missing_emotion_space=False)
+    run = load_run(run_dir, device="cpu", compute_missing_emotion_space=False, checkpoint=checkpoint)
     space_file = run_dir / EMOTION_SPACE_FILE
     complete = run.source / COMPLETE_FILE
-    fresh = space_file.is_file() and complete.is_file() and space_file.stat().st_mtime >= complete.stat().st_mtime
+    latest = latest_checkpoint(run_dir)
+    fresh = (
+        space_file.is_file() and complete.is_file() and space_file.stat().st_mtime >= complete.stat().st_mtime
+        and latest is not None and latest.resolve() == run.source.resolve()
+    )
     if not fresh:
         log(f"computing the emotion space of {run.source.name} over the real train split")
         run.emotion_space = compute_emotion_space(run.understanding, emotion_space_loader(run.config), run.device)
@@ -211,24 +240,18 @@ def bundle_of_run(run_dir: Path, log: Callable[[str], None] = _log, feedback_run
 
 
 def _bundle_of_checkpoint(step_dir: Path, log: Callable[[str], None], feedback_run: Path) -> ModelBundle:
-    """:func:`bundle_of_run` of the run holding ``step_dir``, which must be that run's latest checkpoint."""
+    """:func:`bundle_of_run` of the step folder ``step_dir`` of the run holding it (pinned rounds read a step
+    the trainers have since moved on from; the step folder is read as it is, so that is no race)."""
 
-    run_dir = run_of_checkpoint(step_dir)
-    latest = latest_checkpoint(run_dir)
-    if latest is None or latest.resolve() != step_dir.resolve():
-        raise FeedbackError(
-            f"{run_dir} moved on from {step_dir.name} (latest: {latest.name if latest else None}); the loop "
-            "reads a run's latest checkpoint: set feedback.from_run to the run whose latest checkpoint it should use"
-        )
-    return bundle_of_run(run_dir, log, feedback_run)
+    return bundle_of_run(run_of_checkpoint(step_dir), log, feedback_run, checkpoint=step_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Rounds
 # ---------------------------------------------------------------------------------------------------------
 def round_complete(run_dir: Path, index: int) -> bool:
-
-    return (round_dir(run_dir, index) / MANIFEST_FILE).is_file()
+    """Whether round ``index`` was published (its shards may since have been deleted by retention)."""
+    return round_published(run_dir, index)
 
 
 def _completed(run_dir: Path, index: int, log: Callable[[str], None]) -> RoundReport:
@@ -288,19 +311,24 @@ def _run_one_round(
     started = time.perf_counter()
     log(f"round {index}: loading the models of {step_dir}")
     bundle = _bundle_of_checkpoint(step_dir, log, run_dir)
+    # The feedback run's step of the weights (a checkpoint of another run is the start: step 0).
+    from_step = (step_of(step_dir) or 0) if run_of_checkpoint(step_dir).resolve() == run_dir.resolve() else 0
     log(f"round {index}: generating {cfg.feedback.candidates_per_emotion} candidates per emotion "
         f"({cfg.feedback.generator_actors} generator, {cfg.feedback.filter_actors} filter actor(s))")
-    report = run_round(bundle, cfg, run_dir, index, log=log, observer=partial(_record_actors, run_dir, index))
+    report = run_round(bundle, cfg, run_dir, index, log=log, observer=partial(_record_actors, run_dir, index),
+                       generated_from_step=from_step)
     del bundle
     say(format_round_summary(report), topic="feedback")
     record.set_round(
         index,
         checkpoint=report["checkpoint"],
         checkpoint_step=step_of(report["checkpoint"]),
+        generated_from_step=from_step,
         kept=report["totals"]["kept"],
         published_at=_publish_time(run_dir, index),
         seconds=round(time.perf_counter() - started, 3),
     )
+    prune_rounds(cfg, run_dir, log)
     return report
 
 
@@ -346,9 +374,28 @@ def _run_feedback(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
         result = _run_async(cfg, run_dir, from_ckpt, record)
     else:
         result = _run_sequential(cfg, run_dir, from_ckpt, record)
-    result.update(run_dir=str(run_dir), mode=fb.mode, from_run=str(from_ckpt))
+    prune_rounds(cfg, run_dir, _log)  # with the final checkpoint's listing
+    result.update(run_dir=str(run_dir), mode=fb.mode, from_run=str(from_ckpt), pinned=fb.pinned,
+                  timing=record_timing(run_dir, record))
     record.update(finished=result.get("step"), stopped=result.get("stopped", False))
     return result
+
+
+def record_timing(run_dir: Path, record: _Record) -> list[RoundTiming]:
+    """What depends on the loop's timing, per published round: the step of the checkpoint it generated from and
+    the step after which its shards entered the trainers' mix (``rounds/mix.jsonl``), written into the round
+    reports and ``rounds/loop.json``; returned for ``pipeline.json``."""
+    entered = entered_steps(run_dir)
+    timing: list[RoundTiming] = []
+    for r in sorted(int(k) for k in record.data.get("rounds", {})):
+        if not round_report_path(run_dir, r).is_file():
+            continue
+        update_round_report(run_dir, r, entered_step=entered.get(r))
+        report = _completed_report(round_dir(run_dir, r), round_report_path(run_dir, r), lambda _: None)
+        timing.append({"round": r, "checkpoint": report["checkpoint"],
+                       "generated_from_step": report["generated_from_step"], "entered_step": entered.get(r)})
+        record.set_round(r, generated_from_step=report["generated_from_step"], entered_step=entered.get(r))
+    return timing
 
 
 def _training_summary(run_dir: Path) -> dict[str, Any]:
@@ -397,6 +444,7 @@ def _run_sequential(cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record
             _log(f"round {r}: training on real + synthetic from step {done} to step {target}")
             summary = run_training(training_config(cfg, from_ckpt, run_dir, stop_at_step=target),
                                    resume=latest_checkpoint(run_dir) is not None)
+            prune_rounds(cfg, run_dir, _log)
             if summary.get("stopped"):
                 stopped = True  # SIGTERM: checkpointed; --resume continues
                 break
@@ -411,6 +459,9 @@ class _PoolThread(threading.Thread):
         super().__init__(name="uniemo-feedback-pool", daemon=True)
         self.cfg, self.run_dir, self.from_ckpt, self.record = cfg, run_dir, from_ckpt, record
         self.stop = threading.Event()
+        """Set by the driver: start no further round (training ended, failed or was stopped)."""
+        self.training_over = threading.Event()
+        """Set by the driver when the training job returned or failed: nobody reads a stop request any more."""
         self.error: BaseException | None = None
         self.rounds: list[dict[str, Any]] = []
 
@@ -423,7 +474,7 @@ class _PoolThread(threading.Thread):
             _log(f"the pool failed ({type(exc).__name__}: {exc}); asking the trainers to checkpoint and stop")
             while True:  # again and again: a driver that starts training after this would clear one request
                 stop_request_path(self.run_dir).touch()
-                if self.stop.wait(_POLL_S):
+                if self.stop.wait(_POLL_S) or self.training_over.is_set():
                     break
 
     def _candidate(self) -> Path:
@@ -432,6 +483,9 @@ class _PoolThread(threading.Thread):
         return latest.resolve() if latest is not None else self.from_ckpt
 
     def _rounds(self) -> None:
+        if self.cfg.feedback.pinned:
+            self._pinned_rounds()
+            return
         last_used: str | None = None
         for r in range(self.cfg.feedback.rounds):
             if self.stop.is_set():
@@ -457,6 +511,25 @@ class _PoolThread(threading.Thread):
         to the run folder)."""
         return str(path_from_run_file(report["checkpoint"], self.run_dir).resolve())
 
+    def _pinned_rounds(self) -> None:
+        """Pinned (:mod:`uniemo.training.feedback_schedule`): round r from the checkpoint of step r x steps_per_round, in
+        order, all of them unless the run is stopped (the trainers wait for each at its pickup step)."""
+        for r in range(self.cfg.feedback.rounds):
+            if self.stop.is_set():
+                return
+            if round_complete(self.run_dir, r):
+                self.rounds.append(_round_entry(_completed(self.run_dir, r, _log), skipped=True))
+                continue
+            step = generation_step(self.cfg.feedback, r)
+            step_dir = self.from_ckpt if r == 0 else checkpoints_dir(self.run_dir) / step_dir_name(step)
+            if not is_complete(step_dir):
+                _log(f"round {r}: waiting for the checkpoint of step {step} (pinned)")
+            while not is_complete(step_dir):
+                if self.stop.wait(_POLL_S):
+                    return
+            report = _run_one_round(self.cfg, self.run_dir, r, step_dir, self.record, _log)
+            self.rounds.append(_round_entry(report, skipped=False))
+
     def _round_with_retry(self, r: int, step_dir: Path) -> RoundReport:
         """The round; when the checkpoint is rotated away while its models load, again with the newest one."""
         for attempt in range(3):
@@ -477,23 +550,37 @@ def _run_async(cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record) -> 
     train_cfg = training_config(cfg, from_ckpt, run_dir)
     total = train_cfg.training.steps
     done = _latest_step(run_dir)
+    pool = _PoolThread(cfg, run_dir, from_ckpt, record)
+    if done >= total and fb.pinned and not all(round_complete(run_dir, r) for r in range(fb.rounds)):
+        _log(f"training is complete already (step {done} of {total}); making the rounds left (pinned)")
+        pool.training_over.set()
+        with ray_session(train_cfg.distributed, extra_cpus=pool_cpus(cfg)):
+            pool.start()
+            pool.join()
+        if pool.error is not None:
+            raise pool.error
+        return {"rounds": pool.rounds, "stopped": False, **_training_summary(run_dir)}
     if done >= total:
         _log(f"training is complete already (step {done} of {total}); async rounds run only beside training")
         rounds = [_round_entry(_completed(run_dir, r, _log), skipped=True)
                   for r in range(fb.rounds) if round_complete(run_dir, r)]
         return {"rounds": rounds, "stopped": False, **_training_summary(run_dir)}
-    pool = _PoolThread(cfg, run_dir, from_ckpt, record)
     failed = True
+    summary: dict[str, Any] = {}
     with ray_session(train_cfg.distributed, extra_cpus=pool_cpus(cfg)):
         pool.start()
         try:
             summary = run_training(train_cfg, resume=done > 0)
             failed = False
         finally:
-            pool.stop.set()
+            # Pinned: the rounds left are still made (the same rounds on every run), unless the run was stopped.
+            finish = fb.pinned and not failed and not summary.get("stopped")
+            pool.training_over.set()
+            if not finish:
+                pool.stop.set()
             if not failed:
                 if pool.is_alive():
-                    _log("training finished; waiting for the round in progress")
+                    _log("training finished; waiting for the " + ("rounds left" if finish else "round in progress"))
                 pool.join()
     if failed:
         pool.join(timeout=60)  # Ray is down: the pool's calls fail and the thread ends

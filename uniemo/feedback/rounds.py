@@ -75,13 +75,15 @@ from uniemo.run_files import (
 )
 from uniemo.run_layout import STAGING_DIR, SYNTHETIC_DIR, round_dir, round_lock_path, round_report_path
 from uniemo.seeds import candidate_seeds, round_shuffle_seed, selection_seed
+from uniemo.training.feedback_schedule import SYNTHETIC_SOURCE, round_published
 
-__all__ = ["plan_jobs", "pool_cpus", "publish_round", "run_round", "synthetic_source"]
+__all__ = ["plan_jobs", "pool_cpus", "publish_round", "run_round", "synthetic_source", "update_round_report"]
 
 def synthetic_source(cfg: Config, run_dir: str | Path) -> SourceConfig:
     """The ``data.extra_sources`` entry that mixes the run's synthetic rounds into training (METHOD §5 step 6).
 
-    The real source has weight 1, so a synthetic fraction rho of the samples needs weight rho / (1 - rho).
+    The real source has weight 1, so a synthetic fraction rho of the samples needs weight rho / (1 - rho). The
+    retention window (``feedback.keep_rounds``, ``keep_bytes``) limits which rounds the trainers read.
     """
     rho = cfg.feedback.synthetic_fraction
     if not 0.0 < rho < 1.0:
@@ -89,7 +91,8 @@ def synthetic_source(cfg: Config, run_dir: str | Path) -> SourceConfig:
             f"feedback.synthetic_fraction is {rho}: mixing synthetic shards needs 0 < rho < 1 (rho = 0 is "
             "explicit feedback off, METHOD D13)"
         )
-    return SourceConfig(name="synthetic", path=str(Path(run_dir) / SYNTHETIC_DIR), weight=rho / (1.0 - rho))
+    return SourceConfig(name=SYNTHETIC_SOURCE, path=str(Path(run_dir) / SYNTHETIC_DIR), weight=rho / (1.0 - rho),
+                        keep_rounds=cfg.feedback.keep_rounds, keep_bytes=cfg.feedback.keep_bytes)
 
 
 def pool_cpus(cfg: Config) -> float:
@@ -287,8 +290,10 @@ def run_round(
     extra_gpus: float | None = None,
     observer: Observer | None = None,
     log: Callable[[str], None] | None = None,
+    generated_from_step: int | None = None,
 ) -> RoundReport:
     """Run feedback round ``round_index`` with ``bundle``'s checkpoint; returns the round report (module doc).
+    ``generated_from_step`` (the feedback run's step of that checkpoint) goes into the report.
 
     Ray comes from :func:`uniemo.distributed.ray_session.ray_session`: the Ray this process is connected to, the
     cluster at ``distributed.ray_address``, or an embedded local one for the round with the pool's CPUs (and the
@@ -315,7 +320,7 @@ def run_round(
             f"another process is running feedback round {round_index} of {run_dir}; wait for it to finish"
         ) from None
     try:
-        return _run_round_locked(bundle, cfg, run_dir, round_index, extra_gpus, observer, log)
+        return _run_round_locked(bundle, cfg, run_dir, round_index, extra_gpus, observer, log, generated_from_step)
     finally:
         lock.release()  # the lock file stays: unlinking it could let two later rounds lock different inodes
 
@@ -328,13 +333,14 @@ def _run_round_locked(
     extra_gpus: float | None,
     observer: Observer | None,
     log: Callable[[str], None] | None,
+    generated_from_step: int | None,
 ) -> RoundReport:
     """The round, in three phases: :func:`_generate_and_filter`, :func:`_write_shards`, :func:`_round_report`;
     then the round is published (:func:`publish_round`)."""
     log = log if log is not None else partial(say, topic="feedback")
     final = round_dir(run_dir, round_index)
     report_path = round_report_path(run_dir, round_index)
-    if (final / MANIFEST_FILE).is_file():
+    if (final / MANIFEST_FILE).is_file() or round_published(run_dir, round_index):  # (its shards may be retired)
         return _completed_report(final, report_path, log)
     if final.exists():
         raise FeedbackError(
@@ -371,6 +377,7 @@ def _run_round_locked(
             entries = _write_shards(pools, cfg, round_index, staging, ray.remote(write_shard).options(**writer))
         times["written"] = time.perf_counter()
         report = _round_report(bundle, cfg, round_index, jobs, pools, entries, pool_stats, times)
+        report["generated_from_step"] = generated_from_step
         publish_round(staging, final, entries, report, bundle.checkpoint_id, round_index)
         write_json_atomic(report_path, report)
         succeeded = True
@@ -475,6 +482,9 @@ def _round_report(
         "version": ROUND_REPORT_VERSION,
         "round": round_index,
         "checkpoint": bundle.checkpoint_id,
+        "generated_from_step": None,
+        "entered_step": None,
+        "retired": None,
         "filter": {
             "candidates_per_emotion": fb.candidates_per_emotion,
             "tau": fb.tau,
@@ -548,3 +558,11 @@ def _completed_report(final: Path, report_path: Path, log: Callable[[str], None]
         write_json_atomic(report_path, report)
     log(f"round {report.get('round')} is complete already ({final}); not generating it again")
     return upgrade_round_report(report, REJECTIONS)
+
+
+def update_round_report(run_dir: str | Path, round_index: int, **fields: Any) -> None:
+    """Set ``fields`` in round ``round_index``'s report file (after the round: when it entered the mix)."""
+    path = round_report_path(run_dir, round_index)
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if any(report.get(k) != v for k, v in fields.items()):
+        write_json_atomic(path, {**upgrade_round_report(report, REJECTIONS), **fields})

@@ -155,10 +155,11 @@ def default_device() -> torch.device:
 
 
 def load_run(
-    path: str | Path, *, device: torch.device | str | None = None, compute_missing_emotion_space: bool = True
+    path: str | Path, *, device: torch.device | str | None = None, compute_missing_emotion_space: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> LoadedRun:
-    """Load a run folder (its latest checkpoint) or an export folder for inference, in fp32 on ``device``
-    (default :func:`default_device`).
+    """Load a run folder (its latest checkpoint, or the step folder ``checkpoint`` of it) or an export folder for
+    inference, in fp32 on ``device`` (default :func:`default_device`).
 
     A stage-2 run without ``emotion_space.safetensors`` (training stopped before its end) gets one computed from
     the loaded weights over the train split, on this process, when ``compute_missing_emotion_space``.
@@ -177,15 +178,17 @@ def load_run(
             f"{str(p)!r} is neither a run folder (no config.yaml) nor an export (no {EXPORT_MANIFEST}); "
             "pass runs/<name> or the folder written by `uniemo export`"
         )
-    return _load_run_dir(p, device, compute_missing_emotion_space)
+    return _load_run_dir(p, device, compute_missing_emotion_space, checkpoint)
 
 
 _RUN_HINT = "the run folder mixes configs or is damaged"
 
 
-def _load_run_dir(run_dir: Path, device: torch.device, compute_missing_emotion_space: bool) -> LoadedRun:
+def _load_run_dir(
+    run_dir: Path, device: torch.device, compute_missing_emotion_space: bool, checkpoint: str | Path | None = None
+) -> LoadedRun:
     cfg = load_config(run_dir / CONFIG_FILE)
-    step_dir = require_checkpoint(run_dir)
+    step_dir = Path(checkpoint) if checkpoint is not None else require_checkpoint(run_dir)
     attributes = load_attribute_table(cfg.data)
     stage = int(cfg.training.stage)
     transform = build_sample_transform(cfg.data, stage=1, training=False)

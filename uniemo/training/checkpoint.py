@@ -44,6 +44,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,10 +167,11 @@ def publish(run_dir: str | Path, step_dir: Path) -> None:
     atomic_write_text(checkpoints_dir(run_dir) / LATEST_FILE, step_dir.name + "\n")
 
 
-def rotate(run_dir: str | Path, keep: int) -> list[Path]:
+def rotate(run_dir: str | Path, keep: int, keep_steps: Collection[int] = ()) -> list[Path]:
     """Delete all but the newest ``keep`` complete step folders, and incomplete folders older than ``latest``.
 
-    The folder ``latest`` names is never deleted. Returns the deleted folders.
+    The folder ``latest`` names is never deleted, nor the complete folders of ``keep_steps`` (the pinned feedback
+    pool still has to read them). Returns the deleted folders.
     """
     root = checkpoints_dir(run_dir)
     latest = latest_checkpoint(run_dir)
@@ -181,7 +183,7 @@ def rotate(run_dir: str | Path, keep: int) -> list[Path]:
             steps[p] = step
     folders = sorted(steps, key=steps.__getitem__)
     complete = [p for p in folders if is_complete(p)]
-    doomed = complete[: max(0, len(complete) - keep)]
+    doomed = [p for p in complete[: max(0, len(complete) - keep)] if steps[p] not in keep_steps]
     if latest_step is not None:
         doomed += [p for p in folders if not is_complete(p) and steps[p] < latest_step]
     deleted = []
@@ -330,6 +332,7 @@ class Checkpointer:
         self.blocking_seconds = 0.0
         """How long the last :meth:`save` kept the caller (the training loop) waiting."""
         self._writer: Any = None
+        self._keep_steps: tuple[int, ...] = ()
 
     def save(
         self,
@@ -337,14 +340,17 @@ class Checkpointer:
         step: int,
         trainer_state: dict[str, Any],
         loader_state: dict[str, Any],
+        keep_steps: Collection[int] = (),
     ) -> Path:
         """Write the checkpoint of ``step`` and publish it as ``latest`` (module docstring for the protocol).
 
         ``trainer_state`` (the same on every rank) goes into ``trainer_state.json`` with the loader position of
         every rank (``loader_state`` is this rank's ``ShardLoader.state_dict()``). A background save returns the
-        folder unpublished (:attr:`pending`).
+        folder unpublished (:attr:`pending`). The rotation at its publication keeps the folders of ``keep_steps``
+        besides the newest ``keep``.
         """
         self.wait()  # the previous background save is published first
+        self._keep_steps = tuple(keep_steps)
         start = time.perf_counter()
         folder = self.root / step_dir_name(step)
         published = latest_checkpoint(self.run_dir)
@@ -379,7 +385,7 @@ class Checkpointer:
         _barrier()  # every rank has finished writing
         if self.env.is_main:
             publish(self.run_dir, folder)
-            rotate(self.run_dir, self.keep)
+            rotate(self.run_dir, self.keep, self._keep_steps)
         _barrier()  # nobody reads `latest` (or exits) before it is published
 
     def poll(self) -> bool:

@@ -10,6 +10,7 @@
       maybe_checkpoint()            every training.checkpoint_every steps and at the stop step
       maybe_log()                   every logging.every steps, on validation steps and at the stop step
       maybe_refresh_sources()       every feedback.refresh_every steps: new feedback rounds start a new epoch
+    (pinned feedback mode: maybe_pickup_rounds() before each step waits for a round due at this step instead)
     finish                          the stage's end hook (stage 2: emotion space, sample grids)
 
 Stage 1 and 2 differ only by the :class:`uniemo.training.parts.StageParts` (task, data, end hook) and config.
@@ -19,11 +20,12 @@ Reductions across ranks: logged training terms are the mean over ranks (and over
 log); validation sums loss x samples, correct predictions and samples over every rank, then divides (never a
 mean of per-rank means). ``data/samples/<source>`` in a metrics line is the number of training samples of that
 source (``real``, ``synthetic``, ...) consumed since the previous line, summed over ranks (per interval, not
-cumulative); ``data/labels/<source>/<emotion>`` counts the labels the extra sources (not ``real``) fed the
-trainers in that interval, per emotion (only non-zero counts); ``time`` is when the line was written (Unix
-seconds); ``data_wait_share`` is the share of the interval the loop waited for its next batch (mean over ranks).
-Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose validation shards ran out keeps
-joining forwards (on a batch it already has, results discarded) until every rank is done.
+cumulative), and ``data/skipped`` the shards and samples the training loaders skipped in that interval (missing or
+corrupt shards, bad samples; ``uniemo.data.loader``); ``data/labels/<source>/<emotion>`` counts the labels the extra
+sources (not ``real``) fed the trainers in that interval, per emotion (only non-zero counts); ``time`` is when the
+line was written (Unix seconds); ``data_wait_share`` is the share of the interval the loop waited for its next batch
+(mean over ranks). Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose validation shards
+ran out keeps joining forwards (on a batch it already has, results discarded) until every rank is done.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ import torch
 
 from uniemo.config.schema import EMOTIONS
 from uniemo.errors import UserError
-from uniemo.logging import NullRunLogger
-from uniemo.run_layout import stop_request_path
+from uniemo.logging import NullRunLogger, truncate_metrics
+from uniemo.run_layout import MIX_FILE, ROUNDS_DIR, stop_request_path
 from uniemo.seeds import seed_everything, training_seed, validation_seed
 from uniemo.training.checkpoint import (
     Checkpointer,
@@ -49,12 +51,25 @@ from uniemo.training.checkpoint import (
     latest_checkpoint,
 )
 from uniemo.training.engine import Engine, check_batch_arithmetic
+from uniemo.training.feedback_schedule import (
+    append_mix,
+    generation_step,
+    generation_steps,
+    listed_rounds,
+    read_mix,
+    round_published,
+    rounds_due,
+)
 from uniemo.training.run_weights import stored_init
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from uniemo.config.schema import Config
     from uniemo.distributed.env import DistEnv
     from uniemo.training.parts import StageParts
+
+
+_PICKUP_POLL_S = 0.5
+"""Pinned feedback mode: how often the trainers look for a round they wait for."""
 
 
 def total_steps_for(cfg: Config, batches_per_epoch: int) -> int:
@@ -113,6 +128,14 @@ class Trainer:
         self._label_window: Counter = Counter()
         self._data_wait = 0.0
         """Seconds this log window spent waiting for the next batch (``data_wait_share`` in the metrics)."""
+        self._skipped_logged = 0
+        fb = cfg.feedback
+        self.feedback_run = (self.run_dir / ROUNDS_DIR).is_dir()
+        """A run of the feedback loop: rank 0 records the rounds its mix lists (``rounds/mix.jsonl``)."""
+        self.pinned = self.feedback_run and fb.mode == "async" and fb.pinned
+        """The pinned async schedule (:mod:`uniemo.training.feedback_schedule`): rounds enter the mix at fixed steps."""
+        self._mix_rounds: list[int] | None = None
+        self._waited_s = 0.0
 
     # -- start --------------------------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -125,9 +148,11 @@ class Trainer:
         if latest is None:
             # Same model on every rank (seeded before building); per-rank streams for dropout and noise.
             seed_everything(training_seed(self.cfg.run.seed, self.env.rank))
+            self._restore_mix(0)
             return 0
         state, position = self.checkpointer.load(self.engine.ds_engine, latest, self.compat)
         self.step = int(state["step"])
+        self._restore_mix(self.step)
         self.samples_seen = int(state.get("samples_seen", self.step * self.global_batch))
         self.bad_steps = int(state.get("bad_steps", 0))
         self.parts.train_loader.load_state_dict(position)
@@ -146,6 +171,9 @@ class Trainer:
         self._window_start = time.perf_counter()
         stopped = False
         while self.step < self.stop_step:
+            if not self.maybe_pickup_rounds():  # a stop was requested while the trainers waited for a round
+                stopped = True
+                break
             terms = self.train_step()
             if terms is None:  # a skipped non-finite step: no update, the step number stays
                 continue
@@ -208,14 +236,67 @@ class Trainer:
         self._source_window.update(batch["source"])
         self._label_window.update((s, int(k)) for s, k in zip(batch["source"], batch["label"].tolist(), strict=True)
                                   if s != self._source_names[0])
+        if self.feedback_run and self.env.is_main:
+            self._record_mix()
         return batch
+
+    # -- feedback rounds in the mix ----------------------------------------------------------------------------
+    def _restore_mix(self, step: int) -> None:
+        """At the start (``step`` 0) or a resume: the rounds the checkpoint's listing holds (pinned: the rounds due
+        before ``step``), and ``rounds/mix.jsonl`` cut back to the lines before ``step`` (rank 0)."""
+        loader = self.parts.train_loader
+        if self.pinned:
+            loader.set_round_limit(rounds_due(self.cfg.feedback, step - 1))  # pickups at `step` come after its save
+        if self.feedback_run and self.env.is_main:
+            truncate_metrics(self.run_dir / MIX_FILE, step - 1)  # a line at step s was listed after checkpoint s
+            lines = read_mix(self.run_dir)
+            self._mix_rounds = lines[-1]["rounds"] if lines else None
+
+    def _record_mix(self) -> None:
+        """Rank 0: a line in ``rounds/mix.jsonl`` when the round folders of the current listing changed."""
+        loader = self.parts.train_loader
+        rounds = listed_rounds(loader.listed)
+        if rounds != self._mix_rounds:
+            append_mix(self.run_dir, self.step, loader.epoch, rounds, self._waited_s)
+            self._mix_rounds = rounds
+            self._waited_s = 0.0
+
+    def maybe_pickup_rounds(self) -> bool:
+        """Pinned feedback mode, before each step: when a round is due at this step (its shards enter the mix after
+        ``r x steps_per_round + pinned_delay`` steps), every rank waits until the round is published, then starts
+        a new epoch whose listing holds it. Returns False when a stop was requested while waiting."""
+        loader = self.parts.train_loader
+        if not self.pinned:
+            return True
+        due = rounds_due(self.cfg.feedback, self.step)
+        if loader.round_limit is not None and due <= loader.round_limit:
+            return True
+        started = time.perf_counter()
+        waiting = False
+        self.checkpointer.wait()  # a pending background save may be the checkpoint the pool waits for
+        while self._any_rank(not round_published(self.run_dir, due)):
+            if not waiting:
+                self.logger.info(f"step {self.step}: waiting for feedback round {due}, due at this step (pinned)")
+                waiting = True
+            if self.stop_requested():
+                return False
+            time.sleep(_PICKUP_POLL_S)
+        self._waited_s = time.perf_counter() - started
+        loader.set_round_limit(due)
+        assert self._batches is not None, "train() starts the batch stream"
+        self._batches.close()
+        loader.set_epoch(loader.epoch + 1)  # always a new epoch: the same steps whatever the listing holds
+        self._batches = loader.batches()
+        waited = f" after waiting {self._waited_s:.1f} s" if waiting else ""
+        self.logger.info(f"step {self.step}: feedback round {due} enters the mix{waited}; epoch {loader.epoch}")
+        return True
 
     def maybe_refresh_sources(self) -> bool:
         """Every ``feedback.refresh_every`` steps: when the manifests of any rank list other training shards than
         the current epoch's (a new feedback round), every rank ends its epoch here and starts the next one with
         them. Returns whether it did. (Without it new rounds join at the next epoch boundary.)"""
         every = self.cfg.feedback.refresh_every
-        if every <= 0 or self.step % every != 0 or self.step >= self.stop_step:
+        if self.pinned or every <= 0 or self.step % every != 0 or self.step >= self.stop_step:
             return False
         loader = self.parts.train_loader
         if not self._any_rank(loader.listing_changed()):
@@ -321,8 +402,14 @@ class Trainer:
     def maybe_checkpoint(self, final: bool = False) -> Path | None:
         every = self.cfg.training.checkpoint_every
         due = final or self.step == self.stop_step or (every > 0 and self.step % every == 0)
+        fb = self.cfg.feedback
+        pinned_steps = generation_steps(fb) if self.pinned else []
+        due = due or self.step in pinned_steps  # the pool generates round r from the checkpoint of step g(r)
         if not due or self.step == self._saved_step:
             return None
+        # ... and until round r is published, rotation keeps that checkpoint
+        keep = [generation_step(fb, r) for r in range(1, fb.rounds) if not round_published(self.run_dir, r)] \
+            if self.pinned else []
         state = {
             "stage": self.cfg.training.stage,
             "compat": self.compat,
@@ -335,7 +422,8 @@ class Trainer:
             "epoch": self.parts.train_loader.epoch,
         }
         self.last_checkpoint = self.checkpointer.save(
-            self.engine.ds_engine, self.step, state, self.parts.train_loader.state_dict()
+            self.engine.ds_engine, self.step, state, self.parts.train_loader.state_dict(),
+            keep_steps=keep,
         )
         self._saved_step = self.step
         return self.last_checkpoint
@@ -359,8 +447,9 @@ class Trainer:
             return None
         keys = sorted(self._window)
         means = torch.stack([self._window[k].to(torch.float64) for k in keys]) / self._window_steps
-        counts = torch.tensor([self._source_window[n] for n in self._source_names] + [self._data_wait],
-                              dtype=torch.float64)
+        skipped = self.parts.train_loader.stats()["skipped"]["total"]
+        counts = torch.tensor([self._source_window[n] for n in self._source_names]
+                              + [skipped - self._skipped_logged, self._data_wait], dtype=torch.float64)
         label_keys = [(n, k) for n in self._source_names[1:] for k in range(len(EMOTIONS))]
         labels = torch.tensor([self._label_window[key] for key in label_keys], dtype=torch.float64)
         reduced = self._all_reduce(torch.cat([means, labels, counts]))  # one collective for all
@@ -384,11 +473,13 @@ class Trainer:
         metrics["data_wait_share"] = round(min(1.0, data_wait / elapsed), 4)
         metrics["samples"] = self.samples_seen
         metrics["bad_steps"] = self.bad_steps
-        for name, count in zip(self._source_names, counts.tolist(), strict=True):
+        for name, count in zip(self._source_names, counts.tolist()[:-1], strict=True):
             metrics[f"data/samples/{name}"] = int(count)
         for (name, k), count in zip(label_keys, labels.tolist(), strict=True):
             if count:
                 metrics[f"data/labels/{name}/{EMOTIONS[k]}"] = int(count)
+        metrics["data/skipped"] = int(counts[-1])
+        self._skipped_logged = skipped
         metrics["epoch"] = self.parts.train_loader.epoch
         metrics["time"] = round(time.time(), 3)
         if val is not None:
