@@ -3,6 +3,7 @@
     python launchers/science_checks.py                          # the reported table: 3 seeds, world and regime below
     python launchers/science_checks.py --seeds 0                # one seed of it
     python launchers/science_checks.py --world easy --per-emotion 0 --out runs/science-easy   # today's easy world
+    python launchers/science_checks.py --seeds 0 --controls-only  # only what the controls need: can it see at all?
 
 ``--world`` picks the synthetic world (``data.synthetic.world``; the hard world is drawn with 2,000 images) and
 ``--per-emotion N`` the label-scarce regime (``data.labelled_per_emotion``: N labelled train images per emotion,
