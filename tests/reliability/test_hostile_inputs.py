@@ -762,7 +762,7 @@ def test_fixed_temporary_names_are_never_followed(tmp_path):
     from uniemo.config import load_config, save_resolved
     from uniemo.launchers.job import resolve_job, write_job_config
     from uniemo.logging import truncate_metrics
-    from uniemo.run_files import write_pipeline_state
+    from uniemo.run_files import PIPELINE_VERSION, write_pipeline_state
 
     victim = tmp_path / "victim"
     victim.write_text("untouched\n")
@@ -780,7 +780,7 @@ def test_fixed_temporary_names_are_never_followed(tmp_path):
     assert victim.read_text() == "untouched\n"
     assert (run / "config.yaml").is_file() and not (run / "config.yaml").is_symlink()
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
-    assert json.loads((run / "pipeline.json").read_text()) == {"stages": {}, "version": 1}
+    assert json.loads((run / "pipeline.json").read_text()) == {"stages": {}, "version": PIPELINE_VERSION}
     assert [p.name for p in run.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()] == []
 
 
