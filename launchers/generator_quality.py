@@ -9,6 +9,7 @@ reconstructions (the ceiling the VAE leaves), and FID on judge features of gener
     python launchers/generator_quality.py --config configs/tiny_generator.yaml \\
         --generator generators/cpu-world --judge runs/generator-judge [--guidance 7.5] [--steps 20] \\
         [--record]           # also write the figures into the generator's provenance.json
+        [key=value ...]      # overrides of --config (e.g. data.synthetic.world=hard data.synthetic.images=2000)
 
 Prints a table and writes ``<generator>/quality.json`` (or ``--out``).
 """
@@ -83,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     ap.add_argument("--record", action="store_true", help="add the figures to the generator's provenance.json")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides of --config, e.g. data.synthetic.world=hard")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     generator = Generator.from_pretrained(args.generator)
     judge = load_judge(args.judge)
     results = []

@@ -1,29 +1,41 @@
-"""The science checks of RESULTS.md on the synthetic set (issue 6, part 4), end to end, for several seeds.
+"""The science checks of RESULTS.md, end to end, for several seeds, with the controls that prove they can see.
 
-    python launchers/science_checks.py --seeds 0,1,2 --out runs/science        # then read runs/science/results.json
+    python launchers/science_checks.py                          # the reported table: 3 seeds, world and regime below
+    python launchers/science_checks.py --seeds 0                # one seed of it
+    python launchers/science_checks.py --world easy --per-emotion 0 --out runs/science-easy   # today's easy world
+    python launchers/science_checks.py --seeds 0 --controls-only  # only what the controls need: can it see at all?
 
-Per seed s (``run.seed = s``; the data set is the same for every seed, so seeds vary initialisation, data order,
-noise and generation):
+``--world`` picks the synthetic world (``data.synthetic.world``; the hard world is drawn with 2,000 images) and
+``--per-emotion N`` the label-scarce regime (``data.labelled_per_emotion``: N labelled train images per emotion,
+val and test whole; 0: all). The data set is the same for every seed; ``run.seed`` = s varies initialisation,
+data order, noise and generation. Per seed:
 
-(a) stage 1 with the expert queries vs without (``use_scene_queries = use_object_queries = false``): test top-1,
-    after the config's steps and stopped early (``--early-steps``, before the set's ceiling);
-(b) stage 2 (joint training from (a)'s with-queries run) vs stage 1 alone: test top-1;
-(c) Emo-A and FID of stage 2's generated images, judged by an independent classifier (one judge, trained once),
-    and of the generation-side ablations: alpha fixed, no condition loss, no implicit feedback (METHOD D13);
-(d) continuing stage 2 for the same number of steps with: filtered feedback (the config's METHOD §5 thresholds),
-    unfiltered feedback (tau = 0, no near-duplicate removal, no attribute cap, keep all), and no feedback (real
-    data only): test top-1 of each.
+(a)  stage 1 with the expert queries vs without (``use_scene_queries = use_object_queries = false``): test top-1,
+     after the config's steps and stopped early (``--early-steps``; 0 leaves the early pair out);
+(b)  stage 2 (joint training from (a)'s with-queries run) vs stage 1 alone: test top-1;
+(b') the paper's implicit-feedback ablation (``training.losses.implicit_feedback=false``: the gradient of
+     generation stopped at the mappers' inputs) vs full stage 2: test top-1;
+(c)  Emo-A, FID and diversity (generated vs real) of stage 2's images, judged by an independent classifier
+     trained once on the world's whole train split, and of the generation-side ablations: alpha fixed, no
+     condition loss, the diffusion gradient stopped at c (``diffusion_to_condition=false``; the keys
+     ``c_no_implicit_feedback_*``, as before this switch got its own name);
+(d)  continuing stage 2 for the same steps with: filtered feedback (the config's METHOD §5 thresholds), unfiltered
+     feedback (tau = 0, no near-duplicate removal, no attribute cap, keep all), no feedback (real data only), and
+     the two controls (``feedback.control``, uniemo/feedback/controls.py): the filtered run's kept images with
+     wrong labels, and as many extra real labelled images from the train images the regime left out.
 
-Every job is the ordinary code path (``run_training``, ``run_feedback``, ``train_judge``, ``evaluate_run``) in ONE
-Ray session. Finished jobs are skipped when the script is run again (each writes ``metrics.json``), so an
-interrupted run continues. The base config is ``configs/demo.yaml``'s stage overrides (``--config``), with
-wandb off. Results: ``<out>/results.json`` (every number) and a Markdown table on stdout.
+Every job is a pipeline of the job's stage and ``evaluate`` (``uniemo.pipeline.run_pipeline``, resumed): the
+pipeline's own stage code and resume rules, all in ONE Ray session. A finished job is skipped when the script runs
+again. Results: ``<out>/results.json`` (every number, per seed, the verdicts and the time taken) and the table on
+stdout. Verdicts: **shown** when the difference in the claimed direction exceeds twice the pooled seed std
+(sqrt of the mean of the two variances), **contradicted** when it does the other way, else **not shown**.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -32,203 +44,281 @@ from typing import Any
 
 from uniemo.config import Config, load_config, with_overrides
 
+WORLDS: dict[str, list[str]] = {
+    "easy": [],
+    "hard": ["data.synthetic.world=hard", "data.synthetic.images=2000"],
+}
+"""Overrides of each world: the hard world is drawn larger (2,000 images: a test split of 304, and train images
+left out of the label-scarce regime for the real-data control)."""
+DEFAULT_WORLD = "hard"
+DEFAULT_PER_EMOTION = 16
+"""The world and regime RESULTS.md reports (``--seeds 0`` alone reruns one seed of its table)."""
+JUDGE_STEPS = {"easy": 300, "hard": 1200}
+"""The judge's training steps per world (the hard world's scenes need more than its colours)."""
+
 NO_QUERIES = ["model.understanding.use_scene_queries=false", "model.understanding.use_object_queries=false"]
-GENERATION_ABLATIONS = {
+STAGE2_VARIANTS: dict[str, list[str]] = {
     "fixed_alpha": ["model.conditioner.fixed_alpha=true"],
     "no_condition_loss": ["training.losses.condition_loss=false"],
-    "no_implicit_feedback": ["training.losses.implicit_feedback=false"],
+    "no_implicit_feedback": ["training.losses.diffusion_to_condition=false"],  # today's key: stopped at c
+    "paper_no_implicit_feedback": ["training.losses.implicit_feedback=false"],  # (b'): stopped at the mappers
 }
-"""Stage-2 variants of check (c): name -> overrides (METHOD D13)."""
+"""Stage-2 variants: name -> overrides (METHOD D13)."""
+UNFILTERED = ["feedback.tau=0.0", "feedback.delta=1.0", "feedback.attribute_cap=1.0"]
+SHORT_EVAL = ["evaluation.images_per_emotion=4"]
+"""Evaluation of the runs whose generation is not reported (only their test top-1 is)."""
 
 
-def _stage_cfg(base: Config, out: Path, name: str, stage_overrides: list[str], extra: list[str]) -> Config:
-    return with_overrides(base, [f"run.output_dir={out}", f"run.name={name}", *stage_overrides, *extra])
+class Checks:
+    """One science-check run: the base config, the output folder, results.json."""
 
+    def __init__(self, base: Config, out: Path, world: str, per_emotion: int, early_steps: int,
+                 controls_only: bool = False) -> None:
+        self.base, self.out, self.world, self.per_emotion = base, out, world, per_emotion
+        self.early_steps, self.controls_only = early_steps, controls_only
+        self.path = out / "results.json"
+        self.results: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.results.update(world=world, per_emotion=per_emotion)
+        self.results.setdefault("runs", {})
+        self.results.setdefault("job_seconds", {})
 
-def _done(run_dir: Path) -> bool:
-    return (run_dir / "metrics.json").is_file()
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.results, indent=2) + "\n")
 
+    def job(self, name: str, stage: str, overrides: list[str], evaluate: list[str] = ()) -> Path:
+        """The pipeline ``<out>/<name>`` with ``stage`` (plus ``overrides``) and ``evaluate``, run or resumed;
+        returns the stage's run folder."""
+        from uniemo.pipeline import run_pipeline
 
-def _evaluate(run_dir: Path, judge: Path) -> dict[str, Any]:
-    from uniemo.evaluation.evaluate import evaluate_run
+        root = self.out / name
+        cfg = with_overrides(self.base, [f"run.output_dir={root.parent}", f"run.name={root.name}"])
+        cfg.pipeline.stages = [stage, "evaluate"]
+        setattr(cfg.pipeline, stage, [*getattr(self.base.pipeline, stage), *overrides])
+        cfg.pipeline.evaluate = ["distributed.num_workers=1", *evaluate]  # in-process: no Ray Train start-up
+        cfg.validate()
+        state = run_pipeline(cfg, resume=True)
+        seconds = sum(s.get("seconds", 0) for s in state["stages"].values())
+        self.results["job_seconds"][name] = round(seconds, 1)
+        return root / stage
 
-    if _done(run_dir):
-        return json.loads((run_dir / "metrics.json").read_text())
-    return evaluate_run(run_dir, judge, ["distributed.num_workers=1"])  # in-process: no Ray Train start-up
+    def judge(self) -> Path:
+        """The independent judge, trained once on the world's whole train split (never the scarce subset)."""
+        from uniemo.pipeline import run_pipeline
 
+        cfg = with_overrides(self.base, [f"run.output_dir={self.out.parent}", f"run.name={self.out.name}",
+                                         "data.labelled_per_emotion=0",
+                                         f"evaluation.judge_steps={JUDGE_STEPS[self.world]}"])
+        cfg.pipeline.stages = ["judge"]
+        run_pipeline(cfg, resume=True)
+        return self.out / "judge"
 
-def _train(cfg: Config) -> Path:
-    from uniemo.distributed.ray_train import run_dir_of, run_training
-    from uniemo.training.checkpoint import latest_checkpoint
+    # -- the checks of one seed --------------------------------------------------------------------------------
+    def seed(self, seed: int) -> None:
+        tag = f"seed-{seed}"
+        entry = self.results["runs"].setdefault(tag, {})
+        s = [f"run.seed={seed}"]
+        started = time.monotonic()
 
-    run_dir = run_dir_of(cfg)
-    if not _done(run_dir):
-        if latest_checkpoint(run_dir) is None or not (run_dir / "emotion_space.safetensors").exists():
-            run_training(cfg, resume=latest_checkpoint(run_dir) is not None)
-    return run_dir
+        def metrics(run: Path) -> dict[str, Any]:
+            return json.loads((run / "metrics.json").read_text())
 
+        s1q = self.job(f"{tag}/stage1-queries", "stage1", s)
+        entry["a_stage1_queries"] = _top1(metrics(s1q))
+        if not self.controls_only:
+            entry["a_stage1_no_queries"] = _top1(metrics(self.job(f"{tag}/stage1-no-queries", "stage1",
+                                                                  s + NO_QUERIES)))
+        if self.early_steps and not self.controls_only:
+            steps = [f"training.steps={self.early_steps}"]
+            entry["a_early_queries"] = _top1(metrics(self.job(f"{tag}/stage1-queries-early", "stage1", s + steps)))
+            entry["a_early_no_queries"] = _top1(metrics(self.job(f"{tag}/stage1-no-queries-early", "stage1",
+                                                                 s + steps + NO_QUERIES)))
+        self.save()
 
-def _feedback(cfg: Config) -> Path:
-    from uniemo.distributed.ray_train import run_dir_of
-    from uniemo.feedback.loop import run_feedback
+        from_s1 = s + [f"training.init_from={s1q}"]
+        s2 = self.job(f"{tag}/stage2", "stage2", from_s1)
+        m2 = metrics(s2)
+        entry["b_stage2"] = _top1(m2)
+        entry.update(_generation("c", m2))
+        self.save()
+        for name, extra in ({} if self.controls_only else STAGE2_VARIANTS).items():
+            run = self.job(f"{tag}/stage2-{name}", "stage2", from_s1 + extra)
+            key = "b_no_implicit_feedback" if name == "paper_no_implicit_feedback" else f"c_{name}"
+            entry.update(_generation(key, metrics(run)))
+            entry[f"{key}_top1"] = _top1(metrics(run))
+            self.save()
 
-    run_dir = run_dir_of(cfg)
-    if not _done(run_dir):
-        run_feedback(cfg, resume=(run_dir / "config.yaml").is_file())
-    return run_dir
-
-
-def _no_feedback(cfg: Config, from_run: Path) -> Path:
-    """The same continued training as the feedback run (steps, schedule, start weights), on real data only."""
-    from uniemo.training.checkpoint import resolve_checkpoint
-
-    fb = cfg.feedback
-    plain = with_overrides(cfg, [
-        "training.stage=2", f"training.init_from={resolve_checkpoint(str(from_run))}",
-        f"training.steps={fb.rounds * fb.steps_per_round}", "training.epochs=0",
-    ])
-    return _train(plain)
-
-
-def _seed(results: dict[str, Any], seed: int) -> tuple[str, list[str], dict[str, Any]]:
-    """A seed's run-folder tag, its override and its (possibly already filled) results entry."""
-    tag = f"seed-{seed}"
-    return tag, [f"run.seed={seed}"], results["runs"].setdefault(tag, {})
+        fb = self.base.feedback
+        common = s + [f"feedback.from_run={s2}", "feedback.mode=sequential"]
+        filtered = self.job(f"{tag}/feedback-filtered", "feedback", common)
+        entry["d_filtered"] = _top1(metrics(filtered))
+        entry["d_filtered_kept"] = _kept(filtered)
+        entry.update(_generation("d_filtered", metrics(filtered)))
+        self.save()
+        if not self.controls_only:
+            unfiltered = self.job(f"{tag}/feedback-unfiltered", "feedback",
+                                  common + UNFILTERED + [f"feedback.keep={fb.candidates_per_emotion}"], SHORT_EVAL)
+            entry["d_unfiltered"] = _top1(metrics(unfiltered))
+            entry["d_unfiltered_kept"] = _kept(unfiltered)
+        # No feedback: the feedback runs' training (steps, schedule, start weights, batch) on real data only.
+        plain = self.job(f"{tag}/no-feedback", "stage2", s + list(self.base.pipeline.feedback) + [
+            f"training.init_from={s2}", f"training.steps={fb.rounds * fb.steps_per_round}", "training.epochs=0"],
+            SHORT_EVAL)
+        entry["d_no_feedback"] = _top1(metrics(plain))
+        self.save()
+        controls = [("wrong_labels", "d_wrong_labels")]
+        if self.per_emotion:
+            controls.append(("real_extra", "d_real_extra"))
+        for control, key in controls:
+            run = self.job(f"{tag}/control-{control.replace('_', '-')}", "feedback",
+                           common + [f"feedback.control={control}", f"feedback.control_of={filtered}"], SHORT_EVAL)
+            entry[key] = _top1(metrics(run))
+            entry[f"{key}_images"] = _kept(run)
+            self.save()
+        entry["seconds"] = round(time.monotonic() - started, 1)
+        self.save()
+        print(f"seed {seed}: {json.dumps(entry)}", file=sys.stderr, flush=True)
 
 
 def _top1(m: dict[str, Any]) -> float:
     return float(m["understanding"]["top1"])
 
 
-def run_checks(config: str, seeds: list[int], out: Path, overrides: list[str] = (), only_a: bool = False,
-               early_steps: int = 40) -> dict[str, Any]:
-    from uniemo.distributed.ray_train import ray_session
-    from uniemo.evaluation.judge import train_judge
-    from uniemo.feedback.rounds import pool_cpus
-
-    base = load_config(config, ["logging.wandb.mode=disabled", "logging.progress=false", *overrides])
-    pipe = base.pipeline
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"config": config, "seeds": seeds, "runs": {}}
-    results_path = out / "results.json"
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-
-    def save() -> None:
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
-
-    started = time.monotonic()
-    with ray_session(base.distributed, extra_cpus=pool_cpus(base)):
-        judge = out / "judge"
-        if not (judge / "judge.json").is_file():
-            train_judge(with_overrides(base, list(pipe.judge)), judge)
-        # Three passes over the seeds, the headline checks first: (a)-(c); the generation ablations; (d).
-        for seed in seeds:
-            tag, seed_o, entry = _seed(results, seed)
-            s1q = _train(_stage_cfg(base, out, f"{tag}/stage1-queries", list(pipe.stage1),
-                                    seed_o + ["training.stage=1"]))
-            entry["a_stage1_queries"] = _top1(_evaluate(s1q, judge))
-            s1n = _train(_stage_cfg(base, out, f"{tag}/stage1-no-queries", list(pipe.stage1), seed_o + [
-                "training.stage=1", *NO_QUERIES]))
-            entry["a_stage1_no_queries"] = _top1(_evaluate(s1n, judge))
-            # (a) before convergence: both variants stop after `early_steps` (the full budget reaches the
-            # set's ceiling, where the queries cannot show).
-            for key, name, extra in (("a_early_queries", "stage1-queries-early", []),
-                                     ("a_early_no_queries", "stage1-no-queries-early", NO_QUERIES)):
-                run = _train(_stage_cfg(base, out, f"{tag}/{name}", list(pipe.stage1), seed_o + [
-                    "training.stage=1", f"training.steps={early_steps}", *extra]))
-                entry[key] = _top1(_evaluate(run, judge))
-            save()
-            if only_a:
-                continue
-            s2 = _train(_stage_cfg(base, out, f"{tag}/stage2", list(pipe.stage2),
-                                   seed_o + ["training.stage=2", f"training.init_from={s1q}"]))
-            m2 = _evaluate(s2, judge)
-            entry["b_stage2"] = _top1(m2)
-            entry["c_emo_a"] = float(m2["generation"]["emo_a"]["top1"])
-            entry["c_fid"] = float(m2["generation"]["fid"]["pooled"])
-            entry["c_fid_extractor"] = m2["generation"]["fid"]["extractor"]
-            save()
-            print(f"seed {seed} (a)-(c): {json.dumps(entry)}", file=sys.stderr, flush=True)
-        for seed in [] if only_a else seeds:
-            tag, seed_o, entry = _seed(results, seed)
-            s1q = out / tag / "stage1-queries"
-            # Generation-side ablations (METHOD D13): the same stage 2 with one switch changed.
-            for key, extra in GENERATION_ABLATIONS.items():
-                run = _train(_stage_cfg(base, out, f"{tag}/stage2-{key}", list(pipe.stage2),
-                                        seed_o + ["training.stage=2", f"training.init_from={s1q}", *extra]))
-                m = _evaluate(run, judge)
-                entry[f"c_{key}_emo_a"] = float(m["generation"]["emo_a"]["top1"])
-                entry[f"c_{key}_fid"] = float(m["generation"]["fid"]["pooled"])
-                entry[f"c_{key}_top1"] = _top1(m)
-                save()
-        for seed in [] if only_a else seeds:
-            tag, seed_o, entry = _seed(results, seed)
-            s2 = out / tag / "stage2"
-            fb_common = list(pipe.feedback) + seed_o + [f"feedback.from_run={s2}", "feedback.mode=sequential"]
-            filtered = _feedback(_stage_cfg(base, out, f"{tag}/feedback-filtered", fb_common, []))
-            entry["d_filtered"] = _top1(_evaluate(filtered, judge))
-            entry["d_filtered_kept"] = _kept(filtered)
-            save()
-            n = base.feedback.candidates_per_emotion
-            unfiltered = _feedback(_stage_cfg(base, out, f"{tag}/feedback-unfiltered", fb_common, [
-                "feedback.tau=0.0", "feedback.delta=1.0", "feedback.attribute_cap=1.0", f"feedback.keep={n}"]))
-            entry["d_unfiltered"] = _top1(_evaluate(unfiltered, judge))
-            entry["d_unfiltered_kept"] = _kept(unfiltered)
-            save()
-            plain = _no_feedback(_stage_cfg(base, out, f"{tag}/no-feedback", fb_common, []), s2)
-            entry["d_no_feedback"] = _top1(_evaluate(plain, judge))
-            save()
-            print(f"seed {seed}: {json.dumps(entry)}", file=sys.stderr, flush=True)
-    results["seconds"] = round(time.monotonic() - started, 1)
-    results["judge"] = json.loads((out / "judge" / "judge.json").read_text()).get("val_accuracy")
-    save()
-    return results
+def _generation(key: str, m: dict[str, Any]) -> dict[str, Any]:
+    """Emo-A, FID and the generated / real diversity of a stage-2 run's evaluation, under ``key``."""
+    g = m.get("generation") or {}
+    if not g:
+        return {}
+    ratio = (g["diversity"].get("generated_vs_real") or {}).get("sem_d")
+    return {f"{key}_emo_a": float(g["emo_a"]["top1"]), f"{key}_fid": float(g["fid"]["pooled"]),
+            f"{key}_fid_extractor": g["fid"]["extractor"], f"{key}_diversity_vs_real": ratio}
 
 
 def _kept(run_dir: Path) -> int:
-    """Synthetic images kept over all rounds of a feedback run (the funnels of its round reports)."""
+    """Images a feedback (or control) run fed the trainers over all rounds (the funnels of its round reports)."""
     from uniemo.evaluation.evaluate import summarize_rounds
 
     return sum(r["funnel"]["kept"] for r in summarize_rounds(run_dir))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Verdicts
+# ---------------------------------------------------------------------------------------------------------
+CLAIMS: list[tuple[str, str, str, str, int]] = [
+    # (name, claim, key of the method, key of the comparison, +1: the method should be higher, -1: lower)
+    ("a", "expert queries help understanding (stage 1 top-1, queries vs none)", "a_stage1_queries",
+     "a_stage1_no_queries", +1),
+    ("a_early", "... before convergence (early stop)", "a_early_queries", "a_early_no_queries", +1),
+    ("b", "joint training helps understanding (stage 2 vs stage 1 top-1)", "b_stage2", "a_stage1_queries", +1),
+    ("b_prime", "implicit feedback helps understanding (full stage 2 vs the paper's ablation, top-1)", "b_stage2",
+     "b_no_implicit_feedback_top1", +1),
+    ("c_alpha_emo_a", "alpha helps Emo-A (full vs alpha fixed)", "c_emo_a", "c_fixed_alpha_emo_a", +1),
+    ("c_alpha_fid", "alpha lowers FID (full vs alpha fixed)", "c_fid", "c_fixed_alpha_fid", -1),
+    ("c_condition_emo_a", "the condition loss helps Emo-A (full vs none)", "c_emo_a", "c_no_condition_loss_emo_a",
+     +1),
+    ("c_condition_fid", "the condition loss lowers FID (full vs none)", "c_fid", "c_no_condition_loss_fid", -1),
+    ("d_filtered_vs_none", "filtered feedback helps understanding (vs no feedback)", "d_filtered", "d_no_feedback",
+     +1),
+    ("d_filtered_vs_unfiltered", "filtering helps (filtered vs unfiltered feedback)", "d_filtered", "d_unfiltered",
+     +1),
+    ("d_unfiltered_vs_none", "unfiltered feedback vs no feedback", "d_unfiltered", "d_no_feedback", +1),
+    ("control_wrong_labels", "CONTROL: wrong labels lower top-1 (vs no feedback)", "d_wrong_labels",
+     "d_no_feedback", -1),
+    ("control_real_extra", "CONTROL: extra real labels raise top-1 (vs no feedback)", "d_real_extra",
+     "d_no_feedback", +1),
+    ("control_wrong_vs_filtered", "wrong labels vs the same images rightly labelled", "d_wrong_labels",
+     "d_filtered", -1),
+]
+
+
+def _values(results: dict[str, Any], key: str) -> list[float]:
+    return [float(v[key]) for v in results["runs"].values() if isinstance(v.get(key), (int, float))]
+
+
+def _std(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) >= 2 else 0.0
+
+
+def verdict(method: list[float], other: list[float], sign: int) -> dict[str, Any]:
+    """shown / not shown / contradicted (module docstring) for ``method`` vs ``other`` over seeds."""
+    if not method or not other:
+        return {"verdict": "not run"}
+    diff = statistics.mean(method) - statistics.mean(other)
+    pooled = math.sqrt((_std(method) ** 2 + _std(other) ** 2) / 2)
+    if len(method) < 2 or len(other) < 2:
+        outcome = "one seed: no verdict"
+    elif abs(diff) > 2 * pooled and diff * sign > 0:
+        outcome = "shown"
+    elif abs(diff) > 2 * pooled:
+        outcome = "contradicted"
+    else:
+        outcome = "not shown"
+    return {"verdict": outcome, "difference": round(diff, 4), "pooled_std": round(pooled, 4),
+            "seeds": min(len(method), len(other))}
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, claim, key, other, sign in CLAIMS:
+        out[name] = {"claim": claim, "method": key, "against": other,
+                     **verdict(_values(results, key), _values(results, other), sign)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------------
+ROWS = [
+    ("(a) stage 1, with expert queries: test top-1", "a_stage1_queries"),
+    ("(a) stage 1, without queries: test top-1", "a_stage1_no_queries"),
+    ("(a) stage 1, with expert queries, early stop: test top-1", "a_early_queries"),
+    ("(a) stage 1, without queries, early stop: test top-1", "a_early_no_queries"),
+    ("(b) stage 2 (joint, from (a) with queries): test top-1", "b_stage2"),
+    ("(b') stage 2, implicit feedback off (stopped at the mappers' inputs): test top-1",
+     "b_no_implicit_feedback_top1"),
+    ("(c) Emo-A of stage-2 images (judge; chance 0.125)", "c_emo_a"),
+    ("(c) FID of stage-2 images (judge features)", "c_fid"),
+    ("(c) diversity of stage-2 images / real (Sem-D)", "c_diversity_vs_real"),
+    ("(c) Emo-A, alpha fixed", "c_fixed_alpha_emo_a"),
+    ("(c) Emo-A, no condition loss", "c_no_condition_loss_emo_a"),
+    ("(c) Emo-A, implicit feedback off (paper's ablation)", "b_no_implicit_feedback_emo_a"),
+    ("(c) Emo-A, diffusion gradient stopped at c", "c_no_implicit_feedback_emo_a"),
+    ("(c) FID, alpha fixed", "c_fixed_alpha_fid"),
+    ("(c) FID, no condition loss", "c_no_condition_loss_fid"),
+    ("(c) FID, implicit feedback off (paper's ablation)", "b_no_implicit_feedback_fid"),
+    ("(c) FID, diffusion gradient stopped at c", "c_no_implicit_feedback_fid"),
+    ("(c) test top-1, alpha fixed", "c_fixed_alpha_top1"),
+    ("(c) test top-1, no condition loss", "c_no_condition_loss_top1"),
+    ("(c) test top-1, diffusion gradient stopped at c", "c_no_implicit_feedback_top1"),
+    ("(d) + filtered feedback: test top-1", "d_filtered"),
+    ("(d) + unfiltered feedback: test top-1", "d_unfiltered"),
+    ("(d) + no feedback (real only, same steps): test top-1", "d_no_feedback"),
+    ("(d) control: + filtered images, wrong labels: test top-1", "d_wrong_labels"),
+    ("(d) control: + as many extra real images: test top-1", "d_real_extra"),
+    ("(d) synthetic images kept, filtered", "d_filtered_kept"),
+    ("(d) synthetic images kept, unfiltered", "d_unfiltered_kept"),
+    ("(d) Emo-A of the filtered feedback run's images", "d_filtered_emo_a"),
+    ("(d) diversity of the filtered feedback run's images / real (Sem-D)", "d_filtered_diversity_vs_real"),
+    ("seconds (all jobs of the seed)", "seconds"),
+]
+
+
 def table(results: dict[str, Any]) -> str:
-    rows = [
-        ("(a) stage 1, with expert queries: test top-1", "a_stage1_queries"),
-        ("(a) stage 1, without queries: test top-1", "a_stage1_no_queries"),
-        ("(a) stage 1, with expert queries, early stop: test top-1", "a_early_queries"),
-        ("(a) stage 1, without queries, early stop: test top-1", "a_early_no_queries"),
-        ("(b) stage 2 (joint, from (a) with queries): test top-1", "b_stage2"),
-        ("(c) Emo-A of stage-2 images (judge; chance 0.125)", "c_emo_a"),
-        ("(c) FID of stage-2 images (judge features)", "c_fid"),
-        ("(c) Emo-A, alpha fixed", "c_fixed_alpha_emo_a"),
-        ("(c) Emo-A, no condition loss", "c_no_condition_loss_emo_a"),
-        ("(c) Emo-A, no implicit feedback", "c_no_implicit_feedback_emo_a"),
-        ("(c) FID, alpha fixed", "c_fixed_alpha_fid"),
-        ("(c) FID, no condition loss", "c_no_condition_loss_fid"),
-        ("(c) FID, no implicit feedback", "c_no_implicit_feedback_fid"),
-        ("(b) test top-1 after stage 2, no implicit feedback", "c_no_implicit_feedback_top1"),
-        ("(d) + filtered feedback: test top-1", "d_filtered"),
-        ("(d) + unfiltered feedback: test top-1", "d_unfiltered"),
-        ("(d) + no feedback (real only, same steps): test top-1", "d_no_feedback"),
-        ("(d) synthetic images kept, filtered", "d_filtered_kept"),
-        ("(d) synthetic images kept, unfiltered", "d_unfiltered_kept"),
-    ]
     seeds = sorted(results["runs"])
-    lines = ["| check | " + " | ".join(seeds) + " | mean ± std |", "|---|" + "---:|" * (len(seeds) + 1)]
-    for title, key in rows:
+    lines = [f"world {results.get('world')}, {results.get('per_emotion') or 'all'} labelled train images per emotion",
+             "", "| check | " + " | ".join(seeds) + " | mean ± std |", "|---|" + "---:|" * (len(seeds) + 1)]
+    for title, key in ROWS:
         values = [results["runs"][s].get(key) for s in seeds]
-        nums = [v for v in values if isinstance(v, (int, float))]
+        if all(v is None for v in values):
+            continue
+        nums = [float(v) for v in values if isinstance(v, (int, float))]
         cells = [f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in values]
-        if len(nums) >= 2:
-            summary = f"{statistics.mean(nums):.3f} ± {statistics.stdev(nums):.3f}"
-        elif nums:
-            summary = f"{nums[0]:.3f}"
-        else:
-            summary = "-"
+        summary = (f"{statistics.mean(nums):.3f} ± {_std(nums):.3f}" if len(nums) >= 2
+                   else f"{nums[0]:.3f}" if nums else "-")
         lines.append(f"| {title} | " + " | ".join(cells) + f" | {summary} |")
+    lines += ["", "| claim | difference | 2 x pooled std | verdict |", "|---|---:|---:|---|"]
+    for v in results.get("verdicts", {}).values():
+        if "difference" in v:
+            lines.append(f"| {v['claim']} | {v['difference']:+.3f} | {2 * v['pooled_std']:.3f} | {v['verdict']} |")
     return "\n".join(lines)
 
 
@@ -253,24 +343,67 @@ def ablation_table(sweep_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def run_checks(config: str, seeds: list[int], out: Path, world: str = DEFAULT_WORLD,
+               per_emotion: int = DEFAULT_PER_EMOTION, overrides: list[str] = (), early_steps: int = 40,
+               controls_only: bool = False) -> dict[str, Any]:
+    from uniemo.distributed.ray_session import ray_session
+    from uniemo.feedback.rounds import pool_cpus
+
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_config(config, ["logging.wandb.mode=disabled", "logging.progress=false", *WORLDS[world],
+                                f"data.labelled_per_emotion={per_emotion}", f"evaluation.judge={out / 'judge'}",
+                                *overrides])
+    checks = Checks(base, out, world, per_emotion, early_steps, controls_only)
+    checks.results["config"] = config
+    checks.results["overrides"] = list(overrides)
+    started = time.monotonic()
+    with ray_session(base.distributed, extra_cpus=pool_cpus(base)):
+        checks.judge()
+        for seed in seeds:
+            checks.seed(seed)
+    results = checks.results
+    results["seconds"] = round(time.monotonic() - started, 1)
+    results["judge"] = json.loads((out / "judge" / "judge.json").read_text()).get("val_accuracy")
+    from uniemo.data.synthetic import decision_rates, world_of
+
+    results["world_rates"] = {k: round(v, 4) for k, v in decision_rates(world_of(base.data.synthetic.world)).items()}
+    results["verdicts"] = verdicts(results)
+    checks.save()
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--world", default=DEFAULT_WORLD, choices=sorted(WORLDS))
+    parser.add_argument("--per-emotion", type=int, default=DEFAULT_PER_EMOTION,
+                        help=f"labelled train images per emotion (default {DEFAULT_PER_EMOTION}; 0: all)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/science")
-    parser.add_argument("--only-a", action="store_true", help="only check (a): stage 1 with and without queries")
     parser.add_argument("--early-steps", type=int, default=40,
-                        help="stage-1 steps of check (a)'s before-convergence variant (default 40)")
+                        help="stage-1 steps of check (a)'s before-convergence pair (default 40; 0: leave it out)")
+    parser.add_argument("--controls-only", action="store_true",
+                        help="run only what the controls need (stage 1 with queries, stage 2, filtered and no "
+                        "feedback, the two controls): check first that the set-up can see an effect")
     parser.add_argument("--ablations", metavar="DIR", help="print the table of a finished ablation sweep "
                         "(uniemo sweep configs/sweeps/ablations.yaml --backend local -> runs/ablations) and exit")
+    parser.add_argument("--table", action="store_true", help="print the table of <out>/results.json and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. "
                         "'pipeline.stage1=[training.steps=40]'")
     args = parser.parse_args()
     if args.ablations:
         print(ablation_table(Path(args.ablations)))
         return 0
-    results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out), args.overrides,
-                         args.only_a, args.early_steps)
+    if args.table:
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        results["verdicts"] = verdicts(results)
+        print(table(results))
+        return 0
+    if args.per_emotion < 0:
+        parser.error("--per-emotion must be >= 0")
+    results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out), args.world,
+                         args.per_emotion, args.overrides, args.early_steps, args.controls_only)
     print(table(results))
     return 0
 

@@ -234,3 +234,54 @@ def test_inspect_a_folder_of_rounds(small_set, tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path / "pool")]) == 0
     report = capsys.readouterr().out
     assert "round-0" in report and "round-1" in report and report.count("synthetic  train") == 2
+
+
+def test_label_scarce_subset_and_inspect(tmp_path, capsys):
+    """data.labelled_per_emotion: N train samples per emotion (deterministic), val and test whole, the rest left
+    out; Phi over the labelled samples; the synthetic cache names the world; inspect prints world and regime."""
+    from uniemo.config import load_config
+    from uniemo.data.attributes import AttributeTable
+    from uniemo.data.shards import ensure_synthetic_shards, left_out_shards, read_manifest, read_shard_samples
+
+    def keys(folder, split):
+        return sorted(s["__key__"] for e in read_manifest(folder)["shards"] if e["split"] == split
+                      for s in read_shard_samples(folder / e["name"]))
+
+    common = [f"data.cache_dir={tmp_path}", "data.synthetic.images=160", "data.synthetic.size=16",
+              "data.synthetic.world=hard"]
+    full = ensure_synthetic_shards(load_config(None, common).data)
+    assert full.parent.name == "synthetic-hard-160-16-0"
+    data = load_config(None, [*common, "data.labelled_per_emotion=3"]).data
+    labelled, left_out = ensure_synthetic_shards(data), left_out_shards(data)
+    totals = read_manifest(labelled)["totals"]
+    assert totals["train"]["emotion_counts"] == [3] * 8
+    assert {s: totals[s] for s in ("val", "test")} == {s: read_manifest(full)["totals"][s] for s in ("val", "test")}
+    assert keys(labelled, "test") == keys(full, "test")
+    assert sorted(keys(labelled, "train") + keys(left_out, "train")) == keys(full, "train")
+    assert not set(keys(labelled, "train")) & set(keys(left_out, "train"))
+    table = AttributeTable.load(labelled)
+    assert sum(sum(c) for c in table.scene_counts.values()) == 24  # counted over the 24 labelled images only
+    assert table.scenes == AttributeTable.load(full).scenes  # the full set's vocabulary: the heads keep their shapes
+    # deterministic: written again elsewhere, the same samples are chosen
+    again = ensure_synthetic_shards(load_config(None, [*common, "data.labelled_per_emotion=3",
+                                                       f"data.cache_dir={tmp_path / 'again'}"]).data)
+    assert keys(again, "train") == keys(labelled, "train")
+
+    capsys.readouterr()
+    assert main(["data", "inspect", str(labelled)]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic world hard: a colour-only classifier reaches at most 0.474" in out
+    assert "3 labelled train images per emotion" in out
+    assert main(["data", "inspect", str(full)]) == 0
+    assert "Bayes rate is 0.931" in capsys.readouterr().out
+    from uniemo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="more than the train samples"):
+        ensure_synthetic_shards(load_config(None, [*common, "data.labelled_per_emotion=500"]).data)
+    # A set drawn from an older version of the world's tables is not read silently.
+    record = full.parent / "raw" / "world.json"
+    record.write_text(record.read_text().replace('"bayes"', '"bayes_old"'))
+    from uniemo.errors import DataError
+
+    with pytest.raises(DataError, match="older version of the hard world"):
+        ensure_synthetic_shards(load_config(None, common).data)

@@ -247,6 +247,53 @@ def test_sequential_round_end_to_end(sequential_run, start_runs):
 
 
 @pytest.mark.slow
+def test_wrong_labels_control_feeds_the_trainers_wrong_labels(sequential_run, start_runs, synth_shards):
+    """The wrong-labels control of the feedback check, in the label-scarce regime: one round that mirrors the
+    sequential run's round 0 with every image relabelled k -> k+1, trained through the real shard and loader path.
+    The labels the trainers counted from the synthetic source (their metrics lines) are the wrong ones, and every
+    synthetic sample of the trainers' own loader carries the wrong label of the emotion it was generated for."""
+    from collections import Counter
+
+    from uniemo.config import load_config
+    from uniemo.config.schema import EMOTIONS
+    from uniemo.data.loader import build_loader_from_config
+    from uniemo.feedback.controls import wrong_label
+    from uniemo.feedback.loop import run_feedback
+
+    _, mirrored_run = sequential_run
+    cfg = _config(start_runs, synth_shards, "run.name=wrong-labels", "feedback.rounds=1", "feedback.steps_per_round=2",
+                  "data.labelled_per_emotion=4", "feedback.control=wrong_labels", f"feedback.control_of={mirrored_run}")
+    summary = run_feedback(cfg)
+    run = Path(summary["run_dir"])
+    mirrored = json.loads((mirrored_run / "rounds" / "round-0.json").read_text())
+    from uniemo.run_layout import path_from_run_file
+
+    report = _check_round(run, 0, path_from_run_file(mirrored["checkpoint"], mirrored_run))
+    assert report["control"]["kind"] == "wrong_labels" and report["samples"] == mirrored["totals"]["kept"]
+    generated_for = Counter({k: mirrored["emotions"][e]["kept"] for k, e in enumerate(EMOTIONS)})
+    assert report["control"]["labels"] == {EMOTIONS[wrong_label(k)]: n for k, n in generated_for.items()}
+
+    records = _metrics(run)
+    seen = Counter({k: sum(r.get(f"data/labels/synthetic/{e}", 0) for r in records) for k, e in enumerate(EMOTIONS)})
+    assert sum(seen.values()) == sum(r["data/samples/synthetic"] for r in records) > 0
+    assert {k for k, n in seen.items() if n} <= {wrong_label(k) for k, n in generated_for.items() if n}
+
+    # The trainers' loader (the run's own config): 4 labelled real images per emotion, wrong synthetic labels.
+    train_cfg = load_config(run / "config.yaml")
+    loader = build_loader_from_config(train_cfg.data, "train", batch_size=8, num_workers=0)
+    assert [s.name for s in loader.sources] == ["real", "synthetic"]
+    assert loader.train_samples == 8 * 4 + report["samples"]
+    checked = 0
+    for batch, _ in zip(loader.batches(), range(12), strict=False):
+        for key, source, label in zip(batch["key"], batch["source"], batch["label"].tolist(), strict=True):
+            if source == "synthetic":  # key synthetic_round-0_<emotion generated for>_<index>
+                generated = EMOTIONS.index(key.split("_")[2])
+                assert label == wrong_label(generated) != generated
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.slow
 def test_resume_skips_the_completed_round(sequential_run, start_runs, synth_shards):
     from uniemo.errors import UserError
     from uniemo.feedback.loop import run_feedback
@@ -360,7 +407,7 @@ def _comparable(run: Path) -> dict:
     without its clock, and each round's funnel and timing."""
     from uniemo.training.feedback_schedule import read_mix
 
-    clock = ("time", "samples_per_s")
+    clock = ("time", "samples_per_s", "data_wait_share")  # wall-clock shares
     rounds = {}
     for path in sorted((run / "rounds").glob("round-*.json")):
         report = json.loads(path.read_text())

@@ -156,3 +156,40 @@ def test_bad_arguments_are_config_errors(tmp_path, kwargs):
     args = {"images": 16, "size": 16, "seed": 0, **kwargs}
     with pytest.raises(ConfigError):
         generate_synthetic_set(tmp_path, workers=1, progress=False, **args)
+
+
+def test_hard_world_rates_and_phi_from_its_tables():
+    """The hard world: colour alone is capped well below the Bayes rate (both from the generative tables), and
+    P(emotion | attribute) has sharp, two-peaked and flat rows; the easy world is what it was."""
+    from uniemo.data.synthetic import EASY, HARD, decision_rates, world_of
+
+    hard, easy = decision_rates(HARD), decision_rates(EASY)
+    assert hard["colour_only"] <= 0.65 and hard["bayes"] >= 0.90
+    assert easy["colour_only"] > 0.9  # colour nearly decides the easy world
+    assert hard["scene_and_objects"] < hard["bayes"]  # colour still tells the pair
+    # Emotions share palettes in pairs.
+    assert len(set(HARD.palettes.values())) == 4
+    assert all(list(HARD.palettes.values()).count(p) == 2 for p in HARD.palettes.values())
+    phi = HARD.p_scene.T / HARD.p_scene.T.sum(axis=1, keepdims=True)  # P(emotion | scene), uniform emotions
+    peaks = sorted(phi.max(axis=1))
+    assert peaks[-1] > 0.75 and peaks[0] < 0.2  # sharp rows and a flat one
+    assert all(sorted(row)[-2] > 0.15 for row in phi if row.max() > 0.5)  # each sharp row has a second peak
+    # Mirror pairs: the two emotions of a palette never share a scene that decides between them.
+    for k, e in enumerate(EMOTIONS):
+        mate = next(j for j, other in enumerate(EMOTIONS) if other != e and HARD.palettes[other] == HARD.palettes[e])
+        assert HARD.p_scene[k].argmax() != HARD.p_scene[mate].argmax()
+    with pytest.raises(ConfigError, match="easy, hard"):
+        world_of("medium")
+
+
+def test_hard_world_set_records_its_world(tmp_path):
+    from uniemo.data.synthetic import HARD, WORLD_FILE, decision_rates
+
+    summary = generate_synthetic_set(tmp_path / "hard", images=16, size=16, seed=0, progress=False, world="hard")
+    assert summary["world"] == "hard"
+    record = json.loads((tmp_path / "hard" / WORLD_FILE).read_text())
+    assert record["world"] == "hard" and record["bayes"] == round(decision_rates(HARD)["bayes"], 4)
+    easy = generate_synthetic_set(tmp_path / "easy", images=16, size=16, seed=0, progress=False)
+    assert not (tmp_path / "easy" / WORLD_FILE).exists() and easy["world"] == "easy"
+    # same images per emotion, other pictures: the world changes what is drawn
+    assert _files(tmp_path / "hard" / "image") != _files(tmp_path / "easy" / "image")

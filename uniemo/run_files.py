@@ -69,7 +69,12 @@ class Retirement(TypedDict):
     bytes: int
 
 
-class RoundReport(TypedDict):
+class _ControlPart(TypedDict, total=False):
+    control: dict[str, Any]
+    """Only in a control run's round (``uniemo.feedback.controls``): what it did, from which round, labels written."""
+
+
+class RoundReport(_ControlPart):
     version: int
     round: int
     checkpoint: str

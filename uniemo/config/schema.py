@@ -71,6 +71,9 @@ class SyntheticConfig:
     """Image side in pixels."""
     seed: int = 0
     """Seed of the synthetic set (same seed, same images)."""
+    world: Literal["easy", "hard"] = "easy"
+    """The world's generative tables (``uniemo/data/synthetic.py``, ``data/FORMAT.md``): ``easy``, where colour
+    nearly decides the emotion; ``hard``, where emotions share palettes and scenes and objects decide."""
     shard_size: int = 20
     """Samples per shard when the synthetic set is sharded for a run (small, so that the val and test splits
     have at least ranks x loader workers shards: 800 images give 4 val and 6 test shards)."""
@@ -169,6 +172,10 @@ class DataConfig:
     """Data-loader worker processes per rank (0: load in the main process)."""
     shuffle_buffer: int = 256
     """Samples held in the shuffle buffer of training streams."""
+    labelled_per_emotion: int = 0
+    """The label-scarce regime: keep only this many labelled train images per emotion (chosen deterministically,
+    ``uniemo/data/shards.py``); val and test stay whole, the other train images are kept apart for the control
+    that adds real data (``feedback.control=real_extra``). 0: every train image."""
     min_attribute_count: int = 5
     """An attribute enters the attribute base and Phi when seen at least this often (METHOD D6, m)."""
     phi_beta: float = 1.0
@@ -196,6 +203,7 @@ class DataConfig:
         _non_negative("data.num_workers", self.num_workers)
         _positive("data.storage.timeout_s", self.storage.timeout_s)
         _non_negative("data.crop_resize", self.crop_resize)
+        _non_negative("data.labelled_per_emotion", self.labelled_per_emotion)
         if self.crop_resize and self.crop_resize < self.image_size:
             raise ConfigError(
                 f"data.crop_resize ({self.crop_resize}) must be 0 or at least data.image_size ({self.image_size}): "
@@ -339,7 +347,13 @@ class LossConfig:
     condition_loss: bool = True
     """Ablation switch (D13): condition loss on/off."""
     implicit_feedback: bool = True
-    """Ablation switch (D13): False stops the diffusion gradient at c."""
+    """Ablation switch (D13, the paper's "without implicit feedback"): False stops the gradient of generation at
+    the mappers' inputs (f_cls, f_scene, f_object): the understanding model gets none (neither the diffusion nor
+    the condition loss reaches it), while the mappers still learn from both."""
+    diffusion_to_condition: bool = True
+    """Ablation switch (D13): False stops the diffusion gradient at c, so neither the mappers nor the
+    understanding model get it (the condition loss still reaches both). This is the switch that was called
+    ``implicit_feedback`` before the paper's ablation was built; generation falls to chance without it."""
     unannotated_negatives: bool = False
     """Stage 1: images without a scene (object) annotation stay in the InfoNCE matrix as negatives, with the
     text of the placeholder ``scene`` (``object``), and only their own rows are skipped, as the official code
@@ -617,6 +631,14 @@ class FeedbackConfig:
     trainer_cpus: float | None = None
     """``async`` mode: CPUs Ray reserves per trainer worker, fractions allowed so that trainers and pool share the
     cores; None: ``distributed.cpus_per_worker``."""
+    control: Literal["", "wrong_labels", "real_extra"] = ""
+    """A control run of the feedback check (``uniemo/feedback/controls.py``): instead of generating, round r takes
+    what the feedback run ``feedback.control_of`` kept in its round r, ``wrong_labels``: the same images, each
+    relabelled to another emotion (k -> k+1 mod 8); ``real_extra``: as many real labelled train images of the same
+    emotions, from those ``data.labelled_per_emotion`` left out. Steps, rho and image count stay the loop's.
+    Sequential mode only; empty: an ordinary feedback run."""
+    control_of: str = ""
+    """``feedback.control``: the finished feedback run (sequential, same rounds) whose rounds the control mirrors."""
     actor_resource: str = ""
     """A custom Ray resource every generator and filter actor asks for (a tiny share): the pool runs only on nodes
     started with it, e.g. other nodes than the trainers' (``distributed.worker_resource``); empty: any node."""
@@ -670,6 +692,10 @@ class FeedbackConfig:
         _non_negative("feedback.refresh_every", self.refresh_every)
         if self.trainer_cpus is not None:
             _positive("feedback.trainer_cpus", self.trainer_cpus)
+        if self.control and not self.control_of:
+            raise ConfigError(f"feedback.control={self.control} needs feedback.control_of=<the feedback run it mirrors>")
+        if self.control and self.mode != "sequential":
+            raise ConfigError(f"feedback.control={self.control} runs in feedback.mode=sequential only")
         if self.pinned and self.mode != "async":
             raise ConfigError(
                 f"feedback.pinned=true pins the async loop's timing, but feedback.mode is {self.mode!r} (the "

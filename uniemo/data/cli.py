@@ -2,7 +2,7 @@
 
 ::
 
-    uniemo data synth   --out DIR [--images N] [--size PX] [--seed S] [--workers K]
+    uniemo data synth   --out DIR [--images N] [--size PX] [--seed S] [--world {easy,hard}] [--workers K]
     uniemo data shards  --source {emoset,folder} --root DIR --out DIR [--shard-size N] [--workers K]
                         [--on-error {skip,fail}]
     uniemo data inspect DIR
@@ -27,8 +27,6 @@ from uniemo.data.records import SPLITS
 from uniemo.errors import DataError
 from uniemo.run_layout import ATTRIBUTES_FILE
 
-SYNTH_MARKER = ".uniemo-synthetic.json"
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="synthetic set, sharding, inspection")
@@ -41,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--images", type=int, default=800, help="images over all splits (default 800)")
     s.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     s.add_argument("--seed", type=int, default=0, help="seed of the set (default 0)")
+    s.add_argument("--world", choices=["easy", "hard"], default="easy",
+                   help="generative tables: easy (colour nearly decides, default) or hard (scenes decide)")
     s.add_argument("--workers", type=int, default=1, help="processes drawing images (default 1)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)
@@ -105,10 +105,14 @@ def _synth(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     params = {"images": args.images, "size": args.size, "seed": args.seed}
+    if args.world != "easy":  # an easy set's marker stays as it always was
+        params["world"] = args.world
     if args.workers < 1:
         raise DataError(f"--workers must be >= 1, got {args.workers}")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; give a folder")
+    from uniemo.data.synthetic import SYNTH_MARKER  # numpy: not on the --help path
+
     marker = out / SYNTH_MARKER
     if out.is_dir() and any(out.iterdir()):
         previous = _read_json(marker)
@@ -116,24 +120,38 @@ def _synth(args: argparse.Namespace) -> int:
             raise DataError(
                 f"--out {out} is not empty and holds no synthetic set; give an empty or new folder"
             )
-        if {k: previous.get(k) for k in params} != params:
-            theirs = ", ".join(f"{k}={previous.get(k)}" for k in params)
+        if {k: previous.get(k) for k in (*params, "world")} != {"world": None, **params}:
+            theirs = _params_text(previous)
             raise DataError(
                 f"--out {out} holds a synthetic set with {theirs}; use another folder or delete it"
             )
         if previous.get("complete"):
-            print(
-                f"{out}: synthetic set with images={args.images}, size={args.size}, seed={args.seed} already complete"
-            )
+            print(f"{out}: synthetic set with {_params_text(params)} already complete")
             return 0
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, {**params, "complete": False})
     summary = generate_synthetic_set(out, progress=not args.no_progress, workers=args.workers, **params)
     write_json_atomic(marker, {**params, "complete": True})
     totals = ", ".join(f"{k} {v}" for k, v in summary["totals"].items())
-    print(f"wrote {args.images} synthetic images of {args.size} px (seed {args.seed}) to {out}: {totals}")
+    print(f"wrote {args.images} synthetic images of {args.size} px (seed {args.seed}, {args.world} world) to {out}: "
+          f"{totals}")
+    print(_world_line(args.world))
     print(f"next: uniemo data shards --source emoset --root {out} --out <shard folder>")
     return 0
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={params.get(k)}" for k in ("images", "size", "seed")) + f", world={params.get('world') or 'easy'}"
+
+
+def _world_line(world: str) -> str:
+    """The world's best possible accuracies, from its generative tables (:func:`decision_rates`)."""
+    from uniemo.data.synthetic import decision_rates, world_of
+
+    rates = decision_rates(world_of(world))
+    return (f"synthetic world {world}: a colour-only classifier reaches at most {rates['colour_only']:.3f}, the Bayes "
+            f"rate is {rates['bayes']:.3f} (scene and objects without colour: {rates['scene_and_objects']:.3f}); "
+            "from the world's generative tables")
 
 
 def _shards(args: argparse.Namespace) -> int:
@@ -239,6 +257,16 @@ def format_inspection(folder: Path, manifest: dict[str, Any]) -> str:
     if "reader" in manifest:
         lines.append(
             f"  written from {manifest['reader']} {manifest.get('root')} (shard size {manifest.get('shard_size')})"
+        )
+    from uniemo.data.shards import synthetic_world
+
+    world = synthetic_world(manifest)
+    if world:
+        lines.append(f"  {_world_line(world)}")
+    if manifest.get("labelled_per_emotion"):
+        lines.append(
+            f"  label-scarce subset of {manifest.get('subset_of')}: {manifest['labelled_per_emotion']} labelled train "
+            "images per emotion, val and test whole"
         )
 
     header = ["split", "shards", "samples", *EMOTIONS]

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from uniemo.atomic import atomic_file, atomic_write, is_temp_file
-from uniemo.config.schema import NUM_EMOTIONS, LimitsConfig
+from uniemo.config.schema import EMOTIONS, NUM_EMOTIONS, LimitsConfig
 from uniemo.data.attributes import (
     ATTRIBUTES_FILE,
     AttributeTable,
@@ -55,6 +55,7 @@ from uniemo.data.remote import (
     join_location,
     sizes_of,
 )
+from uniemo.data.synthetic import SYNTH_MARKER, WORLD_FILE
 from uniemo.diskspace import human_bytes, space_report
 from uniemo.errors import DISK_FULL_ERRNOS, ConfigError, DataError, DiskFullError
 
@@ -247,6 +248,25 @@ def tar_bytes(member_sizes: Iterable[int]) -> int:
     for size in member_sizes:
         total += _BLOCK + size + -size % _BLOCK
     return total + -total % _RECORD
+
+
+def read_shard_samples(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The samples of one local shard, in order: ``{"__key__": key, ext: bytes, ...}`` per sample (its members
+    are consecutive and named ``<key>.<ext>``; keys hold no dot, :func:`sample_key`)."""
+    with tarfile.open(path, mode="r|") as tar:
+        sample: dict[str, Any] = {}
+        for member in tar:
+            content = tar.extractfile(member) if member.isfile() else None
+            if content is None:
+                continue
+            stem, _, ext = member.name.rpartition("/")[2].partition(".")
+            if sample and stem != sample["__key__"]:
+                yield sample
+                sample = {}
+            sample["__key__"] = stem
+            sample[ext] = content.read()
+        if sample:
+            yield sample
 
 
 def file_digest(path: Path) -> tuple[int, str]:
@@ -1064,25 +1084,67 @@ def _job_source(job: ShardJob) -> str:
     return ""
 
 
+def synthetic_world(manifest: dict[str, Any]) -> str | None:
+    """The world of the synthetic set a shard folder was written from (``world`` in the manifest, else
+    ``world.json`` beside the set; a synthetic set without one is the easy world), or None when the folder was
+    not written from a synthetic set."""
+    if manifest.get("world"):
+        return str(manifest["world"])
+    root = manifest.get("root")
+    if manifest.get("reader") != "emoset" or not root:
+        return None
+    root = Path(root)
+    try:
+        return str(json.loads((root / WORLD_FILE).read_text(encoding="utf-8"))["world"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return "easy" if root.parent.name.startswith("synthetic-") or (root / SYNTH_MARKER).is_file() else None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The synthetic set on first use
 # ---------------------------------------------------------------------------------------------------------
 def synthetic_shards_folder(data_cfg: Any) -> Path:
     """Where :func:`ensure_synthetic_shards` writes the synthetic set's shards (whether or not they exist yet)."""
     syn = data_cfg.synthetic
-    base = Path(data_cfg.cache_dir).expanduser() / f"synthetic-{syn.images}-{syn.size}-{syn.seed}"
+    world = "" if syn.world == "easy" else f"{syn.world}-"  # the easy world keeps the name it always had
+    base = Path(data_cfg.cache_dir).expanduser() / f"synthetic-{world}{syn.images}-{syn.size}-{syn.seed}"
     return base / f"shards-{syn.shard_size}"
 
 
 def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
-    """The shard folder a run reads: ``data.shards`` when set, else the synthetic set, made on first use.
+    """The shard folder a run reads: ``data.shards`` when set, else the synthetic set, made on first use; with
+    ``data.labelled_per_emotion`` > 0, its label-scarce subset (:func:`ensure_label_scarce`).
 
     With ``data.shards`` set, the folder must hold ``manifest.json`` (:class:`DataError` otherwise); a URL is
     mirrored (:func:`mirror_source`) and its shards checked, and the mirror folder is returned. Else the
-    synthetic set of ``data.synthetic`` is generated into ``<cache_dir>/synthetic-<images>-<size>-<seed>/raw``
-    and sharded into ``.../shards-<shard_size>`` under a file lock, so concurrent processes (several ranks)
+    synthetic set of ``data.synthetic`` is generated into
+    ``<cache_dir>/synthetic-[<world>-]<images>-<size>-<seed>/raw`` (the world's name unless it is ``easy``) and
+    sharded into ``.../shards-<shard_size>`` under a file lock, so concurrent processes (several ranks)
     generate it once; a later call finds it complete and returns at once.
     """
+    full = _full_shards(data_cfg, progress)
+    if not data_cfg.labelled_per_emotion:
+        return full
+    return _label_scarce(data_cfg, full)[0]
+
+
+def left_out_shards(data_cfg: Any) -> Path:
+    """The train images that ``data.labelled_per_emotion`` leaves out, as a shard folder (train split only)."""
+    if not data_cfg.labelled_per_emotion:
+        raise ConfigError("data.labelled_per_emotion is 0: every train image is labelled, none is left out; set it")
+    return _label_scarce(data_cfg, _full_shards(data_cfg, False))[1]
+
+
+def _label_scarce(data_cfg: Any, full: Path) -> tuple[Path, Path]:
+    if data_cfg.shards and is_url(data_cfg.shards):
+        raise ConfigError("data.labelled_per_emotion needs local shards; data.shards is a URL: copy it first")
+    return ensure_label_scarce(full, data_cfg.labelled_per_emotion, data_cfg.cache_dir,
+                               from_data_shards=bool(data_cfg.shards),
+                               min_attribute_count=data_cfg.min_attribute_count, phi_beta=data_cfg.phi_beta)
+
+
+def _full_shards(data_cfg: Any, progress: bool) -> Path:
     use_limits(limits_of(data_cfg))
     if data_cfg.shards:
         if is_url(data_cfg.shards):
@@ -1099,6 +1161,7 @@ def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
     base = shards.parent
     syn = data_cfg.synthetic
     if (shards / MANIFEST_FILE).is_file():
+        _check_world_version(base / "raw", syn.world)
         return shards
     from filelock import FileLock
 
@@ -1112,7 +1175,7 @@ def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
 
             shutil.rmtree(raw, ignore_errors=True)  # a partial set of a killed run
             generate_synthetic_set(
-                raw, images=syn.images, size=syn.size, seed=syn.seed, workers=1, progress=progress
+                raw, images=syn.images, size=syn.size, seed=syn.seed, workers=1, progress=progress, world=syn.world
             )
             done.write_text("complete\n")
         write_shards(
@@ -1126,3 +1189,166 @@ def ensure_synthetic_shards(data_cfg: Any, progress: bool = False) -> Path:
             phi_beta=data_cfg.phi_beta,
         )
     return shards
+
+
+def _check_world_version(raw: Path, world: str) -> None:
+    """A cached set of a world other than ``easy`` must have been drawn from the world's current tables: its
+    ``world.json`` (name and rates) equals what they give now. A world's tables changed under the same cache
+    name would otherwise be read silently (the hard world's scenes did change once)."""
+    if world == "easy":
+        return
+    from uniemo.data.synthetic import world_of, world_record
+
+    try:
+        recorded = json.loads((raw / WORLD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != world_record(world_of(world)):
+        raise DataError(f"{raw.parent} was drawn from an older version of the {world} world (its {WORLD_FILE} "
+                        f"differs from the world's tables now); delete that folder to draw it again")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The label-scarce regime (``data.labelled_per_emotion``): N labelled train images per emotion, the rest left out.
+#
+# Where synthetic data can matter is where real labels are few. With ``data.labelled_per_emotion = N > 0`` a run
+# reads, instead of its shard folder (the synthetic set's, or ``data.shards``), a **labelled** folder derived from
+# it:
+#
+# - train: N samples of each emotion, chosen deterministically (the N with the smallest ``blake2b(key)``, so the
+#   choice depends only on the sample keys, not on shard order or worker count);
+# - val and test: the full folder's shards, whole (copied);
+# - ``attributes.json`` (vocabularies, base and Phi, METHOD D6) counted over the N x 8 labelled train samples only.
+#
+# Beside it a **left-out** folder holds the other train samples (train split only): real labelled images the run
+# never sees, for the control that adds real data instead of synthetic (``feedback.control=real_extra``,
+# :mod:`uniemo.feedback.controls`).
+#
+# Both folders are written once, under a file lock, next to the full folder (``<full>-labelled-<N>`` and
+# ``<full>-left-out-<N>``) or, for ``data.shards``, under ``<cache_dir>/labelled/``; a manifest is written last, so
+# a folder with a manifest is complete. The manifests record ``subset_of`` (the full folder) and
+# ``labelled_per_emotion``.
+# ---------------------------------------------------------------------------------------------------------
+LABELLED = "labelled"
+LEFT_OUT = "left-out"
+
+
+def _order(key: str) -> bytes:
+    """The deterministic rank of a sample among its emotion's train samples."""
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+
+
+def subset_folders(full: Path, per_emotion: int, cache_dir: str | Path, from_data_shards: bool) -> tuple[Path, Path]:
+    """Where the labelled and left-out folders of ``full`` live (whether or not they exist yet)."""
+    full = Path(full)
+    if from_data_shards:
+        digest = hashlib.sha256(str(full.resolve()).encode()).hexdigest()[:12]
+        base = Path(cache_dir).expanduser() / "labelled" / f"{full.name}-{digest}"
+    else:
+        base = full
+    return (base.with_name(f"{base.name}-{LABELLED}-{per_emotion}"),
+            base.with_name(f"{base.name}-{LEFT_OUT}-{per_emotion}"))
+
+
+def _train_samples(full: Path, manifest: dict[str, Any]) -> Iterator[dict[str, bytes]]:
+    for entry in manifest["shards"]:
+        if entry["split"] == "train":
+            yield from read_shard_samples(full / entry["name"])
+
+
+def _label(sample: dict[str, Any]) -> int:
+    try:
+        label = int(sample["cls"])
+    except (KeyError, ValueError):
+        raise DataError(f"sample {sample.get('__key__')} has no readable cls; check the folder with "
+                        "`uniemo data inspect`") from None
+    if not 0 <= label < NUM_EMOTIONS:
+        raise DataError(f"sample {sample.get('__key__')}: cls {label} is not an emotion index 0-7")
+    return label
+
+
+def _record(sample: dict[str, Any]) -> Record:
+    """The metadata of a shard sample as a record (for the attribute counts)."""
+    import json
+
+    meta = json.loads(sample["json"])
+    return Record(id=sample["__key__"], split="train", emotion=EMOTIONS[_label(sample)], image_path=Path(),
+                  scene=meta.get("scene"), objects=list(meta.get("objects") or []))
+
+
+def _write(samples: list[dict[str, bytes]], out: Path, shard_size: int) -> list[dict[str, Any]]:
+    return [
+        write_sample_shard(samples[start : start + shard_size], out / f"train-{start // shard_size:06d}.tar",
+                           split="train", source="real")
+        for start in range(0, len(samples), shard_size)
+    ]
+
+
+def ensure_label_scarce(
+    full: Path, per_emotion: int, cache_dir: str | Path, *, from_data_shards: bool, min_attribute_count: int,
+    phi_beta: float,
+) -> tuple[Path, Path]:
+    """Write (once) and return the labelled and left-out folders of ``full`` (module docstring).
+
+    Raises:
+        ConfigError: ``per_emotion`` is larger than the train samples of some emotion.
+    """
+    labelled, left_out = subset_folders(full, per_emotion, cache_dir, from_data_shards)
+    if (labelled / MANIFEST_FILE).is_file() and (left_out / MANIFEST_FILE).is_file():
+        return labelled, left_out
+    from filelock import FileLock
+
+    labelled.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(labelled) + ".lock"):
+        if (labelled / MANIFEST_FILE).is_file() and (left_out / MANIFEST_FILE).is_file():
+            return labelled, left_out
+        manifest = read_manifest(full)
+        by_emotion: list[list[dict[str, Any]]] = [[] for _ in range(NUM_EMOTIONS)]
+        for sample in _train_samples(full, manifest):
+            by_emotion[_label(sample)].append(sample)
+        short = [f"{EMOTIONS[k]} {len(s)}" for k, s in enumerate(by_emotion) if len(s) < per_emotion]
+        if short:
+            raise ConfigError(
+                f"data.labelled_per_emotion={per_emotion} is more than the train samples of {', '.join(short)} in "
+                f"{full}; lower it"
+            )
+        chosen: list[dict[str, Any]] = []
+        rest: list[dict[str, Any]] = []
+        for samples in by_emotion:
+            ranked = sorted(samples, key=lambda s: _order(s["__key__"]))
+            chosen += ranked[:per_emotion]
+            rest += ranked[per_emotion:]
+        # Mixed emotions in every shard (a one-emotion shard would fill a shuffle buffer with one class).
+        chosen.sort(key=lambda s: _order("shard" + s["__key__"]))
+        rest.sort(key=lambda s: _order("shard" + s["__key__"]))
+        size = max(1, min(int(manifest["shards"][0]["samples"]) if manifest["shards"] else 1000, 1000))
+        origin: dict[str, Any] = {"subset_of": str(Path(full).resolve()), "labelled_per_emotion": per_emotion}
+        world = synthetic_world(manifest)
+        if world:
+            origin["world"] = world
+
+        for folder, samples, keep_eval in ((left_out, rest, False), (labelled, chosen, True)):
+            shutil.rmtree(folder, ignore_errors=True)  # a partial folder of a killed run
+            folder.mkdir(parents=True)
+            entries = _write(samples, folder, size)
+            if keep_eval:
+                for entry in manifest["shards"]:
+                    if entry["split"] != "train":
+                        shutil.copyfile(full / entry["name"], folder / entry["name"])
+                        entries.append(dict(entry))
+                # Counted over the labelled samples only, over the full folder's vocabularies: a scene that none
+                # of the N x 8 shows keeps its (zero) row, so the attribute heads keep the full set's shapes.
+                counted = AttributeTable.from_records([_record(s) for s in samples], min_attribute_count, phi_beta)
+                vocab = AttributeTable.load(full)
+                zeros = [0] * NUM_EMOTIONS
+                table = AttributeTable.from_counts(
+                    {n: counted.scene_counts.get(n, zeros) for n in sorted({*vocab.scenes, *counted.scenes})},
+                    {n: counted.object_counts.get(n, zeros) for n in sorted({*vocab.objects, *counted.objects})},
+                    min_attribute_count, phi_beta)
+                table.save(folder / ATTRIBUTES_FILE)
+            write_json_atomic(folder / MANIFEST_FILE, {
+                "format": FORMAT_VERSION, **origin, "split": "train" if not keep_eval else "all",
+                "shards": entries, "totals": compute_totals(entries),
+                "skipped": {"total": 0, "by_reason": {}, "examples": {}},
+            })
+    return labelled, left_out

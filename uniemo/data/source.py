@@ -22,8 +22,10 @@ _LOCK = threading.Lock()
 
 def _key(data_cfg: Any) -> tuple[Any, ...]:
     syn, storage = data_cfg.synthetic, data_cfg.storage
-    return (data_cfg.shards, str(data_cfg.cache_dir), syn.images, syn.size, syn.seed, syn.shard_size,
-            data_cfg.min_attribute_count, data_cfg.phi_beta, storage.endpoint_url)
+    # Everything that picks the folder: the world and the label-scarce subset too (a full-set folder remembered
+    # first must not be handed to a scarce run of the same process).
+    return (data_cfg.shards, str(data_cfg.cache_dir), syn.images, syn.size, syn.seed, syn.shard_size, syn.world,
+            data_cfg.labelled_per_emotion, data_cfg.min_attribute_count, data_cfg.phi_beta, storage.endpoint_url)
 
 
 def data_source(data_cfg: Any, progress: bool = False) -> Path:

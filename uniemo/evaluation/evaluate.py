@@ -300,16 +300,22 @@ def _judge_generation(cfg: Config, run_dir: Path, judge: Judge) -> tuple[dict, d
         "at equal M; the Inception FID of the paper is generation.paper.metrics.fid"
     )
     ev = cfg.evaluation
+    generated_diversity = metrics.diversity_per_emotion(fake_feats, fake_labels, ev.diversity_pairs, ev.seed)
+    # The real test images of each emotion on the same features: how diverse the generated ones should be.
+    real_diversity = metrics.diversity_per_emotion(real_feats, real_labels, ev.diversity_pairs, ev.seed)
     diversity = {
         "extractor": judge_name,
-        **metrics.diversity_per_emotion(fake_feats, fake_labels, ev.diversity_pairs, ev.seed),
+        **generated_diversity,
+        "real": real_diversity,
+        "generated_vs_real": metrics.diversity_against_real(generated_diversity, real_diversity),
         "pairs_per_emotion": ev.diversity_pairs,
         "seed": ev.seed,
         "note": (
             "Sem-D = mean per-dimension squared difference (MSE) of judge features over random same-emotion pairs; "
             "EmoGen's script uses CLIP ViT-L/14 embeddings, 10 pairs and pools paths across emotions (METHOD §6.2 "
             "quirks); here pairs never cross emotions, all pairs are used when there are at most "
-            "pairs_per_emotion of them, values are not comparable to EmoGen's table"
+            "pairs_per_emotion of them, values are not comparable to EmoGen's table; real: the same measures "
+            "over the real test images of each emotion, generated_vs_real: generated / real per emotion, averaged"
         ),
     }
     sampling = evaluation_sampling(cfg)
@@ -526,6 +532,9 @@ def flat_metrics(result: Evaluation) -> dict[str, float | None]:
             flat[f"eval/fid/{e}"] = value
         flat["eval/diversity/mean_pairwise_distance"] = g["diversity"]["mean_pairwise_distance"]
         flat["eval/diversity/sem_d"] = g["diversity"]["sem_d"]
+        if "real" in g["diversity"]:  # metrics.json written before real diversity was measured has none
+            flat["eval/diversity/real_sem_d"] = g["diversity"]["real"]["sem_d"]
+            flat["eval/diversity/generated_vs_real"] = g["diversity"]["generated_vs_real"]["sem_d"]
         for name, block in g.get("paper", {}).get("metrics", {}).items():
             flat[f"eval/paper/{name}"] = block.get(paper_metrics.HEADLINES[name])
             if name == "fid":
@@ -572,7 +581,9 @@ def summary_line(result: Evaluation, run_dir: str | Path) -> str:
         parts.append(f"Emo-A {g['emo_a']['top1']:.3f} by {g['emo_a']['judge']}")
         parts.append(f"FID {fid:.2f} ({g['fid']['extractor']})" if fid is not None else "FID n/a")
         sem_d = g["diversity"]["sem_d"]
-        parts.append(f"Sem-D {sem_d:.4g}" if sem_d is not None else "Sem-D n/a")
+        ratio = (g["diversity"].get("generated_vs_real") or {}).get("sem_d")
+        parts.append((f"Sem-D {sem_d:.4g}" + (f" ({ratio:.2f}x real)" if ratio is not None else ""))
+                     if sem_d is not None else "Sem-D n/a")
         if g.get("paper", {}).get("metrics"):
             parts.append(f"EmoGen protocol: {paper_metrics.summary(g['paper'])}")
     return f"{Path(run_dir) / EVALUATION_FILE}: " + ", ".join(parts)

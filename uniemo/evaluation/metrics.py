@@ -203,3 +203,24 @@ def diversity_per_emotion(features_ND: np.ndarray, labels_N: np.ndarray, pairs: 
         "sem_d": float(np.mean([v["sem_d"] for v in scored])) if scored else None,
         "per_emotion": per_emotion,
     }
+
+
+def diversity_against_real(generated: dict, real: dict) -> dict:
+    """Generated diversity as a fraction of the real images' diversity, per emotion and averaged over emotions
+    with both (each a :func:`diversity_per_emotion` result on the same features): ``{"sem_d", "mean_pairwise_distance",
+    "per_emotion": {emotion: {"sem_d", "mean_pairwise_distance"}}}``, None where the real side is 0 or missing."""
+
+    def ratio(g: float | None, r: float | None) -> float | None:
+        return float(g / r) if g is not None and r else None
+
+    per_emotion = {
+        e: {key: ratio(generated["per_emotion"][e][key], real["per_emotion"][e][key])
+            for key in ("sem_d", "mean_pairwise_distance")}
+        for e in EMOTIONS
+    }
+    out: dict = {}
+    for key in ("sem_d", "mean_pairwise_distance"):
+        values = [x for x in (v[key] for v in per_emotion.values()) if x is not None]
+        out[key] = float(np.mean(values)) if values else None
+    out["per_emotion"] = per_emotion
+    return out

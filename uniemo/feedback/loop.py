@@ -16,6 +16,10 @@ the start run (``training.init_from`` = that stage-2 checkpoint, :func:`uniemo.t
 optimiser state), and its data are ``data.extra_sources`` + the synthetic source
 (:func:`uniemo.feedback.rounds.synthetic_source`: the round folders, mixed at rho). Validation stays real.
 
+**Controls** (``feedback.control``, :mod:`uniemo.feedback.controls`): a sequential run whose round r is not
+generated but mirrors round r of another feedback run (its kept images relabelled, or as many left-out real
+images); everything else is the sequential loop below.
+
 **Sequential** (``feedback.mode=sequential``, the paper). For round r: generate and filter with the checkpoint
 trained on rounds < r (round 0: the start run's; round r > 0: the feedback run's checkpoint at step
 ``r x steps_per_round``), release the pool (its actors end, so training gets the cores), then train to step
@@ -71,6 +75,7 @@ from uniemo.distributed.placement import record_placement
 from uniemo.distributed.ray_session import ray_session
 from uniemo.errors import ConfigError, UserError
 from uniemo.feedback.actors import FeedbackError, ModelBundle
+from uniemo.feedback.controls import check_control, run_control_round
 from uniemo.feedback.filtering import REJECTIONS
 from uniemo.feedback.retention import prune_rounds
 from uniemo.feedback.rounds import (
@@ -360,6 +365,7 @@ def _run_feedback(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     else:
         from_ckpt = resolve_from_run(cfg, run_dir)
     training_config(cfg, from_ckpt, run_dir)  # checks the derived config before any work
+    check_control(cfg)
     record.update(mode=fb.mode, from_run=path_for_run_file(from_ckpt, run_dir), rounds_planned=fb.rounds,
                   steps_per_round=fb.steps_per_round)
     _log(f"{fb.mode} loop of {fb.rounds} round(s) x {fb.steps_per_round} steps from {from_ckpt} -> {run_dir}"
@@ -420,6 +426,11 @@ def _run_sequential(cfg: Config, run_dir: Path, from_ckpt: Path, record: _Record
         for r in range(fb.rounds):
             if round_complete(run_dir, r):
                 rounds.append(_round_entry(_completed(run_dir, r, _log), skipped=True))
+            elif fb.control:  # a control run: round r mirrors the feedback run it controls (controls.py)
+                report = run_control_round(cfg, run_dir, r, _log)
+                record.set_round(r, checkpoint=report["checkpoint"], kept=report["totals"]["kept"],
+                                 published_at=_publish_time(run_dir, r), control=fb.control)
+                rounds.append(_round_entry(report, skipped=False))
             else:
                 step_dir = from_ckpt if r == 0 else latest_checkpoint(run_dir)
                 if step_dir is None:

@@ -25,7 +25,7 @@
    ``candidates = kept + every rejection + lost in flight``.
 
 :func:`_run_round_locked` runs the round in three phases: :func:`_generate_and_filter` (steps 1-2),
-:func:`_write_shards` (step 3) and :func:`_round_report` (step 4), then publishes it.
+:func:`_write_shards` (step 3) and :func:`_round_report` (step 4), then publishes it (:func:`publish_round`).
 
 A round whose folder is complete is not run again: :func:`run_round` returns its report. A file lock
 (``<run_dir>/rounds/.round-<r>.lock``) keeps two processes from running the same round.
@@ -81,7 +81,7 @@ from uniemo.run_layout import STAGING_DIR, SYNTHETIC_DIR, round_dir, round_lock_
 from uniemo.seeds import candidate_seeds, round_shuffle_seed, selection_seed
 from uniemo.training.feedback_schedule import SYNTHETIC_SOURCE, round_published
 
-__all__ = ["plan_jobs", "pool_cpus", "run_round", "synthetic_source", "update_round_report"]
+__all__ = ["plan_jobs", "pool_cpus", "publish_round", "run_round", "synthetic_source", "update_round_report"]
 
 def synthetic_source(cfg: Config, run_dir: str | Path) -> SourceConfig:
     """The ``data.extra_sources`` entry that mixes the run's synthetic rounds into training (METHOD §5 step 6).
@@ -340,7 +340,7 @@ def _run_round_locked(
     generated_from_step: int | None,
 ) -> RoundReport:
     """The round, in three phases: :func:`_generate_and_filter`, :func:`_write_shards`, :func:`_round_report`;
-    then the round is published (:func:`_publish`)."""
+    then the round is published (:func:`publish_round`)."""
     log = log if log is not None else partial(say, topic="feedback")
     final = round_dir(run_dir, round_index)
     report_path = round_report_path(run_dir, round_index)
@@ -383,7 +383,7 @@ def _run_round_locked(
         report = _round_report(bundle, cfg, round_index, jobs, pools, entries, pool_stats, times)
         report["generated_from_step"] = generated_from_step
         try:
-            _publish(staging, final, entries, report, bundle, round_index)
+            publish_round(staging, final, entries, report, bundle.checkpoint_id, round_index)
         except OSError as exc:  # the manifest of a round whose shards just fitted
             if exc.errno not in DISK_FULL_ERRNOS:
                 raise
@@ -551,12 +551,12 @@ def _round_report(
     return report
 
 
-def _publish(
-    staging: Path, final: Path, entries: list[dict[str, Any]], report: RoundReport, bundle: ModelBundle,
+def publish_round(
+    staging: Path, final: Path, entries: list[dict[str, Any]], report: RoundReport, checkpoint_id: str,
     round_index: int,
 ) -> None:
     """The round becomes visible in one step: its manifest (after every shard), then the folder rename."""
-    update_manifest(staging, entries, round=round_index, checkpoint=bundle.checkpoint_id, report=report)
+    update_manifest(staging, entries, round=round_index, checkpoint=checkpoint_id, report=report)
     # A writer task killed mid-shard (and retried) leaves its hidden temporary file behind: never publish it.
     for leftover in staging.iterdir():
         if leftover.name.endswith(".tmp"):

@@ -308,20 +308,19 @@ class Stage2Task(Task):
         out = self.understanding(batch["image"])
         u_terms = understanding_loss(out, batch, self.losses, stage=2)
 
-        # §3.4-3.6: map, weight by alpha (from the ground-truth emotion at training), fuse into c.
-        cond = self.conditioner(
-            out.cls_feature,
-            out.scene_feature,
-            out.object_feature,
-            labels_B,
-            self.attribute_embeddings,
-            self.phi,
-        )
+        # §3.4-3.6: map, weight by alpha (from the ground-truth emotion at training), fuse into c. The paper's
+        # implicit-feedback ablation (D13) stops generation's gradient at the mappers' inputs: the mappers still
+        # learn, the understanding model gets nothing from the diffusion or the condition loss.
+        cls_f, scene_f, object_f = out.cls_feature, out.scene_feature, out.object_feature
+        if not self.losses.implicit_feedback:
+            cls_f, scene_f, object_f = (f.detach() if f is not None else None for f in (cls_f, scene_f, object_f))
+        cond = self.conditioner(cls_f, scene_f, object_f, labels_B, self.attribute_embeddings, self.phi)
         condition_BD = cond.condition
 
-        # §3.7-3.8, D5: c is spliced into the prompt embeddings, so dL(θ)/dc is exact. The implicit-feedback
-        # ablation (D13) stops the diffusion gradient at c; the condition loss still reaches the mappers.
-        diffusion_condition_BD = condition_BD if self.losses.implicit_feedback else condition_BD.detach()
+        # §3.7-3.8, D5: c is spliced into the prompt embeddings, so dL(θ)/dc is exact. The switch
+        # diffusion_to_condition (D13) stops the diffusion gradient at c; the condition loss still reaches the
+        # mappers.
+        diffusion_condition_BD = condition_BD if self.losses.diffusion_to_condition else condition_BD.detach()
         hidden_BLD = self.generator.encode_condition(diffusion_condition_BD)
         noisy_latents, noise, latents, timesteps = self.generator.diffusion_inputs(
             batch.get("pixel_values"), moments=_latent_moments(self.generator, batch)

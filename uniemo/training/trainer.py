@@ -21,10 +21,11 @@ log); validation sums loss x samples, correct predictions and samples over every
 mean of per-rank means). ``data/samples/<source>`` in a metrics line is the number of training samples of that
 source (``real``, ``synthetic``, ...) consumed since the previous line, summed over ranks (per interval, not
 cumulative), and ``data/skipped`` the shards and samples the training loaders skipped in that interval (missing or
-corrupt shards, bad samples; ``uniemo.data.loader``); ``time`` is when the line was written (Unix seconds);
-``data_wait_share`` is the share of the interval the loop waited for its next batch (mean over ranks). Under ZeRO-3
-a forward is collective (parameters are gathered), so a rank whose validation shards ran out keeps joining forwards
-(on a batch it already has, results discarded) until every rank is done.
+corrupt shards, bad samples; ``uniemo.data.loader``); ``data/labels/<source>/<emotion>`` counts the labels the extra
+sources (not ``real``) fed the trainers in that interval, per emotion (only non-zero counts); ``time`` is when the
+line was written (Unix seconds); ``data_wait_share`` is the share of the interval the loop waited for its next batch
+(mean over ranks). Under ZeRO-3 a forward is collective (parameters are gathered), so a rank whose validation shards
+ran out keeps joining forwards (on a batch it already has, results discarded) until every rank is done.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from uniemo.config.schema import EMOTIONS
 from uniemo.errors import UserError
 from uniemo.logging import NullRunLogger, truncate_metrics
 from uniemo.run_layout import MIX_FILE, ROUNDS_DIR, stop_request_path
@@ -122,6 +124,8 @@ class Trainer:
         self._samples_per_s: float | None = None
         self._source_names = [s.name for s in parts.train_loader.sources]
         self._source_window: Counter = Counter()
+        # Labels the extra sources (feedback rounds, controls) fed this rank, by (source, emotion index).
+        self._label_window: Counter = Counter()
         self._data_wait = 0.0
         """Seconds this log window spent waiting for the next batch (``data_wait_share`` in the metrics)."""
         self._skipped_logged = 0
@@ -230,6 +234,8 @@ class Trainer:
             batch = next(self._batches)
         self._data_wait += time.perf_counter() - start
         self._source_window.update(batch["source"])
+        self._label_window.update((s, int(k)) for s, k in zip(batch["source"], batch["label"].tolist(), strict=True)
+                                  if s != self._source_names[0])
         if self.feedback_run and self.env.is_main:
             self._record_mix()
         return batch
@@ -444,8 +450,12 @@ class Trainer:
         skipped = self.parts.train_loader.stats()["skipped"]["total"]
         counts = torch.tensor([self._source_window[n] for n in self._source_names]
                               + [skipped - self._skipped_logged, self._data_wait], dtype=torch.float64)
-        reduced = self._all_reduce(torch.cat([means, counts]))  # one collective for all
-        means, counts = reduced[: len(keys)] / self.env.world_size, reduced[len(keys) : -1]
+        label_keys = [(n, k) for n in self._source_names[1:] for k in range(len(EMOTIONS))]
+        labels = torch.tensor([self._label_window[key] for key in label_keys], dtype=torch.float64)
+        reduced = self._all_reduce(torch.cat([means, labels, counts]))  # one collective for all
+        n_means, n_labels = len(keys), len(label_keys)
+        means, labels = reduced[:n_means] / self.env.world_size, reduced[n_means : n_means + n_labels]
+        counts = reduced[n_means + n_labels : -1]
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         data_wait = float(reduced[-1]) / self.env.world_size
         self._samples_per_s = self._window_steps * self.global_batch / elapsed
@@ -465,6 +475,9 @@ class Trainer:
         metrics["bad_steps"] = self.bad_steps
         for name, count in zip(self._source_names, counts.tolist()[:-1], strict=True):
             metrics[f"data/samples/{name}"] = int(count)
+        for (name, k), count in zip(label_keys, labels.tolist(), strict=True):
+            if count:
+                metrics[f"data/labels/{name}/{EMOTIONS[k]}"] = int(count)
         metrics["data/skipped"] = int(counts[-1])
         self._skipped_logged = skipped
         metrics["epoch"] = self.parts.train_loader.epoch
@@ -474,6 +487,7 @@ class Trainer:
         self.logger.log(self.step, metrics)
         self._window = {}
         self._source_window = Counter()
+        self._label_window = Counter()
         self._data_wait = 0.0
         self._window_steps = 0
         self._window_start = time.perf_counter()

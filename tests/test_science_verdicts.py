@@ -1,0 +1,40 @@
+"""The science checks' verdicts (launchers/science_checks.py): shown / not shown / contradicted against twice the
+pooled seed std, and no verdict from one seed."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "launchers" / "science_checks.py"
+
+
+@pytest.fixture(scope="module")
+def checks():
+    spec = importlib.util.spec_from_file_location("science_checks", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("method", "other", "sign", "expected"), [
+    ([0.60, 0.62, 0.61], [0.50, 0.51, 0.52], +1, "shown"),
+    ([0.60, 0.62, 0.61], [0.50, 0.51, 0.52], -1, "contradicted"),
+    ([0.60, 0.40, 0.61], [0.50, 0.51, 0.52], +1, "not shown"),  # the spread swallows the difference
+    ([0.60], [0.50], +1, "one seed: no verdict"),
+    ([], [0.50, 0.51], +1, "not run"),
+])
+def test_verdict(checks, method, other, sign, expected):
+    assert checks.verdict(method, other, sign)["verdict"] == expected
+
+
+def test_controls_in_the_verdicts_and_the_table(checks):
+    runs = {f"seed-{s}": {"d_no_feedback": 0.60 + 0.01 * s, "d_wrong_labels": 0.40 + 0.01 * s,
+                          "d_real_extra": 0.61 + 0.01 * s} for s in range(3)}
+    results = {"world": "hard", "per_emotion": 16, "runs": runs}
+    results["verdicts"] = checks.verdicts(results)
+    assert results["verdicts"]["control_wrong_labels"]["verdict"] == "shown"
+    assert results["verdicts"]["control_real_extra"]["verdict"] == "not shown"  # +0.01 against a std of 0.01
+    table = checks.table(results)
+    assert "world hard, 16 labelled train images per emotion" in table
+    assert "| CONTROL: wrong labels lower top-1 (vs no feedback) | -0.200 |" in table
