@@ -207,8 +207,12 @@ def test_killed_feedback_round_resumes_without_partial_shards(start_runs, synth_
     assert sorted(p.name for p in (run / SYNTHETIC_DIR).iterdir()) == ["round-0"]  # no partial, unlisted shard
     assert not round_report_path(run, 1).exists()
     assert latest_checkpoint(run).name == "step-000002" and _steps(run) == [1, 2]
-    round0 = [round_report_path(run, 0), *sorted(round_dir(run, 0).iterdir())]
+    round0 = sorted(round_dir(run, 0).iterdir())
     before = {p: p.stat().st_mtime_ns for p in round0}
+    # The report gains what is known only after its round (when it entered the mix: set by the loop's end, which
+    # the killed run never reached); the rest of it must not change.
+    later = ("entered_step", "retired")
+    report0 = {k: v for k, v in json.loads(round_report_path(run, 0).read_text()).items() if k not in later}
 
     done = subprocess.run([*uniemo_command(), "feedback", "--config", str(config), "--resume"],
                           capture_output=True, text=True, timeout=600, env=_env())
@@ -216,6 +220,8 @@ def test_killed_feedback_round_resumes_without_partial_shards(start_runs, synth_
     assert "2 round(s)" in done.stdout and "step 4" in done.stdout
     assert "round 0 is complete already" in done.stderr
     assert {p: p.stat().st_mtime_ns for p in round0} == before  # round 0 not generated again
+    assert {k: v for k, v in json.loads(round_report_path(run, 0).read_text()).items() if k not in later} == report0
+    assert json.loads(round_report_path(run, 0).read_text())["entered_step"] == 0  # recorded by the resumed loop
     _check_round(run, 0, s2)  # counts add up, manifest = report = the shards on disk
     _check_round(run, 1, run / "checkpoints" / "step-000002")  # round 1 with the step-2 checkpoint
     assert manifest_folders(run / SYNTHETIC_DIR) == [round_dir(run, 0), round_dir(run, 1)]

@@ -263,7 +263,9 @@ def _paper_generation(cfg: Config, run_dir: Path) -> dict[str, Any]:
     result = paper_metrics.compute_paper_metrics(
         cfg.evaluation, generated, real, workers=cfg.data.num_workers, progress=cfg.logging.progress
     )
-    return {"generated": generated.describe(), "real": real.describe() if real is not None else None, **result}
+    # The evaluation images lie in the run folder: named relative to it, so a copied run reads its own.
+    described = {**generated.describe(), "source": path_for_run_file(run_dir / EVAL_DIR / GENERATED_DIR, run_dir)}
+    return {"generated": described, "real": real.describe() if real is not None else None, **result}
 
 
 def _judge_generation(cfg: Config, run_dir: Path, judge: Judge) -> tuple[dict, dict]:
