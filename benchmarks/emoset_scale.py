@@ -24,9 +24,9 @@ other jobs on the machine), peak RSS of the whole tree (the sum over its process
 (one entry per run, so noisy points can be measured again with ``--only``); the tables show, per point, the run
 with the lowest wall time.
 
-    python benchmarks/emoset_scale.py --work /tmp/uniemo-scale                   # everything (about an hour)
-    python benchmarks/emoset_scale.py --work /tmp/uniemo-scale --sizes 10000 --only shards,bare
-    python benchmarks/emoset_scale.py --work /tmp/uniemo-scale --report          # the tables of saved results
+    python benchmarks/emoset_scale.py --work runs/bench/scale                   # everything (about an hour)
+    python benchmarks/emoset_scale.py --work runs/bench/scale --sizes 10000 --only shards,bare
+    python benchmarks/emoset_scale.py --work runs/bench/scale --report          # the tables of saved results
 
 Writes only under ``--work`` (the dataset is about 1 GB on disk, the shards of each size and worker count as much
 again while they exist; each is removed after its measurement unless ``--keep``).

@@ -8,9 +8,9 @@
 #
 # On the GPU machine, from the repository root (BENCHMARKS.md, "GPU suite", has the whole command):
 #
-#   mkdir -p /tmp/site && tar xJf .whl/ray-*.tar.xz -C /tmp/site &&
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
-#   export PYTHONPATH=$PWD:/tmp/site
+#   mkdir -p $PWD/.site && tar xJf .whl/ray-*.tar.xz -C $PWD/.site &&
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $PWD/.site .whl/*.whl &&
+#   export PYTHONPATH=$PWD:$PWD/.site
 #
 # Ray's wheel (79 MB) is larger than what a call may carry, so it travels as its installed tree without the Java
 # jar (ray/jars, unused by Python), xz-compressed: about 28 MB. DeepSpeed is published as source only; its wheel is

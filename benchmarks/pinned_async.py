@@ -10,7 +10,7 @@
    (``rounds/mix.jsonl``), the steps each round generated from and entered the mix at, and the headline numbers
    (test top-1, Emo-A, FID). Then whether the runs of each mode gave the same numbers.
 
-    .venv/bin/python benchmarks/pinned_async.py --repeats 2 --out /tmp/uniemo-pinned
+    .venv/bin/python benchmarks/pinned_async.py --repeats 2 --out runs/bench/pinned
 
 Writes into ``--out`` only (``start/``, ``free-<i>/``, ``pinned-<i>/``, logs, ``pinned_async.json``);
 ``--report pinned_async.json`` prints a saved result again.
@@ -130,7 +130,7 @@ def measure(out: Path, repeats: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("/tmp/uniemo-pinned"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/pinned"))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--report", type=Path, default=None, help="print the table of a saved pinned_async.json")
     args = ap.parse_args()

@@ -30,7 +30,7 @@ kept checkpoints' listings, the newest round not yet in the mix). The highest va
 least-squares slope per round are printed too. ``--report soak.json`` prints the table and the verdict of a saved
 result again.
 
-    .venv/bin/python benchmarks/soak.py --rounds 20 --mode async --pinned --keep-rounds 2 --out /tmp/uniemo-soak
+    .venv/bin/python benchmarks/soak.py --rounds 20 --mode async --pinned --keep-rounds 2 --out runs/bench/soak
 
 Writes into ``--out`` only (the pipeline dir ``soak/``, the logs, ``soak.json``). A second call reuses the start
 and measures a fresh loop (it removes ``soak/feedback`` and the feedback stage's entry in ``pipeline.json``).
@@ -314,7 +314,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("/tmp/uniemo-soak"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/soak"))
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--mode", choices=["sequential", "async"], default="async")
     ap.add_argument("--pinned", action="store_true", help="feedback.pinned (async mode): every round runs")
