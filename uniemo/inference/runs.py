@@ -416,31 +416,40 @@ def generate_images(
         sampler=sampler,
         batch_size=batch_size,
     )
-    names = run.attribute_names
-
-    def attribute(index: int) -> str | None:
-        return names[index] if 0 <= index < len(names) else None
-
     records = []
     for i in range(len(result.images)):
         name = f"{EMOTIONS[k]}_{result.seeds[i]}.{image_format}"
         record = {
             "file": name,
             "emotion": EMOTIONS[k],
-            "seed": int(result.seeds[i]),
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "sampler": sampler,
-            "alpha_scene": float(result.alpha_scene[i]),
-            "alpha_object": float(result.alpha_object[i]),
-            "scene_attribute": attribute(int(result.scene_attribute[i])),
-            "object_attribute": attribute(int(result.object_attribute[i])),
+            **image_record(result, i, run.attribute_names, steps, guidance_scale, sampler),
             "checkpoint": str(run.source),
             "step": run.step,
         }
         records.append(record)
     save_generations(out, result.images, records)
     return records
+
+
+def image_record(
+    result: Any, i: int, names: list[str], steps: int, guidance_scale: float, sampler: str
+) -> dict[str, Any]:
+    """What ``generate`` and ``transfer`` record of their ``i``-th image: its seed, the sampler settings, its
+    alphas and the attributes its condition retrieved (named from ``names``; None outside them)."""
+
+    def attribute(index: int) -> str | None:
+        return names[index] if 0 <= index < len(names) else None
+
+    return {
+        "seed": int(result.seeds[i]),
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "sampler": sampler,
+        "alpha_scene": float(result.alpha_scene[i]),
+        "alpha_object": float(result.alpha_object[i]),
+        "scene_attribute": attribute(int(result.scene_attribute[i])),
+        "object_attribute": attribute(int(result.object_attribute[i])),
+    }
 
 
 JPEG_QUALITY = 75

@@ -27,7 +27,7 @@ from uniemo.config.schema import EMOTIONS
 from uniemo.data.images import load_image_bytes
 from uniemo.data.records import RecordProblem
 from uniemo.errors import UserError
-from uniemo.inference.runs import LoadedRun, emotion_index, require_stage2, save_generations
+from uniemo.inference.runs import LoadedRun, emotion_index, image_record, require_stage2, save_generations
 from uniemo.models.conditioner import Conditioner
 from uniemo.models.generation import render_conditions, sampling_settings
 from uniemo.seeds import request_seeds
@@ -139,14 +139,7 @@ def transfer_image(
             "emotion": EMOTIONS[k],
             "object": object_word,
             "prompt": prompt.replace(placeholder, token),
-            "seed": int(result.seeds[i]),
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "sampler": sampler,
-            "alpha_scene": float(result.alpha_scene[i]),
-            "alpha_object": float(result.alpha_object[i]),
-            "scene_attribute": _name(names, int(result.scene_attribute[i])),
-            "object_attribute": _name(names, int(result.object_attribute[i])),
+            **image_record(result, i, names, steps, guidance_scale, sampler),
             "embedding": embedding_file,
             "checkpoint": str(run.source),
             "step": run.step,
@@ -173,5 +166,3 @@ def _condition(
     return out.condition[0].float().cpu()
 
 
-def _name(names: list[str], index: int) -> str | None:
-    return names[index] if 0 <= index < len(names) else None
