@@ -215,3 +215,16 @@ def test_tiny_model_loss_decreases_on_a_fixed_batch():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.75 * losses[0]
+
+
+def test_position_init_std_sets_the_positions_only_and_is_checked():
+    from uniemo.config import Config, with_overrides
+
+    default = UnderstandingModel(UnderstandingConfig(preset="tiny"), 4, 4)
+    wide = UnderstandingModel(UnderstandingConfig(preset="tiny", position_init_std=1.0), 4, 4)
+    assert default.embeddings.position_embedding.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert wide.embeddings.position_embedding.weight.std().item() == pytest.approx(1.0, rel=0.2)
+    # Everything else is initialised as before (same draw order, same stds).
+    assert wide.embeddings.patch_embedding.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    with pytest.raises(ConfigError, match="position_init_std"):
+        with_overrides(Config(), ["model.understanding.position_init_std=0"]).validate()

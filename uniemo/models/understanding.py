@@ -415,7 +415,7 @@ class UnderstandingModel(nn.Module):
                 self.logit_scale_object = nn.Parameter(torch.tensor(OBJECT_LOGIT_SCALE))
         self.emotion_head = EmotionHead(d, dims.embed_dim, cfg.head_dropout)
 
-        self._init_weights(cfg.query_init_std)
+        self._init_weights(cfg.query_init_std, cfg.position_init_std)
         for projection in (self.scene_projection, self.object_projection):
             if projection is not None:
                 # D4: trainable by default; frozen reproduces the official fix_text behaviour (METHOD §2.5).
@@ -425,12 +425,13 @@ class UnderstandingModel(nn.Module):
                 scale.requires_grad_(cfg.train_logit_scales)
 
     @torch.no_grad()
-    def _init_weights(self, query_std: float) -> None:
-        """CLIP's init for the backbone (as transformers' CLIPPreTrainedModel), METHOD §2.1 for the rest."""
+    def _init_weights(self, query_std: float, position_std: float | None = None) -> None:
+        """CLIP's init for the backbone (as transformers' CLIPPreTrainedModel), METHOD §2.1 for the rest;
+        ``position_std`` (``model.understanding.position_init_std``) replaces the positions' 0.02."""
         d, depth = self.width, self.dims.depth
         nn.init.normal_(self.embeddings.class_embedding, std=d**-0.5)
         nn.init.normal_(self.embeddings.patch_embedding.weight, std=0.02)
-        nn.init.normal_(self.embeddings.position_embedding.weight, std=0.02)
+        nn.init.normal_(self.embeddings.position_embedding.weight, std=0.02 if position_std is None else position_std)
         in_std = d**-0.5 * (2 * depth) ** -0.5
         for layer in self.encoder.blocks():
             attn, mlp = layer.self_attn, layer.mlp
