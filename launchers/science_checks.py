@@ -46,12 +46,17 @@ from uniemo.config import Config, load_config, with_overrides
 
 WORLDS: dict[str, list[str]] = {
     "easy": [],
-    "hard": ["data.synthetic.world=hard", "data.synthetic.images=2000"],
+    "hard": ["data.synthetic.world=hard", "data.synthetic.images=2000",
+             # So that the tiny ViT, trained from random weights, can learn where the colours are (RESULTS.md):
+             "model.understanding.position_init_std=1.0", "data.train_augment=false",
+             "pipeline.stage1=[training.steps=600,training.lr_backbone=1e-3]"],
 }
 """Overrides of each world: the hard world is drawn larger (2,000 images: a test split of 304, and train images
-left out of the label-scarce regime for the real-data control)."""
+left out of the label-scarce regime for the real-data control). Its understanding regime: position embeddings
+initialised at std 1.0 and no random resized crops (a crop of 8 % of a 64-px layout is one colour, its label
+noise), stage 1 600 steps with the backbone at 1e-3: without these the tiny ViT stays at the colour cap."""
 DEFAULT_WORLD = "hard"
-DEFAULT_PER_EMOTION = 16
+DEFAULT_PER_EMOTION = 32
 """The world and regime RESULTS.md reports (``--seeds 0`` alone reruns one seed of its table)."""
 JUDGE_STEPS = {"easy": 300, "hard": 1200}
 """The judge's training steps per world (the hard world's scenes need more than its colours)."""
@@ -64,6 +69,9 @@ STAGE2_VARIANTS: dict[str, list[str]] = {
     "paper_no_implicit_feedback": ["training.losses.implicit_feedback=false"],  # (b'): stopped at the mappers
 }
 """Stage-2 variants: name -> overrides (METHOD D13)."""
+FEEDBACK = ["feedback.mode=sequential", "feedback.pinned=false"]
+"""Every feedback job of the checks runs its rounds one after another (the demo's pinned async loop gives the same
+numbers, slower)."""
 UNFILTERED = ["feedback.tau=0.0", "feedback.delta=1.0", "feedback.attribute_cap=1.0"]
 SHORT_EVAL = ["evaluation.images_per_emotion=4"]
 """Evaluation of the runs whose generation is not reported (only their test top-1 is)."""
@@ -85,18 +93,22 @@ class Checks:
     def save(self) -> None:
         self.path.write_text(json.dumps(self.results, indent=2) + "\n")
 
-    def job(self, name: str, stage: str, overrides: list[str], evaluate: list[str] = ()) -> Path:
-        """The pipeline ``<out>/<name>`` with ``stage`` (plus ``overrides``) and ``evaluate``, run or resumed;
-        returns the stage's run folder."""
-        from uniemo.pipeline import run_pipeline
-
+    def job_config(self, name: str, stage: str, overrides: list[str], evaluate: list[str] = ()) -> Config:
+        """The config of the pipeline ``<out>/<name>``: ``stage`` (plus ``overrides``), then ``evaluate``."""
         root = self.out / name
         cfg = with_overrides(self.base, [f"run.output_dir={root.parent}", f"run.name={root.name}"])
         cfg.pipeline.stages = [stage, "evaluate"]
         setattr(cfg.pipeline, stage, [*getattr(self.base.pipeline, stage), *overrides])
         cfg.pipeline.evaluate = ["distributed.num_workers=1", *evaluate]  # in-process: no Ray Train start-up
         cfg.validate()
-        state = run_pipeline(cfg, resume=True)
+        return cfg
+
+    def job(self, name: str, stage: str, overrides: list[str], evaluate: list[str] = ()) -> Path:
+        """The pipeline ``<out>/<name>`` (:meth:`job_config`), run or resumed; returns the stage's run folder."""
+        from uniemo.pipeline import run_pipeline
+
+        root = self.out / name
+        state = run_pipeline(self.job_config(name, stage, overrides, evaluate), resume=True)
         seconds = sum(s.get("seconds", 0) for s in state["stages"].values())
         self.results["job_seconds"][name] = round(seconds, 1)
         return root / stage
@@ -148,7 +160,7 @@ class Checks:
             self.save()
 
         fb = self.base.feedback
-        common = s + [f"feedback.from_run={s2}", "feedback.mode=sequential"]
+        common = s + [f"feedback.from_run={s2}", *FEEDBACK]
         filtered = self.job(f"{tag}/feedback-filtered", "feedback", common)
         entry["d_filtered"] = _top1(metrics(filtered))
         entry["d_filtered_kept"] = _kept(filtered)
@@ -343,6 +355,14 @@ def ablation_table(sweep_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def base_config(config: str, out: Path, world: str, per_emotion: int, overrides: list[str] | tuple = ()) -> Config:
+    """The config every job of the checks starts from: ``config``, the world's overrides, the regime, then
+    ``overrides``."""
+    return load_config(config, ["logging.wandb.mode=disabled", "logging.progress=false", *WORLDS[world],
+                                f"data.labelled_per_emotion={per_emotion}", f"evaluation.judge={out / 'judge'}",
+                                *overrides])
+
+
 def run_checks(config: str, seeds: list[int], out: Path, world: str = DEFAULT_WORLD,
                per_emotion: int = DEFAULT_PER_EMOTION, overrides: list[str] = (), early_steps: int = 40,
                controls_only: bool = False) -> dict[str, Any]:
@@ -351,9 +371,7 @@ def run_checks(config: str, seeds: list[int], out: Path, world: str = DEFAULT_WO
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = load_config(config, ["logging.wandb.mode=disabled", "logging.progress=false", *WORLDS[world],
-                                f"data.labelled_per_emotion={per_emotion}", f"evaluation.judge={out / 'judge'}",
-                                *overrides])
+    base = base_config(config, out, world, per_emotion, overrides)
     checks = Checks(base, out, world, per_emotion, early_steps, controls_only)
     checks.results["config"] = config
     checks.results["overrides"] = list(overrides)

@@ -38,3 +38,22 @@ def test_controls_in_the_verdicts_and_the_table(checks):
     table = checks.table(results)
     assert "world hard, 16 labelled train images per emotion" in table
     assert "| CONTROL: wrong labels lower top-1 (vs no feedback) | -0.200 |" in table
+
+
+@pytest.mark.parametrize("world", ["easy", "hard"])
+def test_every_kind_of_job_plans_on_the_shipped_config(checks, world, tmp_path):
+    """Each job the checks run is planned (every stage's config checked, nothing run) from the shipped demo
+    config: a key the demo gains (as the pinned async loop did) cannot break the checks unnoticed."""
+    from uniemo.pipeline import plan
+
+    base = checks.base_config("configs/demo.yaml", tmp_path, world, checks.DEFAULT_PER_EMOTION)
+    run = checks.Checks(base, tmp_path, world, checks.DEFAULT_PER_EMOTION, early_steps=40)
+    s2 = [f"training.init_from={tmp_path / 'stage2'}"]
+    feedback = [f"feedback.from_run={tmp_path / 'stage2'}", *checks.FEEDBACK]
+    jobs = [("stage1", []), ("stage1", checks.NO_QUERIES), ("stage1", ["training.steps=40"]),
+            *[("stage2", s2 + extra) for extra in checks.STAGE2_VARIANTS.values()],
+            ("feedback", feedback), ("feedback", feedback + checks.UNFILTERED),
+            ("feedback", feedback + ["feedback.control=wrong_labels", f"feedback.control_of={tmp_path / 'f'}"]),
+            ("feedback", feedback + ["feedback.control=real_extra", f"feedback.control_of={tmp_path / 'f'}"])]
+    for stage, extra in jobs:
+        plan(run.job_config("job", stage, extra, checks.SHORT_EVAL))
