@@ -37,30 +37,20 @@ from uniemo.data.loader import build_loader
 from uniemo.data.shards import read_manifest, write_shards
 from uniemo.data.synthetic import generate_synthetic_set
 from uniemo.data.transforms import SampleTransform
+from uniemo.data.workers import server_cpu_seconds
 
 
 def _own_cpu() -> float:
-    """CPU seconds of this process and its finished (waited-for) children: the forked workers."""
+    """CPU seconds of this process and its finished (waited-for) children: the forked workers (those of the fork
+    server are its children: :func:`server_cpu_seconds`)."""
     return sum(
         u.ru_utime + u.ru_stime for u in (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     )
 
 
-def _server_cpu() -> float:
-    """CPU seconds of the fork server and the workers it has reaped (0 before it runs)."""
-    pid = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_forkserver_pid", None)
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def measure(folder: str, method: str, workers: int, batch_size: int, epochs: int) -> list[tuple[float, float, float]]:
     """``(to first batch, epoch, CPU)`` seconds of each epoch of one rank's training stream started with ``method``
     (``forkserver``: uniemo's default; ``fork``: the platform's)."""
-    import multiprocessing.forkserver  # noqa: F401 - _server_cpu reads its state
-
     loader = build_loader(
         folder, "train", rank=0, world_size=1, batch_size=batch_size, num_workers=workers,
         transform=SampleTransform(image_size=32, augment=True), training=True,
@@ -73,7 +63,7 @@ def _time_epochs(make_iter: Any, epochs: int) -> list[tuple[float, float, float]
     """``(to first batch, epoch, CPU)`` seconds of each of ``epochs`` passes over ``make_iter()``."""
     out = []
     for _ in range(epochs):
-        cpu0 = _own_cpu() + _server_cpu()
+        cpu0 = _own_cpu() + server_cpu_seconds()
         start = time.perf_counter()
         first = None
         for _batch in make_iter():
@@ -81,7 +71,7 @@ def _time_epochs(make_iter: Any, epochs: int) -> list[tuple[float, float, float]
                 first = time.perf_counter() - start
         wall = time.perf_counter() - start
         time.sleep(0.2)  # let the server reap the epoch's workers, so that their CPU time is counted
-        out.append((first or wall, wall, _own_cpu() + _server_cpu() - cpu0))
+        out.append((first or wall, wall, _own_cpu() + server_cpu_seconds() - cpu0))
     return out
 
 
@@ -89,8 +79,6 @@ def measure_images(folder: str, method: str, workers: int, batch_size: int, epoc
     """The same for the paper metrics' image loader (:func:`uniemo.evaluation.image_sets.iter_batches`) over the
     test split with FID's transform (torchvision's ``Resize`` + ``ToTensor``): ``fork``, ``forkserver`` with the
     metrics' preload (torchvision imported once by the server) and ``forkserver-bare`` (each worker imports it)."""
-    import multiprocessing.forkserver  # noqa: F401 - _server_cpu reads its state
-
     from uniemo.evaluation import image_sets, paper_metrics
 
     refs = [r for refs in image_sets.read_shard_split(folder, "test").by_emotion.values() for r in refs]

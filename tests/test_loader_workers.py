@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import random
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,3 +118,28 @@ def test_image_set_workers_come_from_the_fork_server(synth_shards):
     refs = [r for refs in read_shard_split(synth_shards, "test").by_emotion.values() for r in refs][:12]
     parents = torch.cat(list(iter_batches(refs, _parent_pid, batch_size=4, workers=2)))
     assert len(parents) == 12 and os.getpid() not in parents.tolist()
+
+
+def test_the_server_imports_the_package_of_the_main_module(monkeypatch):
+    """Each worker runs the main module again: the server imports the package that holds it (a Ray worker's main
+    module is in ``ray``), nothing for a plain script, and nothing for ``python -m pkg`` (workers skip
+    ``pkg.__main__``)."""
+    import types
+
+    import uniemo.data.loader as loader_module
+    from uniemo.data.workers import main_package
+
+    def main_module(file: str | None, spec_name: str | None = None) -> types.ModuleType:
+        module = types.ModuleType("__main__")
+        module.__file__ = file
+        module.__spec__ = types.SimpleNamespace(name=spec_name) if spec_name else None  # type: ignore[assignment]
+        return module
+
+    for module, expected in (
+        (main_module(loader_module.__file__), ("uniemo",)),
+        (main_module(__file__), ()),  # tests/ is no package
+        (main_module(None, "pytest.__main__"), ()),
+        (main_module(None, "uniemo.cli"), ("uniemo",)),
+    ):
+        monkeypatch.setitem(sys.modules, "__main__", module)
+        assert main_package() == expected

@@ -16,9 +16,9 @@ module is the one place that tells the two apart and opens bytes from either:
   command, its shards' sizes are not checked before training (the loader still reads no shard past its listed
   size).
 
-Shards are read in the loader worker's own process (no ``curl`` per shard; one S3 client per worker, botocore
-imported once by the workers' fork server, :mod:`uniemo.data.workers`): over loopback that costs 0.90-0.99x (HTTP)
-and 0.85-0.89x (S3) of a local read's CPU per sample (BENCHMARKS.md; measured with forked workers).
+Shards are read in the loader worker's own process (no ``curl`` per shard; one S3 client per worker, made from a
+botocore session that the workers' fork server loaded once, :mod:`uniemo.data.s3_preload`): over loopback that
+costs about 0.9-1.0x (HTTP) and 0.8-0.9x (S3) of a local read's CPU per sample (BENCHMARKS.md).
 What readers of manifests do with a URL source (a local mirror of its metadata) is in
 :func:`uniemo.data.shards.resolve_shard_folder`.
 
@@ -201,6 +201,11 @@ def _s3_client(storage: Storage) -> Any:
 
 
 def _new_s3_client(storage: Storage) -> Any:
+    return s3_session().create_client("s3", endpoint_url=storage.endpoint_url or None)
+
+
+def s3_session() -> Any:
+    """This process's botocore session (made once; :mod:`uniemo.data.s3_preload` loads its S3 model early)."""
     if "session" not in _BOTO:
         try:
             import botocore.session
@@ -209,7 +214,7 @@ def _new_s3_client(storage: Storage) -> Any:
                 "s3:// shard sources need botocore; install it with pip install 'uniemo[cloud]'"
             ) from None
         _BOTO["session"] = botocore.session.get_session()
-    return _BOTO["session"].create_client("s3", endpoint_url=storage.endpoint_url or None)
+    return _BOTO["session"]
 
 
 def _open_s3(location: str, storage: Storage) -> IO[bytes]:
@@ -231,9 +236,9 @@ def _open_s3(location: str, storage: Storage) -> IO[bytes]:
 
 def worker_modules(locations: Iterable[str]) -> tuple[str, ...]:
     """Modules that loader workers reading ``locations`` import beyond the loader's own, for the fork server to
-    import once (:mod:`uniemo.data.workers`): botocore for ``s3://`` shards. Each worker still makes its own
-    client (about 0.05-0.15 CPU seconds, the S3 model and endpoint rules)."""
-    return ("botocore.session",) if any(url.startswith("s3://") for url in locations) else ()
+    import once (:mod:`uniemo.data.workers`): for ``s3://`` shards, botocore and a session with the S3 model
+    loaded (:mod:`uniemo.data.s3_preload`); each worker still makes its own client (about 0.05 CPU seconds)."""
+    return ("uniemo.data.s3_preload",) if any(url.startswith("s3://") for url in locations) else ()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -360,11 +365,10 @@ def _s3_call(
     with _CHECK_LOCK:  # sizes_of asks from several threads; one client (thread-safe) serves them all
         cache_key = ("check", os.getpid(), storage)
         if cache_key not in _BOTO:
-            _new_s3_client(storage)  # the session (and a clear ConfigError when botocore is missing)
             config = Config(
                 connect_timeout=storage.timeout_s, read_timeout=storage.timeout_s, retries={"max_attempts": 1}
             )
-            _BOTO[cache_key] = _BOTO["session"].create_client(
+            _BOTO[cache_key] = s3_session().create_client(
                 "s3", endpoint_url=storage.endpoint_url or None, config=config
             )
         client = _BOTO[cache_key]

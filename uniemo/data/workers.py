@@ -10,19 +10,19 @@ another thread held) and its rank waited for the batch for ever (RELIABILITY.md)
 
 So every loader uniemo makes (the shard loader, the image sets of the paper's metrics) starts its workers with
 ``forkserver``: a fresh, single-threaded Python (fork + exec, which is safe in a threaded process) imports
-:data:`PRELOAD` once and from then on forks each worker of the process from itself. The shard loader starts it
-when it is built (:func:`start_server`), so that its imports run while a trainer builds its model; otherwise the
-first worker starts it. A worker then costs a fork of a process with torch imported plus unpickling what it is
-handed, as fast as a fork of the main process; the server costs about one ``import torch`` per process
-(BENCHMARKS.md, loader start method). Always, not only in processes known to hold threads: any process may hold
-some (a test process connected to Ray, a tqdm monitor, wandb, threads that C code started and Python cannot
-list), and one start method everywhere means the tested path is the path that runs.
+:data:`PRELOAD` and the main module's package once, and from then on forks each worker of the process from
+itself. The shard loader starts it when it is built (:func:`start_server`), so that its imports run while a
+trainer builds its model; otherwise the first worker starts it. A worker then costs a fork of a process with torch
+imported plus unpickling what it is handed, about what a fork of the main process costs; the server costs about
+one ``import torch`` per process (BENCHMARKS.md, loader start method). Always, not only in processes known to hold
+threads: any process may hold some (a test process connected to Ray, a tqdm monitor, wandb, threads that C code
+started and Python cannot list), and one start method everywhere means the tested path is the path that runs.
 
 What a fork gave the workers for free, they get explicitly: everything handed to them pickles (the dataset with
 its plan, transform, attribute table and caps; the collate and init functions are module-level), and
 :func:`adopt_environment` gives each worker the environment variables of the process that started it (the server
 has those of the moment it started; e.g. credentials that an S3 source reads may have been set since). As with
-``spawn``, the server imports the main module: a script that builds a loader keeps its work under
+``spawn``, each worker runs the main module again: a script that builds a loader keeps its work under
 ``if __name__ == "__main__":`` (Python refuses to start workers otherwise, with a message that says so).
 """
 
@@ -31,16 +31,36 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import sys
 from collections.abc import Sequence
 from functools import partial
 from multiprocessing.context import BaseContext
+from pathlib import Path
 from typing import Any
 
 START_METHOD = "forkserver"
-PRELOAD = ("__main__", "torch", "uniemo.data.loader")
-"""Modules the fork server imports once, so that no worker imports them: the main module (each worker would
-otherwise run it again, as ``spawn`` does), torch and the shard loader (which imports webdataset, PIL and numpy).
-A module that cannot be imported is left out (``multiprocessing`` ignores it)."""
+PRELOAD = ("torch", "uniemo.data.loader")
+"""Modules the fork server imports once, so that no worker imports them: torch and the shard loader (which imports
+webdataset, PIL and numpy); also the package of the main module (:func:`main_package`). A module that cannot be
+imported is left out (``multiprocessing`` ignores it)."""
+
+
+def main_package() -> tuple[str, ...]:
+    """The top-level package that holds this process's main module, if one does (a Ray worker's: ``ray``).
+
+    Each worker runs the main module again before it unpickles anything, as ``spawn`` does (CPython 3.11's fork
+    server never preloads ``__main__``: it asks for a key of the preparation data that is never filled); with its
+    package imported by the server, that is cheap (in a Ray worker, 0.5 CPU seconds per worker otherwise)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None:  # python -m NAME; a worker skips NAME = pkg.__main__
+        return () if spec.name.endswith(".__main__") else (spec.name.split(".")[0],)
+    path = getattr(main, "__file__", None)
+    top = ""
+    folder = os.path.dirname(os.path.realpath(path)) if path else ""
+    while folder and os.path.isfile(os.path.join(folder, "__init__.py")):
+        top, folder = os.path.basename(folder), os.path.dirname(folder)
+    return (top,) if top else ()
 
 
 _preload: dict[str, None] = dict.fromkeys(PRELOAD)
@@ -51,10 +71,10 @@ def worker_context(preload: Sequence[str] = ()) -> BaseContext:
     """The ``multiprocessing`` context of every loader worker uniemo starts (module docstring).
 
     ``preload`` adds modules the workers of this caller need (e.g. torchvision for the paper's metrics). The
-    server imports them only if it is not running yet: it is started once per process, by the first worker, with
-    the list as it is then; a worker imports whatever the server lacks itself (correct, only slower to start).
+    server imports them only if it is not running yet: it is started once per process (by :func:`start_server` or
+    the first worker) with the list as it is then; a worker imports whatever the server lacks itself (correct, only slower to start).
     """
-    _preload.update(dict.fromkeys(preload))
+    _preload.update(dict.fromkeys([*main_package(), *preload]))
     context = multiprocessing.get_context(START_METHOD)
     context.set_forkserver_preload(list(_preload))
     return context
@@ -86,3 +106,17 @@ def adopt_environment(environ: dict[str, str], worker_id: int = 0) -> None:
     for key in [k for k in os.environ if k not in environ]:
         del os.environ[key]
     os.environ.update(environ)
+
+
+def server_cpu_seconds() -> float:
+    """CPU seconds of this process's fork server and of the workers it has reaped so far (0 when none runs; Linux).
+    For measurements: the workers are the server's children, so the caller's ``RUSAGE_CHILDREN`` misses them."""
+    pid = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_forkserver_pid", None)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text() if pid is not None else ""
+    except OSError:
+        stat = ""
+    if not stat:
+        return 0.0
+    ticks = sum(int(x) for x in stat.rsplit(")", 1)[1].split()[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
