@@ -540,6 +540,12 @@ class DistributedConfig:
     """torch.distributed backend; ``auto``: NCCL when workers have GPUs, else gloo."""
     max_failures: int = 1
     """Worker-group failures Ray Train recovers from (restart from ``checkpoints/latest``) before giving up."""
+    node_timeout_s: float = 300.0
+    """How long a node that held trainers may stay lost before the run stops: after a node's death the run waits
+    this long for a new group of trainers to start (the node, or another with room, back in the cluster; Ray
+    Train restarts the group from ``checkpoints/latest``), then ends with one line naming the node, the
+    checkpoint and ``--resume`` (exit 2). 0: Ray Train's own policy (it retries the start every 60 s, without
+    end for ``strict_*`` placements)."""
     bind_host: str = "127.0.0.1"
     """Address the embedded Ray binds its services (and dashboard) to."""
     dashboard: bool = False
@@ -558,6 +564,7 @@ class DistributedConfig:
         _check_resource_name("distributed.worker_resource", self.worker_resource)
         _positive("distributed.num_workers", self.num_workers)
         _non_negative("distributed.max_failures", self.max_failures)
+        _non_negative("distributed.node_timeout_s", self.node_timeout_s)
         _positive("distributed.cpus_per_worker", self.cpus_per_worker)
         _non_negative("distributed.gpus_per_worker", self.gpus_per_worker)
         if self.zero_stage not in (0, 1, 2, 3):

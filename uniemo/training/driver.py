@@ -13,8 +13,9 @@ Workers write their pid to ``<run_dir>/workers/rank-<r>.pid`` (a test kills one,
 worker appends where it runs to ``<run_dir>/workers/placement.jsonl`` (:mod:`uniemo.distributed.placement`). When a
 node dies mid-run (its raylet is gone), its workers die with it and Ray Train restarts the group from
 ``checkpoints/latest`` (``distributed.max_failures``); with ``strict_spread`` the new group waits for enough nodes,
-so the run continues once the node (or another) is back. Measured on one machine with two ``ray start`` nodes
-(``tests/test_two_node_ray.py``).
+so the run continues once the node (or another) is back. A node that is not back within ``distributed.node_timeout_s``
+(and no new group started) ends the run with one line naming it, ``checkpoints/latest`` and ``--resume``
+(:func:`_lost_node_watch`). Measured on one machine with two ``ray start`` nodes (``tests/test_two_node_ray.py``).
 
 SIGTERM (preemption, ``scontrol requeue``, ``scancel``) asks the workers to checkpoint at the next step and stop.
 """
@@ -36,7 +37,7 @@ from uniemo.console import quiet_console
 from uniemo.data.source import data_source
 from uniemo.distributed.placement import check_custom_resource
 from uniemo.distributed.ray_session import keep_embedded_ray_on_loopback, ray_session
-from uniemo.distributed.ray_trainer import fit, torch_trainer
+from uniemo.distributed.ray_trainer import LostNodeWatch, fit, torch_trainer
 from uniemo.errors import DiskFullError, UserError
 from uniemo.logging import check_wandb_credentials, read_metrics, say
 from uniemo.models.weights import check_model_folders
@@ -158,6 +159,24 @@ def _stop_on_sigterm(stop_file: Path) -> Iterator[None]:
 
 
 
+def _lost_node_watch(plan: RunPlan) -> LostNodeWatch | None:
+    """The watch that ends the run when a node of its trainers stays lost for ``distributed.node_timeout_s``
+    (:class:`uniemo.distributed.ray_trainer.LostNodeWatch`); None for 0 (Ray Train's own policy). The error's
+    line ends with the checkpoint to resume from, read when it fires."""
+    dist = plan.config.distributed
+    if dist.node_timeout_s <= 0:
+        return None
+
+    def resume_hint() -> str:
+        latest = latest_checkpoint(plan.run_dir)
+        if latest is None:
+            return f"{plan.run_dir} has no checkpoint yet: run the same command again (without --resume) to start over"
+        return (f"resume from checkpoints/latest ({latest}) with the same command and --resume once the cluster has "
+                f"the nodes for {dist.num_workers} workers (distributed.placement={dist.placement})")
+
+    return LostNodeWatch(plan.run_dir, dist.num_workers, dist.node_timeout_s, resume_hint)
+
+
 def run_training(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """``uniemo train``: plan, start Ray Train with ``distributed.num_workers`` workers, wait, summarise. Other
     packages' console output goes to ``<run_dir>/uniemo.log`` (:mod:`uniemo.console`)."""
@@ -184,7 +203,7 @@ def _run_training(cfg: Config, resume: bool) -> dict[str, Any]:
     with ray_session(dist), _stop_on_sigterm(stop_file):
         check_custom_resource(dist.worker_resource, "distributed.worker_resource")
         try:
-            fit(trainer)
+            fit(trainer, lost_node=_lost_node_watch(plan))
         except DiskFullError:
             remove_unpublished(plan.run_dir)  # a save's partial folder: the ranks have stopped, free its space
             raise
