@@ -44,10 +44,10 @@ from PIL import Image
 
 from uniemo.config.schema import DataConfig, StorageConfig
 from uniemo.data.loader import ShardLoader, build_loader
+from uniemo.data.remote import worker_modules
 from uniemo.data.shards import ensure_synthetic_shards, read_manifest, write_shards
 from uniemo.data.synthetic import generate_synthetic_set
 from uniemo.data.transforms import SampleTransform
-from uniemo.data.remote import worker_modules
 from uniemo.data.workers import server_cpu_seconds, start_server
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+import uniemo.config  # noqa: F401 - first: remote imports config, which imports remote (a cycle entered at config)
 from uniemo.data import remote
 from uniemo.errors import ConfigError
 
