@@ -11,8 +11,8 @@ another thread held) and its rank waited for the batch for ever (RELIABILITY.md)
 So every loader uniemo makes (the shard loader, the image sets of the paper's metrics) starts its workers with
 ``forkserver``: a fresh, single-threaded Python (fork + exec, which is safe in a threaded process) imports
 :data:`PRELOAD` and the main module's package once, and from then on forks each worker of the process from
-itself. The shard loader starts it when it is built (:func:`start_server`), so that its imports run while a
-trainer builds its model; otherwise the first worker starts it. A worker then costs a fork of a process with torch
+itself. A training rank starts it first thing and the shard loader when it is built (:func:`start_server`), so
+that its imports run while the rank joins its group and builds its model; otherwise the first worker starts it. A worker then costs a fork of a process with torch
 imported plus unpickling what it is handed, about what a fork of the main process costs; the server costs about
 one ``import torch`` per process (BENCHMARKS.md, loader start method). Always, not only in processes known to hold
 threads: any process may hold some (a test process connected to Ray, a tqdm monitor, wandb, threads that C code
