@@ -44,9 +44,11 @@ from PIL import Image
 
 from uniemo.config.schema import DataConfig, StorageConfig
 from uniemo.data.loader import ShardLoader, build_loader
+from uniemo.data.remote import worker_modules
 from uniemo.data.shards import ensure_synthetic_shards, read_manifest, write_shards
 from uniemo.data.synthetic import generate_synthetic_set
 from uniemo.data.transforms import SampleTransform
+from uniemo.data.workers import server_cpu_seconds, start_server
 
 
 class BareTarStream(torch.utils.data.IterableDataset):
@@ -81,8 +83,9 @@ class BareTarStream(torch.utils.data.IterableDataset):
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process and of its finished children (the DataLoader workers)."""
-    total = 0.0
+    """User + system CPU time of this process and of its finished children (the bare loop's DataLoader workers),
+    and of the fork server with the workers it has reaped (uniemo's, :mod:`uniemo.data.workers`)."""
+    total = server_cpu_seconds()
     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
@@ -206,6 +209,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # The loader workers' fork server starts once per process, with the modules of the first loader's sources; a
+    # rank that reads s3:// has its S3 session preloaded there, so start it as such a rank would.
+    start_server(worker_modules(["s3://"] if "s3" in args.sources.split(",") else []))
 
     tmp = None if args.data else tempfile.mkdtemp(prefix="uniemo-bench-")
     base = Path(args.data or tmp)

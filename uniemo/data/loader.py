@@ -6,7 +6,8 @@ The stream is one visible list of stages (STYLE.md 11; read :meth:`ShardStream._
     -> transforms -> batches
 
 built on ``webdataset`` (``DataPipeline``, its tar reading and grouping) inside torch ``DataLoader``
-workers. Two kinds of stream:
+workers, which start from a fork server, never as forks of the (threaded) process that iterates the loader
+(:mod:`uniemo.data.workers`). Two kinds of stream:
 
 **Evaluation** (``training=False``). The split's shards, in manifest order, are dealt out
 ``shards[rank::world_size]`` and then ``[worker::num_workers]``; each worker reads its shards once, in order,
@@ -83,7 +84,7 @@ from uniemo.data.attributes import AttributeTable, resolve_attribute_table
 from uniemo.data.images import TooManyPixels, open_image
 from uniemo.data.latents import LatentReader, covered_shards
 from uniemo.data.limits import DEFAULT_LIMITS, BoundedStream, active_limits, limits_of, over_cap
-from uniemo.data.remote import Storage, join_location, open_stream, preload_clients
+from uniemo.data.remote import Storage, join_location, open_stream, worker_modules
 from uniemo.data.shards import (
     folder_location,
     manifest_folders,
@@ -93,6 +94,7 @@ from uniemo.data.shards import (
 from uniemo.data.source import data_source
 from uniemo.data.tar_members import tar_members
 from uniemo.data.transforms import SampleTransform, build_sample_transform
+from uniemo.data.workers import loader_worker_options, start_server
 from uniemo.errors import ConfigError, DataError
 from uniemo.run_layout import ATTRIBUTES_FILE, round_of
 from uniemo.seeds import stream_seed
@@ -720,6 +722,8 @@ class ShardLoader:
         self.listed: dict[str, list[str]] = {}
         """Per source, the names of the folders the current epoch's listing reads (``state_dict``'s ``listed``)."""
         self._shards, self._digest = self._list_shards()  # checks shard counts now, not at the first batch
+        if num_workers and multiprocessing_context is None:  # its imports overlap with the caller's set-up
+            start_server(worker_modules(ref.url for refs in self._shards for ref in refs))
 
     # -- manifest -> shard lists ------------------------------------------------------------------------
     def _list_shards(self) -> tuple[list[list[ShardRef]], str]:
@@ -839,8 +843,6 @@ class ShardLoader:
         if self.training and self._batches_in_epoch == 0:
             self._shards, self._digest = self._list_shards()  # new feedback rounds join at epoch starts
         plan = self._epoch_plan()
-        if self.num_workers:
-            preload_clients((ref.url, ref.storage) for refs in plan.shards for ref in refs)
         stream = ShardStream(
             plan,
             split=self.split,
@@ -859,8 +861,12 @@ class ShardLoader:
             batch_size=None,  # batches are made in the workers
             collate_fn=_as_is,  # they are final: skip DataLoader's per-element conversion walk
             num_workers=self.num_workers,
-            multiprocessing_context=self.multiprocessing_context if self.num_workers else None,
             pin_memory=self.pin_memory,
+            # never forked: from the fork server, with this process's environment (uniemo.data.workers)
+            **loader_worker_options(
+                self.num_workers, worker_modules(ref.url for refs in plan.shards for ref in refs),
+                self.multiprocessing_context,
+            ),
         )
         epoch_batches = self.batches_per_epoch
         try:
@@ -989,7 +995,8 @@ def build_loader(
     ``shards`` is one folder (the source ``real``) or a list of sources whose first is the real data; the
     attribute table defaults to that folder's ``attributes.json``. ``position`` is a
     :meth:`ShardLoader.state_dict` to continue from; ``limits`` caps what the shards may make it read
-    (``data.limits``). See the module docstring for the guarantees.
+    (``data.limits``); ``multiprocessing_context`` replaces how the workers start (default: from the fork server,
+    :mod:`uniemo.data.workers`; the batches are the same either way). See the module docstring for the guarantees.
     """
     if isinstance(shards, (str, Path)):
         sources = [Source.of("real", shards)]

@@ -16,9 +16,10 @@ module is the one place that tells the two apart and opens bytes from either:
   command, its shards' sizes are not checked before training (the loader still reads no shard past its listed
   size).
 
-Shards are read in the loader worker's own process (no ``curl`` per shard, one S3 client per worker made
-before the fork): over loopback that costs 0.90-0.99x (HTTP) and 0.85-0.89x (S3) of a local read's CPU per
-sample (BENCHMARKS.md). What readers of manifests do with a URL source (a local mirror of its metadata) is in
+Shards are read in the loader worker's own process (no ``curl`` per shard; one S3 client per worker, made from a
+botocore session that the workers' fork server loaded once, :mod:`uniemo.data.s3_preload`): over loopback that
+costs about 0.9-1.0x (HTTP) and 0.8-0.9x (S3) of a local read's CPU per sample (BENCHMARKS.md).
+What readers of manifests do with a URL source (a local mirror of its metadata) is in
 :func:`uniemo.data.shards.resolve_shard_folder`.
 
 HTTP is read with an opener that knows ``http`` and ``https`` only: no ``file://``, ``ftp://`` or ``data:`` URL,
@@ -27,7 +28,6 @@ and no redirect to one. Small files (a manifest) are read up to a cap (``data.li
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
@@ -185,9 +185,8 @@ def _open_http(location: str) -> IO[bytes]:
 
 
 _BOTO: dict[Any, Any] = {}
-"""``"session"``: one botocore session with the S3 model loaded; ``("template", endpoint)``: a client made by
-:func:`preload_clients` and never used where it was made, which a forked loader worker adopts as its own;
-``(pid, endpoint)``: the client of that process (its connections are never shared across a fork)."""
+"""``"session"``: one botocore session with the S3 model loaded; ``(pid, endpoint)``: the client of that process
+(its connections are never shared with another process)."""
 
 
 _CHECK_LOCK = threading.Lock()
@@ -197,15 +196,16 @@ def _s3_client(storage: Storage) -> Any:
     """This process's botocore S3 client for ``storage`` (credentials and region from botocore's sources)."""
     key = (os.getpid(), storage.endpoint_url)
     if key not in _BOTO:
-        template = _BOTO.get(("template", storage.endpoint_url))
-        if template is not None and template[0] != os.getpid():  # a worker forked after preload_clients
-            _BOTO[key] = template[1]
-        else:
-            _BOTO[key] = _new_s3_client(storage)
+        _BOTO[key] = _new_s3_client(storage)
     return _BOTO[key]
 
 
 def _new_s3_client(storage: Storage) -> Any:
+    return s3_session().create_client("s3", endpoint_url=storage.endpoint_url or None)
+
+
+def s3_session() -> Any:
+    """This process's botocore session (made once; :mod:`uniemo.data.s3_preload` loads its S3 model early)."""
     if "session" not in _BOTO:
         try:
             import botocore.session
@@ -214,7 +214,7 @@ def _new_s3_client(storage: Storage) -> Any:
                 "s3:// shard sources need botocore; install it with pip install 'uniemo[cloud]'"
             ) from None
         _BOTO["session"] = botocore.session.get_session()
-    return _BOTO["session"].create_client("s3", endpoint_url=storage.endpoint_url or None)
+    return _BOTO["session"]
 
 
 def _open_s3(location: str, storage: Storage) -> IO[bytes]:
@@ -234,14 +234,11 @@ def _open_s3(location: str, storage: Storage) -> IO[bytes]:
         raise OSError(f"{location}: {exc}") from None
 
 
-def preload_clients(locations: Iterable[tuple[str, Storage]]) -> None:
-    """Before loader workers fork: make an S3 client for each endpoint that ``locations`` (URL, storage) read
-    from, for the workers to adopt. A client costs about 0.2 CPU seconds (botocore's models and endpoint
-    rules), which every worker would otherwise pay again at every epoch."""
-    for storage in {storage for url, storage in locations if url.startswith("s3://")}:
-        if ("template", storage.endpoint_url) not in _BOTO:
-            with contextlib.suppress(ConfigError):  # open_stream names the missing package when it is needed
-                _BOTO[("template", storage.endpoint_url)] = (os.getpid(), _new_s3_client(storage))
+def worker_modules(locations: Iterable[str]) -> tuple[str, ...]:
+    """Modules that loader workers reading ``locations`` import beyond the loader's own, for the fork server to
+    import once (:mod:`uniemo.data.workers`): for ``s3://`` shards, botocore and a session with the S3 model
+    loaded (:mod:`uniemo.data.s3_preload`); each worker still makes its own client (about 0.05 CPU seconds)."""
+    return ("uniemo.data.s3_preload",) if any(url.startswith("s3://") for url in locations) else ()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,11 +365,10 @@ def _s3_call(
     with _CHECK_LOCK:  # sizes_of asks from several threads; one client (thread-safe) serves them all
         cache_key = ("check", os.getpid(), storage)
         if cache_key not in _BOTO:
-            _new_s3_client(storage)  # the session (and a clear ConfigError when botocore is missing)
             config = Config(
                 connect_timeout=storage.timeout_s, read_timeout=storage.timeout_s, retries={"max_attempts": 1}
             )
-            _BOTO[cache_key] = _BOTO["session"].create_client(
+            _BOTO[cache_key] = s3_session().create_client(
                 "s3", endpoint_url=storage.endpoint_url or None, config=config
             )
         client = _BOTO[cache_key]

@@ -31,6 +31,7 @@ from uniemo.data.folders import describe_ignored, list_emotion_folders
 from uniemo.data.images import to_rgb
 from uniemo.data.loader import list_split_shards
 from uniemo.data.records import SkipLog
+from uniemo.data.workers import loader_worker_options
 from uniemo.errors import DataError
 
 
@@ -177,14 +178,16 @@ def iter_batches(
     batch_size: int,
     workers: int = 0,
     stack: bool = True,
+    preload: Sequence[str] = (),
 ) -> Iterator[Any]:
     """Batches of ``transform(image)`` in order: stacked tensors (``stack``), else lists (PIL images, tensors of
-    different sizes). ``workers`` loader processes decode the images."""
+    different sizes). ``workers`` loader processes decode the images; ``preload`` names the modules they need
+    (the transform's), for their fork server to import once (:mod:`uniemo.data.workers`)."""
     if not refs:
         return
     loader: torch.utils.data.DataLoader = torch.utils.data.DataLoader(
         _Images(refs, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=None if stack else _identity,
+        collate_fn=None if stack else _identity, **loader_worker_options(workers, preload),
     )
     yield from loader
 

@@ -15,6 +15,8 @@ import torch
 from uniemo.atomic import atomic_write
 from uniemo.config.loader import from_dict
 from uniemo.config.schema import Config
+from uniemo.data.remote import worker_modules
+from uniemo.data.workers import start_server
 from uniemo.distributed.env import (
     apply_worker_env,
     backend_for,
@@ -41,6 +43,8 @@ def run_worker(cfg: Config, run_dir: str | Path, init_from: str | None = None) -
     failure).
     """
     apply_worker_env(cfg.distributed)
+    if cfg.data.num_workers:  # the loader workers' fork server imports torch while this rank joins and builds
+        start_server(worker_modules([str(cfg.data.shards), *(s.path for s in cfg.data.extra_sources)]))
     env = read_env()
     export_torch_env(env)
     device = device_for(env, cfg.distributed)
