@@ -1,20 +1,13 @@
 """The science checks' verdicts (launchers/science_checks.py): shown / not shown / contradicted against twice the
 pooled seed std, and no verdict from one seed."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "launchers" / "science_checks.py"
+from _launchers import load_launcher  # tests/_launchers.py
 
 
 @pytest.fixture(scope="module")
 def checks():
-    spec = importlib.util.spec_from_file_location("science_checks", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_launcher("science_checks")
 
 
 @pytest.mark.parametrize(("method", "other", "sign", "expected"), [

@@ -3,25 +3,19 @@ relabels every extra image, and a run writes its table and probe.json."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _launchers import load_launcher  # tests/_launchers.py
 
 from uniemo.config import load_config
-
-_PATH = Path(__file__).resolve().parents[1] / "launchers" / "understanding_probe.py"
 
 
 @pytest.fixture(scope="module")
 def probe_module():
-    spec = importlib.util.spec_from_file_location("understanding_probe", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_launcher("understanding_probe")
 
 
 def test_probe_reads_the_regime_and_relabels_the_extra_images(probe_module, tmp_path):
