@@ -20,6 +20,7 @@ the emotion head, which by default runs in train mode with dropout active as in 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -118,16 +119,17 @@ def _frozen_submodules(module: nn.Module, prefix: str = "") -> Iterator[str]:
             yield from _frozen_submodules(child, prefix=f"{full}.")
 
 
-class Task(nn.Module):
+class Task(nn.Module, metaclass=abc.ABCMeta):
     """What every task shares: parameter roles, frozen-module bookkeeping, eval mode for frozen modules, and the
-    hooks the engine and the loop call (no-ops here; generator pretraining overrides them)."""
+    hooks the engine and the loop call (no-ops here; generator pretraining overrides them). Abstract: a task
+    names the role of each of its parameters (:meth:`parameter_roles`), or it cannot be built."""
 
     stage: int | str = 0
     """``training.stage``: 1, 2 or ``"generator"``."""
 
+    @abc.abstractmethod
     def parameter_roles(self) -> dict[str, str]:
         """``{parameter name: role}`` for every parameter (see :func:`build_param_groups`)."""
-        raise NotImplementedError
 
     def role_hyperparameters(self, weight_decay: float) -> dict[str, tuple[float, float]]:
         """Role -> (learning rate, weight decay) of roles of the task's own, beside the stages' roles."""
