@@ -63,6 +63,11 @@ class TooManyPixels(ValueError):
     """An image over ``data.limits.max_image_pixels``; its message names the size and the cap."""
 
 
+def image_member(sample: dict) -> str | None:
+    """The extension of a shard sample's image member, ``jpg`` or ``png`` (data/FORMAT.md); None without one."""
+    return "jpg" if "jpg" in sample else "png" if "png" in sample else None
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """``Image.open`` of bytes from outside, refusing (:class:`TooManyPixels`) an image of more than ``max_pixels``
     pixels before its pixels are decoded. Other failures are PIL's (``UnidentifiedImageError``, ...)."""

@@ -38,7 +38,7 @@ import torch
 
 from uniemo.atomic import atomic_write
 from uniemo.data.attributes import write_json_atomic
-from uniemo.data.images import open_image, to_rgb
+from uniemo.data.images import image_member, open_image, to_rgb
 from uniemo.data.limits import active_limits, over_cap, read_capped
 from uniemo.data.remote import is_file_name
 from uniemo.data.shards import MANIFEST_FILE, manifest_folders, read_manifest
@@ -149,7 +149,7 @@ def _shard_images(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as stream:
         members = tar_members(iter([{"url": str(path), "stream": stream}]), reraise, limits)
         for sample in group_by_keys(members):
-            ext = "jpg" if "jpg" in sample else "png" if "png" in sample else None
+            ext = image_member(sample)
             if ext is None:
                 continue
             try:

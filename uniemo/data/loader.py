@@ -81,7 +81,7 @@ import webdataset as wds
 
 from uniemo.config.schema import NUM_EMOTIONS, LimitsConfig
 from uniemo.data.attributes import AttributeTable, resolve_attribute_table
-from uniemo.data.images import TooManyPixels, open_image
+from uniemo.data.images import TooManyPixels, image_member, open_image
 from uniemo.data.latents import LatentReader, covered_shards
 from uniemo.data.limits import DEFAULT_LIMITS, BoundedStream, active_limits, limits_of, over_cap
 from uniemo.data.remote import Storage, join_location, open_stream, worker_modules
@@ -396,7 +396,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     ) -> dict[str, Any] | str:
         """One raw sample -> the per-sample fields of the batch contract, or the reason it is skipped. With the
         sample's precomputed ``latents`` (reader, file, row), its latent moments replace ``pixel_values``."""
-        ext = "jpg" if "jpg" in sample else "png" if "png" in sample else None
+        ext = image_member(sample)
         if ext is None or "cls" not in sample or "json" not in sample:
             return "incomplete_sample"
         try:
