@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import io
 import json
 import math
 import random
@@ -46,12 +45,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from uniemo.config import Config, load_config
+from uniemo.data.images import image_member, open_image, to_rgb
 from uniemo.data.shards import ensure_synthetic_shards, left_out_shards, read_manifest, read_shard_samples
 from uniemo.data.transforms import build_sample_transform
 from uniemo.feedback.controls import wrong_label
 from uniemo.models.understanding import UnderstandingModel
 
-QUERY_PREFIXES = ("scene_queries", "object_queries", "scene_interaction", "object_interaction")
 ARMS = ("none", "real_extra", "wrong_labels")
 
 
@@ -64,9 +63,10 @@ def _science_worlds() -> tuple[dict[str, list[str]], str, int]:
     return module.WORLDS, module.DEFAULT_WORLD, module.DEFAULT_PER_EMOTION
 
 
-def _images(folder: Path, split: str | None, per_emotion: int = 0) -> tuple[list[Image.Image], np.ndarray]:
+def _images(folder: Path, split: str | None, max_pixels: int,
+            per_emotion: int = 0) -> tuple[list[Image.Image], np.ndarray]:
     """The decoded images and labels of ``folder``'s shards (of ``split``; all: None), at most ``per_emotion``
-    of each emotion (0: all), in manifest order."""
+    of each emotion (0: all), in manifest order; images over ``max_pixels`` are refused as the loader does."""
     images: list[Image.Image] = []
     labels: list[int] = []
     counts: dict[int, int] = {}
@@ -78,8 +78,10 @@ def _images(folder: Path, split: str | None, per_emotion: int = 0) -> tuple[list
             if per_emotion and counts.get(k, 0) >= per_emotion:
                 continue
             counts[k] = counts.get(k, 0) + 1
-            ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in sample)
-            images.append(Image.open(io.BytesIO(sample[ext])).convert("RGB"))
+            ext = image_member(sample)
+            if ext is None:
+                continue
+            images.append(to_rgb(open_image(sample[ext], max_pixels)))
             labels.append(k)
     return images, np.array(labels, dtype=np.int64)
 
@@ -89,10 +91,11 @@ class Probe:
 
     def __init__(self, cfg: Config, extra: int) -> None:
         self.cfg = cfg
-        labelled = ensure_synthetic_shards(cfg.data)
-        self.train, self.train_y = _images(labelled, "train")
-        self.extra, self.extra_y = _images(left_out_shards(cfg.data), None, extra)
-        test, self.test_y = _images(labelled, "test")
+        labelled, cap = ensure_synthetic_shards(cfg.data), cfg.data.limits.max_image_pixels
+        self.train, self.train_y = _images(labelled, "train", cap)
+        self.extra, self.extra_y = _images(left_out_shards(cfg.data), None, cap, extra)
+        self.wrong_y = np.array([wrong_label(int(k)) for k in self.extra_y], dtype=np.int64)
+        test, self.test_y = _images(labelled, "test", cap)
         evaluate = build_sample_transform(cfg.data, stage=1, training=False)
         self.test = torch.stack([evaluate(im, random.Random(0))["image"] for im in test])
         self.view = build_sample_transform(cfg.data, stage=1, training=True)
@@ -108,9 +111,7 @@ class Probe:
 
     def extra_labels(self, arm: str) -> np.ndarray:
         """The labels the extra images carry in ``arm``: their own, or each one's wrong label (k -> k+1)."""
-        if arm == "wrong_labels":
-            return np.array([wrong_label(int(k)) for k in self.extra_y], dtype=np.int64)
-        return self.extra_y
+        return self.wrong_y if arm == "wrong_labels" else self.extra_y
 
     @torch.no_grad()
     def top1(self, model: UnderstandingModel) -> float:
@@ -142,7 +143,8 @@ class Probe:
         for mode in modes:
             for arm in ARMS:
                 cont = copy.deepcopy(model)
-                params = [p for n, p in cont.named_parameters() if mode == "all" or n.startswith(QUERY_PREFIXES)]
+                roles = cont.parameter_roles()
+                params = [p for n, p in cont.named_parameters() if mode == "all" or roles[n] == "queries"]
                 self.train_steps(cont, params, args.continue_steps, args.continue_lr, seed + 1000, arm, args.rho)
                 out[arm if len(modes) == 1 else f"{arm} ({mode})"] = self.top1(cont)
         return out
