@@ -263,8 +263,8 @@ class UnderstandingConfig:
     """Projection width = emotion-head hidden width (= the generator's token width, §3.6); None: preset's."""
     query_init_std: float = 1.0
     """Std of the expert-query init (METHOD §2.1: N(0,1), the scale of ln_pre outputs)."""
-    position_init_std: float | None = None
-    """Std of the ViT's position-embedding init; None: CLIP's 0.02 (transformers' ``initializer_range``). Only a
+    position_init_std: float = 0.02
+    """Std of the ViT's position-embedding init; 0.02 is CLIP's (transformers' ``initializer_range``). Only a
     backbone trained from random weights sees it: at 0.02 the tiny ViT learns colour and never where things are
     (hard world: test top-1 at the colour cap even with every label), at 1.0, the scale of the patch tokens after
     ``ln_pre``, it learns the layouts (RESULTS.md)."""
@@ -876,8 +876,7 @@ class Config:
         sections = (self.run, self.data, self.training, self.distributed, self.feedback, self.evaluation, self.pipeline)
         for section in sections:
             section.validate()
-        if self.model.understanding.position_init_std is not None:
-            _positive("model.understanding.position_init_std", self.model.understanding.position_init_std)
+        _positive("model.understanding.position_init_std", self.model.understanding.position_init_std)
         if self.training.compile and self.distributed.zero_stage == 3:
             raise ConfigError(
                 "training.compile needs distributed.zero_stage <= 2 (ZeRO-3 gathers parameters in hooks that "

@@ -425,13 +425,13 @@ class UnderstandingModel(nn.Module):
                 scale.requires_grad_(cfg.train_logit_scales)
 
     @torch.no_grad()
-    def _init_weights(self, query_std: float, position_std: float | None = None) -> None:
-        """CLIP's init for the backbone (as transformers' CLIPPreTrainedModel), METHOD §2.1 for the rest;
-        ``position_std`` (``model.understanding.position_init_std``) replaces the positions' 0.02."""
+    def _init_weights(self, query_std: float, position_std: float) -> None:
+        """CLIP's init for the backbone (as transformers' CLIPPreTrainedModel; the positions' std is
+        ``model.understanding.position_init_std``, CLIP's 0.02 by default), METHOD §2.1 for the rest."""
         d, depth = self.width, self.dims.depth
         nn.init.normal_(self.embeddings.class_embedding, std=d**-0.5)
         nn.init.normal_(self.embeddings.patch_embedding.weight, std=0.02)
-        nn.init.normal_(self.embeddings.position_embedding.weight, std=0.02 if position_std is None else position_std)
+        nn.init.normal_(self.embeddings.position_embedding.weight, std=position_std)
         in_std = d**-0.5 * (2 * depth) ** -0.5
         for layer in self.encoder.blocks():
             attn, mlp = layer.self_attn, layer.mlp
