@@ -107,11 +107,10 @@ class Checks:
         """The pipeline ``<out>/<name>`` (:meth:`job_config`), run or resumed; returns the stage's run folder."""
         from uniemo.pipeline import run_pipeline
 
-        root = self.out / name
         state = run_pipeline(self.job_config(name, stage, overrides, evaluate), resume=True)
         seconds = sum(s.get("seconds", 0) for s in state["stages"].values())
         self.results["job_seconds"][name] = round(seconds, 1)
-        return root / stage
+        return self.out / name / stage
 
     def judge(self) -> Path:
         """The independent judge, trained once on the world's whole train split (never the scarce subset)."""
