@@ -18,7 +18,8 @@ module is the one place that tells the two apart and opens bytes from either:
 
 Shards are read in the loader worker's own process (no ``curl`` per shard; one S3 client per worker, made from a
 botocore session that the workers' fork server loaded once, :mod:`uniemo.data.s3_preload`): over loopback that
-costs about 0.9-1.0x (HTTP) and 0.8-0.9x (S3) of a local read's CPU per sample (BENCHMARKS.md).
+costs about 0.86-0.98x (HTTP) and 0.67-0.79x (S3) of a local read's CPU per sample (BENCHMARKS.md; S3 was
+0.88-0.98x when forked workers shared one client made before the fork).
 What readers of manifests do with a URL source (a local mirror of its metadata) is in
 :func:`uniemo.data.shards.resolve_shard_folder`.
 
