@@ -53,6 +53,9 @@ def _local_cluster(nodes: int):
     """Start a fresh cluster of ``nodes`` nodes (clean state, own ports), point SLURM_CONF at it, yield its state
     folder; stop it (and check that its daemons and, for several nodes, its namespaces are gone)."""
     state = Path(tempfile.mkdtemp(prefix="uslurm-"))  # short: munge's socket lives in it
+    # Job ids start at 1 on every fresh cluster: a Ray temp folder already here (an earlier, killed session's job 2)
+    # is not this cluster's, and _ray_leftovers does not count it.
+    _OLDER_RAY_TEMP.update(str(p) for p in Path(tempfile.gettempdir()).glob("uray-*"))
     ctld, slurmd = free_ports(2)
     start = subprocess.run(
         ["bash", str(REPO / "slurm/dev/start-local-cluster.sh"), "--dir", str(state), "--nodes", str(nodes),
@@ -156,10 +159,14 @@ def _logs(run_dir: Path) -> str:
     return "\n".join(parts)
 
 
+_OLDER_RAY_TEMP: set[str] = set()  # Ray temp folders that were there before the current cluster started
+
+
 def _ray_leftovers(job_ids: list[str]) -> list[str]:
     """Processes or temp folders of these jobs' Ray clusters that outlived the job."""
     marks = [f"/uray-{j}-" for j in job_ids]
-    left = [str(p) for p in Path(tempfile.gettempdir()).glob("uray-*") if any(m in f"/{p.name}" for m in marks)]
+    left = [str(p) for p in Path(tempfile.gettempdir()).glob("uray-*")
+            if any(m in f"/{p.name}" for m in marks) and str(p) not in _OLDER_RAY_TEMP]
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
