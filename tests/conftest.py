@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,6 +38,33 @@ def synth_shards(tmp_path_factory) -> Path:
 def synth_root(synth_shards) -> Path:
     """The synthetic set the session's shards were written from."""
     return synth_shards.parent / "synth"
+
+
+@pytest.fixture(scope="session")
+def start_runs(synth_shards, tmp_path_factory) -> Path:
+    """The feedback tests' start runs, once per session: ``s1`` (stage 1) and ``s2`` (stage 2 from s1, with its
+    emotion space), two steps each on the session's shards, each written by ``tests/test_feedback_loop.py`` run as a
+    script (one process per run). The tests put their own runs, under names of their own, beside them."""
+    root = tmp_path_factory.mktemp("fb_runs")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+               WANDB_MODE="disabled")
+    script = Path(__file__).with_name("test_feedback_loop.py")
+    for stage in (1, 2):
+        proc = subprocess.run([sys.executable, str(script), str(synth_shards), str(root), str(stage)],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=str(root))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (root / "s2" / "emotion_space.safetensors").is_file()
+    return root
+
+
+@pytest.fixture(scope="session")
+def judge_dir(synth_shards, tmp_path_factory) -> Path:
+    """The evaluation classifier (judge) trained on the session's shards, once per session."""
+    from test_evaluation import _judge_cfg
+
+    from uniemo.evaluation.judge import train_judge
+
+    return train_judge(_judge_cfg(synth_shards), tmp_path_factory.mktemp("judge") / "judge")
 
 
 @pytest.fixture(scope="module")

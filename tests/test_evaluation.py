@@ -139,13 +139,6 @@ def _judge_cfg(synth_shards, *extra: str):
     ])
 
 
-@pytest.fixture(scope="module")
-def judge_dir(synth_shards, tmp_path_factory) -> Path:
-    from uniemo.evaluation.judge import train_judge
-
-    return train_judge(_judge_cfg(synth_shards), tmp_path_factory.mktemp("judge") / "judge")
-
-
 def test_judge_learns_and_round_trips(judge_dir, synth_shards, tmp_path):
     from PIL import Image
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -81,19 +80,6 @@ FEEDBACK = [
     "feedback.shard_size=4",
     "feedback.filter_cpus=0.5",
 ]
-
-
-@pytest.fixture(scope="module")
-def start_runs(synth_shards, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fb_runs")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
-               WANDB_MODE="disabled")
-    for stage in (1, 2):
-        proc = subprocess.run([sys.executable, __file__, str(synth_shards), str(root), str(stage)],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=str(root))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (root / "s2" / "emotion_space.safetensors").is_file()
-    return root
 
 
 def _config(start_runs: Path, synth_shards: Path, *extra: str):

@@ -30,14 +30,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the modules whose fixtures are reused
 
-import test_evaluation  # noqa: E402
-import test_feedback_loop  # noqa: E402
 from _cli import uniemo_command  # noqa: E402  (tests/reliability/_cli.py)
 from test_feedback_loop import _check_round, _config, _metrics  # noqa: E402
 from test_nan_and_safe_loading import TINY, WORKER, _env, _worker  # noqa: E402
-
-start_runs = test_feedback_loop.start_runs  # fixture: runs s1 and s2 (stage 2 from s1), two steps each
-judge_dir = test_evaluation.judge_dir  # fixture: the evaluation classifier trained on the session's shards
 
 # -------------------------------------------------------------------------------------------------------------
 # Helpers

@@ -26,10 +26,7 @@ from _cli import uniemo_command  # tests/reliability/_cli.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the modules whose fixtures are reused
 
-import test_feedback_loop  # noqa: E402
 from test_feedback_loop import _check_round, _config, _metrics  # noqa: E402
-
-start_runs = test_feedback_loop.start_runs  # fixture: runs s1 and s2 (stage 2 from s1), two steps each
 
 REPO = Path(__file__).resolve().parents[2]
 ERROR = "uniemo: error: "
