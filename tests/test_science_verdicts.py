@@ -42,11 +42,22 @@ def test_every_kind_of_job_plans_on_the_shipped_config(checks, world, tmp_path):
     base = checks.base_config("configs/demo.yaml", tmp_path, world, checks.DEFAULT_PER_EMOTION)
     run = checks.Checks(base, tmp_path, world, checks.DEFAULT_PER_EMOTION, early_steps=40)
     s2 = [f"training.init_from={tmp_path / 'stage2'}"]
-    feedback = [f"feedback.from_run={tmp_path / 'stage2'}", *checks.FEEDBACK]
+    feedback = [f"feedback.from_run={tmp_path / 'stage2'}", *checks.FEEDBACK, *run.regime]
     jobs = [("stage1", []), ("stage1", checks.NO_QUERIES), ("stage1", ["training.steps=40"]),
             *[("stage2", s2 + extra) for extra in checks.STAGE2_VARIANTS.values()],
+            ("stage2", run.no_feedback_overrides(tmp_path / "stage2")),
             ("feedback", feedback), ("feedback", feedback + checks.UNFILTERED),
             ("feedback", feedback + ["feedback.control=wrong_labels", f"feedback.control_of={tmp_path / 'f'}"]),
             ("feedback", feedback + ["feedback.control=real_extra", f"feedback.control_of={tmp_path / 'f'}"])]
     for stage, extra in jobs:
         plan(run.job_config("job", stage, extra, checks.SHORT_EVAL))
+    # Check (d) compares like with like: the no-feedback job trains what the feedback jobs train, as long.
+    plain = run.job_config("job", "stage2", run.no_feedback_overrides(tmp_path / "stage2"))
+    loop = run.job_config("job", "feedback", feedback)
+    from uniemo.config import with_overrides
+
+    plain_stage2 = with_overrides(plain, list(plain.pipeline.stage2))
+    loop_feedback = with_overrides(loop, list(loop.pipeline.feedback))
+    assert plain_stage2.training.steps == loop_feedback.feedback.rounds * loop_feedback.feedback.steps_per_round
+    assert plain_stage2.training.stage2_whole_understanding == loop_feedback.training.stage2_whole_understanding \
+        == (world == "hard")

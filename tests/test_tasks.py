@@ -177,6 +177,32 @@ def test_param_groups_and_frozen_parts_stage2(attributes):
     assert "generator.unet" not in frozen and "generator.vae" in frozen and "generator.text_encoder" in frozen
 
 
+def test_stage2_whole_understanding_trains_backbone_and_head(attributes, batches):
+    """``training.stage2_whole_understanding`` (a difference from METHOD §3.1): the backbone and the emotion head
+    join the optimiser with their own learning rates, run in train mode and get the understanding loss's gradient;
+    everything that METHOD freezes in the generator stays frozen."""
+    cfg = _cfg()
+    cfg.training.stage2_whole_understanding = True
+    cfg.training.lr_backbone, cfg.training.lr_head = 3e-5, 7e-4
+    task = _stage2(cfg, attributes).train()
+    groups = build_param_groups(task, cfg.training)
+    lrs = {g["name"].split("/")[0]: g["lr"] for g in groups}
+    assert lrs == {"backbone": 3e-5, "queries": 5e-4, "head": 7e-4, "attribute_classifiers": 7e-4,
+                   "mappers": cfg.training.lr_mappers}
+    roles = task.understanding.parameter_roles()
+    for name, p in task.understanding.named_parameters():
+        assert p.requires_grad == (roles[name] in ("backbone", "queries", "head", "attribute_classifiers")), name
+    assert not any(p.requires_grad for p in task.generator.parameters())
+    frozen = task.frozen_modules()
+    assert "understanding.encoder" not in frozen and "understanding.emotion_head" not in frozen
+    assert task.understanding.encoder.training and task.understanding.emotion_head.training
+    torch.manual_seed(1)
+    task(batches[0])["total"].backward()
+    assert sum(_grad_abs(p) for p in task.understanding.encoder.parameters()) > 0
+    assert sum(_grad_abs(p) for p in task.understanding.emotion_head.parameters()) > 0
+    assert all(p.grad is None for p in task.generator.parameters())
+
+
 @pytest.mark.parametrize("head_dropout", [True, False])
 def test_train_mode_keeps_frozen_modules_in_eval(attributes, head_dropout):
     cfg = _cfg()

@@ -430,6 +430,11 @@ class TrainingConfig:
     stage2_head_dropout: bool = True
     """Stage 2: run the frozen emotion head in train mode, dropout active, as the official code (METHOD §3.1);
     False keeps it in eval mode like the other frozen modules."""
+    stage2_whole_understanding: bool = False
+    """Stage 2 and the feedback rounds: the ViT backbone (``lr_backbone``) and the emotion head (``lr_head``) train
+    too, not only the expert queries and the attribute classifiers. A difference from METHOD §3.1 (and the
+    official code), made for the label-scarce science checks, where extra images can only move the emotion
+    prediction through weights that train (docs/RECIPES.md)."""
     losses: LossConfig = field(default_factory=LossConfig)
     generator: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
     init_from: str = field(default="", metadata=PATH)

@@ -15,7 +15,8 @@ frozen; so are the ViT backbone and the emotion head, which must still pass grad
 to the expert queries (that is the "implicit feedback", §3.8). The contrastive projections and logit scales are
 unused in stage 2 and frozen too. Frozen modules stay in eval mode when the task is put in train mode, except
 the emotion head, which by default runs in train mode with dropout active as in the official code
-(``training.stage2_head_dropout``).
+(``training.stage2_head_dropout``). ``training.stage2_whole_understanding`` (a difference from METHOD §3.1, off
+by default) lets the backbone and the emotion head train too.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ ROLE_FROZEN = "frozen"
 # The understanding roles of ``UnderstandingModel.parameter_roles()`` that stay trainable in stage 2
 # (METHOD §3.1: only queries + interactive blocks and the fresh attribute classifiers are stepped).
 _STAGE2_TRAINABLE_UNDERSTANDING_ROLES = frozenset({"queries", "attribute_classifiers"})
+# ``training.stage2_whole_understanding``: these train as well.
+_STAGE2_WHOLE_UNDERSTANDING_ROLES = frozenset({"backbone", "head"})
 
 
 def _move_batch(batch: dict, device: torch.device) -> dict:
@@ -242,6 +245,8 @@ class Stage2Task(Task):
         phi: ``[A,8]`` the correlation table Φ aligned with the base.
         losses: the loss weights and ablation switches (D13).
         head_dropout: keep the frozen emotion head in train mode (dropout on), as the official code.
+        whole_understanding: train the backbone and the emotion head too (``training.stage2_whole_understanding``,
+            a difference from METHOD §3.1).
     """
 
     stage = 2
@@ -259,6 +264,7 @@ class Stage2Task(Task):
         losses: LossConfig,
         *,
         head_dropout: bool = True,
+        whole_understanding: bool = False,
     ) -> None:
         super().__init__()
         if attribute_embeddings.ndim != 2 or phi.ndim != 2 or attribute_embeddings.shape[0] != phi.shape[0]:
@@ -273,6 +279,7 @@ class Stage2Task(Task):
         # D8: whether the UNet trains is the generator's own setting (``model.generator.train_unet``).
         self.train_unet = bool(getattr(generator, "train_unet", False))
         self.head_dropout = head_dropout
+        self.whole_understanding = whole_understanding
         self.register_buffer(
             "attribute_embeddings", attribute_embeddings.detach().float().clone(), persistent=False
         )
@@ -281,10 +288,13 @@ class Stage2Task(Task):
 
     def _freeze(self) -> None:
         """METHOD §3.1: only queries + interactive blocks, the attribute classifiers, the mappers (and the UNet
-        when fine-tuned, D8) train; everything else is frozen but still passes gradients."""
+        when fine-tuned, D8) train; everything else is frozen but still passes gradients. With
+        ``whole_understanding`` the backbone and the emotion head train too."""
         roles = self.understanding.parameter_roles()
+        trainable = _STAGE2_TRAINABLE_UNDERSTANDING_ROLES | (
+            _STAGE2_WHOLE_UNDERSTANDING_ROLES if self.whole_understanding else frozenset())
         for name, param in self.understanding.named_parameters():
-            param.requires_grad_(roles[name] in _STAGE2_TRAINABLE_UNDERSTANDING_ROLES)
+            param.requires_grad_(roles[name] in trainable)
         for part in ("vae", "text_encoder"):
             getattr(self.generator, part).requires_grad_(False)
         self.generator.unet.requires_grad_(self.train_unet)
@@ -556,4 +566,5 @@ def build_stage2_task(
         attributes.phi,
         cfg.training.losses,
         head_dropout=cfg.training.stage2_head_dropout,
+        whole_understanding=cfg.training.stage2_whole_understanding,
     )
