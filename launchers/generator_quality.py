@@ -4,7 +4,8 @@ For every test image, its caption (colour words measured on it, its scene and ob
 given to the generator; the independent judge (``uniemo train-judge`` on the same data's train split) then
 says which emotion each generated image evokes. Caption-conditioned Emo-A is the share judged as the emotion of
 the image the caption came from. Also: the judge's accuracy on the real test images and on their VAE
-reconstructions (the ceiling the VAE leaves), and FID on judge features of generated vs real test images.
+reconstructions (the ceiling the VAE leaves), FID on judge features of generated vs real test images, and the
+generated images' diversity within each emotion as a fraction of the real ones' (Sem-D on judge features).
 
     python launchers/generator_quality.py --config configs/tiny_generator.yaml \\
         --generator generators/cpu-world --judge runs/generator-judge [--guidance 7.5] [--steps 20] \\
@@ -30,7 +31,12 @@ from uniemo.config.schema import EMOTIONS
 from uniemo.data.captions import batch_captions
 from uniemo.data.loader import build_loader_from_config, load_attribute_table
 from uniemo.evaluation.judge import load_judge
-from uniemo.evaluation.metrics import FeatureStats, fid_from_stats
+from uniemo.evaluation.metrics import (
+    FeatureStats,
+    diversity_against_real,
+    diversity_per_emotion,
+    fid_from_stats,
+)
 from uniemo.models.generation import _to_uint8, generate_from_prompts
 from uniemo.models.generator import Generator
 
@@ -58,7 +64,13 @@ def measure(cfg, generator: Generator, judge, guidance: float, steps: int, sampl
     preds = judge.classify(fake_i).argmax(1)
     per_emotion = {e: float((preds[labels_N == k] == k).mean()) for k, e in enumerate(EMOTIONS)
                    if (labels_N == k).any()}
-    fid = fid_from_stats(FeatureStats.of(judge.features(real_i)), FeatureStats.of(judge.features(fake_i)))
+    real_f, fake_f = judge.features(real_i), judge.features(fake_i)
+    fid = fid_from_stats(FeatureStats.of(real_f), FeatureStats.of(fake_f))
+    # Within each emotion, on judge features: how much the generated images vary against the real ones they were
+    # captioned from (the pipeline's Sem-D ratio, here for caption-conditioned images).
+    pairs, div_seed = cfg.evaluation.diversity_pairs, cfg.evaluation.seed
+    diversity = diversity_against_real(diversity_per_emotion(fake_f, labels_N, pairs, div_seed),
+                                       diversity_per_emotion(real_f, labels_N, pairs, div_seed))
     return {
         "test_captions": len(labels),
         "caption_emo_a": acc["generated"],
@@ -66,6 +78,8 @@ def measure(cfg, generator: Generator, judge, guidance: float, steps: int, sampl
         "judge_on_real": acc["real"],
         "judge_on_vae_reconstructions": acc["vae_reconstruction"],
         "fid_judge_features": fid,
+        "diversity_vs_real": diversity["sem_d"],
+        "diversity_vs_real_per_emotion": {e: v["sem_d"] for e, v in diversity["per_emotion"].items()},
         "guidance_scale": guidance,
         "sampling_steps": steps,
         "sampler": sampler,
@@ -97,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         r["seconds"] = round(time.perf_counter() - started, 1)
         results.append(r)
     print(f"{'guidance':>8} {'steps':>5} {'captions':>8} {'Emo-A':>6} {'FID(judge)':>10} {'judge real':>10} "
-          f"{'judge VAE':>9}")
+          f"{'judge VAE':>9} {'diversity':>9}")
     for r in results:
         print(f"{r['guidance_scale']:>8} {r['sampling_steps']:>5} {r['test_captions']:>8} "
               f"{r['caption_emo_a']:>6.3f} {r['fid_judge_features']:>10.2f} {r['judge_on_real']:>10.3f} "
-              f"{r['judge_on_vae_reconstructions']:>9.3f}")
+              f"{r['judge_on_vae_reconstructions']:>9.3f} {r['diversity_vs_real']:>8.2f}x")
     out = Path(args.out) if args.out else Path(args.generator) / "quality.json"
     out.write_text(json.dumps({"judge": str(args.judge), "results": results}, indent=1) + "\n")
     if args.record:
