@@ -44,9 +44,11 @@ from typing import Any
 
 from uniemo.config import Config, load_config, with_overrides
 
+REPO = Path(__file__).resolve().parents[1]
 WORLDS: dict[str, list[str]] = {
     "easy": [],
     "hard": ["data.synthetic.world=hard", "data.synthetic.images=2000",
+             f"model.generator.path={REPO / 'generators' / 'cpu-world-hard'}",  # trained on the hard world
              # So that the tiny ViT, trained from random weights, can learn where the colours are (RESULTS.md):
              "model.understanding.position_init_std=1.0", "data.train_augment=false",
              "pipeline.stage1=[training.steps=1200,training.lr_backbone=1e-3]"],
