@@ -195,6 +195,23 @@ def test_stage2_init_continues_every_trained_weight(start_runs):
     assert untrained and not any(k in trained or k.startswith("generator.") for k in untrained)
     assert all(k.startswith("understanding.") for k in untrained)
 
+    # Continued with training.stage2_whole_understanding (the backbone and head train now, not in s2's run): they
+    # come from s1, everything s2 trained from s2. A checkpoint that holds part of a role is still refused.
+    whole = load_config(start_runs / "s2" / "config.yaml", ["training.stage2_whole_understanding=true"])
+    task, _ = _build_task(whole, load_attribute_table(whole.data), s2)
+    own = task.state_dict()
+    assert task.understanding.encoder.layers[0].mlp.fc1.weight.requires_grad
+    assert all(torch.equal(own[k], v.float()) for k, v in trained.items())
+    assert all(torch.equal(own[k], v.float()) for k, v in backbone.items())
+    from uniemo.errors import UserError
+    from uniemo.training.run_weights import load_stage2_weights
+
+    partial = dict(trained, **dict(list(backbone.items())[:1]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("uniemo.training.run_weights.consolidated_state_dict", lambda _: partial)
+        with pytest.raises(UserError, match=r"do not fit the model built from the config \(missing \['understanding"):
+            load_stage2_weights(task, s2, "hint")
+
 
 @pytest.fixture(scope="module")
 def sequential_run(start_runs, synth_shards) -> tuple[dict, Path]:

@@ -123,8 +123,20 @@ def load_stage1_understanding(understanding: nn.Module, step_dir: str | Path, hi
 
 def load_stage2_weights(task: nn.Module, step_dir: str | Path, hint: str) -> set[str]:
     """Load every weight a stage-2 checkpoint trained into a stage-2 ``task`` (fp32); each trainable parameter of
-    ``task`` must be among them."""
-    return load_weights(task, consolidated_state_dict(step_dir), step_dir, required=trained_names(task), hint=hint)
+    ``task`` must be among them, except a role that trains in stage 2 only with
+    ``training.stage2_whole_understanding`` (the backbone, the emotion head) when the checkpoint holds none of it:
+    its run kept them frozen, so they are stage 1's (loaded before this). A role the checkpoint holds must be
+    whole."""
+    from uniemo.training.task import STAGE2_WHOLE_UNDERSTANDING_ROLES
+
+    state = consolidated_state_dict(step_dir)
+    roles = task.parameter_roles()  # type: ignore[operator]
+    required = trained_names(task)
+    for role in STAGE2_WHOLE_UNDERSTANDING_ROLES:
+        names = {n for n in required if roles.get(n) == role}
+        if not names & state.keys():
+            required = [n for n in required if n not in names]
+    return load_weights(task, state, step_dir, required=required, hint=hint)
 
 
 def load_stage2_task(task: nn.Module, init: Path, hint: str) -> set[str]:

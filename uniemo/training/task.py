@@ -71,7 +71,7 @@ ROLE_FROZEN = "frozen"
 # (METHOD §3.1: only queries + interactive blocks and the fresh attribute classifiers are stepped).
 _STAGE2_TRAINABLE_UNDERSTANDING_ROLES = frozenset({"queries", "attribute_classifiers"})
 # ``training.stage2_whole_understanding``: these train as well.
-_STAGE2_WHOLE_UNDERSTANDING_ROLES = frozenset({"backbone", "head"})
+STAGE2_WHOLE_UNDERSTANDING_ROLES = frozenset({"backbone", "head"})
 
 
 def _move_batch(batch: dict, device: torch.device) -> dict:
@@ -292,7 +292,7 @@ class Stage2Task(Task):
         ``whole_understanding`` the backbone and the emotion head train too."""
         roles = self.understanding.parameter_roles()
         trainable = _STAGE2_TRAINABLE_UNDERSTANDING_ROLES | (
-            _STAGE2_WHOLE_UNDERSTANDING_ROLES if self.whole_understanding else frozenset())
+            STAGE2_WHOLE_UNDERSTANDING_ROLES if self.whole_understanding else frozenset())
         for name, param in self.understanding.named_parameters():
             param.requires_grad_(roles[name] in trainable)
         for part in ("vae", "text_encoder"):
