@@ -97,6 +97,7 @@ class Checks:
         self.base, self.out, self.world, self.per_emotion = base, out, world, per_emotion
         self.early_steps, self.controls_only = early_steps, controls_only
         self.regime = FEEDBACK_REGIME[world]
+        self.feedback = with_overrides(base, self.regime).feedback  # check (d)'s loop settings, regime applied
         self.path = out / "results.json"
         self.results: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.results.update(world=world, per_emotion=per_emotion)
@@ -139,7 +140,7 @@ class Checks:
     def no_feedback_overrides(self, stage2: Path) -> list[str]:
         """Check (d)'s "no feedback" job: the feedback runs' training (steps, schedule, start weights, batch, what
         trains) as a stage-2 run on real data only."""
-        fb = with_overrides(self.base, self.regime).feedback
+        fb = self.feedback
         return [*self.base.pipeline.feedback, *self.regime, f"training.init_from={stage2}",
                 f"training.steps={fb.rounds * fb.steps_per_round}", "training.epochs=0"]
 
@@ -178,7 +179,7 @@ class Checks:
             entry[f"{key}_top1"] = _top1(metrics(run))
             self.save()
 
-        fb = with_overrides(self.base, self.regime).feedback
+        fb = self.feedback
         common = s + [f"feedback.from_run={s2}", *FEEDBACK, *self.regime]
         filtered = self.job(f"{tag}/feedback-filtered", "feedback", common)
         entry["d_filtered"] = _top1(metrics(filtered))
@@ -190,7 +191,6 @@ class Checks:
                                   common + UNFILTERED + [f"feedback.keep={fb.candidates_per_emotion}"], SHORT_EVAL)
             entry["d_unfiltered"] = _top1(metrics(unfiltered))
             entry["d_unfiltered_kept"] = _kept(unfiltered)
-        # No feedback: the feedback runs' training (steps, schedule, start weights, batch) on real data only.
         plain = self.job(f"{tag}/no-feedback", "stage2", s + self.no_feedback_overrides(s2), SHORT_EVAL)
         entry["d_no_feedback"] = _top1(metrics(plain))
         self.save()
