@@ -85,6 +85,8 @@ backbone and the emotion head train too (a difference from METHOD §3.1, docs/RE
 synthetic after a round, and each round trains 150 steps. With the queries alone, rho 0.25 and 40 steps a
 round, not even 128 extra real images moved test top-1 (RESULTS.md): the regime had no power."""
 UNFILTERED = ["feedback.tau=0.0", "feedback.delta=1.0", "feedback.attribute_cap=1.0"]
+METHOD_FILTER = {"tau": 0.6, "delta": 0.95, "attribute_cap": 0.25}
+"""METHOD §5's filter thresholds (the config's defaults), for the filter's control on real images."""
 SHORT_EVAL = ["evaluation.images_per_emotion=4"]
 """Evaluation of the runs whose generation is not reported (only their test top-1 is)."""
 
@@ -144,6 +146,24 @@ class Checks:
         return [*self.base.pipeline.feedback, *self.regime, f"training.init_from={stage2}",
                 f"training.steps={fb.rounds * fb.steps_per_round}", "training.epochs=0"]
 
+    def filter_control(self, tag: str, stage2: Path, seed: int) -> None:
+        """The filter on real test images (uniemo/feedback/filter_control.py) with check (d)'s settings and with
+        METHOD §5's (tau 0.6, delta 0.95, r 0.25), by stage 2's model: ``<out>/<tag>/filter-control.json``, and the
+        kept shares in the seed's entry."""
+        from uniemo.feedback.filter_control import filter_control
+
+        path = self.out / tag / "filter-control.json"
+        if not path.is_file():
+            fb = self.feedback
+            mine = {"tau": fb.tau, "delta": fb.delta, "keep": fb.keep_per_emotion, "attribute_cap": fb.attribute_cap}
+            control = filter_control(stage2, "test", [mine, {**mine, **METHOD_FILTER}], seed,
+                                     fb.candidates_per_emotion)
+            path.write_text(json.dumps(control, indent=2) + "\n")
+        funnels = json.loads(path.read_text())["funnels"]
+        entry = self.results["runs"][tag]
+        entry["d_filter_real_kept_share"] = funnels[0]["kept_share"]
+        entry["d_filter_real_kept_share_method"] = funnels[1]["kept_share"]
+
     # -- the checks of one seed --------------------------------------------------------------------------------
     def seed(self, seed: int) -> None:
         tag = f"seed-{seed}"
@@ -180,10 +200,12 @@ class Checks:
             self.save()
 
         fb = self.feedback
+        self.filter_control(tag, s2, seed)
         common = s + [f"feedback.from_run={s2}", *FEEDBACK, *self.regime]
         filtered = self.job(f"{tag}/feedback-filtered", "feedback", common)
         entry["d_filtered"] = _top1(metrics(filtered))
         entry["d_filtered_kept"] = _kept(filtered)
+        entry["d_filtered_kept_share"] = entry["d_filtered_kept"] / (fb.rounds * fb.candidates_per_emotion * 8)
         entry.update(_generation("d_filtered", metrics(filtered)))
         self.save()
         if not self.controls_only:
@@ -325,6 +347,9 @@ ROWS = [
     ("(d) control: + as many extra real images: test top-1", "d_real_extra"),
     ("(d) synthetic images kept, filtered", "d_filtered_kept"),
     ("(d) synthetic images kept, unfiltered", "d_unfiltered_kept"),
+    ("(d) filtered feedback: share of generated candidates kept", "d_filtered_kept_share"),
+    ("(d) filter control: share of real test images the same filter keeps", "d_filter_real_kept_share"),
+    ("(d) filter control: share of real test images METHOD's thresholds keep", "d_filter_real_kept_share_method"),
     ("(d) Emo-A of the filtered feedback run's images", "d_filtered_emo_a"),
     ("(d) diversity of the filtered feedback run's images / real (Sem-D)", "d_filtered_diversity_vs_real"),
     ("seconds (all jobs of the seed)", "seconds"),

@@ -1,0 +1,108 @@
+"""The filter's control: METHOD §5's filter run on REAL images, so that its funnel on generated ones has a reference.
+
+The near-duplicate step and the attribute cap judge candidates on the understanding model's own features (f_cls,
+and the attribute each expert query retrieves). When those features do not tell images of one emotion apart, the
+filter rejects distinct images as "duplicates" or as one attribute too many, whatever the generator does. The
+control shows which case a run is in: real images of each emotion, never trained on (the test split by default),
+cut into pools of ``feedback.candidates_per_emotion`` like a round's candidates, scored by the same
+:class:`~uniemo.feedback.actors.FilterWorker` and filtered by the same :func:`~uniemo.feedback.filtering.filter_pool`
+with the same tau, delta, K and r. A rule that keeps a small share of real images measures the features, not the
+generated images.
+
+    python launchers/filter_control.py runs/<stage-2 run> [--split test] [--deltas 0.95,0.99,1.0] [--caps 0.25,1.0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniemo.config.schema import EMOTIONS
+from uniemo.feedback.actors import BatchScores, FilterWorker, ModelBundle, _encode_png, load_bundle
+from uniemo.feedback.filtering import REJECTIONS, filter_pool
+
+
+@dataclass
+class RealPool:
+    """One pool of real images of one emotion, scored like a round's candidates."""
+
+    emotion: int
+    scores: BatchScores
+
+
+def score_real_pools(bundle: ModelBundle, split: str = "test", seed: int = 0, pool_size: int | None = None,
+                     threads: int = 1) -> list[RealPool]:
+    """The ``split``'s real images of each emotion, shuffled (``seed``) and cut into pools of ``pool_size``
+    (None: ``feedback.candidates_per_emotion``; the remainder is left out), each scored by a :class:`FilterWorker`."""
+    from uniemo.data.loader import build_loader_from_config
+    from uniemo.models.generation import _to_uint8
+
+    cfg = bundle.config
+    loader = build_loader_from_config(cfg.data, split, stage=2, training=False, batch_size=32, num_workers=0)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for batch in loader:
+        images.append(_to_uint8(batch["pixel_values"]))
+        labels.extend(int(x) for x in batch["label"].tolist())
+    if not labels:
+        return []
+    images_NHW3, labels_N = np.concatenate(images), np.asarray(labels)
+    size = pool_size or cfg.feedback.candidates_per_emotion
+    worker = FilterWorker(bundle, threads=threads)
+    rng = np.random.default_rng(seed)
+    pools: list[RealPool] = []
+    for k in range(len(EMOTIONS)):
+        mine = rng.permutation(np.flatnonzero(labels_N == k))
+        for start in range(0, len(mine) - size + 1, size):
+            chosen = mine[start:start + size]
+            pools.append(RealPool(k, worker.score(len(pools), [_encode_png(images_NHW3[i]) for i in chosen])))
+    return pools
+
+
+def real_funnel(pools: list[RealPool], *, tau: float, delta: float, keep: int, cap_fraction: float,
+                seed: int = 0) -> dict[str, Any]:
+    """Steps 1-4 of METHOD §5 on every pool: candidates, kept and each rejection, per emotion and in all."""
+    per_emotion: dict[str, dict[str, int]] = {}
+    for index, pool in enumerate(pools):
+        s = pool.scores
+        result = filter_pool(pool.emotion, s.probs, s.features, s.similarity, tau=tau, delta=delta, keep=keep,
+                             cap_fraction=cap_fraction, seed=seed * 1_000 + index)
+        counts = per_emotion.setdefault(EMOTIONS[pool.emotion],
+                                        {"pools": 0, "candidates": 0, "kept": 0, **dict.fromkeys(REJECTIONS, 0)})
+        counts["pools"] += 1
+        counts["candidates"] += len(result.outcome)
+        counts["kept"] += len(result.kept)
+        for reason, n in result.rejections.items():
+            counts[reason] += n
+    total = {key: sum(c[key] for c in per_emotion.values())
+             for key in ("pools", "candidates", "kept", *REJECTIONS)}
+    passed = total["candidates"] - total["fidelity_argmax"] - total["fidelity_threshold"]
+    return {
+        "settings": {"tau": tau, "delta": delta, "keep": keep, "attribute_cap": cap_fraction},
+        "total": total,
+        "passed_fidelity": passed,
+        "kept_share": total["kept"] / total["candidates"] if total["candidates"] else None,
+        "duplicate_share_of_passed": total["duplicate"] / passed if passed else None,
+        "per_emotion": per_emotion,
+    }
+
+
+def filter_control(run_dir: str | Path, split: str = "test", settings: list[dict[str, float]] | None = None,
+                   seed: int = 0, pool_size: int | None = None) -> dict[str, Any]:
+    """The control for a stage-2 run (or an export): its real-image funnel for each of ``settings`` (dicts of any
+    of tau, delta, keep, attribute_cap over the run's own ``feedback`` section; None: the run's settings only),
+    on pools of ``pool_size`` images (None: ``feedback.candidates_per_emotion``)."""
+    bundle = load_bundle(run_dir)
+    fb = bundle.config.feedback
+    pool_size = pool_size or fb.candidates_per_emotion
+    pools = score_real_pools(bundle, split, seed, pool_size)
+    results = []
+    for override in settings or [{}]:
+        s = {"tau": fb.tau, "delta": fb.delta, "keep": fb.keep_per_emotion, "attribute_cap": fb.attribute_cap,
+             **override}
+        results.append(real_funnel(pools, tau=float(s["tau"]), delta=float(s["delta"]), keep=int(s["keep"]),
+                                   cap_fraction=float(s["attribute_cap"]), seed=seed))
+    return {"run": str(run_dir), "split": split, "pool_size": pool_size, "funnels": results}
