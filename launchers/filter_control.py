@@ -46,6 +46,10 @@ def table(control: dict, generated: dict[str, int] | None) -> str:
         lines.append(f"| generated (feedback run) | run's | run's | {g.get('candidates', '-')} | "
                      f"{g.get('passed_fidelity', '-')} | {g.get('duplicate', '-')} | {g.get('attribute_cap', '-')} | "
                      f"{g.get('kept', '-')} | {share:.2f} |")
+    q = control.get("within_pool_cosine") or {}
+    if q:
+        lines += ["", "f_cls cosine of two real images of one pool (what delta is compared with): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in q.items())]
     return "\n".join(lines)
 
 

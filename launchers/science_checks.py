@@ -205,7 +205,7 @@ class Checks:
         filtered = self.job(f"{tag}/feedback-filtered", "feedback", common)
         entry["d_filtered"] = _top1(metrics(filtered))
         entry["d_filtered_kept"] = _kept(filtered)
-        entry["d_filtered_kept_share"] = entry["d_filtered_kept"] / (fb.rounds * fb.candidates_per_emotion * 8)
+        entry["d_filtered_kept_share"] = entry["d_filtered_kept"] / max(1, _kept(filtered, "candidates"))
         entry.update(_generation("d_filtered", metrics(filtered)))
         self.save()
         if not self.controls_only:
@@ -244,11 +244,12 @@ def _generation(key: str, m: dict[str, Any]) -> dict[str, Any]:
             f"{key}_fid_extractor": g["fid"]["extractor"], f"{key}_diversity_vs_real": ratio}
 
 
-def _kept(run_dir: Path) -> int:
-    """Images a feedback (or control) run fed the trainers over all rounds (the funnels of its round reports)."""
+def _kept(run_dir: Path, key: str = "kept") -> int:
+    """Images a feedback (or control) run fed the trainers over all rounds (the funnels of its round reports), or
+    the funnel's ``key`` (``candidates``, ...) summed over the rounds."""
     from uniemo.evaluation.evaluate import summarize_rounds
 
-    return sum(r["funnel"]["kept"] for r in summarize_rounds(run_dir))
+    return sum(r["funnel"][key] for r in summarize_rounds(run_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ def test_real_images_through_the_filter(start_runs, tmp_path, capsys):
     assert code == 0
     assert "| real (test) |" in capsys.readouterr().out
     control = json.loads(out.read_text())
+    q = control["within_pool_cosine"]
+    assert -1.0 <= q["q05"] <= q["q50"] <= q["q95"] <= 1.0
     off, strict = control["funnels"]
     for funnel in (off, strict):
         t = funnel["total"]

@@ -90,6 +90,21 @@ def real_funnel(pools: list[RealPool], *, tau: float, delta: float, keep: int, c
     }
 
 
+def within_pool_cosines(pools: list[RealPool]) -> dict[str, float]:
+    """Quantiles of the f_cls cosine between two different images of one pool (what the near-duplicate step
+    compares with delta): where delta must lie for the step to keep distinct real images."""
+    values = []
+    for pool in pools:
+        feats = np.asarray(pool.scores.features, dtype=np.float64)
+        unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        cos = unit @ unit.T
+        values.append(cos[np.triu_indices(len(cos), k=1)])
+    if not values or not sum(len(v) for v in values):
+        return {}
+    every = np.concatenate(values)
+    return {f"q{q:02d}": float(np.quantile(every, q / 100)) for q in (5, 25, 50, 75, 95)}
+
+
 def filter_control(run_dir: str | Path, split: str = "test", settings: list[dict[str, float]] | None = None,
                    seed: int = 0, pool_size: int | None = None) -> dict[str, Any]:
     """The control for a stage-2 run (or an export): its real-image funnel for each of ``settings`` (dicts of any
@@ -105,4 +120,5 @@ def filter_control(run_dir: str | Path, split: str = "test", settings: list[dict
              **override}
         results.append(real_funnel(pools, tau=float(s["tau"]), delta=float(s["delta"]), keep=int(s["keep"]),
                                    cap_fraction=float(s["attribute_cap"]), seed=seed))
-    return {"run": str(run_dir), "split": split, "pool_size": pool_size, "funnels": results}
+    return {"run": str(run_dir), "split": split, "pool_size": pool_size,
+            "within_pool_cosine": within_pool_cosines(pools), "funnels": results}
