@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", default=default_world, choices=sorted(worlds))
     parser.add_argument("--per-emotion", type=int, default=default_per_emotion)
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--steps", type=int, default=1200,
-                        help="stage 1's analogue (default 1200, as the science checks' hard world)")
+    parser.add_argument("--steps", type=int, default=1500,
+                        help="stage 1's analogue (default 1500, as the science checks' hard world)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--continue-steps", type=int, default=80, help="each continuation (default 80: the "
                         "feedback rounds' 2 x 40)")
