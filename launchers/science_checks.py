@@ -177,7 +177,6 @@ class Checks:
         tag = f"seed-{seed}"
         entry = self.results["runs"].setdefault(tag, {})
         s = [f"run.seed={seed}"]
-        started = time.monotonic()
 
         def metrics(run: Path) -> dict[str, Any]:
             return json.loads((run / "metrics.json").read_text())
@@ -233,7 +232,8 @@ class Checks:
             entry[key] = _top1(metrics(run))
             entry[f"{key}_images"] = _kept(run)
             self.save()
-        entry["seconds"] = round(time.monotonic() - started, 1)
+        # The seed's jobs' own times, as their pipelines recorded them (a rerun that skips finished jobs keeps them).
+        entry["seconds"] = round(sum(v for k, v in self.results["job_seconds"].items() if k.startswith(f"{tag}/")), 1)
         self.save()
         print(f"seed {seed}: {json.dumps(entry)}", file=sys.stderr, flush=True)
 
@@ -432,7 +432,8 @@ def run_checks(config: str, seeds: list[int], out: Path, world: str = DEFAULT_WO
         for seed in seeds:
             checks.seed(seed)
     results = checks.results
-    results["seconds"] = round(time.monotonic() - started, 1)
+    results["seconds"] = round(sum(results["job_seconds"].values()), 1)  # every job's own time, over all runs
+    results["wall_seconds"] = round(time.monotonic() - started, 1)  # this invocation (finished jobs skipped)
     results["judge"] = json.loads((out / "judge" / "judge.json").read_text()).get("val_accuracy")
     from uniemo.data.synthetic import decision_rates, world_of
 
