@@ -61,7 +61,7 @@ noise), stage 1 1,500 steps with the backbone at 1e-3: without these the tiny Vi
 at 600 steps the seeds pass the jump at different steps (test top-1 0.66-0.88; 1,200 steps were enough at 32
 labelled images per emotion, 1,500 are for 16 and fewer; RESULTS.md)."""
 DEFAULT_WORLD = "hard"
-DEFAULT_PER_EMOTION = 16
+DEFAULT_PER_EMOTION = 4
 """The world and regime RESULTS.md reports (``--seeds 0`` alone reruns one seed of its table)."""
 JUDGE_STEPS = {"easy": 300, "hard": 1200}
 """The judge's training steps per world (the hard world's scenes need more than its colours)."""
