@@ -172,6 +172,12 @@ class Checks:
         entry["d_filter_real_kept_share"] = funnels[0]["kept_share"]
         entry["d_filter_real_kept_share_method"] = funnels[1]["kept_share"]
 
+    def judge_agrees(self, run: Path) -> float | None:
+        """The share of the images ``run`` fed the trainers that the judge gives the label they carry."""
+        from uniemo.feedback.filter_control import judge_kept_images
+
+        return judge_kept_images(run, self.out / "judge")["judge_agrees"]
+
     # -- the checks of one seed --------------------------------------------------------------------------------
     def seed(self, seed: int) -> None:
         tag = f"seed-{seed}"
@@ -213,6 +219,7 @@ class Checks:
         entry["d_filtered"] = _top1(metrics(filtered))
         entry["d_filtered_kept"] = _kept(filtered)
         entry["d_filtered_kept_share"] = entry["d_filtered_kept"] / max(1, _kept(filtered, "candidates"))
+        entry["d_filtered_judge_agrees"] = self.judge_agrees(filtered)
         entry.update(_generation("d_filtered", metrics(filtered)))
         self.save()
         if not self.controls_only:
@@ -231,6 +238,8 @@ class Checks:
                            common + [f"feedback.control={control}", f"feedback.control_of={filtered}"], SHORT_EVAL)
             entry[key] = _top1(metrics(run))
             entry[f"{key}_images"] = _kept(run)
+            if control == "real_extra":
+                entry["d_real_extra_judge_agrees"] = self.judge_agrees(run)
             self.save()
         # The seed's jobs' own times, as their pipelines recorded them (a rerun that skips finished jobs keeps them).
         entry["seconds"] = round(sum(v for k, v in self.results["job_seconds"].items() if k.startswith(f"{tag}/")), 1)
@@ -359,6 +368,8 @@ ROWS = [
     ("(d) filtered feedback: share of generated candidates kept", "d_filtered_kept_share"),
     ("(d) filter control: share of real test images the same filter keeps", "d_filter_real_kept_share"),
     ("(d) filter control: share of real test images METHOD's thresholds keep", "d_filter_real_kept_share_method"),
+    ("(d) judge agrees with the label of the kept synthetic images", "d_filtered_judge_agrees"),
+    ("(d) judge agrees with the label of the extra real images (control)", "d_real_extra_judge_agrees"),
     ("(d) Emo-A of the filtered feedback run's images", "d_filtered_emo_a"),
     ("(d) diversity of the filtered feedback run's images / real (Sem-D)", "d_filtered_diversity_vs_real"),
     ("seconds (all jobs of the seed)", "seconds"),

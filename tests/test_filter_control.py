@@ -62,3 +62,38 @@ def test_missing_run_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+@pytest.mark.slow
+def test_the_judge_on_a_runs_kept_images(synth_shards, judge_dir, tmp_path):
+    """judge_kept_images reads every round's shards of a run and scores their labels: rightly labelled real images
+    give the judge's own accuracy on them, the same images relabelled k -> k+1 the share it calls k+1."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from uniemo.data.shards import read_manifest, read_shard_samples, update_manifest, write_sample_shard
+    from uniemo.evaluation.judge import load_judge
+    from uniemo.feedback.controls import wrong_label
+    from uniemo.feedback.filter_control import judge_kept_images
+    from uniemo.run_layout import SYNTHETIC_DIR
+
+    samples = [s for e in read_manifest(synth_shards)["shards"] if e["split"] == "test"
+               for s in read_shard_samples(synth_shards / e["name"])][:24]
+    labels = np.asarray([int(s["cls"]) for s in samples])
+    images = [np.asarray(Image.open(io.BytesIO(s["jpg"] if "jpg" in s else s["png"])).convert("RGB"))
+              for s in samples]
+    predicted = load_judge(judge_dir).classify(images).argmax(1)
+    for name, relabel in (("right", lambda k: k), ("wrong", wrong_label)):
+        run = tmp_path / name
+        for r, part in enumerate((samples[:10], samples[10:])):  # two rounds, as a feedback run has them
+            folder = run / SYNTHETIC_DIR / f"round-{r}"
+            entry = write_sample_shard(({**s, "cls": relabel(int(s["cls"]))} for s in part),
+                                       folder / "train-000000.tar", source="synthetic")
+            update_manifest(folder, [entry], round=r)
+        result = judge_kept_images(run, judge_dir)
+        expected = [relabel(int(k)) for k in labels]
+        assert result["images"] == len(samples)
+        assert result["judge_agrees"] == pytest.approx(float((predicted == np.asarray(expected)).mean()))
+    assert judge_kept_images(tmp_path / "empty", judge_dir)["images"] == 0

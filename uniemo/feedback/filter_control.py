@@ -9,6 +9,10 @@ cut into pools of ``feedback.candidates_per_emotion`` like a round's candidates,
 with the same tau, delta, K and r. A rule that keeps a small share of real images measures the features, not the
 generated images.
 
+The other side of the filter is what it lets through: :func:`judge_kept_images` asks the independent judge
+(``uniemo train-judge``) how many of the images a feedback run fed the trainers carry the emotion they were kept
+for, to set beside the same figure for real images (a ``real_extra`` control run's, say).
+
     python launchers/filter_control.py runs/<stage-2 run> [--split test] [--deltas 0.95,0.99,1.0] [--caps 0.25,1.0]
 """
 
@@ -122,3 +126,31 @@ def filter_control(run_dir: str | Path, split: str = "test", settings: list[dict
                                    cap_fraction=float(s["attribute_cap"]), seed=seed))
     return {"run": str(run_dir), "split": split, "pool_size": pool_size,
             "within_pool_cosine": within_pool_cosines(pools), "funnels": results}
+
+
+def judge_kept_images(run_dir: str | Path, judge_dir: str | Path) -> dict[str, Any]:
+    """The share of the images a feedback (or control) run fed the trainers, over all its rounds' shards
+    (``<run>/shards/synthetic/round-*``), that the judge classifies as the emotion they are labelled with."""
+    import io
+
+    from PIL import Image
+
+    from uniemo.data.shards import manifest_folders, read_manifest, read_shard_samples
+    from uniemo.evaluation.judge import load_judge
+    from uniemo.run_layout import SYNTHETIC_DIR
+
+    judge = load_judge(judge_dir)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for folder in manifest_folders(Path(run_dir) / SYNTHETIC_DIR):
+        for entry in read_manifest(folder)["shards"]:
+            for sample in read_shard_samples(folder / entry["name"]):
+                data = next(sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample)
+                images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+                labels.append(int(sample["cls"]))
+    if not labels:
+        return {"images": 0, "judge_agrees": None, "per_emotion": {}}
+    labels_N = np.asarray(labels)
+    agrees_N = judge.classify(images).argmax(1) == labels_N
+    per_emotion = {e: float(agrees_N[labels_N == k].mean()) for k, e in enumerate(EMOTIONS) if (labels_N == k).any()}
+    return {"images": len(labels), "judge_agrees": float(agrees_N.mean()), "per_emotion": per_emotion}
