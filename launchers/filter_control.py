@@ -21,17 +21,6 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def generated_funnel(feedback_run: Path) -> dict[str, int]:
-    """Candidates, kept and each rejection of a feedback run, summed over its round reports."""
-    from uniemo.evaluation.evaluate import summarize_rounds
-
-    total: dict[str, int] = {}
-    for r in summarize_rounds(feedback_run):
-        for key, n in {**r["funnel"], **r["rejections"]}.items():
-            total[key] = total.get(key, 0) + int(n)
-    return total
-
-
 def table(control: dict, generated: dict[str, int] | None) -> str:
     lines = ["| images | delta | cap | candidates | pass fidelity | duplicate | attribute cap | kept | kept share |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -67,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write every funnel as JSON here")
     args = parser.parse_args(argv)
     from uniemo.errors import UserError
+    from uniemo.evaluation.evaluate import funnel_totals
     from uniemo.feedback.filter_control import filter_control
 
     tau = {} if args.tau is None else {"tau": args.tau}
@@ -78,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    generated = generated_funnel(args.feedback_run) if args.feedback_run else None
+    generated = funnel_totals(args.feedback_run) if args.feedback_run else None
     if generated:
         control["generated"] = generated
     if args.out:

@@ -158,14 +158,13 @@ class Checks:
         """The filter on real test images (uniemo/feedback/filter_control.py) with check (d)'s settings and with
         METHOD §5's (tau 0.6, delta 0.95, r 0.25), by stage 2's model: ``<out>/<tag>/filter-control.json``, and the
         kept shares in the seed's entry."""
-        from uniemo.feedback.filter_control import filter_control
+        from uniemo.feedback.filter_control import filter_control, filter_settings
 
         path = self.out / tag / "filter-control.json"
         if not path.is_file():
-            fb = self.feedback
-            mine = {"tau": fb.tau, "delta": fb.delta, "keep": fb.keep_per_emotion, "attribute_cap": fb.attribute_cap}
+            mine = filter_settings(self.feedback)
             control = filter_control(stage2, "test", [mine, {**mine, **METHOD_FILTER}], seed,
-                                     fb.candidates_per_emotion)
+                                     self.feedback.candidates_per_emotion)
             path.write_text(json.dumps(control, indent=2) + "\n")
         funnels = json.loads(path.read_text())["funnels"]
         entry = self.results["runs"][tag]
@@ -212,13 +211,16 @@ class Checks:
             entry[f"{key}_top1"] = _top1(metrics(run))
             self.save()
 
+        from uniemo.evaluation.evaluate import funnel_totals
+
         fb = self.feedback
         self.filter_control(tag, s2, seed)
         common = s + [f"feedback.from_run={s2}", *FEEDBACK, *self.regime]
         filtered = self.job(f"{tag}/feedback-filtered", "feedback", common)
         entry["d_filtered"] = _top1(metrics(filtered))
-        entry["d_filtered_kept"] = _kept(filtered)
-        entry["d_filtered_kept_share"] = entry["d_filtered_kept"] / max(1, _kept(filtered, "candidates"))
+        funnel = funnel_totals(filtered)
+        entry["d_filtered_kept"] = funnel.get("kept", 0)
+        entry["d_filtered_kept_share"] = entry["d_filtered_kept"] / max(1, funnel.get("candidates", 0))
         entry["d_filtered_judge_agrees"] = self.judge_agrees(filtered)
         entry.update(_generation("d_filtered", metrics(filtered)))
         self.save()
@@ -261,12 +263,11 @@ def _generation(key: str, m: dict[str, Any]) -> dict[str, Any]:
             f"{key}_fid_extractor": g["fid"]["extractor"], f"{key}_diversity_vs_real": ratio}
 
 
-def _kept(run_dir: Path, key: str = "kept") -> int:
-    """Images a feedback (or control) run fed the trainers over all rounds (the funnels of its round reports), or
-    the funnel's ``key`` (``candidates``, ...) summed over the rounds."""
-    from uniemo.evaluation.evaluate import summarize_rounds
+def _kept(run_dir: Path) -> int:
+    """Images a feedback (or control) run fed the trainers over all rounds (the funnels of its round reports)."""
+    from uniemo.evaluation.evaluate import funnel_totals
 
-    return sum(r["funnel"][key] for r in summarize_rounds(run_dir))
+    return funnel_totals(run_dir).get("kept", 0)
 
 
 # ---------------------------------------------------------------------------------------------------------

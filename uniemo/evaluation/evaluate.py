@@ -377,6 +377,16 @@ def summarize_rounds(run_dir: str | Path) -> list[RoundFunnel]:
     return out
 
 
+def funnel_totals(run_dir: str | Path) -> dict[str, int]:
+    """The funnel (candidates, scored, passed_fidelity, passed_duplicates, kept) and every rejection of a feedback
+    (or control) run, each summed over its rounds (:func:`summarize_rounds`)."""
+    total: dict[str, int] = {}
+    for r in summarize_rounds(run_dir):
+        for key, n in {**r["funnel"], **r["rejections"]}.items():
+            total[key] = total.get(key, 0) + int(n)
+    return total
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------------

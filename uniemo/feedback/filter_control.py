@@ -109,6 +109,11 @@ def within_pool_cosines(pools: list[RealPool]) -> dict[str, float]:
     return {f"q{q:02d}": float(np.quantile(every, q / 100)) for q in (5, 25, 50, 75, 95)}
 
 
+def filter_settings(fb: Any) -> dict[str, float]:
+    """tau, delta, K and r of a ``feedback`` config section, as :func:`filter_control` takes them."""
+    return {"tau": fb.tau, "delta": fb.delta, "keep": fb.keep_per_emotion, "attribute_cap": fb.attribute_cap}
+
+
 def filter_control(run_dir: str | Path, split: str = "test", settings: list[dict[str, float]] | None = None,
                    seed: int = 0, pool_size: int | None = None) -> dict[str, Any]:
     """The control for a stage-2 run (or an export): its real-image funnel for each of ``settings`` (dicts of any
@@ -120,8 +125,7 @@ def filter_control(run_dir: str | Path, split: str = "test", settings: list[dict
     pools = score_real_pools(bundle, split, seed, pool_size)
     results = []
     for override in settings or [{}]:
-        s = {"tau": fb.tau, "delta": fb.delta, "keep": fb.keep_per_emotion, "attribute_cap": fb.attribute_cap,
-             **override}
+        s = {**filter_settings(fb), **override}
         results.append(real_funnel(pools, tau=float(s["tau"]), delta=float(s["delta"]), keep=int(s["keep"]),
                                    cap_fraction=float(s["attribute_cap"]), seed=seed))
     return {"run": str(run_dir), "split": split, "pool_size": pool_size,
@@ -131,22 +135,23 @@ def filter_control(run_dir: str | Path, split: str = "test", settings: list[dict
 def judge_kept_images(run_dir: str | Path, judge_dir: str | Path) -> dict[str, Any]:
     """The share of the images a feedback (or control) run fed the trainers, over all its rounds' shards
     (``<run>/shards/synthetic/round-*``), that the judge classifies as the emotion they are labelled with."""
-    import io
-
-    from PIL import Image
-
+    from uniemo.config.schema import LimitsConfig
+    from uniemo.data.images import image_member, open_image, to_rgb
     from uniemo.data.shards import manifest_folders, read_manifest, read_shard_samples
     from uniemo.evaluation.judge import load_judge
     from uniemo.run_layout import SYNTHETIC_DIR
 
     judge = load_judge(judge_dir)
+    max_pixels = LimitsConfig().max_image_pixels
     images: list[np.ndarray] = []
     labels: list[int] = []
     for folder in manifest_folders(Path(run_dir) / SYNTHETIC_DIR):
         for entry in read_manifest(folder)["shards"]:
             for sample in read_shard_samples(folder / entry["name"]):
-                data = next(sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample)
-                images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+                ext = image_member(sample)
+                if ext is None:
+                    raise ValueError(f"{folder / entry['name']}: sample {sample.get('__key__')} has no image")
+                images.append(np.asarray(to_rgb(open_image(sample[ext], max_pixels))))
                 labels.append(int(sample["cls"]))
     if not labels:
         return {"images": 0, "judge_agrees": None, "per_emotion": {}}
