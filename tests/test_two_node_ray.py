@@ -33,7 +33,10 @@ from uniemo.distributed.placement import read_placement
 from uniemo.training.checkpoint import latest_checkpoint, step_of
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 10
+STEPS = 40
+"""The stage-2 job's steps. A tiny step takes about 0.2 s, so at 10 the job could finish in the second between
+its first checkpoint and the kill (seen once in CI: no restart to check); at 40 the kill lands with over 30 steps
+to go."""
 TIMEOUT = 480  # seconds per job; generous, other CPU-heavy tests may run beside these
 
 
@@ -119,7 +122,7 @@ def test_stage2_job_spreads_trainers_and_recovers_from_a_lost_node(stage2_job):
     assert stage2_job["old_b"] in {r["node_id"] for r in before}
     # After: the group was restarted (within distributed.max_failures=2) on node a and the node b that came back.
     after = _trainers(run_dir, stage2_job["killed_at"])
-    assert len(after) >= 2 and len(after) % 2 == 0, after
+    assert len(after) >= 2 and len(after) % 2 == 0, f"no restart after the kill (did the job end first?): {after}"
     last = after[-2:]
     assert {r["rank"] for r in last} == {0, 1}
     node_a = next(r["node_id"] for r in before if r["node_resources"] == ["node_a"])
@@ -129,7 +132,7 @@ def test_stage2_job_spreads_trainers_and_recovers_from_a_lost_node(stage2_job):
     assert latest is not None and step_of(latest) == STEPS
     steps = {r["step"] for r in read_metrics(run_dir) if "loss" in r}
     assert steps == set(range(1, STEPS + 1))
-    assert stage2_job["killed_step"] >= 2
+    assert 2 <= stage2_job["killed_step"] < STEPS
     assert (run_dir / "emotion_space.safetensors").is_file()
 
 
