@@ -103,9 +103,9 @@ class Checks:
     """One science-check run: the base config, the output folder, results.json."""
 
     def __init__(self, base: Config, out: Path, world: str, per_emotion: int, early_steps: int,
-                 controls_only: bool = False) -> None:
+                 controls_only: bool = False, taus: list[float] = ()) -> None:
         self.base, self.out, self.world, self.per_emotion = base, out, world, per_emotion
-        self.early_steps, self.controls_only = early_steps, controls_only
+        self.early_steps, self.controls_only, self.taus = early_steps, controls_only, list(taus)
         self.regime = FEEDBACK_REGIME[world]
         self.feedback = with_overrides(base, self.regime).feedback  # check (d)'s loop settings, regime applied
         self.path = out / "results.json"
@@ -224,6 +224,14 @@ class Checks:
         entry["d_filtered_judge_agrees"] = self.judge_agrees(filtered)
         entry.update(_generation("d_filtered", metrics(filtered)))
         self.save()
+        for tau in self.taus:  # the same loop with a stricter (or looser) fidelity test
+            key = tau_key(tau)
+            run = self.job(f"{tag}/feedback-filtered-tau-{tau:g}", "feedback", common + [f"feedback.tau={tau}"],
+                           SHORT_EVAL)
+            entry[key] = _top1(metrics(run))
+            entry[f"{key}_kept"] = _kept(run)
+            entry[f"{key}_judge_agrees"] = self.judge_agrees(run)
+            self.save()
         if not self.controls_only:
             unfiltered = self.job(f"{tag}/feedback-unfiltered", "feedback",
                                   common + UNFILTERED + [f"feedback.keep={fb.candidates_per_emotion}"], SHORT_EVAL)
@@ -247,6 +255,11 @@ class Checks:
         entry["seconds"] = round(sum(v for k, v in self.results["job_seconds"].items() if k.startswith(f"{tag}/")), 1)
         self.save()
         print(f"seed {seed}: {json.dumps(entry)}", file=sys.stderr, flush=True)
+
+
+def tau_key(tau: float) -> str:
+    """The results key of filtered feedback with fidelity threshold ``tau`` (``--taus``)."""
+    return f"d_filtered_tau_{tau:g}"
 
 
 def _top1(m: dict[str, Any]) -> float:
@@ -326,9 +339,21 @@ def verdict(method: list[float], other: list[float], sign: int) -> dict[str, Any
             "seeds": min(len(method), len(other))}
 
 
+def _tau_keys(results: dict[str, Any]) -> list[str]:
+    """The ``--taus`` variants' top-1 keys present in ``results``, in order of tau."""
+    keys = {k for v in results["runs"].values() for k in v
+            if k.startswith("d_filtered_tau_") and not k.endswith(("_kept", "_judge_agrees"))}
+    return sorted(keys, key=lambda k: float(k.rsplit("_", 1)[-1]))
+
+
 def verdicts(results: dict[str, Any]) -> dict[str, Any]:
     out = {}
-    for name, claim, key, other, sign in CLAIMS:
+    claims = list(CLAIMS)
+    for key in _tau_keys(results):
+        tau = key.rsplit("_", 1)[-1]
+        claims.append((f"d_filtered_tau_{tau}_vs_none", f"filtered feedback, tau {tau}, helps understanding (vs no "
+                       "feedback)", key, "d_no_feedback", +1))
+    for name, claim, key, other, sign in claims:
         out[name] = {"claim": claim, "method": key, "against": other,
                      **verdict(_values(results, key), _values(results, other), sign)}
     return out
@@ -381,7 +406,14 @@ def table(results: dict[str, Any]) -> str:
     seeds = sorted(results["runs"])
     lines = [f"world {results.get('world')}, {results.get('per_emotion') or 'all'} labelled train images per emotion",
              "", "| check | " + " | ".join(seeds) + " | mean ± std |", "|---|" + "---:|" * (len(seeds) + 1)]
-    for title, key in ROWS:
+    rows = list(ROWS)
+    for key in _tau_keys(results):
+        tau = key.rsplit("_", 1)[-1]
+        at = rows.index(("(d) + unfiltered feedback: test top-1", "d_unfiltered"))
+        rows[at:at] = [(f"(d) + filtered feedback, tau {tau}: test top-1", key),
+                       (f"(d) synthetic images kept, tau {tau}", f"{key}_kept"),
+                       (f"(d) judge agrees with the label of the kept images, tau {tau}", f"{key}_judge_agrees")]
+    for title, key in rows:
         values = [results["runs"][s].get(key) for s in seeds]
         if all(v is None for v in values):
             continue
@@ -428,18 +460,20 @@ def base_config(config: str, out: Path, world: str, per_emotion: int, overrides:
 
 def run_checks(config: str, seeds: list[int], out: Path, world: str = DEFAULT_WORLD,
                per_emotion: int = DEFAULT_PER_EMOTION, overrides: list[str] = (), early_steps: int = 40,
-               controls_only: bool = False) -> dict[str, Any]:
+               controls_only: bool = False, taus: list[float] = ()) -> dict[str, Any]:
+    from uniemo.console import quiet_console
     from uniemo.distributed.ray_session import ray_session
     from uniemo.feedback.rounds import pool_cpus
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = base_config(config, out, world, per_emotion, overrides)
-    checks = Checks(base, out, world, per_emotion, early_steps, controls_only)
+    checks = Checks(base, out, world, per_emotion, early_steps, controls_only, taus)
     checks.results["config"] = config
     checks.results["overrides"] = list(overrides)
     started = time.monotonic()
-    with ray_session(base.distributed, extra_cpus=pool_cpus(base)):
+    # Other packages' console output (Ray's, DeepSpeed's) to <out>/uniemo.log, as in `uniemo run`.
+    with quiet_console(out), ray_session(base.distributed, extra_cpus=pool_cpus(base)):
         checks.judge()
         for seed in seeds:
             checks.seed(seed)
@@ -468,6 +502,8 @@ def main() -> int:
     parser.add_argument("--controls-only", action="store_true",
                         help="run only what the controls need (stage 1 with queries, stage 2, filtered and no "
                         "feedback, the two controls): check first that the set-up can see an effect")
+    parser.add_argument("--taus", default="", help="comma-separated fidelity thresholds: per seed, check (d)'s "
+                        "filtered feedback once more with each (keys d_filtered_tau_<tau>*), e.g. 0.9")
     parser.add_argument("--ablations", metavar="DIR", help="print the table of a finished ablation sweep "
                         "(uniemo sweep configs/sweeps/ablations.yaml --backend local -> runs/ablations) and exit")
     parser.add_argument("--table", action="store_true", help="print the table of <out>/results.json and exit")
@@ -485,7 +521,8 @@ def main() -> int:
     if args.per_emotion < 0:
         parser.error("--per-emotion must be >= 0")
     results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out), args.world,
-                         args.per_emotion, args.overrides, args.early_steps, args.controls_only)
+                         args.per_emotion, args.overrides, args.early_steps, args.controls_only,
+                         [float(t) for t in args.taus.split(",") if t])
     print(table(results))
     return 0
 

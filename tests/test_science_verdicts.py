@@ -33,6 +33,21 @@ def test_controls_in_the_verdicts_and_the_table(checks):
     assert "| CONTROL: wrong labels lower top-1 (vs no feedback) | -0.200 |" in table
 
 
+def test_tau_variants_get_rows_and_a_verdict(checks):
+    """``--taus``: each stricter filter's run gets its rows beside filtered feedback, and its own verdict."""
+    runs = {f"seed-{s}": {"d_no_feedback": 0.60 + 0.01 * s, "d_filtered": 0.55 + 0.01 * s,
+                          checks.tau_key(0.9): 0.70 + 0.01 * s, f"{checks.tau_key(0.9)}_kept": 40 + s,
+                          f"{checks.tau_key(0.9)}_judge_agrees": 0.9} for s in range(3)}
+    results = {"world": "hard", "per_emotion": 4, "runs": runs}
+    results["verdicts"] = checks.verdicts(results)
+    assert results["verdicts"]["d_filtered_tau_0.9_vs_none"]["verdict"] == "shown"
+    assert results["verdicts"]["d_filtered_tau_0.9_vs_none"]["difference"] == pytest.approx(0.10)
+    table = checks.table(results)
+    assert "| (d) + filtered feedback, tau 0.9: test top-1 | 0.700 | 0.710 | 0.720 | 0.710 ± 0.010 |" in table
+    assert "| (d) synthetic images kept, tau 0.9 | 40 | 41 | 42 |" in table
+    assert "| filtered feedback, tau 0.9, helps understanding (vs no feedback) | +0.100 |" in table
+
+
 @pytest.mark.parametrize("world", ["easy", "hard"])
 def test_every_kind_of_job_plans_on_the_shipped_config(checks, world, tmp_path):
     """Each job the checks run is planned (every stage's config checked, nothing run) from the shipped demo
@@ -47,6 +62,7 @@ def test_every_kind_of_job_plans_on_the_shipped_config(checks, world, tmp_path):
             *[("stage2", s2 + extra) for extra in checks.STAGE2_VARIANTS.values()],
             ("stage2", run.no_feedback_overrides(tmp_path / "stage2")),
             ("feedback", feedback), ("feedback", feedback + checks.UNFILTERED),
+            ("feedback", feedback + ["feedback.tau=0.9"]),
             ("feedback", feedback + ["feedback.control=wrong_labels", f"feedback.control_of={tmp_path / 'f'}"]),
             ("feedback", feedback + ["feedback.control=real_extra", f"feedback.control_of={tmp_path / 'f'}"])]
     for stage, extra in jobs:
