@@ -520,9 +520,15 @@ def main() -> int:
         return 0
     if args.per_emotion < 0:
         parser.error("--per-emotion must be >= 0")
-    results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out), args.world,
-                         args.per_emotion, args.overrides, args.early_steps, args.controls_only,
-                         [float(t) for t in args.taus.split(",") if t])
+    from uniemo.errors import UserError
+
+    try:
+        results = run_checks(args.config, [int(s) for s in args.seeds.split(",")], Path(args.out), args.world,
+                             args.per_emotion, args.overrides, args.early_steps, args.controls_only,
+                             [float(t) for t in args.taus.split(",") if t])
+    except UserError as exc:  # one line, as uniemo's commands (e.g. a job's generator folder gone)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(table(results))
     return 0
 

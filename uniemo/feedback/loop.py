@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -346,6 +347,8 @@ def run_feedback(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     cfg = absolute_paths(cfg)
     cfg.validate()
+    if cfg.distributed.gpus_per_worker <= 0:  # as uniemo train's driver: loading the run imports DeepSpeed,
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # which would probe for a GPU and warn on the console
     run_dir = run_dir_of(cfg)
     with quiet_console(run_dir):  # other packages' console output to <run_dir>/uniemo.log
         return _run_feedback(cfg, run_dir, resume)
