@@ -339,18 +339,17 @@ def verdict(method: list[float], other: list[float], sign: int) -> dict[str, Any
             "seeds": min(len(method), len(other))}
 
 
-def _tau_keys(results: dict[str, Any]) -> list[str]:
-    """The ``--taus`` variants' top-1 keys present in ``results``, in order of tau."""
+def _tau_keys(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(tau as written, its top-1 key) of the ``--taus`` variants present in ``results``, in order of tau."""
     keys = {k for v in results["runs"].values() for k in v
             if k.startswith("d_filtered_tau_") and not k.endswith(("_kept", "_judge_agrees"))}
-    return sorted(keys, key=lambda k: float(k.rsplit("_", 1)[-1]))
+    return sorted(((k.rsplit("_", 1)[-1], k) for k in keys), key=lambda tk: float(tk[0]))
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, Any]:
     out = {}
     claims = list(CLAIMS)
-    for key in _tau_keys(results):
-        tau = key.rsplit("_", 1)[-1]
+    for tau, key in _tau_keys(results):
         claims.append((f"d_filtered_tau_{tau}_vs_none", f"filtered feedback, tau {tau}, helps understanding (vs no "
                        "feedback)", key, "d_no_feedback", +1))
     for name, claim, key, other, sign in claims:
@@ -407,8 +406,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"world {results.get('world')}, {results.get('per_emotion') or 'all'} labelled train images per emotion",
              "", "| check | " + " | ".join(seeds) + " | mean ± std |", "|---|" + "---:|" * (len(seeds) + 1)]
     rows = list(ROWS)
-    for key in _tau_keys(results):
-        tau = key.rsplit("_", 1)[-1]
+    for tau, key in _tau_keys(results):
         at = rows.index(("(d) + unfiltered feedback: test top-1", "d_unfiltered"))
         rows[at:at] = [(f"(d) + filtered feedback, tau {tau}: test top-1", key),
                        (f"(d) synthetic images kept, tau {tau}", f"{key}_kept"),

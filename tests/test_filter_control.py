@@ -68,11 +68,10 @@ def test_missing_run_is_a_clear_error(tmp_path, capsys):
 def test_the_judge_on_a_runs_kept_images(synth_shards, judge_dir, tmp_path):
     """judge_kept_images reads every round's shards of a run and scores their labels: rightly labelled real images
     give the judge's own accuracy on them, the same images relabelled k -> k+1 the share it calls k+1."""
-    import io
-
     import numpy as np
-    from PIL import Image
 
+    from uniemo.config.schema import LimitsConfig
+    from uniemo.data.images import image_member, open_image, to_rgb
     from uniemo.data.shards import read_manifest, read_shard_samples, update_manifest, write_sample_shard
     from uniemo.evaluation.judge import load_judge
     from uniemo.feedback.controls import wrong_label
@@ -82,8 +81,7 @@ def test_the_judge_on_a_runs_kept_images(synth_shards, judge_dir, tmp_path):
     samples = [s for e in read_manifest(synth_shards)["shards"] if e["split"] == "test"
                for s in read_shard_samples(synth_shards / e["name"])][:24]
     labels = np.asarray([int(s["cls"]) for s in samples])
-    images = [np.asarray(Image.open(io.BytesIO(s["jpg"] if "jpg" in s else s["png"])).convert("RGB"))
-              for s in samples]
+    images = [np.asarray(to_rgb(open_image(s[image_member(s)], LimitsConfig().max_image_pixels))) for s in samples]
     predicted = load_judge(judge_dir).classify(images).argmax(1)
     for name, relabel in (("right", lambda k: k), ("wrong", wrong_label)):
         run = tmp_path / name

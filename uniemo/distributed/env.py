@@ -171,6 +171,14 @@ def worker_env_vars(dist_cfg: DistributedConfig) -> dict[str, str]:
     return env
 
 
+def cpu_driver_env(dist_cfg: DistributedConfig) -> None:
+    """In a driver whose workers have no GPU: ``DS_ACCELERATOR=cpu``, as :func:`worker_env_vars` gives the workers
+    (a driver that loads models imports DeepSpeed, which would probe for a GPU and warn on the console); a value
+    already set wins."""
+    if dist_cfg.gpus_per_worker <= 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def apply_worker_env(dist_cfg: DistributedConfig) -> None:
     """Apply :func:`worker_env_vars` in this process (values already set by the launcher win) and the thread
     count to torch. Call before DeepSpeed is imported."""

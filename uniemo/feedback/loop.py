@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +71,7 @@ from uniemo.config.schema import EMOTIONS, Config
 from uniemo.console import quiet_console
 from uniemo.data.attributes import write_json_atomic
 from uniemo.data.shards import MANIFEST_FILE, manifest_folders
+from uniemo.distributed.env import cpu_driver_env
 from uniemo.distributed.placement import record_placement
 from uniemo.distributed.ray_session import ray_session
 from uniemo.errors import ConfigError, UserError
@@ -347,8 +347,7 @@ def run_feedback(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     cfg = absolute_paths(cfg)
     cfg.validate()
-    if cfg.distributed.gpus_per_worker <= 0:  # as uniemo train's driver: loading the run imports DeepSpeed,
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # which would probe for a GPU and warn on the console
+    cpu_driver_env(cfg.distributed)  # loading the start run imports DeepSpeed
     run_dir = run_dir_of(cfg)
     with quiet_console(run_dir):  # other packages' console output to <run_dir>/uniemo.log
         return _run_feedback(cfg, run_dir, resume)

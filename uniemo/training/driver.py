@@ -35,6 +35,7 @@ from uniemo.config.paths import absolute_paths
 from uniemo.config.schema import Config
 from uniemo.console import quiet_console
 from uniemo.data.source import data_source
+from uniemo.distributed.env import cpu_driver_env
 from uniemo.distributed.placement import check_custom_resource
 from uniemo.distributed.ray_session import keep_embedded_ray_on_loopback, ray_session
 from uniemo.distributed.ray_trainer import LostNodeWatch, fit, torch_trainer
@@ -93,8 +94,7 @@ def prepare_run(cfg: Config, resume: bool = False) -> RunPlan:
     """Driver-side checks and set-up (module docstring)."""
 
     cfg = absolute_paths(cfg)
-    if cfg.distributed.gpus_per_worker <= 0:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as the workers: DeepSpeed would probe for a GPU and warn
+    cpu_driver_env(cfg.distributed)
     world = cfg.distributed.num_workers
     check_batch_arithmetic(cfg, world)
     check_model_folders(cfg.model)
